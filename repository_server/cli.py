@@ -1,0 +1,366 @@
+"""Command line: serve, demo, testpki, import, lodge.
+
+Every command that touches the store takes `--config FILE` and `--data-dir DIR` (default
+`./var`) and may run while the server runs (they share the embedded PostgreSQL by lease).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import Config, ConfigError, load
+
+log = logging.getLogger("smki-repository")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _config(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Config:
+    return load(args.config, data_dir=args.data_dir, overrides=overrides)
+
+
+def _install_loop() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+
+
+def _progress() -> Any:
+    from .lodge.client import Progress
+
+    return Progress()
+
+
+# -- serve / demo ---------------------------------------------------------------------------
+async def _serve(config: Config, *, pid_file: str | None,
+                 after_start: Any = None) -> int:
+    from .server import Repository, write_pid_file
+
+    repo = Repository(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await repo.start()
+        write_pid_file(pid_file)
+        for name, addr in repo.bound.items():
+            log.info("listening: %s on %s", name, addr)
+        if after_start is not None:
+            await after_start(repo)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await repo.stop()
+        if pid_file:
+            Path(pid_file).unlink(missing_ok=True)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    listeners = {k: getattr(args, k) for k in ("http", "https", "lodge", "ldap", "ldaps")
+                 if getattr(args, k) is not None}
+    if listeners:
+        overrides["listeners"] = listeners
+    config = _config(args, overrides)
+    _setup_logging(config.log.level)
+    _install_loop()
+    return asyncio.run(_serve(config, pid_file=args.pid_file))
+
+
+def _ensure_testpki(pki_dir: Path, devices: int, organisations: int) -> dict[str, Any]:
+    from .pki.testpki import TestPkiParams, generate
+
+    manifest_path = pki_dir / "manifest.json"
+    if manifest_path.exists():
+        manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        return manifest
+    print(f"generating a test PKI in {pki_dir} ({devices} devices, {organisations}"
+          " organisation certificates)", file=sys.stderr)
+    pki_dir.parent.mkdir(parents=True, exist_ok=True)
+    return generate(pki_dir, TestPkiParams(devices=devices, organisations=organisations),
+                    progress=_progress())
+
+
+def lodge_manifest(client: Any, pki_dir: Path, manifest: dict[str, Any],
+                   out: Any = print) -> int:
+    """Lodge a test PKI through the lodging API, in a safe order; return refusals."""
+    from .lodge.client import lodge_files
+
+    objects = manifest["objects"]
+    failures = 0
+
+    def files(kind: str) -> list[Path]:
+        seen: dict[str, None] = {}
+        for obj in objects:
+            if obj["kind"] == kind:
+                seen.setdefault(obj["path"], None)
+        return [pki_dir / p for p in seen]
+
+    failures += lodge_files(client, files("root"), trust_anchor=True, out=out)
+    for kind in ("ca", "organisation", "device", "crl", "arl"):
+        failures += lodge_files(client, files(kind), out=out, progress=_progress())
+    for obj in objects:
+        if obj["kind"] == "document":
+            failures += lodge_files(client, [pki_dir / obj["path"]], name=obj.get("name"),
+                                    out=out)
+    return failures
+
+
+def _demo_text(config: Config, repo: Any, pki_dir: Path, manifest: dict[str, Any]) -> str:
+    objs = manifest["objects"]
+    device = next((o for o in objs if o["kind"] == "device"), None)
+    crl = next((o for o in objs if o["kind"] == "crl"), None)
+    doc = next((o for o in objs if o["kind"] == "document"), None)
+    http = f"http://{repo.bound['http']}" if "http" in repo.bound else None
+    https = f"https://{repo.bound['https']}" if "https" in repo.bound else None
+    lodge = f"https://{repo.bound['lodge']}" if "lodge" in repo.bound else None
+    tls_ca = pki_dir / manifest["tls"]["ca"]
+    dcc = manifest["dcc_client"]
+    lines = ["", "smki-repository demo is up.", ""]
+    for label, url in (("downloads (http)", http), ("downloads (https)", https),
+                       ("lodging (mutual TLS)", lodge)):
+        if url:
+            lines.append(f"  {label:22} {url}")
+    lines += ["", "Try:"]
+    base = http or https
+    if base:
+        if device:
+            lines.append(f"  curl -s {base}/certificates/{device['serial']}.pem")
+            lines.append(f"  curl -s {base}/certificates/{device['serial']} | openssl x509"
+                         " -inform DER -noout -text | head -20")
+        lines.append(f"  curl -s {base}/crls")
+        if crl:
+            lines.append(f"  curl -s {base}/crls/{crl['issuer_key_id']}.crl | openssl crl"
+                         " -inform DER -noout -text | head -20")
+        lines.append(f"  curl -s {base}/documents")
+        if doc:
+            lines.append(f"  curl -sI {base}/documents/{doc['name']}")
+        lines.append(f"  curl -s {base}/metrics | grep smki_")
+    if https:
+        lines.append(f"  curl -s --cacert {tls_ca} {https}/readyz")
+    if lodge:
+        lines.append(f"  curl -s --cacert {tls_ca} --cert {pki_dir / dcc['cert']} --key"
+                     f" {pki_dir / dcc['key']} {lodge}/lodge/whoami")
+    lines += ["", "Press Ctrl-C to stop.", ""]
+    return "\n".join(lines)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    base = _config(args)
+    pki_dir = Path(base.data_dir).expanduser() / "pki"
+    _setup_logging(base.log.level)
+    manifest = _ensure_testpki(pki_dir, args.devices, args.organisations)
+    overrides: dict[str, Any] = {"lodge": {"client_subject": manifest["dcc_client"]["subject"]}}
+    config = _config(args, overrides)
+    _install_loop()
+
+    async def after_start(repo: Any) -> None:
+        from .lodge.client import LodgeClient
+
+        if "lodge" not in repo.bound:
+            print("lodging listener disabled: not lodging the test PKI", file=sys.stderr)
+            return
+        dcc = manifest["dcc_client"]
+        client = LodgeClient(f"https://localhost:{repo.bound['lodge'].port}",
+                             str(pki_dir / dcc["cert"]), str(pki_dir / dcc["key"]),
+                             str(pki_dir / manifest["tls"]["ca"]))
+        started = time.perf_counter()
+        print("lodging the test PKI through the mutual-TLS lodging API ...", file=sys.stderr)
+        try:
+            failures = await asyncio.to_thread(
+                lodge_manifest, client, pki_dir, manifest,
+                lambda line: print("  " + line, file=sys.stderr))
+        finally:
+            client.close()
+        print(f"lodged in {time.perf_counter() - started:.1f} s"
+              + (f" with {failures} refusal(s)" if failures else ""), file=sys.stderr)
+        print(_demo_text(config, repo, pki_dir, manifest), flush=True)
+
+    return asyncio.run(_serve(config, pid_file=args.pid_file, after_start=after_start))
+
+
+# -- testpki --------------------------------------------------------------------------------
+def cmd_testpki(args: argparse.Namespace) -> int:
+    from .pki.testpki import TestPkiParams, generate
+
+    out = Path(args.out)
+    started = time.perf_counter()
+    try:
+        manifest = generate(out, TestPkiParams(devices=args.devices,
+                                               organisations=args.organisations,
+                                               workers=args.workers or os.cpu_count() or 1,
+                                               seed=args.seed),
+                            progress=_progress())
+    except FileExistsError:
+        print(f"error: {out} already holds a test PKI (manifest.json); choose another --out",
+              file=sys.stderr)
+        return 2
+    elapsed = time.perf_counter() - started
+    certs = sum(1 for o in manifest["objects"]
+                if o["kind"] in ("root", "ca", "organisation", "device"))
+    print(f"wrote {certs:,} certificates to {out} in {elapsed:.1f} s"
+          f" ({certs / elapsed:,.0f} certificates/s); manifest: {out / 'manifest.json'}")
+    return 0
+
+
+# -- import ---------------------------------------------------------------------------------
+async def _import(config: Config, root: Path, allow_unverified: bool) -> int:
+    from .lodge.bulk import import_directory
+    from .lodge.service import Actor, LodgingService
+    from .store.db import Store
+    from .store.embedded import EmbeddedPostgres
+
+    embedded = None
+    dsn = config.database.url
+    if not dsn:
+        embedded = EmbeddedPostgres(Path(config.data_dir))
+        dsn = await asyncio.to_thread(embedded.acquire)
+    store = await Store.connect(dsn, min_size=1, max_size=4)
+    service = LodgingService(store, parse_workers=config.lodge.parse_workers)
+    import getpass
+
+    actor = Actor(f"operator:{getpass.getuser()}", peer="cli")
+    try:
+        report = await import_directory(service, root, actor,
+                                        allow_unverified_issuer=allow_unverified,
+                                        progress=_progress(),
+                                        note=lambda m: print(m, file=sys.stderr))
+    finally:
+        service.close()
+        await store.close()
+        if embedded:
+            await asyncio.to_thread(embedded.release)
+    print(f"imported {report.stored:,} new certificates ({report.identical:,} already present,"
+          f" {report.unverified:,} with unverified issuer), {report.crls} CRL/ARL, in"
+          f" {report.seconds:.1f} s ({report.rate:,.0f} certificates/s);"
+          f" {len(report.skipped)} files skipped, {len(report.refused)} refused")
+    for line in report.refused[:50]:
+        print(f"  refused: {line}", file=sys.stderr)
+    if len(report.refused) > 50:
+        print(f"  ... and {len(report.refused) - 50} more", file=sys.stderr)
+    return 1 if report.refused else 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    config = _config(args)
+    _setup_logging(config.log.level)
+    root = Path(args.dir)
+    if not root.exists():
+        print(f"error: {root} does not exist", file=sys.stderr)
+        return 2
+    _install_loop()
+    return asyncio.run(_import(config, root, args.allow_unverified_issuer))
+
+
+# -- lodge ----------------------------------------------------------------------------------
+def cmd_lodge(args: argparse.Namespace) -> int:
+    from .lodge.client import LodgeClient, lodge_files
+
+    try:
+        client = LodgeClient(args.url, args.cert, args.key, args.ca,
+                             on_behalf_of=args.on_behalf_of)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    flag = None if args.manufacturing_flag is None else args.manufacturing_flag == "true"
+    try:
+        failures = lodge_files(client, [Path(f) for f in args.files], name=args.name,
+                               trust_anchor=args.trust_anchor, status=args.status,
+                               manufacturing_flag=flag, batch_size=args.batch_size,
+                               progress=_progress())
+    except OSError as exc:
+        print(f"error: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+    return 1 if failures else 0
+
+
+# -- parser ---------------------------------------------------------------------------------
+def _store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    p.add_argument("--data-dir", metavar="DIR", default=None,
+                   help="data directory (default ./var, or data_dir from the config)")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="smki-repository",
+                                 description="SMKI certificate repository and revocation server")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the server")
+    _store_args(p)
+    for name in ("http", "https", "lodge", "ldap", "ldaps"):
+        p.add_argument(f"--{name}", metavar="HOST:PORT",
+                       help=f"override listeners.{name} (empty string disables)")
+    p.add_argument("--pid-file", metavar="FILE")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="generate a test PKI, start everything, lodge the PKI")
+    _store_args(p)
+    p.add_argument("--devices", type=int, default=50, help="devices in the test PKI (default 50)")
+    p.add_argument("--organisations", type=int, default=24,
+                   help="organisation certificates (default 24)")
+    p.add_argument("--pid-file", metavar="FILE")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("testpki", help="generate a test PKI in the GB profile")
+    p.add_argument("--devices", type=int, default=50)
+    p.add_argument("--organisations", type=int, default=24)
+    p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_testpki)
+
+    p = sub.add_parser("import", help="bulk-load certificates and CRLs from a directory")
+    _store_args(p)
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--allow-unverified-issuer", action="store_true",
+                   help="store certificates whose issuer is not available, marked unverified")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("lodge", help="lodge files through the mutual-TLS lodging API (DCC side)")
+    p.add_argument("--url", default="https://localhost:8444")
+    p.add_argument("--cert", required=True, help="DCC client certificate (PEM)")
+    p.add_argument("--key", required=True, help="its private key (PEM)")
+    p.add_argument("--ca", help="CA of the server's TLS certificate (PEM)")
+    p.add_argument("--name", help="document name (default: file name without extension)")
+    p.add_argument("--trust-anchor", action="store_true", help="lodge root CAs as trust anchors")
+    p.add_argument("--status", choices=["P", "I", "N"])
+    p.add_argument("--manufacturing-flag", choices=["true", "false"])
+    p.add_argument("--on-behalf-of", metavar="OFFICER")
+    p.add_argument("--batch-size", type=int, default=50_000)
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(func=cmd_lodge)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

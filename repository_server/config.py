@@ -1,0 +1,276 @@
+"""One typed configuration tree: defaults, then `conf/*.toml` (or `--config FILE`), then
+environment overrides (`SMKI_<SECTION>__<KEY>`, e.g. `SMKI_LISTENERS__HTTP=0.0.0.0:8083`),
+validated once at start. An invalid setting stops the program with a message naming it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "SMKI_"
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names it (`section.key`)."""
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, setting: str) -> HostPort:
+        host, sep, port = text.rpartition(":")
+        if not sep or not host:
+            raise ConfigError(f"{setting}: expected \"host:port\", got {text!r}")
+        host = host.strip("[]")
+        try:
+            number = int(port)
+        except ValueError:
+            raise ConfigError(f"{setting}: port is not a number in {text!r}") from None
+        if not 0 <= number <= 65535:
+            raise ConfigError(f"{setting}: port {number} out of range 0-65535")
+        return cls(host, number)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Listeners:
+    """Every listener as "host:port"; empty string disables it. All loopback by default."""
+
+    http: str = "127.0.0.1:8083"
+    https: str = "127.0.0.1:8443"
+    lodge: str = "127.0.0.1:8444"
+    ldap: str = "127.0.0.1:3890"
+    ldaps: str = "127.0.0.1:6360"
+
+    def address(self, name: str) -> HostPort | None:
+        value: str = getattr(self, name)
+        return HostPort.parse(value, f"listeners.{name}") if value else None
+
+
+@dataclass(frozen=True)
+class Database:
+    url: str = ""  # empty = embedded PostgreSQL in <data_dir>/pgdata
+    pool_min: int = 2
+    pool_max: int = 10
+    command_timeout: float = 30.0  # seconds for one statement
+    connect_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class Tls:
+    """Server certificate for https, lodge and ldaps. Relative paths are under data_dir."""
+
+    cert: str = "pki/tls/server.pem"
+    key: str = "pki/tls/server.key.pem"
+
+
+@dataclass(frozen=True)
+class Lodge:
+    client_ca: str = "pki/dcc/client-ca.pem"  # the DCC client CA (trust anchor for mTLS)
+    # The DCC identity: the client certificate must match every one that is set.
+    client_subject: str = "CN=DCC SMKI Lodging Client,OU=DCC,O=Smart DCC Ltd"
+    client_eui64: str = ""
+    client_role: int = -1  # -1 = not checked
+    max_batch: int = 50_000  # certificates in one request
+    max_body_mb: int = 128  # request body cap (50,000 PEM certificates are ~40 MB)
+    max_crl_bytes: int = 16 * 1024 * 1024
+    max_document_mb: int = 64
+    clock_skew_seconds: int = 300  # thisUpdate may be this far in the future
+    parse_workers: int = 0  # processes for batch parsing; 0 = number of CPUs
+
+
+@dataclass(frozen=True)
+class Web:
+    open_reads: bool = False  # searches and certificate retrieval without an API key
+    cert_max_age: int = 31_536_000  # seconds; certificates never change
+    crl_max_age: int = 3600  # upper bound; never beyond the CRL's nextUpdate
+    document_max_age: int = 300
+    client_max_size_kb: int = 64  # request bodies on the read listeners
+
+
+@dataclass(frozen=True)
+class Cache:
+    max_mb: int = 256  # hot-object cache per process (certificate responses)
+    preload: bool = True  # fill the cache from the store at start, newest first
+
+
+@dataclass(frozen=True)
+class Log:
+    level: str = "INFO"
+    access_log: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: str = "./var"
+    listeners: Listeners = field(default_factory=Listeners)
+    database: Database = field(default_factory=Database)
+    tls: Tls = field(default_factory=Tls)
+    lodge: Lodge = field(default_factory=Lodge)
+    web: Web = field(default_factory=Web)
+    cache: Cache = field(default_factory=Cache)
+    log: Log = field(default_factory=Log)
+
+    def path(self, value: str) -> Path:
+        """Resolve a configured path: relative ones live under data_dir."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else Path(self.data_dir).expanduser() / p
+
+    def validate(self) -> Config:
+        for name in ("http", "https", "lodge", "ldap", "ldaps"):
+            self.listeners.address(name)
+        if self.database.pool_min < 1 or self.database.pool_max < self.database.pool_min:
+            raise ConfigError("database.pool_min/pool_max: need 1 <= pool_min <= pool_max")
+        if self.database.url and not self.database.url.startswith(("postgres://", "postgresql://")):
+            raise ConfigError("database.url: must start with postgresql:// (or be empty)")
+        if not 1 <= self.lodge.max_batch <= 1_000_000:
+            raise ConfigError("lodge.max_batch: must be between 1 and 1,000,000")
+        if self.lodge.client_role != -1 and not 0 <= self.lodge.client_role <= 255:
+            raise ConfigError("lodge.client_role: must be -1 (unchecked) or 0-255")
+        if not (self.lodge.client_subject or self.lodge.client_eui64):
+            raise ConfigError("lodge.client_subject: set it or lodge.client_eui64 (the DCC identity)")
+        if self.lodge.client_eui64:
+            from .pki.ids import IdentifierError, parse_eui64
+
+            try:
+                parse_eui64(self.lodge.client_eui64)
+            except IdentifierError as exc:
+                raise ConfigError(f"lodge.client_eui64: {exc}") from None
+        if self.lodge.client_subject:
+            from cryptography.x509 import Name
+
+            try:
+                Name.from_rfc4514_string(self.lodge.client_subject)
+            except ValueError as exc:
+                raise ConfigError(f"lodge.client_subject: not an RFC 4514 name: {exc}") from None
+        for key in ("max_body_mb", "max_crl_bytes", "max_document_mb"):
+            if getattr(self.lodge, key) <= 0:
+                raise ConfigError(f"lodge.{key}: must be positive")
+        if self.cache.max_mb < 0:
+            raise ConfigError("cache.max_mb: must be >= 0")
+        if self.log.level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ConfigError("log.level: one of DEBUG, INFO, WARNING, ERROR")
+        return self
+
+
+def _coerce(value: Any, target: Any, setting: str) -> Any:
+    """Check/convert one TOML or environment value to the field's declared type."""
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+            return value.lower() in {"1", "true", "yes", "on"}
+        raise ConfigError(f"{setting}: expected true or false, got {value!r}")
+    if target is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{setting}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{setting}: expected an integer, got {value!r}")
+    if target is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{setting}: expected a number, got {value!r}")
+    if target is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{setting}: expected a string, got {value!r}")
+    raise ConfigError(f"{setting}: unsupported type")  # pragma: no cover
+
+
+def _build(cls: Any, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            where = f"{prefix}{key}"
+            raise ConfigError(f"{where}: unknown setting (known: {', '.join(sorted(known))})")
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        hint = hints[f.name]
+        value = data[f.name]
+        setting = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{setting}: expected a table [{setting}]")
+            kwargs[f.name] = _build(hint, value, f"{setting}.")
+        else:
+            if isinstance(hint, types.UnionType):  # pragma: no cover - not used yet
+                hint = typing.get_args(hint)[0]
+            kwargs[f.name] = _coerce(value, hint, setting)
+    return cls(**kwargs)
+
+
+def _env_overrides(environ: typing.Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        if path == ["config"]:
+            continue
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load(
+    path: str | Path | None = None,
+    *,
+    data_dir: str | None = None,
+    environ: typing.Mapping[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """Defaults < TOML file < environment < explicit overrides (command-line flags)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            with p.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {p}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p}: {exc}") from None
+    data = _merge(data, _env_overrides(os.environ if environ is None else environ))
+    if data_dir is not None:
+        data["data_dir"] = data_dir
+    if overrides:
+        data = _merge(data, overrides)
+    config: Config = _build(Config, data, "")
+    return config.validate()

@@ -1,0 +1,1 @@
+"""The write path, and nothing else: validation and storage of lodged objects."""

@@ -1,0 +1,205 @@
+"""The DCC-side lodging client (`smki-repository lodge`): mutual TLS, one request per
+certificate batch / CRL / document, a progress line on large batches.
+
+Files are classified by content: a PEM `X509 CRL` block or a `.crl`/`.arl` file is a CRL;
+PEM `CERTIFICATE` blocks or DER certificates (`.der`, `.cer`, `.crt`, `.pem`) are
+certificates; anything else is a document named after its file name without extension.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import mimetypes
+import ssl
+import sys
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from ..pki.profile import ParseError, load_pem_or_der_certificates
+
+CERT_SUFFIXES = {".pem", ".der", ".cer", ".crt"}
+CRL_SUFFIXES = {".crl", ".arl"}
+
+
+@dataclass
+class Reply:
+    status: int
+    body: dict[str, Any]
+
+
+class LodgeClient:
+    def __init__(self, url: str, cert: str, key: str, ca: str | None, *,
+                 on_behalf_of: str | None = None, timeout: float = 600) -> None:
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme != "https" or not parsed.hostname:
+            raise ValueError(f"--url must be https://HOST:PORT (got {url!r})")
+        self.host = parsed.hostname
+        self.port = parsed.port or 8444
+        self.ctx = ssl.create_default_context(cafile=ca)
+        self.ctx.load_cert_chain(cert, key)
+        self.on_behalf_of = on_behalf_of
+        self.timeout = timeout
+        self._conn: http.client.HTTPSConnection | None = None
+
+    def _connection(self) -> http.client.HTTPSConnection:
+        if self._conn is None:
+            self._conn = http.client.HTTPSConnection(self.host, self.port, context=self.ctx,
+                                                     timeout=self.timeout)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def request(self, method: str, path: str, body: bytes,
+                content_type: str = "application/octet-stream") -> Reply:
+        headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
+        if self.on_behalf_of:
+            headers["X-On-Behalf-Of"] = self.on_behalf_of
+        for attempt in (1, 2):  # one retry on a dropped keep-alive connection
+            conn = self._connection()
+            try:
+                conn.request(method, path, body=body, headers=headers)
+                resp = conn.getresponse()
+                raw = resp.read()
+                break
+            except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
+                self.close()
+                if attempt == 2:
+                    raise
+        try:
+            data = json.loads(raw) if raw else {}
+        except ValueError:
+            data = {"reason": raw[:200].decode(errors="replace")}
+        return Reply(resp.status, data)
+
+    def certificates(self, body: bytes, *, trust_anchor: bool = False, status: str | None = None,
+                     manufacturing_flag: bool | None = None) -> Reply:
+        query: dict[str, str] = {}
+        if trust_anchor:
+            query["trust_anchor"] = "true"
+        if status:
+            query["status"] = status
+        if manufacturing_flag is not None:
+            query["manufacturing_flag"] = "true" if manufacturing_flag else "false"
+        path = "/lodge/certificates" + ("?" + urllib.parse.urlencode(query) if query else "")
+        return self.request("POST", path, body, "application/x-pem-file")
+
+    def crl(self, body: bytes) -> Reply:
+        return self.request("POST", "/lodge/crls", body, "application/pkix-crl")
+
+    def document(self, name: str, body: bytes, content_type: str) -> Reply:
+        return self.request("PUT", "/lodge/documents/" + urllib.parse.quote(name), body,
+                            content_type)
+
+    def status(self, serial: str, fields: dict[str, Any]) -> Reply:
+        return self.request("POST", f"/lodge/certificates/{serial}/status",
+                            json.dumps(fields).encode(), "application/json")
+
+
+def classify(path: Path, data: bytes) -> str:
+    suffix = path.suffix.lower()
+    if suffix in CRL_SUFFIXES or b"-----BEGIN X509 CRL-----" in data:
+        return "crl"
+    if b"-----BEGIN CERTIFICATE-----" in data:
+        return "certificates"
+    if suffix in CERT_SUFFIXES:
+        return "certificates"
+    return "document"
+
+
+def pem_chunks(ders: list[bytes], size: int) -> Iterator[bytes]:
+    import base64
+    import textwrap
+
+    for start in range(0, len(ders), size):
+        parts = []
+        for der in ders[start:start + size]:
+            b64 = "\n".join(textwrap.wrap(base64.b64encode(der).decode(), 64))
+            parts.append(f"-----BEGIN CERTIFICATE-----\n{b64}\n-----END CERTIFICATE-----\n")
+        yield "".join(parts).encode()
+
+
+class Progress:
+    """A one-line progress display on a terminal; plain lines otherwise."""
+
+    def __init__(self, stream: TextIO = sys.stderr) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        if self.tty:
+            width = 30
+            filled = int(width * done / total) if total else width
+            self.stream.write(f"\r{label}: [{'#' * filled}{'.' * (width - filled)}]"
+                              f" {done:,}/{total:,}")
+            if done >= total:
+                self.stream.write("\n")
+            self.stream.flush()
+        elif done >= total or done == 0:
+            self.stream.write(f"{label}: {done:,}/{total:,}\n")
+
+
+def lodge_files(client: LodgeClient, files: list[Path], *, name: str | None = None,
+                trust_anchor: bool = False, status: str | None = None,
+                manufacturing_flag: bool | None = None, batch_size: int = 50_000,
+                out: Callable[[str], None] = print,
+                progress: Callable[[str, int, int], None] | None = None) -> int:
+    """Lodge each file; return the number of refused requests."""
+    failures = 0
+    for path in files:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            out(f"{path}: cannot read: {exc}")
+            failures += 1
+            continue
+        kind = classify(path, data)
+        if kind == "crl":
+            reply = client.crl(data)
+            failures += _report(out, path, reply, lambda b: f"{b.get('kind', 'crl').upper()}"
+                                f" number {b.get('crl_number')} {b.get('outcome')}")
+        elif kind == "certificates":
+            try:
+                ders = load_pem_or_der_certificates(data)
+            except ParseError as exc:
+                out(f"{path}: refused locally: {exc}")
+                failures += 1
+                continue
+            done = 0
+            if progress and len(ders) > batch_size // 10:
+                progress(path.name, 0, len(ders))
+            for chunk in pem_chunks(ders, batch_size):
+                reply = client.certificates(chunk, trust_anchor=trust_anchor, status=status,
+                                            manufacturing_flag=manufacturing_flag)
+                n = chunk.count(b"-----BEGIN CERTIFICATE-----")
+                done += n
+                if progress and len(ders) > batch_size // 10:
+                    progress(path.name, done, len(ders))
+                failures += _report(out, path, reply, lambda b: f"{b.get('stored', 0)} stored,"
+                                    f" {b.get('identical', 0)} identical")
+        else:
+            doc_name = name or path.stem
+            ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+            reply = client.document(doc_name, data, ctype)
+            failures += _report(out, path, reply, lambda b: f"document {b.get('name')} version"
+                                f" {b.get('version')} {b.get('outcome')}")
+    return failures
+
+
+def _report(out: Callable[[str], None], path: Path, reply: Reply,
+            summary: Callable[[dict[str, Any]], str]) -> int:
+    if reply.status == 200:
+        out(f"{path}: {summary(reply.body)}")
+        return 0
+    out(f"{path}: refused ({reply.status}): {reply.body.get('reason', '')}")
+    for item in reply.body.get("results", [])[:10]:
+        if item.get("outcome") in ("refused", "conflict"):
+            out(f"  item {item.get('index')} serial {item.get('serial', '?')}:"
+                f" {item.get('reason')}")
+    return 1

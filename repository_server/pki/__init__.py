@@ -1,0 +1,1 @@
+"""Pure functions over `cryptography`: GB profile parsing and lint, identifiers, test PKI."""

@@ -1,0 +1,288 @@
+"""The running repository: database, catalog, lodging service and every listener.
+
+`Repository.start()` brings the pieces up in data-flow order (store → catalog → lodging →
+listeners) and `stop()` takes them down in reverse, releasing the embedded PostgreSQL last
+so that Ctrl-C leaves no orphan. The lodging listener accepts TCP itself and performs the
+TLS handshake through `loop.start_tls`, so that a refused handshake (no client certificate,
+unknown CA, expired, self-signed) is seen, audited and counted rather than silently dropped
+inside the TLS layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+import time
+import typing
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .catalog import Catalog
+from .config import Config, ConfigError, HostPort
+from .lodge.app import build_lodge_app
+from .lodge.service import LodgingService
+from .obs.metrics import Metrics
+from .store.db import Store
+from .store.embedded import EmbeddedPostgres
+from .web.downloads import Downloads, error
+
+log = logging.getLogger(__name__)
+
+_LODGE_CIPHERS = "ECDHE+AESGCM"  # TLS 1.2: ECDHE with AES-GCM only
+_TLS13_AES_GCM = ("TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256")
+
+
+def _require_file(config: Config, value: str, setting: str) -> Path:
+    path = config.path(value)
+    if not path.is_file():
+        raise ConfigError(f"{setting}: file not found: {path} (run `smki-repository demo` or"
+                          " `smki-repository testpki`, or point the setting at your file)")
+    return path
+
+
+def server_tls_context(config: Config) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(_require_file(config, config.tls.cert, "tls.cert"),
+                        _require_file(config, config.tls.key, "tls.key"))
+    return ctx
+
+
+def lodge_tls_context(config: Config) -> ssl.SSLContext:
+    ctx = server_tls_context(config)
+    ctx.set_ciphers(_LODGE_CIPHERS)
+    ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_COMPRESSION
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    ctx.load_verify_locations(cafile=str(_require_file(config, config.lodge.client_ca,
+                                                       "lodge.client_ca")))
+    return ctx
+
+
+def _describe_tls_failure(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"client certificate refused: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or str(exc)
+        if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+            return "no client certificate presented"
+        return f"TLS handshake failed: {reason}"
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return "TLS handshake timed out"
+    return f"TLS handshake failed: {exc.__class__.__name__}: {exc}"
+
+
+class _TlsGate(asyncio.Protocol):
+    """Accepts a TCP connection, runs the server-side handshake, then hands the TLS
+    transport to an aiohttp request handler; reports refused handshakes."""
+
+    def __init__(self, factory: Callable[[], asyncio.Protocol], ctx: ssl.SSLContext,
+                 on_refused: Callable[[str, str], None]) -> None:
+        self.factory = factory
+        self.ctx = ctx
+        self.on_refused = on_refused
+        self.task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tcp = typing.cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        tcp.pause_reading()  # nothing may be read before start_tls takes over
+        self.task = asyncio.get_running_loop().create_task(self._handshake(tcp))
+
+    async def _handshake(self, transport: asyncio.Transport) -> None:
+        loop = asyncio.get_running_loop()
+        peer = transport.get_extra_info("peername")
+        peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+        protocol = self.factory()
+        try:
+            tls = await loop.start_tls(transport, protocol, self.ctx, server_side=True,
+                                       ssl_handshake_timeout=10)
+        except Exception as exc:
+            transport.close()
+            self.on_refused(peer_text, _describe_tls_failure(exc))
+            return
+        if tls is None:
+            return
+        cipher = tls.get_extra_info("cipher")
+        if cipher and "GCM" not in cipher[0]:
+            tls.close()
+            self.on_refused(peer_text, f"cipher {cipher[0]} is not an AES-GCM suite")
+            return
+        protocol.connection_made(tls)
+
+    def data_received(self, data: bytes) -> None:  # pragma: no cover - reading is paused
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
+
+
+class Repository:
+    def __init__(self, config: Config, *, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.embedded: EmbeddedPostgres | None = None
+        self.store: Store | None = None
+        self.catalog: Catalog | None = None
+        self.lodging: LodgingService | None = None
+        self._runners: list[web.AppRunner] = []
+        self._servers: list[asyncio.AbstractServer] = []
+        self._background: set[asyncio.Task[Any]] = set()
+        self.bound: dict[str, HostPort] = {}
+
+    # -- database -----------------------------------------------------------------------
+    async def _open_store(self) -> Store:
+        dsn = self.config.database.url
+        if not dsn:
+            self.embedded = EmbeddedPostgres(Path(self.config.data_dir))
+            dsn = await asyncio.to_thread(self.embedded.acquire)
+        db = self.config.database
+        return await Store.connect(dsn, min_size=db.pool_min, max_size=db.pool_max,
+                                   command_timeout=db.command_timeout,
+                                   connect_timeout=db.connect_timeout)
+
+    # -- apps -----------------------------------------------------------------------------
+    def _read_app(self, listener: str) -> web.Application:
+        assert self.catalog is not None and self.store is not None
+        metrics = self.metrics
+        store = self.store
+        catalog = self.catalog
+
+        @web.middleware
+        async def observe(request: web.Request, handler: Any) -> web.StreamResponse:
+            started = time.perf_counter()
+            resource = request.match_info.route.resource
+            route = resource.canonical if resource is not None else "unmatched"
+            try:
+                response: web.StreamResponse = await handler(request)
+            except web.HTTPException as exc:
+                response = error(exc.status, exc.reason)
+            except (OSError, asyncio.TimeoutError) as exc:
+                log.warning("database unavailable for %s: %s", request.path, exc)
+                response = error(503, "the repository store is unavailable; try again shortly")
+                response.headers["Retry-After"] = "5"
+            except Exception:
+                log.exception("internal error on %s %s", request.method, request.path)
+                response = error(500, "internal error (logged on the server)")
+            metrics.requests.labels(listener, route, str(response.status)).inc()
+            metrics.latency.labels(listener, route).observe(time.perf_counter() - started)
+            return response
+
+        async def healthz(_request: web.Request) -> web.Response:
+            return web.json_response({"status": "ok"})
+
+        async def readyz(_request: web.Request) -> web.Response:
+            try:
+                await store.ping()
+            except Exception as exc:
+                return web.json_response({"status": "unavailable", "database": str(exc)},
+                                         status=503, headers={"Retry-After": "5"})
+            return web.json_response({"status": "ready"})
+
+        async def metrics_handler(_request: web.Request) -> web.Response:
+            metrics.cache_entries.set(catalog.cached_certificates)
+            return web.Response(body=generate_latest(metrics.registry),
+                                headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app = web.Application(middlewares=[observe],
+                              client_max_size=self.config.web.client_max_size_kb * 1024)
+        app.add_routes(Downloads(self.catalog, self.config).routes())
+        app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz),
+                        web.get("/metrics", metrics_handler)])
+        return app
+
+    async def _runner(self, app: web.Application) -> web.AppRunner:
+        runner = web.AppRunner(app, access_log=log.getChild("access") if
+                               self.config.log.access_log else None,
+                               handler_cancellation=True)
+        await runner.setup()
+        self._runners.append(runner)
+        return runner
+
+    def _on_tls_refused(self, peer: str, reason: str) -> None:
+        self.metrics.tls_refused.inc()
+        log.warning("lodging connection from %s refused: %s", peer, reason)
+        if self.store is None:
+            return
+        task = asyncio.get_running_loop().create_task(self.store.audit(
+            actor="unauthenticated", action="lodge.refused", outcome="refused", peer=peer,
+            detail={"reason": reason, "stage": "tls"}))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- life cycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.config
+        # TLS material first: a missing file should fail before anything starts.
+        https_ctx = server_tls_context(cfg) if cfg.listeners.https else None
+        lodge_ctx = lodge_tls_context(cfg) if cfg.listeners.lodge else None
+        self.store = await self._open_store()
+        self.catalog = Catalog(self.store, cache_bytes=cfg.cache.max_mb * 1024 * 1024)
+        await self.catalog.start(preload=cfg.cache.preload)
+        self.lodging = LodgingService(
+            self.store, max_batch=cfg.lodge.max_batch, max_crl_bytes=cfg.lodge.max_crl_bytes,
+            clock_skew=timedelta(seconds=cfg.lodge.clock_skew_seconds),
+            parse_workers=cfg.lodge.parse_workers, on_change=self.catalog.invalidate)
+        loop = asyncio.get_running_loop()
+        for name, ctx in (("http", None), ("https", https_ctx)):
+            addr = cfg.listeners.address(name)
+            if addr is None:
+                continue
+            runner = await self._runner(self._read_app(name))
+            site = web.TCPSite(runner, addr.host, addr.port, ssl_context=ctx,
+                               reuse_address=True, backlog=1024)
+            await site.start()
+            self._record_bound(name, runner)
+        addr = cfg.listeners.address("lodge")
+        if addr is not None and lodge_ctx is not None:
+            runner = await self._runner(build_lodge_app(cfg, self.lodging))
+            factory = runner.server
+            assert factory is not None
+            ctx = lodge_ctx
+            server = await loop.create_server(
+                lambda: _TlsGate(factory, ctx, self._on_tls_refused), addr.host, addr.port,
+                reuse_address=True, backlog=128)
+            self._servers.append(server)
+            sock = server.sockets[0].getsockname()
+            self.bound["lodge"] = HostPort(sock[0], sock[1])
+        for name in ("ldap", "ldaps"):
+            if cfg.listeners.address(name) is not None:
+                log.info("listener %s is configured but the LDAP interface is not built yet", name)
+
+    def _record_bound(self, name: str, runner: web.AppRunner) -> None:
+        for site_addr in runner.addresses:
+            if isinstance(site_addr, tuple):
+                self.bound[name] = HostPort(site_addr[0], site_addr[1])
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            server.close()
+        for runner in reversed(self._runners):
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 2)
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self.lodging:
+            self.lodging.close()
+        if self.catalog:
+            await self.catalog.stop()
+        if self.store:
+            await self.store.close()
+        if self.embedded:
+            await asyncio.to_thread(self.embedded.release)
+
+
+def write_pid_file(path: str | None) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(f"{os.getpid()}\n")

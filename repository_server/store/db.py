@@ -1,0 +1,431 @@
+"""All SQL of the repository, behind one `Store` class over an asyncpg pool.
+
+Handlers and the lodging path call methods here and never build SQL themselves. Writes
+(`insert_*`, `set_status`, `audit`) are called only from `lodge/`. Every write that changes
+what readers see sends a NOTIFY on `smki_changes` inside its transaction, so caches on every
+process and node hear of it at commit time and never before.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from typing import Any
+
+import asyncpg
+
+from ..pki.model import CertInfo, CrlInfo
+
+log = logging.getLogger(__name__)
+
+NOTIFY_CHANNEL = "smki_changes"
+_MIGRATION_LOCK = 0x534D4B49  # "SMKI": advisory lock id held while migrating
+
+
+class ConflictError(Exception):
+    """Another object already holds this identity (issuer + serial, or CRL number)."""
+
+    def __init__(self, message: str, items: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.items = list(items)
+
+
+@dataclass(frozen=True, slots=True)
+class CertRow:
+    id: int
+    serial: str
+    issuer_key_id: bytes | None
+    der: bytes
+    sha256: bytes
+    lodged_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerRow:
+    id: int
+    subject_dn: bytes
+    subject_key_id: bytes | None
+    kind: str
+    der: bytes
+    trust_anchor: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CrlRow:
+    id: int
+    kind: str
+    issuer_key_id: bytes
+    issuer_name: str
+    crl_number: int
+    this_update: datetime
+    next_update: datetime | None
+    sha256: bytes
+    der: bytes
+    revoked_count: int
+    lodged_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentRow:
+    name: str
+    version: int
+    content_type: str
+    size: int
+    sha256: bytes
+    lodged_at: datetime
+    body: bytes | None  # None in listings
+
+
+# Columns of the COPY into the temporary table, in order (see insert_certificates).
+_CERT_COLUMNS = (
+    "idx", "serial", "issuer_dn", "issuer_name", "issuer_key_id", "subject_dn", "subject_name",
+    "subject_key_id", "eui64", "role", "usage", "kind", "not_before", "not_after", "sha256",
+    "sha1", "der", "status", "manufacturing_flag", "lint", "issuer_verified", "trust_anchor",
+)
+
+
+def cert_record(
+    idx: int, info: CertInfo, *, status: str, manufacturing_flag: bool, issuer_verified: bool,
+    trust_anchor: bool, extra_findings: Sequence[dict[str, str]] = (),
+) -> tuple[Any, ...]:
+    lint = [{"code": f.code, "message": f.message} for f in info.findings] + list(extra_findings)
+    return (
+        idx, info.serial, info.issuer_dn, info.issuer_name, info.issuer_key_id, info.subject_dn,
+        info.subject_name, info.subject_key_id, info.eui64, info.role,
+        info.usage.value if info.usage else None, info.kind.value, info.not_before,
+        info.not_after, info.sha256, info.sha1, info.der, status, manufacturing_flag,
+        json.dumps(lint), issuer_verified, trust_anchor,
+    )
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=lambda v: v, decoder=json.loads,
+                              schema="pg_catalog", format="text")
+
+
+class Store:
+    def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
+        self.pool = pool
+        self.dsn = dsn
+
+    @classmethod
+    async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 10,
+                      command_timeout: float = 30.0, connect_timeout: float = 10.0,
+                      migrate: bool = True) -> Store:
+        pool = await asyncpg.create_pool(
+            dsn, min_size=min_size, max_size=max_size, command_timeout=command_timeout,
+            timeout=connect_timeout, init=_init_connection,
+        )
+        store = cls(pool, dsn)
+        if migrate:
+            await store.migrate()
+        return store
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    # -- schema -----------------------------------------------------------------------
+    async def migrate(self) -> list[str]:
+        """Apply pending migrations (files `NNNN_name.sql`) once, under an advisory lock."""
+        scripts = sorted(
+            (p.name, p.read_text())
+            for p in resources.files("repository_server.store").joinpath("migrations").iterdir()
+            if p.name.endswith(".sql")
+        )
+        applied: list[str] = []
+        async with self.pool.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+            try:
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                    " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+                for name, sql in scripts:
+                    if name in done:
+                        continue
+                    async with conn.transaction():
+                        await conn.execute(sql)
+                        await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", name)
+                    log.info("applied migration %s", name)
+                    applied.append(name)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+        return applied
+
+    async def ping(self) -> None:
+        async with self.pool.acquire(timeout=2) as conn:
+            await conn.fetchval("SELECT 1", timeout=2)
+
+    # -- certificates: reads ----------------------------------------------------------------
+    async def certificates_by_serial(self, serial: str) -> list[CertRow]:
+        rows = await self.pool.fetch(
+            "SELECT id, serial, issuer_key_id, der, sha256, lodged_at FROM certificates"
+            " WHERE serial = $1 ORDER BY id", serial)
+        return [CertRow(*r) for r in rows]
+
+    async def iter_recent_certificates(self, limit_bytes: int) -> AsyncIterator[CertRow]:
+        """Newest first, until `limit_bytes` of DER have been produced (cache preload)."""
+        total = 0
+        async with self.pool.acquire() as conn, conn.transaction(readonly=True):
+            cursor = conn.cursor(
+                "SELECT id, serial, issuer_key_id, der, sha256, lodged_at FROM certificates"
+                " ORDER BY id DESC", prefetch=5000)
+            async for r in cursor:
+                row = CertRow(*r)
+                total += len(row.der) + 400
+                if total > limit_bytes:
+                    return
+                yield row
+
+    async def certificate_count(self) -> int:
+        return int(await self.pool.fetchval("SELECT count(*) FROM certificates"))
+
+    async def issuers(self, *, key_id: bytes | None = None, subject_dn: bytes | None = None,
+                      cas_only: bool = True) -> list[IssuerRow]:
+        """Certificates that may have issued something: CAs by default, any by key id."""
+        sql = ("SELECT id, subject_dn, subject_key_id, kind, der, trust_anchor FROM certificates"
+               " WHERE true")
+        args: list[Any] = []
+        if cas_only:
+            sql += " AND kind IN ('root', 'ca')"
+        if key_id is not None:
+            args.append(key_id)
+            sql += f" AND subject_key_id = ${len(args)}"
+        if subject_dn is not None:
+            args.append(subject_dn)
+            sql += f" AND subject_dn = ${len(args)}"
+        rows = await self.pool.fetch(sql + " ORDER BY id", *args)
+        return [IssuerRow(*r) for r in rows]
+
+    async def certificate_detail(self, cert_id: int) -> dict[str, Any] | None:
+        row = await self.pool.fetchrow("SELECT * FROM certificates WHERE id = $1", cert_id)
+        return dict(row) if row else None
+
+    # -- certificates: writes (lodge/ only) ----------------------------------------------
+    async def insert_certificates(
+        self, records: Sequence[tuple[Any, ...]], *, lodged_by: str, audit: dict[str, Any],
+    ) -> tuple[list[int], list[int], list[str]]:
+        """Store a batch atomically. Returns (indexes stored, indexes already present,
+        serials now shared with another issuer's certificate).
+
+        Raises ConflictError (and stores nothing) when a record has the issuer and serial
+        of a different stored certificate. Committed (and so durable: synchronous_commit)
+        before it returns.
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "CREATE TEMPORARY TABLE incoming (LIKE certificates INCLUDING DEFAULTS,"
+                " idx integer NOT NULL) ON COMMIT DROP")
+            await conn.execute("ALTER TABLE incoming DROP COLUMN id, DROP COLUMN lodged_at,"
+                               " DROP COLUMN lodged_by, ALTER COLUMN lint TYPE text")
+            await conn.copy_records_to_table("incoming", records=records, columns=_CERT_COLUMNS)
+            await conn.execute("ANALYZE incoming")
+            conflicts = await conn.fetch(
+                "SELECT i.idx FROM incoming i JOIN certificates c"
+                " ON c.serial = i.serial AND c.issuer_dn = i.issuer_dn AND c.sha256 <> i.sha256"
+                " UNION SELECT i.idx FROM incoming i JOIN incoming j"
+                " ON j.serial = i.serial AND j.issuer_dn = i.issuer_dn AND j.sha256 <> i.sha256")
+            if conflicts:
+                raise ConflictError("a different certificate with the same issuer and serial"
+                                    " exists", sorted(r["idx"] for r in conflicts))
+            present = [r["idx"] for r in await conn.fetch(
+                "SELECT i.idx FROM incoming i WHERE EXISTS"
+                " (SELECT 1 FROM certificates c WHERE c.sha256 = i.sha256) ORDER BY i.idx")]
+            # A serial already stored under another issuer: caches holding that serial must
+            # learn of the new sibling (rare: serials are random 16 octets).
+            shared = [r["serial"] for r in await conn.fetch(
+                "SELECT DISTINCT i.serial FROM incoming i JOIN certificates c"
+                " ON c.serial = i.serial AND c.issuer_dn <> i.issuer_dn LIMIT 200")]
+            cols = ", ".join(c for c in _CERT_COLUMNS if c not in ("idx", "lint"))
+            inserted = await conn.fetch(
+                f"INSERT INTO certificates ({cols}, lint, lodged_by)"
+                f" SELECT DISTINCT ON (sha256) {cols}, lint::jsonb, $1 FROM incoming"
+                " ORDER BY sha256, idx"
+                " ON CONFLICT DO NOTHING RETURNING sha256", lodged_by)
+            inserted_hashes = {r["sha256"] for r in inserted}
+            present_set = set(present)
+            sha_col = _CERT_COLUMNS.index("sha256")
+            stored, identical, lost = [], [], []
+            seen: set[bytes] = set()
+            for i, rec in enumerate(records):
+                sha = rec[sha_col]
+                if sha in inserted_hashes and sha not in seen:
+                    stored.append(i)
+                elif sha in inserted_hashes or i in present_set:
+                    identical.append(i)
+                else:
+                    lost.append(i)
+                seen.add(sha)
+            if lost:
+                # Neither stored nor there before: a concurrent writer got there first.
+                # Identical bytes are a no-op; anything else is a conflict.
+                again = {r["idx"] for r in await conn.fetch(
+                    "SELECT i.idx FROM incoming i JOIN certificates c ON c.sha256 = i.sha256"
+                    " WHERE i.idx = ANY($1::int[])", lost)}
+                bad = [i for i in lost if i not in again]
+                if bad:
+                    raise ConflictError("a different certificate with the same issuer and"
+                                        " serial exists", bad)
+                identical = sorted(identical + lost)
+            await self._audit(conn, **audit)
+            if shared:
+                await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL,
+                                   "serials:" + ",".join(shared))
+        return stored, identical, shared
+
+    async def set_status(self, serial: str, issuer_key_id: bytes | None, status: str | None,
+                         manufacturing_flag: bool | None, audit: dict[str, Any]) -> list[dict[str, Any]]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "UPDATE certificates SET status = coalesce($3, status),"
+                " manufacturing_flag = coalesce($4, manufacturing_flag)"
+                " WHERE serial = $1 AND ($2::bytea IS NULL OR issuer_key_id = $2)"
+                " RETURNING id, serial, issuer_key_id, status, manufacturing_flag",
+                serial, issuer_key_id, status, manufacturing_flag)
+            if len(rows) == 1:
+                await self._audit(conn, **audit)
+                await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, f"status:{serial}")
+            elif len(rows) > 1:
+                raise ConflictError("serial is not unique: give the issuer key id")
+            return [dict(r) for r in rows]
+
+    # -- CRLs ---------------------------------------------------------------------------
+    async def insert_crl(self, info: CrlInfo, *, kind: str, issuer_key_id: bytes,
+                         issuer_cert_id: int, lodged_by: str, audit: dict[str, Any],
+                         lint: list[dict[str, str]]) -> tuple[str, int | None]:
+        """Store a CRL version. Returns ('stored'|'identical', stored_max_before).
+
+        Raises ConflictError when the CRL number is not strictly greater than the stored one
+        for this issuer (checked under a per-issuer advisory lock, so two lodgings of
+        different CRLs cannot both pass the check)."""
+        assert info.crl_number is not None
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                               "crl:" + issuer_key_id.hex())
+            existing = await conn.fetchval("SELECT id FROM crls WHERE sha256 = $1", info.sha256)
+            current = await conn.fetchval(
+                "SELECT max(crl_number) FROM crls WHERE issuer_key_id = $1", issuer_key_id)
+            current_int = int(current) if current is not None else None
+            if existing is not None:
+                await self._audit(conn, **{**audit, "outcome": "noop"})
+                return "identical", current_int
+            if current_int is not None and info.crl_number <= current_int:
+                raise ConflictError(
+                    f"CRL number {info.crl_number} is not greater than the stored"
+                    f" {current_int} for this issuer")
+            crl_id = await conn.fetchval(
+                "INSERT INTO crls (kind, issuer_dn, issuer_name, issuer_key_id, issuer_cert_id,"
+                " crl_number, this_update, next_update, sha256, der, revoked_count, lint,"
+                " lodged_by) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12::text::jsonb,$13)"
+                " RETURNING id",
+                kind, info.issuer_dn, info.issuer_name, issuer_key_id, issuer_cert_id,
+                info.crl_number, info.this_update, info.next_update, info.sha256, info.der,
+                len(info.revoked), json.dumps(lint), lodged_by)
+            if info.revoked:
+                await conn.copy_records_to_table(
+                    "revoked_entries",
+                    records=[(crl_id, e.serial, e.revocation_date, e.reason) for e in info.revoked],
+                    columns=("crl_id", "serial", "revocation_date", "reason"))
+            await self._audit(conn, **audit)
+            await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL,
+                               "crl:" + issuer_key_id.hex())
+        return "stored", current_int
+
+    _CRL_COLS = ("id, kind, issuer_key_id, issuer_name, crl_number, this_update, next_update,"
+                 " sha256, der, revoked_count, lodged_at")
+
+    async def current_crls(self) -> list[CrlRow]:
+        rows = await self.pool.fetch(
+            f"SELECT DISTINCT ON (issuer_key_id) {self._CRL_COLS} FROM crls"
+            " ORDER BY issuer_key_id, crl_number DESC")
+        return [CrlRow(*r[:4], int(r[4]), *r[5:]) for r in rows]
+
+    async def crl(self, issuer_key_id: bytes, number: int | None = None) -> CrlRow | None:
+        if number is None:
+            r = await self.pool.fetchrow(
+                f"SELECT {self._CRL_COLS} FROM crls WHERE issuer_key_id = $1"
+                " ORDER BY crl_number DESC LIMIT 1", issuer_key_id)
+        else:
+            r = await self.pool.fetchrow(
+                f"SELECT {self._CRL_COLS} FROM crls WHERE issuer_key_id = $1 AND crl_number = $2",
+                issuer_key_id, number)
+        return CrlRow(*r[:4], int(r[4]), *r[5:]) if r else None
+
+    async def crl_versions(self, issuer_key_id: bytes) -> list[tuple[int, datetime, datetime | None]]:
+        rows = await self.pool.fetch(
+            "SELECT crl_number, this_update, next_update FROM crls WHERE issuer_key_id = $1"
+            " ORDER BY crl_number DESC", issuer_key_id)
+        return [(int(r[0]), r[1], r[2]) for r in rows]
+
+    # -- documents -------------------------------------------------------------------------
+    async def insert_document(self, name: str, content_type: str, body: bytes, sha256: bytes,
+                              *, lodged_by: str, audit: dict[str, Any]) -> tuple[str, int]:
+        """New version of a document, or ('identical', version) if the current one matches."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                               "doc:" + name)
+            current = await conn.fetchrow(
+                "SELECT version, sha256, content_type FROM documents WHERE name = $1"
+                " ORDER BY version DESC LIMIT 1", name)
+            if current and current["sha256"] == sha256 and current["content_type"] == content_type:
+                await self._audit(conn, **{**audit, "outcome": "noop"})
+                return "identical", int(current["version"])
+            version = int(current["version"]) + 1 if current else 1
+            await conn.execute(
+                "INSERT INTO documents (name, version, content_type, body, size, sha256, lodged_by)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                name, version, content_type, body, len(body), sha256, lodged_by)
+            await self._audit(conn, **{**audit, "detail": {**audit.get("detail", {}),
+                                                           "version": version}})
+            await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, "doc:" + name)
+        return "stored", version
+
+    _DOC_COLS = "name, version, content_type, size, sha256, lodged_at"
+
+    async def documents(self) -> list[DocumentRow]:
+        rows = await self.pool.fetch(
+            f"SELECT DISTINCT ON (name) {self._DOC_COLS}, NULL FROM documents"
+            " ORDER BY name, version DESC")
+        return [DocumentRow(*r) for r in rows]
+
+    async def document_versions(self, name: str) -> list[DocumentRow]:
+        rows = await self.pool.fetch(
+            f"SELECT {self._DOC_COLS}, NULL FROM documents WHERE name = $1 ORDER BY version DESC",
+            name)
+        return [DocumentRow(*r) for r in rows]
+
+    async def document(self, name: str, version: int | None = None) -> DocumentRow | None:
+        if version is None:
+            r = await self.pool.fetchrow(
+                f"SELECT {self._DOC_COLS}, body FROM documents WHERE name = $1"
+                " ORDER BY version DESC LIMIT 1", name)
+        else:
+            r = await self.pool.fetchrow(
+                f"SELECT {self._DOC_COLS}, body FROM documents WHERE name = $1 AND version = $2",
+                name, version)
+        return DocumentRow(*r) if r else None
+
+    # -- audit ---------------------------------------------------------------------------
+    @staticmethod
+    async def _audit(conn: asyncpg.Connection, *, actor: str, action: str, outcome: str,
+                     object: str | None = None, peer: str | None = None,
+                     on_behalf_of: str | None = None, detail: dict[str, Any] | None = None) -> None:
+        await conn.execute(
+            "INSERT INTO audit (actor, on_behalf_of, action, outcome, object, peer, detail)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7::text::jsonb)",
+            actor, on_behalf_of, action, outcome, object, peer, json.dumps(detail or {}))
+
+    async def audit(self, **entry: Any) -> None:
+        """An audit entry on its own (refusals, failed validations)."""
+        async with self.pool.acquire() as conn:
+            await self._audit(conn, **entry)
+
+    async def audit_entries(self, since_id: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch(
+            "SELECT * FROM audit WHERE id > $1 ORDER BY id LIMIT $2", since_id, limit)
+        return [dict(r) for r in rows]

@@ -1,0 +1,1 @@
+"""aiohttp applications for the read listeners (http, https): downloads, operations."""

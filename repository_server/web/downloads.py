@@ -1,0 +1,260 @@
+"""Download routes: certificates by serial, CRLs/ARLs, documents, with validators.
+
+URL scheme (documented in the README):
+  GET /certificates/{serial}[.der|.pem][?issuer=KEYID]   application/pkix-cert or PEM
+  GET /crls                                             JSON list of current CRLs/ARLs
+  GET /crls/{issuer key id}.crl                         current CRL/ARL of that issuer
+  GET /crls/{issuer key id}/{crl number}.crl            one version
+  GET /crls/{issuer key id}/versions                    JSON list of versions
+  GET /documents                                        JSON list (current versions)
+  GET /documents/{name}                                 current version
+  GET /documents/{name}/{version}                       one version
+  GET /documents/{name}/versions                        JSON list of versions
+Certificates are immutable (long max-age); a CRL's max-age never reaches past its
+nextUpdate and its Expires is the nextUpdate. The handlers only look up and format: the
+bytes and validators come ready-made from the catalog.
+"""
+
+from __future__ import annotations
+
+import base64
+import textwrap
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from ..catalog import Catalog, CertEntry, CrlEntry, DocEntry, http_date
+from ..config import Config
+from ..pki.ids import IdentifierError, format_key_id, parse_key_id, parse_serial
+from .http_cache import not_modified
+
+PKIX_CERT = "application/pkix-cert"
+PKIX_CRL = "application/pkix-crl"
+PEM = "application/x-pem-file"
+
+
+def error(status: int, reason: str) -> web.Response:
+    return web.json_response({"status": status, "reason": reason}, status=status)
+
+
+def _pem(der: bytes) -> bytes:
+    body = "\n".join(textwrap.wrap(base64.b64encode(der).decode(), 64))
+    return f"-----BEGIN CERTIFICATE-----\n{body}\n-----END CERTIFICATE-----\n".encode()
+
+
+def _wants_pem(request: web.Request, name: str) -> tuple[str, bool]:
+    if name.endswith(".pem"):
+        return name[:-4], True
+    if name.endswith((".der", ".cer", ".crt")):
+        return name[:-4], False
+    accept = request.headers.get("Accept", "")
+    return name, PEM in accept and PKIX_CERT not in accept
+
+
+class Downloads:
+    def __init__(self, catalog: Catalog, config: Config) -> None:
+        self.catalog = catalog
+        self.config = config
+        web_cfg = config.web
+        self._cert_cache_control = f"public, max-age={web_cfg.cert_max_age}, immutable"
+        self._immutable = f"public, max-age={web_cfg.cert_max_age}, immutable"
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/certificates/{serial}", self.certificate),
+            web.get("/crls", self.crl_list),
+            web.get("/crls/{key}/versions", self.crl_versions),
+            web.get("/crls/{key}/{number}", self.crl_version),
+            web.get("/crls/{key}", self.crl_current),
+            web.get("/documents", self.document_list),
+            web.get("/documents/{name}/versions", self.document_versions),
+            web.get("/documents/{name}/{version}", self.document_version),
+            web.get("/documents/{name}", self.document_current),
+        ]
+
+    # -- certificates -------------------------------------------------------------------
+    async def certificate(self, request: web.Request) -> web.StreamResponse:
+        name, pem = _wants_pem(request, request.match_info["serial"])
+        try:
+            serial = parse_serial(name)
+        except IdentifierError as exc:
+            return error(400, str(exc))
+        entries = await self.catalog.certificates(serial)
+        issuer = request.query.get("issuer")
+        if issuer is not None:
+            try:
+                key_id = parse_key_id(issuer)
+            except IdentifierError as exc:
+                return error(400, f"issuer: {exc}")
+            entries = tuple(e for e in entries if e.issuer_key_id == key_id)
+        if not entries:
+            return error(404, f"no certificate with serial {serial}"
+                         + (f" from issuer {issuer.upper()}" if issuer else ""))
+        if len(entries) > 1:
+            choices = ", ".join(format_key_id(e.issuer_key_id) for e in entries if e.issuer_key_id)
+            return error(300, f"serial {serial} is not unique: add ?issuer= one of {choices}")
+        return self._cert_response(request, entries[0], pem)
+
+    def _cert_response(self, request: web.Request, entry: CertEntry, pem: bool) -> web.Response:
+        headers = {
+            "ETag": entry.etag if not pem else entry.etag[:-1] + '-pem"',
+            "Last-Modified": entry.last_modified,
+            "Cache-Control": self._cert_cache_control,
+            "Vary": "Accept",
+        }
+        if not_modified(request.headers.get("If-None-Match"),
+                        request.headers.get("If-Modified-Since"), headers["ETag"],
+                        entry.modified_ts):
+            return web.Response(status=304, headers=headers)
+        if pem:
+            return web.Response(body=_pem(entry.der), content_type=PEM, headers=headers)
+        return web.Response(body=entry.der, content_type=PKIX_CERT, headers=headers)
+
+    # -- CRLs ---------------------------------------------------------------------------
+    def _crl_key(self, request: web.Request, suffix: bool) -> bytes:
+        raw = request.match_info["key"]
+        if suffix:
+            if not raw.endswith(".crl"):
+                raise web.HTTPNotFound()
+            raw = raw[:-4]
+        return parse_key_id(raw)
+
+    def _crl_response(self, request: web.Request, entry: CrlEntry, current: bool) -> web.Response:
+        row = entry.row
+        headers = {"ETag": entry.etag, "Last-Modified": entry.last_modified}
+        if current:
+            now = datetime.now(UTC)
+            max_age = self.config.web.crl_max_age
+            if row.next_update is not None:
+                remaining = int((row.next_update - now).total_seconds())
+                max_age = max(0, min(max_age, remaining))
+                headers["Expires"] = http_date(row.next_update)
+            else:
+                headers["Expires"] = http_date(now.fromtimestamp(now.timestamp() + max_age, UTC))
+            headers["Cache-Control"] = (f"public, max-age={max_age}, must-revalidate"
+                                        if max_age else "public, max-age=0, must-revalidate")
+        else:
+            headers["Cache-Control"] = self._immutable
+        if not_modified(request.headers.get("If-None-Match"),
+                        request.headers.get("If-Modified-Since"), entry.etag, entry.modified_ts):
+            return web.Response(status=304, headers=headers)
+        filename = f"{format_key_id(row.issuer_key_id)}-{row.crl_number}.crl"
+        headers["Content-Disposition"] = f'inline; filename="{filename}"'
+        return web.Response(body=row.der, content_type=PKIX_CRL, headers=headers)
+
+    async def crl_current(self, request: web.Request) -> web.StreamResponse:
+        try:
+            key = self._crl_key(request, suffix=True)
+        except IdentifierError as exc:
+            return error(400, str(exc))
+        entry = await self.catalog.current_crl(key)
+        if entry is None:
+            return error(404, f"no CRL or ARL from issuer key id {format_key_id(key)}")
+        return self._crl_response(request, entry, current=True)
+
+    async def crl_version(self, request: web.Request) -> web.StreamResponse:
+        number_text = request.match_info["number"]
+        if not number_text.endswith(".crl") or not number_text[:-4].isdigit():
+            return error(404, "expected /crls/{issuer key id}/{crl number}.crl")
+        try:
+            key = self._crl_key(request, suffix=False)
+        except IdentifierError as exc:
+            return error(400, str(exc))
+        number = int(number_text[:-4])
+        entry = await self.catalog.crl_version(key, number)
+        if entry is None:
+            return error(404, f"no CRL number {number} from issuer key id {format_key_id(key)}")
+        return self._crl_response(request, entry, current=False)
+
+    async def crl_list(self, request: web.Request) -> web.StreamResponse:
+        rows = await self.catalog.store.current_crls()
+        now = datetime.now(UTC)
+        return web.json_response([
+            {
+                "kind": r.kind,
+                "issuer": r.issuer_name,
+                "issuer_key_id": format_key_id(r.issuer_key_id),
+                "crl_number": r.crl_number,
+                "this_update": r.this_update.isoformat(),
+                "next_update": r.next_update.isoformat() if r.next_update else None,
+                "overdue": bool(r.next_update and r.next_update < now),
+                "revoked": r.revoked_count,
+                "sha256": r.sha256.hex(),
+                "size": len(r.der),
+                "url": f"/crls/{format_key_id(r.issuer_key_id)}.crl",
+            }
+            for r in rows
+        ], headers={"Cache-Control": "no-cache"})
+
+    async def crl_versions(self, request: web.Request) -> web.StreamResponse:
+        try:
+            key = self._crl_key(request, suffix=False)
+        except IdentifierError as exc:
+            return error(400, str(exc))
+        versions = await self.catalog.store.crl_versions(key)
+        if not versions:
+            return error(404, f"no CRL or ARL from issuer key id {format_key_id(key)}")
+        hexkey = format_key_id(key)
+        return web.json_response([
+            {"crl_number": n, "this_update": t.isoformat(),
+             "next_update": nu.isoformat() if nu else None, "url": f"/crls/{hexkey}/{n}.crl"}
+            for n, t, nu in versions
+        ], headers={"Cache-Control": "no-cache"})
+
+    # -- documents -------------------------------------------------------------------------
+    def _doc_response(self, request: web.Request, entry: DocEntry, current: bool) -> web.Response:
+        row = entry.row
+        headers = {
+            "ETag": entry.etag,
+            "Last-Modified": entry.last_modified,
+            "Cache-Control": (f"public, max-age={self.config.web.document_max_age}"
+                              if current else self._immutable),
+            "Content-Disposition": f'inline; filename="{row.name}"',
+            "X-Document-Version": str(row.version),
+        }
+        if not_modified(request.headers.get("If-None-Match"),
+                        request.headers.get("If-Modified-Since"), entry.etag, entry.modified_ts):
+            return web.Response(status=304, headers=headers)
+        assert row.body is not None
+        headers["Content-Type"] = row.content_type
+        return web.Response(body=row.body, headers=headers)
+
+    async def document_current(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        entry = await self.catalog.document(name)
+        if entry is None:
+            return error(404, f"no document named {name!r}")
+        return self._doc_response(request, entry, current=True)
+
+    async def document_version(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        version_text = request.match_info["version"]
+        if not version_text.isdigit():
+            return error(404, "expected /documents/{name}/{version number}")
+        entry = await self.catalog.document(name, int(version_text))
+        if entry is None:
+            return error(404, f"no version {version_text} of document {name!r}")
+        return self._doc_response(request, entry, current=False)
+
+    @staticmethod
+    def _doc_json(row: object) -> dict[str, object]:
+        from ..store.db import DocumentRow
+
+        assert isinstance(row, DocumentRow)
+        return {"name": row.name, "version": row.version, "content_type": row.content_type,
+                "size": row.size, "sha256": row.sha256.hex(),
+                "lodged_at": row.lodged_at.isoformat(),
+                "url": f"/documents/{row.name}/{row.version}"}
+
+    async def document_list(self, request: web.Request) -> web.StreamResponse:
+        rows = await self.catalog.store.documents()
+        return web.json_response([self._doc_json(r) for r in rows],
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def document_versions(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        rows = await self.catalog.store.document_versions(name)
+        if not rows:
+            return error(404, f"no document named {name!r}")
+        return web.json_response([self._doc_json(r) for r in rows],
+                                 headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,32 @@
+"""HTTP validators and conditional requests (RFC 9110 §13), with no I/O."""
+
+from __future__ import annotations
+
+from email.utils import parsedate_to_datetime
+
+
+def etag_matches(header: str, etag: str) -> bool:
+    """If-None-Match uses the weak comparison: W/ prefixes are ignored."""
+    if header.strip() == "*":
+        return True
+    bare = etag.removeprefix("W/")
+    for candidate in header.split(","):
+        if candidate.strip().removeprefix("W/") == bare:
+            return True
+    return False
+
+
+def not_modified(if_none_match: str | None, if_modified_since: str | None, etag: str,
+                 modified_ts: float) -> bool:
+    """True when a GET/HEAD may answer 304. If-None-Match wins over If-Modified-Since."""
+    if if_none_match is not None:
+        return etag_matches(if_none_match, etag)
+    if if_modified_since is not None:
+        try:
+            since = parsedate_to_datetime(if_modified_since)
+        except (TypeError, ValueError, IndexError):
+            return False
+        if since.tzinfo is None:
+            return False
+        return modified_ts <= since.timestamp()
+    return False
