@@ -196,7 +196,7 @@ def test_layout_and_manifest(pki: tuple[Path, dict[str, Any]]) -> None:
     for obj in manifest["objects"]:
         expected = {
             "root": {"kind", "path", "pem", "serial", "issuer_key_id", "subject_key_id", "role"}
-            | {"usage", "revoked", "name"},
+            | {"usage", "revoked", "name", "key"},
             "organisation": {"kind", "path", "serial", "issuer_key_id", "subject_key_id"}
             | {"eui64", "role", "usage", "revoked", "name", "key"},
             "device": {"kind", "path", "index", "serial", "issuer_key_id", "subject_key_id"}

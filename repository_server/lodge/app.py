@@ -18,7 +18,7 @@ from .service import Actor, CertOptions, LodgeError, LodgingService
 
 log = logging.getLogger(__name__)
 
-ACTOR_KEY = web.AppKey("actor", Actor)
+ACTOR_KEY = web.RequestKey("actor", Actor)
 
 
 def _error(status: int, reason: str, **extra: Any) -> web.Response:

@@ -412,7 +412,8 @@ class LodgingService:
                 audit=actor.audit(action, "ok", obj, {"sha256": info.sha256.hex(),
                                                       "revoked": len(info.revoked), "kind": kind}))
         except ConflictError as exc:
-            raise await self._refuse(actor, action, 409, str(exc), obj) from None
+            raise await self._refuse(actor, action, 409, str(exc), obj,
+                                     outcome="conflict") from None
         self.on_change("crl:" + key_id.hex())
         return {"outcome": outcome, "kind": kind, "issuer": info.issuer_name,
                 "issuer_key_id": format_key_id(key_id), "crl_number": info.crl_number,

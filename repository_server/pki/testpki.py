@@ -726,6 +726,8 @@ def _generate_into(root: Path, params: TestPkiParams, progress: ProgressFn) -> d
         )
         _write(root / "ca" / f"{name}.der", _der(issued.cert))
         _write(root / "ca" / f"{name}.pem", _pem(issued.cert))
+        # A test PKI's CA keys are kept so that tests can sign new CRLs and certificates.
+        _write(root / "ca" / f"{name}.key.pem", _private_pem(issued.key), 0o600)
         objects.append(
             _cert_object(
                 kind,
@@ -737,7 +739,7 @@ def _generate_into(root: Path, params: TestPkiParams, progress: ProgressFn) -> d
                 name=name,
                 revoked=name == "retired-oca",
             )
-            | {"pem": f"ca/{name}.pem"}
+            | {"pem": f"ca/{name}.pem", "key": f"ca/{name}.key.pem"}
         )
         progress("ca", done, len(ca_specs))
     oca = cas["issuing-oca"]
@@ -960,6 +962,7 @@ def _client_pki(
     ca = _simple_ca(seed, "dcc-client", "DCC Lodging Client CA", not_before, not_after)
     _write(root / "dcc" / "client-ca.der", _der(ca.cert))
     _write(root / "dcc" / "client-ca.pem", _pem(ca.cert))
+    _write(root / "dcc" / "client-ca.key.pem", _private_pem(ca.key), 0o600)
 
     def client(tag: str, cn: str) -> _Issued:
         subject = x509.Name(
@@ -984,6 +987,7 @@ def _client_pki(
         "key": "dcc/client.key.pem",
         "ca": "dcc/client-ca.pem",
         "ca_der": "dcc/client-ca.der",
+        "ca_key": "dcc/client-ca.key.pem",
         "subject": right.cert.subject.rfc4514_string(),
         "other_cert": "dcc/other-client.pem",
         "other_key": "dcc/other-client.key.pem",

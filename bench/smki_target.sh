@@ -1,0 +1,89 @@
+#!/bin/bash
+# smki_target.sh load|start|stop — smki-repository as a candidate of the shared benchmark
+# harness (../../shared/bench); called by bench/smki-target.json.
+#
+# The harness runs this with its bench folder as working directory and sets BENCH, BENCH_WORK,
+# DATA, SERVER_CPU, HTTP_PORT, RUN_DIR, TARGET_DIR. Everything of ours lives in
+# $BENCH_WORK/smki-repository:
+#   data/            --data-dir: data/pgdata is the embedded PostgreSQL (started by our process)
+#   server.pid       pid of `smki-repository serve` (the harness pins its tree and reads its CPU)
+#   server.log       its stdout/stderr;  import.log: the last import's output
+#
+# SMKI_BIN: the smki-repository executable. Default: $RUN_DIR/.venv/bin/smki-repository if it
+# exists, else smki-repository on PATH.
+# SMKI_CONFIG: the TOML settings (default: bench.toml next to this script).
+# SMKI_READY_TIMEOUT: seconds to wait for the certificate cache preload (default 600).
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+: "${BENCH_WORK:=/tmp/smki-bench}"
+: "${DATA:=$BENCH_WORK/data}"
+: "${SERVER_CPU:=0}"
+: "${HTTP_PORT:=8083}"
+: "${BENCH:=$HERE/../../shared/bench}"
+if [ -z "${SMKI_BIN:-}" ]; then
+  if [ -n "${RUN_DIR:-}" ] && [ -x "$RUN_DIR/.venv/bin/smki-repository" ]; then
+    SMKI_BIN=$RUN_DIR/.venv/bin/smki-repository
+  else
+    SMKI_BIN=smki-repository
+  fi
+fi
+CONFIG=${SMKI_CONFIG:-$HERE/bench.toml}
+W=$BENCH_WORK/smki-repository
+DATA_DIR=$W/data
+PIDFILE=$W/server.pid
+LOG=$W/server.log
+# no stray SMKI_* settings from the caller's environment, except ours below
+for v in $(compgen -e | grep '^SMKI_' | grep -v -e '^SMKI_BIN$' -e '^SMKI_CONFIG$' -e '^SMKI_READY_TIMEOUT$' || true); do
+  unset "$v"
+done
+export SMKI_LOG__ACCESS_LOG=false PYTHONUNBUFFERED=1
+
+stop_postgres() {  # a PostgreSQL left running in our data dir (by a crashed run): stop it by pid
+  local pm=$DATA_DIR/pgdata/postmaster.pid pid
+  [ -s "$pm" ] || return 0
+  pid=$(head -n1 "$pm")
+  kill -0 "$pid" 2>/dev/null || return 0
+  echo "stopping a PostgreSQL left running in $DATA_DIR/pgdata (pid $pid)"
+  kill -INT "$pid"  # fast shutdown
+  for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.2; done
+  echo "PostgreSQL $pid did not stop" >&2; return 1
+}
+
+case "${1:-}" in
+  load)
+    command -v "$SMKI_BIN" >/dev/null || { echo "SMKI_BIN=$SMKI_BIN: not found" >&2; exit 1; }
+    "$BENCH/stop_pid.sh" "$PIDFILE" >/dev/null
+    stop_postgres
+    rm -rf "$DATA_DIR"
+    mkdir -p "$W"
+    # the bulk load: a fresh data dir, its own embedded PostgreSQL (initdb'd here, stopped at the end)
+    set +e
+    "$SMKI_BIN" import "$DATA" --allow-unverified-issuer --config "$CONFIG" --data-dir "$DATA_DIR" \
+      </dev/null >"$W/import.log" 2>&1
+    rc=$?
+    set -e
+    grep -v -e '^skipped ' -e '^import: ' "$W/import.log" | tail -n 20
+    if [ $rc -ne 0 ]; then
+      echo "import failed (rc=$rc); full output: $W/import.log" >&2
+      exit $rc
+    fi
+    ;;
+  start)
+    [ -d "$DATA_DIR/pgdata" ] || { echo "no data in $DATA_DIR: run the load first" >&2; exit 1; }
+    "$BENCH/stop_pid.sh" "$PIDFILE" >/dev/null
+    rm -f "$PIDFILE"
+    # pinned: the embedded PostgreSQL started by the server inherits the pinning
+    (taskset -c "$SERVER_CPU" "$SMKI_BIN" serve --config "$CONFIG" --data-dir "$DATA_DIR" \
+       --http "127.0.0.1:$HTTP_PORT" --https '' --lodge '' --ldap '' --ldaps '' \
+       --pid-file "$PIDFILE" </dev/null >"$LOG" 2>&1 &)
+    "$BENCH/wait_port.sh" "$HTTP_PORT" || { tail -n 30 "$LOG" >&2; exit 1; }
+    expect=$(($(wc -l <"$DATA/manifest.csv") - 1))
+    python3 "$HERE/wait_ready.py" --port "$HTTP_PORT" --expect "$expect" --log "$LOG" \
+      --pidfile "$PIDFILE" --timeout "${SMKI_READY_TIMEOUT:-600}"
+    ;;
+  stop)
+    "$BENCH/stop_pid.sh" "$PIDFILE"
+    ;;
+  *)
+    echo "usage: $0 load|start|stop" >&2; exit 2 ;;
+esac

@@ -1,0 +1,175 @@
+"""Shared fixtures: one embedded PostgreSQL and one test PKI per session, and a running
+repository (every listener on an ephemeral loopback port, real TLS) per test module.
+Nothing is mocked: tests talk to the server over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import ssl
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from repository_server import config as config_mod
+from repository_server.server import Repository
+from repository_server.store.embedded import EmbeddedPostgres
+
+ROOT = Path(__file__).resolve().parents[1]
+REALDATA = ROOT.parent / "shared" / "realdata"
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("smki")
+
+
+@pytest.fixture(scope="session")
+def pki(session_dir: Path) -> dict[str, Any]:
+    """A small test PKI: 10 devices, 24 organisation certificates."""
+    from repository_server.pki.testpki import TestPkiParams, generate
+
+    out = session_dir / "pki"
+    manifest = generate(out, TestPkiParams(devices=10, organisations=24, workers=2, seed=7))
+    manifest["dir"] = out
+    return manifest
+
+
+@pytest.fixture(scope="session")
+def embedded(session_dir: Path) -> Iterator[EmbeddedPostgres]:
+    pg = EmbeddedPostgres(session_dir / "pgdata-owner")
+    pg.acquire()
+    yield pg
+    pg.release()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def fresh_db(embedded: EmbeddedPostgres) -> AsyncIterator[str]:
+    """A new empty database on the shared embedded server; its DSN."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    admin = await asyncpg.connect(embedded.dsn)
+    await admin.execute(f"CREATE DATABASE {name}")
+    await admin.close()
+    yield embedded.dsn.replace("/postgres?", f"/{name}?")
+
+
+def make_config(data_dir: Path, pki: dict[str, Any], dsn: str, **over: Any) -> config_mod.Config:
+    pki_dir: Path = pki["dir"]
+    overrides: dict[str, Any] = {
+        "database": {"url": dsn},
+        "listeners": {"http": "127.0.0.1:0", "https": "127.0.0.1:0", "lodge": "127.0.0.1:0",
+                      "ldap": "", "ldaps": ""},
+        "tls": {"cert": str(pki_dir / pki["tls"]["cert"]), "key": str(pki_dir / pki["tls"]["key"])},
+        "lodge": {"client_ca": str(pki_dir / pki["dcc_client"]["ca"]),
+                  "client_subject": pki["dcc_client"]["subject"]},
+        "log": {"access_log": False},
+    }
+    for section, values in over.items():
+        overrides.setdefault(section, {}).update(values)
+    return config_mod.load(None, data_dir=str(data_dir), environ={}, overrides=overrides)
+
+
+class Running:
+    """A started repository and what a test needs to talk to it."""
+
+    def __init__(self, repo: Repository, pki: dict[str, Any]) -> None:
+        self.repo = repo
+        self.pki = pki
+        self.pki_dir: Path = pki["dir"]
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.repo.bound['http'].port}"
+
+    @property
+    def https(self) -> str:
+        return f"https://localhost:{self.repo.bound['https'].port}"
+
+    @property
+    def lodge_url(self) -> str:
+        return f"https://localhost:{self.repo.bound['lodge'].port}"
+
+    def path(self, rel: str) -> Path:
+        return self.pki_dir / rel
+
+    @property
+    def tls_ca(self) -> str:
+        return str(self.path(self.pki["tls"]["ca"]))
+
+    @property
+    def client_cert(self) -> tuple[str, str]:
+        d = self.pki["dcc_client"]
+        return str(self.path(d["cert"])), str(self.path(d["key"]))
+
+    def client(self, cert: tuple[str, str] | None = None) -> Any:
+        from repository_server.lodge.client import LodgeClient
+
+        c, k = cert or self.client_cert
+        return LodgeClient(self.lodge_url, c, k, self.tls_ca)
+
+    def objects(self, kind: str) -> list[dict[str, Any]]:
+        return [o for o in self.pki["objects"] if o["kind"] == kind]
+
+
+async def start_repository(data_dir: Path, pki: dict[str, Any], dsn: str,
+                           **over: Any) -> Repository:
+    repo = Repository(make_config(data_dir, pki, dsn, **over))
+    await repo.start()
+    return repo
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def server(tmp_path: Path, pki: dict[str, Any], fresh_db: str) -> AsyncIterator[Running]:
+    """An empty repository (fresh database) with every listener up."""
+    repo = await start_repository(tmp_path, pki, fresh_db)
+    try:
+        yield Running(repo, pki)
+    finally:
+        await repo.stop()
+
+
+def lodge_pki(running: Running) -> None:
+    """Lodge the whole test PKI through the real lodging API (as the demo does)."""
+    from repository_server.cli import lodge_manifest
+
+    client = running.client()
+    try:
+        failures = lodge_manifest(client, running.pki_dir, running.pki, out=lambda _l: None)
+    finally:
+        client.close()
+    assert failures == 0
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def loaded(server: Running) -> Running:
+    """A repository holding the whole test PKI, lodged through the mTLS API."""
+    await asyncio.to_thread(lodge_pki, server)
+    return server
+
+
+def smki_cli() -> list[str]:
+    return [sys.executable, "-m", "repository_server"]
+
+
+def cli_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMKI_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def client_ssl(running: Running, cert: tuple[str, str] | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=running.tls_ca)
+    if cert:
+        ctx.load_cert_chain(*cert)
+    return ctx
+
+
+def read_json(data: bytes) -> Any:
+    return json.loads(data)
