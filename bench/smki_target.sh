@@ -20,11 +20,12 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 : "${SERVER_CPU:=0}"
 : "${HTTP_PORT:=8083}"
 : "${BENCH:=$HERE/../../shared/bench}"
-if [ -z "${SMKI_BIN:-}" ]; then
+BIN=${SMKI_BIN:-}
+if [ -z "$BIN" ]; then
   if [ -n "${RUN_DIR:-}" ] && [ -x "$RUN_DIR/.venv/bin/smki-repository" ]; then
-    SMKI_BIN=$RUN_DIR/.venv/bin/smki-repository
+    BIN=$RUN_DIR/.venv/bin/smki-repository
   else
-    SMKI_BIN=smki-repository
+    BIN=smki-repository
   fi
 fi
 CONFIG=${SMKI_CONFIG:-$HERE/bench.toml}
@@ -32,10 +33,10 @@ W=$BENCH_WORK/smki-repository
 DATA_DIR=$W/data
 PIDFILE=$W/server.pid
 LOG=$W/server.log
-# no stray SMKI_* settings from the caller's environment, except ours below
-for v in $(compgen -e | grep '^SMKI_' | grep -v -e '^SMKI_BIN$' -e '^SMKI_CONFIG$' -e '^SMKI_READY_TIMEOUT$' || true); do
-  unset "$v"
-done
+READY_TIMEOUT=${SMKI_READY_TIMEOUT:-600}
+# The server reads every SMKI_<SECTION>__<KEY> variable as a setting and refuses unknown ones
+# ("configuration error: bin: unknown setting"): drop them all (ours included) before running it.
+for v in $(compgen -e | grep '^SMKI_' || true); do unset "$v"; done
 export SMKI_LOG__ACCESS_LOG=false PYTHONUNBUFFERED=1
 
 stop_postgres() {  # a PostgreSQL left running in our data dir (by a crashed run): stop it by pid
@@ -51,14 +52,14 @@ stop_postgres() {  # a PostgreSQL left running in our data dir (by a crashed run
 
 case "${1:-}" in
   load)
-    command -v "$SMKI_BIN" >/dev/null || { echo "SMKI_BIN=$SMKI_BIN: not found" >&2; exit 1; }
-    "$BENCH/stop_pid.sh" "$PIDFILE" >/dev/null
+    command -v "$BIN" >/dev/null || { echo "SMKI_BIN=$BIN: not found" >&2; exit 1; }
+    "$BENCH/stop_pid.sh" "$PIDFILE" >/dev/null 2>&1
     stop_postgres
     rm -rf "$DATA_DIR"
     mkdir -p "$W"
     # the bulk load: a fresh data dir, its own embedded PostgreSQL (initdb'd here, stopped at the end)
     set +e
-    "$SMKI_BIN" import "$DATA" --allow-unverified-issuer --config "$CONFIG" --data-dir "$DATA_DIR" \
+    "$BIN" import "$DATA" --allow-unverified-issuer --config "$CONFIG" --data-dir "$DATA_DIR" \
       </dev/null >"$W/import.log" 2>&1
     rc=$?
     set -e
@@ -70,16 +71,16 @@ case "${1:-}" in
     ;;
   start)
     [ -d "$DATA_DIR/pgdata" ] || { echo "no data in $DATA_DIR: run the load first" >&2; exit 1; }
-    "$BENCH/stop_pid.sh" "$PIDFILE" >/dev/null
+    "$BENCH/stop_pid.sh" "$PIDFILE" >/dev/null 2>&1
     rm -f "$PIDFILE"
     # pinned: the embedded PostgreSQL started by the server inherits the pinning
-    (taskset -c "$SERVER_CPU" "$SMKI_BIN" serve --config "$CONFIG" --data-dir "$DATA_DIR" \
+    (taskset -c "$SERVER_CPU" "$BIN" serve --config "$CONFIG" --data-dir "$DATA_DIR" \
        --http "127.0.0.1:$HTTP_PORT" --https '' --lodge '' --ldap '' --ldaps '' \
        --pid-file "$PIDFILE" </dev/null >"$LOG" 2>&1 &)
     "$BENCH/wait_port.sh" "$HTTP_PORT" || { tail -n 30 "$LOG" >&2; exit 1; }
     expect=$(($(wc -l <"$DATA/manifest.csv") - 1))
     python3 "$HERE/wait_ready.py" --port "$HTTP_PORT" --expect "$expect" --log "$LOG" \
-      --pidfile "$PIDFILE" --timeout "${SMKI_READY_TIMEOUT:-600}"
+      --pidfile "$PIDFILE" --timeout "$READY_TIMEOUT"
     ;;
   stop)
     "$BENCH/stop_pid.sh" "$PIDFILE"

@@ -120,7 +120,7 @@ def lodge_manifest(client: Any, pki_dir: Path, manifest: dict[str, Any],
     for obj in objects:
         if obj["kind"] == "document":
             failures += lodge_files(client, [pki_dir / obj["path"]], name=obj.get("name"),
-                                    out=out)
+                                    content_type=obj.get("content_type"), out=out)
     return failures
 
 

@@ -146,6 +146,7 @@ class Progress:
 
 
 def lodge_files(client: LodgeClient, files: list[Path], *, name: str | None = None,
+                content_type: str | None = None,
                 trust_anchor: bool = False, status: str | None = None,
                 manufacturing_flag: bool | None = None, batch_size: int = 50_000,
                 out: Callable[[str], None] = print,
@@ -185,7 +186,8 @@ def lodge_files(client: LodgeClient, files: list[Path], *, name: str | None = No
                                     f" {b.get('identical', 0)} identical")
         else:
             doc_name = name or path.stem
-            ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+            ctype = (content_type or mimetypes.guess_type(path.name)[0]
+                     or "application/octet-stream")
             reply = client.document(doc_name, data, ctype)
             failures += _report(out, path, reply, lambda b: f"document {b.get('name')} version"
                                 f" {b.get('version')} {b.get('outcome')}")

@@ -194,8 +194,11 @@ class LodgingService:
                     p.issuer is not None or (p.info.self_signed and opts.trust_anchor)):
                 add_local(p)
         pending = missing
-        progress = True
-        while pending and progress:
+        # CAs that will be stored without a verified issuer (anchors, operator import) still
+        # vouch for what they issued in the same batch.
+        unanchored_ok = opts.allow_unverified_issuer or opts.trust_anchor
+        vouched: set[int] = set()
+        while pending:
             progress = False
             still: list[Parsed] = []
             for p in pending:
@@ -209,6 +212,15 @@ class LodgingService:
                     add_local(by_index[p.index])
                 progress = True
             pending = still
+            if not progress and unanchored_ok:
+                cas = [p for p in pending if p.index not in vouched and p.info is not None
+                       and p.info.kind in (CertKind.ROOT, CertKind.CA)]
+                for p in cas:
+                    add_local(p)
+                    vouched.add(p.index)
+                progress = bool(cas)
+            if not progress:
+                break
         for p in pending:  # last resort: a non-CA issuer (real data has these)
             assert p.info is not None
             cands = await self.issuers.non_ca_candidates(p.info.issuer_dn, p.info.issuer_key_id)
