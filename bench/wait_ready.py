@@ -16,6 +16,7 @@ Exits 1 if the server process dies, the preload fails ("cache preload failed" in
 
   wait_ready.py --port 8083 --expect 41005 --log server.log --pidfile server.pid
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,13 +60,17 @@ def alive(pidfile: str | None, seen: list[int]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--port", type=int, required=True, help="the server's HTTP port on 127.0.0.1")
     ap.add_argument("--expect", type=int, default=0, help="certificates the cache should hold")
     ap.add_argument("--log", help="the server's log file (stdout/stderr)")
     ap.add_argument("--pidfile", help="the server's pid file: stop waiting if it dies")
     ap.add_argument("--timeout", type=float, default=600)
-    ap.add_argument("--settle", type=float, default=5, help="seconds without change (no --expect/--log)")
+    ap.add_argument(
+        "--settle", type=float, default=5, help="seconds without change (no --expect/--log)"
+    )
     ap.add_argument("--interval", type=float, default=0.5)
     a = ap.parse_args(argv)
 
@@ -78,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         if n is not None and n != last:
             last, last_change = n, now
         if a.expect and n is not None and n >= a.expect:
-            print(f"ready: cache holds {n:,} certificates (expected {a.expect:,}) after "
-                  f"{now - t0:.1f} s")
+            print(
+                f"ready: cache holds {n:,} certificates (expected {a.expect:,}) after "
+                f"{now - t0:.1f} s"
+            )
             return 0
         if a.log:
             try:
@@ -90,10 +97,15 @@ def main(argv: list[str] | None = None) -> int:
             m = DONE.search(text)
             if m:
                 n = gauge(a.port)
-                msg = (f"ready: preload done ({m.group(1)} certificates read in {m.group(2)} s), "
-                       f"cache holds {n if n is not None else '?'} after {now - t0:.1f} s")
+                msg = (
+                    f"ready: preload done ({m.group(1)} certificates read in {m.group(2)} s), "
+                    f"cache holds {n if n is not None else '?'} after {now - t0:.1f} s"
+                )
                 if a.expect and (n is None or n < a.expect):
-                    msg += f"; WARNING fewer than the {a.expect:,} expected (refused at import? cache too small?)"
+                    msg += (
+                        f"; WARNING fewer than the {a.expect:,} expected (refused at import?"
+                        " cache too small?)"
+                    )
                 print(msg)
                 return 0
             if FAILED in text:
@@ -103,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ready: cache holds {last:,} certificates, unchanged for {a.settle} s")
             return 0
         if not alive(a.pidfile, seen):
-            print("the server process is gone" + (f"; see {a.log}" if a.log else ""), file=sys.stderr)
+            print(
+                "the server process is gone" + (f"; see {a.log}" if a.log else ""), file=sys.stderr
+            )
             if a.log:
                 try:
                     with open(a.log, errors="replace") as f:

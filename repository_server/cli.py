@@ -31,7 +31,8 @@ def _setup_logging(level: str) -> None:
 
 
 def _config(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Config:
-    return load(args.config, data_dir=args.data_dir, overrides=overrides)
+    return load(args.config or os.environ.get("SMKI_CONFIG") or None, data_dir=args.data_dir,
+                overrides=overrides)
 
 
 def _install_loop() -> None:
@@ -335,7 +336,8 @@ def parser() -> argparse.ArgumentParser:
     _store_args(p)
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--allow-unverified-issuer", action="store_true",
-                   help="store certificates whose issuer is not available, marked unverified")
+                   help="store certificates whose issuer is not available, marked unverified"
+                        " (self-signed CA certificates are always imported as trust anchors)")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("lodge", help="lodge files through the mutual-TLS lodging API (DCC side)")

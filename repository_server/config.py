@@ -229,9 +229,12 @@ def _env_overrides(environ: typing.Mapping[str, str]) -> dict[str, Any]:
     for name, value in environ.items():
         if not name.startswith(ENV_PREFIX):
             continue
-        path = name[len(ENV_PREFIX) :].lower().split("__")
-        if path == ["config"]:
+        rest = name[len(ENV_PREFIX) :].lower()
+        # Settings are SMKI_<SECTION>__<KEY> (and SMKI_DATA_DIR); other SMKI_* variables
+        # (SMKI_CONFIG, a script's SMKI_BIN, ...) are not settings.
+        if "__" not in rest and rest != "data_dir":
             continue
+        path = rest.split("__")
         node = tree
         for part in path[:-1]:
             node = node.setdefault(part, {})

@@ -80,47 +80,52 @@ def _describe_tls_failure(exc: BaseException) -> str:
     return f"TLS handshake failed: {exc.__class__.__name__}: {exc}"
 
 
+def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Any:
+    """The loop's own TLS protocol (what `loop.start_tls` uses internally)."""
+    if type(loop).__module__.startswith("uvloop"):
+        import uvloop.loop
+
+        return uvloop.loop.SSLProtocol
+    import asyncio.sslproto
+
+    return asyncio.sslproto.SSLProtocol
+
+
 class _TlsGate(asyncio.Protocol):
-    """Accepts a TCP connection, runs the server-side handshake, then hands the TLS
-    transport to an aiohttp request handler; reports refused handshakes."""
+    """Accepts a TCP connection and puts the loop's TLS protocol on it *synchronously*
+    (uvloop starts reading right after `connection_made` and ignores a pause made there, so
+    `await loop.start_tls(...)` from a task could lose the ClientHello). The TLS protocol
+    calls the aiohttp handler's `connection_made` once the handshake succeeds; a failed
+    handshake is reported with its reason and the peer's address."""
 
     def __init__(self, factory: Callable[[], asyncio.Protocol], ctx: ssl.SSLContext,
                  on_refused: Callable[[str, str], None]) -> None:
         self.factory = factory
         self.ctx = ctx
         self.on_refused = on_refused
-        self.task: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         tcp = typing.cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        tcp.pause_reading()  # nothing may be read before start_tls takes over
-        self.task = asyncio.get_running_loop().create_task(self._handshake(tcp))
-
-    async def _handshake(self, transport: asyncio.Transport) -> None:
         loop = asyncio.get_running_loop()
-        peer = transport.get_extra_info("peername")
+        peer = tcp.get_extra_info("peername")
         peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
-        protocol = self.factory()
-        try:
-            tls = await loop.start_tls(transport, protocol, self.ctx, server_side=True,
-                                       ssl_handshake_timeout=10)
-        except Exception as exc:
-            transport.close()
-            self.on_refused(peer_text, _describe_tls_failure(exc))
-            return
-        if tls is None:
-            return
-        cipher = tls.get_extra_info("cipher")
-        if cipher and "GCM" not in cipher[0]:
-            tls.close()
-            self.on_refused(peer_text, f"cipher {cipher[0]} is not an AES-GCM suite")
-            return
-        protocol.connection_made(tls)
+        waiter: asyncio.Future[None] = loop.create_future()
+        tls = _ssl_protocol_class(loop)(loop, self.factory(), self.ctx, waiter,
+                                        server_side=True, ssl_handshake_timeout=10)
+        tcp.set_protocol(tls)
+        tls.connection_made(tcp)
 
-    def data_received(self, data: bytes) -> None:  # pragma: no cover - reading is paused
-        pass
+        def done(fut: asyncio.Future[None]) -> None:
+            exc = None if fut.cancelled() else fut.exception()
+            if exc is not None:
+                self.on_refused(peer_text, _describe_tls_failure(exc))
 
-    def connection_lost(self, exc: Exception | None) -> None:
+        waiter.add_done_callback(done)
+
+    def data_received(self, data: bytes) -> None:  # pragma: no cover - replaced before reading
+        raise RuntimeError("TLS gate received data before the TLS protocol took over")
+
+    def connection_lost(self, exc: Exception | None) -> None:  # pragma: no cover
         pass
 
 

@@ -55,6 +55,7 @@ async def _refusals(running: Running, count: int) -> list[dict[str, Any]]:
 
 
 async def test_refusal_matrix(server: Running, tmp_path: Path) -> None:
+    assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")  # as in production
     dcc_subject = x509.Name.from_rfc4514_string(server.pki["dcc_client"]["subject"])
     ca_cert = load_cert(server.path(server.pki["dcc_client"]["ca"]))
     ca_key = load_key(server.path(server.pki["dcc_client"]["ca_key"]))

@@ -77,6 +77,11 @@ def build_lodge_app(config: Config, service: LodgingService) -> web.Application:
         if not der:  # the TLS gate requires a certificate: this is a configuration error
             return _error(403, "a DCC client certificate is required")
         name, refusal = identity.check(der)
+        cipher = transport.get_extra_info("cipher") if transport else None
+        if refusal is None and (not cipher or "GCM" not in cipher[0]):
+            # TLS 1.2 suites are restricted to ECDHE+AESGCM by the context; Python cannot
+            # restrict TLS 1.3 suites, so a client that offers only ChaCha20 is refused here.
+            refusal = f"cipher {cipher[0] if cipher else '?'} is not an AES-GCM suite"
         on_behalf_of = request.headers.get("X-On-Behalf-Of") or request.query.get("on_behalf_of")
         actor = Actor(name, on_behalf_of, peer_text)
         if refusal:

@@ -3,7 +3,9 @@ no HTTP, same validation as lodging. Streams the directory in chunks (bounded me
 chunk is one transaction. Certificates whose issuer has not been seen yet are held back and
 retried at the end (a CA may come later in the walk); with `allow_unverified_issuer` the ones
 still without an issuer are stored, marked unverified. CRL/ARL files (`.crl`, `.arl`) are
-lodged after all certificates. Refused items are reported and skipped.
+lodged after all certificates. Self-signed CA certificates are taken as trust anchors (the
+operator chose the directory); the lodging API instead requires `trust_anchor=true`.
+Refused items are reported and skipped.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
             report.skipped.append(str(path))
             note(f"skipped {path}: not a certificate or CRL file (.pem .der .cer .crt .crl .arl)")
     report.files = len(cert_files) + len(crl_files)
-    opts = CertOptions(allow_unverified_issuer=allow_unverified_issuer)
+    opts = CertOptions(allow_unverified_issuer=allow_unverified_issuer, roots_are_anchors=True)
     deferred: list[tuple[str, bytes]] = []
     done = 0
 
@@ -98,6 +100,10 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
     for path in cert_files:
         try:
             data = path.read_bytes()
+            if b"-----BEGIN" in data and b"CERTIFICATE-----" not in data:
+                report.skipped.append(str(path))
+                note(f"skipped {path}: PEM file without a certificate (a key?)")
+                continue
             ders = load_pem_or_der_certificates(data)
         except (OSError, ParseError) as exc:
             report.refused.append(f"{path}: {exc}")

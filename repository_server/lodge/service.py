@@ -75,6 +75,7 @@ class CertOptions:
     manufacturing_flag: bool = False
     trust_anchor: bool = False
     allow_unverified_issuer: bool = False  # operator bulk import only
+    roots_are_anchors: bool = False  # operator bulk import: self-signed CAs become anchors
 
 
 @dataclass
@@ -191,7 +192,7 @@ class LodgingService:
 
         for p in parsed:
             if p.info is not None and p.error is None and not p.issuer_missing and (
-                    p.issuer is not None or (p.info.self_signed and opts.trust_anchor)):
+                    p.issuer is not None or (p.info.self_signed and (opts.trust_anchor or opts.roots_are_anchors))):
                 add_local(p)
         pending = missing
         # CAs that will be stored without a verified issuer (anchors, operator import) still
@@ -248,7 +249,7 @@ class LodgingService:
             if info is not None:
                 item["serial"] = info.serial
                 if reason is None and info.self_signed:
-                    if opts.allow_unverified_issuer and info.kind == CertKind.ROOT:
+                    if opts.roots_are_anchors and info.kind == CertKind.ROOT:
                         anchor = True  # operator import: a self-signed CA is a root
                     elif not opts.trust_anchor:
                         reason = ("self-signed certificate: roots are lodged explicitly as trust"

@@ -1,0 +1,76 @@
+"""Command-line behaviour as operators use it: config errors, import, testpki, lodge."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from repository_server.config import ConfigError, load
+
+from .conftest import cli_env, smki_cli
+
+
+def run(*args: str, env: dict[str, str] | None = None,
+        timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*smki_cli(), *args], capture_output=True, text=True, timeout=timeout,
+                          env=env or cli_env())
+
+
+def test_config_file_env_and_errors(tmp_path: Path) -> None:
+    conf = tmp_path / "r.toml"
+    conf.write_text('[listeners]\nhttp = "127.0.0.1:9999"\n[web]\nopen_reads = true\n')
+    c = load(conf, environ={"SMKI_LISTENERS__HTTPS": "", "SMKI_BIN": "/x", "SMKI_CONFIG": "y"})
+    assert c.listeners.http == "127.0.0.1:9999" and c.listeners.https == "" and c.web.open_reads
+    cases: list[tuple[dict[str, Any] | str, str]] = [
+        ('[listeners]\nhttp = "nonsense"\n', "listeners.http"),
+        ("[lodge]\nmax_batch = 0\n", "lodge.max_batch"),
+        ('[lodge]\nmax_batch = "many"\n', "lodge.max_batch"),
+        ("[web]\nopen_reads = 3\n", "web.open_reads"),
+        ("[listeners]\nnonsense = 1\n", "listeners.nonsense"),
+        ('[database]\nurl = "mysql://x"\n', "database.url"),
+        ('[lodge]\nclient_subject = "not a name"\n', "lodge.client_subject"),
+        ("this is [not toml", "r.toml"),
+    ]
+    for text, setting in cases:
+        conf.write_text(str(text))
+        with pytest.raises(ConfigError, match=setting.replace(".", r"\.")):
+            load(conf, environ={})
+    with pytest.raises(ConfigError, match=r"lodge\.max_batch"):
+        load(None, environ={"SMKI_LODGE__MAX_BATCH": "lots"})
+    # and from the command line: exit 2 with the setting named, no traceback
+    conf.write_text('[listeners]\nlodge = "127.0.0.1:99999"\n')
+    res = run("serve", "--config", str(conf))
+    assert res.returncode == 2
+    assert "listeners.lodge" in res.stderr and "Traceback" not in res.stderr
+    res = run("serve", "--data-dir", str(tmp_path / "empty"), "--http", "127.0.0.1:0")
+    assert res.returncode == 2 and "tls.cert" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_testpki_import_and_lodge_cli(tmp_path: Path, pki: dict[str, Any]) -> None:
+    out = tmp_path / "pki"
+    res = run("testpki", "--devices", "30", "--organisations", "12", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "certificates/s" in res.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    again = run("testpki", "--out", str(out))
+    assert again.returncode == 2 and "already" in again.stderr
+    # operator bulk import of the whole PKI (roots become trust anchors), then idempotent
+    data = tmp_path / "var"
+    res = run("import", "--data-dir", str(data), str(out))
+    assert res.returncode == 0, res.stderr + res.stdout
+    # every SMKI certificate, plus the DCC client CA, client certificates and TLS certificates
+    certs = sum(1 for o in manifest["objects"] if o["kind"] in ("root", "ca", "organisation",
+                                                                    "device")) + 5
+    # the CA and client CA certificates are there as .der and .pem: 6 files repeat a certificate
+    assert f"imported {certs:,} new certificates (6 already present" in res.stdout, res.stdout
+    assert "3 CRL/ARL" in res.stdout
+    res = run("import", "--data-dir", str(data), str(out))
+    assert res.returncode == 0 and "imported 0 new" in res.stdout
+    assert f"({certs + 6:,} already present" in res.stdout, res.stdout
+    # lodge client errors are clear
+    res = run("lodge", "--url", "http://localhost:1", "--cert", "x", "--key", "y", "z")
+    assert res.returncode == 2 and "https://" in res.stderr
