@@ -132,8 +132,13 @@ class Catalog:
             try:
                 conn = await asyncpg.connect(self.store.dsn, timeout=10)
                 self._listener = conn
-                lost = asyncio.get_running_loop().create_future()
-                conn.add_termination_listener(lambda _c: lost.done() or lost.set_result(None))
+                lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+                def on_lost(_conn: object, fut: asyncio.Future[None] = lost) -> None:
+                    if not fut.done():
+                        fut.set_result(None)
+
+                conn.add_termination_listener(on_lost)
                 await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
                 self.invalidate_mutable()  # anything cached before LISTEN may be stale
                 delay = 0.5

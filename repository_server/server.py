@@ -85,7 +85,7 @@ def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Any:
     if type(loop).__module__.startswith("uvloop"):
         import uvloop.loop
 
-        return uvloop.loop.SSLProtocol
+        return uvloop.loop.SSLProtocol  # type: ignore[attr-defined]
     import asyncio.sslproto
 
     return asyncio.sslproto.SSLProtocol
@@ -169,7 +169,7 @@ class Repository:
                 response: web.StreamResponse = await handler(request)
             except web.HTTPException as exc:
                 response = error(exc.status, exc.reason)
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 log.warning("database unavailable for %s: %s", request.path, exc)
                 response = error(503, "the repository store is unavailable; try again shortly")
                 response.headers["Retry-After"] = "5"

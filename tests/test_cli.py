@@ -74,3 +74,22 @@ def test_testpki_import_and_lodge_cli(tmp_path: Path, pki: dict[str, Any]) -> No
     # lodge client errors are clear
     res = run("lodge", "--url", "http://localhost:1", "--cert", "x", "--key", "y", "z")
     assert res.returncode == 2 and "https://" in res.stderr
+
+
+def test_example_config_documents_every_setting_with_its_default() -> None:
+    import dataclasses
+
+    from repository_server.config import Config
+
+    from .conftest import ROOT
+
+    text = (ROOT / "conf" / "repository.toml").read_text()
+    assert load(ROOT / "conf" / "repository.toml", environ={}) == load(None, environ={})
+    for section in dataclasses.fields(Config):
+        if dataclasses.is_dataclass(section.type) or section.name == "data_dir":
+            continue
+        sub = getattr(Config(), section.name)
+        if dataclasses.is_dataclass(sub):
+            assert f"[{section.name}]" in text
+            for f in dataclasses.fields(sub):
+                assert f"\n{f.name} =" in text, f"{section.name}.{f.name} not documented"

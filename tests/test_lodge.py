@@ -240,7 +240,7 @@ async def test_crl_rules(loaded: Running) -> None:
     assert huge.status == 413
     # the current CRL is number 2, served over HTTP right after the acknowledgement
     key_id = reply.body["issuer_key_id"]
-    status, headers, body = await asyncio.to_thread(_get, loaded.http + f"/crls/{key_id}.crl")
+    status, _, body = await asyncio.to_thread(_get, loaded.http + f"/crls/{key_id}.crl")
     assert status == 200 and body == two
     rows = [r for r in await loaded.repo.store.audit_entries()  # type: ignore[union-attr]
             if r["action"] == "lodge.crl"]

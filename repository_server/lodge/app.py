@@ -90,7 +90,8 @@ def build_lodge_app(config: Config, service: LodgingService) -> web.Application:
             return _error(403, refusal)
         request[ACTOR_KEY] = actor
         try:
-            return await handler(request)
+            response: web.StreamResponse = await handler(request)
+            return response
         except LodgeError as exc:
             if not exc.audited:
                 await service.store.audit(**actor.audit("lodge.refused", "refused", request.path,

@@ -191,8 +191,9 @@ class LodgingService:
                     None, p.info.subject_dn, p.info.subject_key_id, p.info.public_key_der, True))
 
         for p in parsed:
+            anchor_ok = opts.trust_anchor or opts.roots_are_anchors
             if p.info is not None and p.error is None and not p.issuer_missing and (
-                    p.issuer is not None or (p.info.self_signed and (opts.trust_anchor or opts.roots_are_anchors))):
+                    p.issuer is not None or (p.info.self_signed and anchor_ok)):
                 add_local(p)
         pending = missing
         # CAs that will be stored without a verified issuer (anchors, operator import) still

@@ -80,6 +80,13 @@ class DocumentRow:
     body: bytes | None  # None in listings
 
 
+def _crl_row(r: asyncpg.Record) -> CrlRow:
+    return CrlRow(id=r["id"], kind=r["kind"], issuer_key_id=r["issuer_key_id"],
+                  issuer_name=r["issuer_name"], crl_number=int(r["crl_number"]),
+                  this_update=r["this_update"], next_update=r["next_update"], sha256=r["sha256"],
+                  der=r["der"], revoked_count=r["revoked_count"], lodged_at=r["lodged_at"])
+
+
 # Columns of the COPY into the temporary table, in order (see insert_certificates).
 _CERT_COLUMNS = (
     "idx", "serial", "issuer_dn", "issuer_name", "issuer_key_id", "subject_dn", "subject_name",
@@ -343,7 +350,7 @@ class Store:
         rows = await self.pool.fetch(
             f"SELECT DISTINCT ON (issuer_key_id) {self._CRL_COLS} FROM crls"
             " ORDER BY issuer_key_id, crl_number DESC")
-        return [CrlRow(*r[:4], int(r[4]), *r[5:]) for r in rows]
+        return [_crl_row(r) for r in rows]
 
     async def crl(self, issuer_key_id: bytes, number: int | None = None) -> CrlRow | None:
         if number is None:
@@ -354,7 +361,7 @@ class Store:
             r = await self.pool.fetchrow(
                 f"SELECT {self._CRL_COLS} FROM crls WHERE issuer_key_id = $1 AND crl_number = $2",
                 issuer_key_id, number)
-        return CrlRow(*r[:4], int(r[4]), *r[5:]) if r else None
+        return _crl_row(r) if r else None
 
     async def crl_versions(self, issuer_key_id: bytes) -> list[tuple[int, datetime, datetime | None]]:
         rows = await self.pool.fetch(

@@ -10,10 +10,7 @@ def etag_matches(header: str, etag: str) -> bool:
     if header.strip() == "*":
         return True
     bare = etag.removeprefix("W/")
-    for candidate in header.split(","):
-        if candidate.strip().removeprefix("W/") == bare:
-            return True
-    return False
+    return any(candidate.strip().removeprefix("W/") == bare for candidate in header.split(","))
 
 
 def not_modified(if_none_match: str | None, if_modified_since: str | None, etag: str,
