@@ -50,6 +50,9 @@ class CrlEntry:
     etag: str
     last_modified: str
     modified_ts: float
+    expires: str | None  # HTTP date of nextUpdate
+    next_update_ts: float | None
+    disposition: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +191,14 @@ class Catalog:
             _, evicted = self._certs.popitem(last=False)
             self._cert_bytes -= sum(len(e.der) + _ENTRY_OVERHEAD for e in evicted)
 
+    def cached_certificates_for(self, serial: str) -> tuple[CertEntry, ...] | None:
+        """The cached entries for an exactly canonical serial, or None (no I/O)."""
+        cached = self._certs.get(serial)
+        if cached is not None:
+            self.hits += 1
+            self._certs.move_to_end(serial)
+        return cached
+
     async def certificates(self, serial: str) -> tuple[CertEntry, ...]:
         """Every stored certificate with this canonical serial (usually one)."""
         cached = self._certs.get(serial)
@@ -210,8 +221,12 @@ class Catalog:
     # -- CRLs ---------------------------------------------------------------------------
     @staticmethod
     def _crl_entry(row: CrlRow) -> CrlEntry:
+        filename = f"{row.issuer_key_id.hex().upper()}-{row.crl_number}.crl"
         return CrlEntry(row, _etag(row.sha256), http_date(row.this_update),
-                        float(int(row.this_update.timestamp())))
+                        float(int(row.this_update.timestamp())),
+                        http_date(row.next_update) if row.next_update else None,
+                        row.next_update.timestamp() if row.next_update else None,
+                        f'inline; filename="{filename}"')
 
     async def current_crl(self, issuer_key_id: bytes) -> CrlEntry | None:
         entry = self._crls.get(issuer_key_id)

@@ -17,7 +17,7 @@ import os
 import ssl
 import time
 import typing
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,8 @@ from .store.embedded import EmbeddedPostgres
 from .web.downloads import Downloads, error
 
 log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _LODGE_CIPHERS = "ECDHE+AESGCM"  # TLS 1.2: ECDHE with AES-GCM only
 _TLS13_AES_GCM = ("TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256")
@@ -160,25 +162,29 @@ class Repository:
         store = self.store
         catalog = self.catalog
 
-        @web.middleware
-        async def observe(request: web.Request, handler: Any) -> web.StreamResponse:
-            started = time.perf_counter()
-            resource = request.match_info.route.resource
-            route = resource.canonical if resource is not None else "unmatched"
-            try:
-                response: web.StreamResponse = await handler(request)
-            except web.HTTPException as exc:
-                response = error(exc.status, exc.reason)
-            except (TimeoutError, OSError) as exc:
-                log.warning("database unavailable for %s: %s", request.path, exc)
-                response = error(503, "the repository store is unavailable; try again shortly")
-                response.headers["Retry-After"] = "5"
-            except Exception:
-                log.exception("internal error on %s %s", request.method, request.path)
-                response = error(500, "internal error (logged on the server)")
-            metrics.requests.labels(listener, route, str(response.status)).inc()
-            metrics.latency.labels(listener, route).observe(time.perf_counter() - started)
-            return response
+        def observed(route: str, handler: Handler) -> Handler:
+            """Per-route wrapper (cheaper than a middleware): timing, status counts, and
+            errors turned into JSON answers with a reason, never a stack trace."""
+            stats = metrics.http.route(listener, route)
+            clock = time.perf_counter
+
+            async def wrapper(request: web.Request) -> web.StreamResponse:
+                started = clock()
+                try:
+                    response = await handler(request)
+                except web.HTTPException as exc:
+                    response = error(exc.status, exc.reason)
+                except (TimeoutError, OSError) as exc:
+                    log.warning("database unavailable for %s: %s", request.path, exc)
+                    response = error(503, "the repository store is unavailable; try again shortly")
+                    response.headers["Retry-After"] = "5"
+                except Exception:
+                    log.exception("internal error on %s %s", request.method, request.path)
+                    response = error(500, "internal error (logged on the server)")
+                stats.record(response.status, clock() - started)
+                return response
+
+            return wrapper
 
         async def healthz(_request: web.Request) -> web.Response:
             return web.json_response({"status": "ok"})
@@ -196,11 +202,18 @@ class Repository:
             return web.Response(body=generate_latest(metrics.registry),
                                 headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-        app = web.Application(middlewares=[observe],
-                              client_max_size=self.config.web.client_max_size_kb * 1024)
-        app.add_routes(Downloads(self.catalog, self.config).routes())
-        app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz),
-                        web.get("/metrics", metrics_handler)])
+        async def not_found(request: web.Request) -> web.Response:
+            return error(404, f"no such resource: {request.path} (see the README for the URL scheme)")
+
+        routes = [*Downloads(self.catalog, self.config).routes(),
+                  ("GET", "/healthz", healthz), ("GET", "/readyz", readyz),
+                  ("GET", "/metrics", metrics_handler), ("*", "/{tail:.*}", not_found)]
+        app = web.Application(client_max_size=self.config.web.client_max_size_kb * 1024)
+        for method, path, handler in routes:
+            if method == "GET":
+                app.router.add_get(path, observed(path, handler), allow_head=True)
+            else:
+                app.router.add_route(method, path, observed(path, handler))
         return app
 
     async def _runner(self, app: web.Application) -> web.AppRunner:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import base64
 import textwrap
+import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from aiohttp import web
@@ -27,6 +29,8 @@ from ..catalog import Catalog, CertEntry, CrlEntry, DocEntry, http_date
 from ..config import Config
 from ..pki.ids import IdentifierError, format_key_id, parse_key_id, parse_serial
 from .http_cache import not_modified
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 PKIX_CERT = "application/pkix-cert"
 PKIX_CRL = "application/pkix-crl"
@@ -57,24 +61,41 @@ class Downloads:
         self.config = config
         web_cfg = config.web
         self._cert_cache_control = f"public, max-age={web_cfg.cert_max_age}, immutable"
+        self._cert_static = {"Content-Type": PKIX_CERT, "Cache-Control": self._cert_cache_control,
+                             "Vary": "Accept"}
         self._immutable = f"public, max-age={web_cfg.cert_max_age}, immutable"
 
-    def routes(self) -> list[web.RouteDef]:
+    def routes(self) -> list[tuple[str, str, Handler]]:
+        """(method, path, handler); HEAD is answered for every GET."""
         return [
-            web.get("/certificates/{serial}", self.certificate),
-            web.get("/crls", self.crl_list),
-            web.get("/crls/{key}/versions", self.crl_versions),
-            web.get("/crls/{key}/{number}", self.crl_version),
-            web.get("/crls/{key}", self.crl_current),
-            web.get("/documents", self.document_list),
-            web.get("/documents/{name}/versions", self.document_versions),
-            web.get("/documents/{name}/{version}", self.document_version),
-            web.get("/documents/{name}", self.document_current),
+            ("GET", "/certificates/{serial}", self.certificate),
+            ("GET", "/crls", self.crl_list),
+            ("GET", "/crls/{key}/versions", self.crl_versions),
+            ("GET", "/crls/{key}/{number}", self.crl_version),
+            ("GET", "/crls/{key}", self.crl_current),
+            ("GET", "/documents", self.document_list),
+            ("GET", "/documents/{name}/versions", self.document_versions),
+            ("GET", "/documents/{name}/{version}", self.document_version),
+            ("GET", "/documents/{name}", self.document_current),
         ]
 
     # -- certificates -------------------------------------------------------------------
     async def certificate(self, request: web.Request) -> web.StreamResponse:
-        name, pem = _wants_pem(request, request.match_info["serial"])
+        # Fast path, the common case on the hot path: the serial is spelt canonically, is in
+        # the cache and unique, and the client wants DER unconditionally. Skips parsing and
+        # negotiation (about a fifth of the handler's cost; see BENCHMARKS.md).
+        raw = request.match_info["serial"]
+        if not request.query_string:
+            headers = request.headers
+            if ("If-None-Match" not in headers and "If-Modified-Since" not in headers
+                    and PEM not in headers.get("Accept", "")):
+                cached = self.catalog.cached_certificates_for(raw)
+                if cached is not None and len(cached) == 1:
+                    entry = cached[0]
+                    return web.Response(body=entry.der, headers={
+                        **self._cert_static, "ETag": entry.etag,
+                        "Last-Modified": entry.last_modified})
+        name, pem = _wants_pem(request, raw)
         try:
             serial = parse_serial(name)
         except IdentifierError as exc:
@@ -120,27 +141,26 @@ class Downloads:
         return parse_key_id(raw)
 
     def _crl_response(self, request: web.Request, entry: CrlEntry, current: bool) -> web.Response:
-        row = entry.row
         headers = {"ETag": entry.etag, "Last-Modified": entry.last_modified}
         if current:
-            now = datetime.now(UTC)
+            now = time.time()
             max_age = self.config.web.crl_max_age
-            if row.next_update is not None:
-                remaining = int((row.next_update - now).total_seconds())
-                max_age = max(0, min(max_age, remaining))
-                headers["Expires"] = http_date(row.next_update)
+            if entry.next_update_ts is not None and entry.expires is not None:
+                max_age = max(0, min(max_age, int(entry.next_update_ts - now)))
+                headers["Expires"] = entry.expires
             else:
-                headers["Expires"] = http_date(now.fromtimestamp(now.timestamp() + max_age, UTC))
-            headers["Cache-Control"] = (f"public, max-age={max_age}, must-revalidate"
-                                        if max_age else "public, max-age=0, must-revalidate")
+                headers["Expires"] = http_date(datetime.fromtimestamp(now + max_age, UTC))
+            headers["Cache-Control"] = f"public, max-age={max_age}, must-revalidate"
         else:
             headers["Cache-Control"] = self._immutable
-        if not_modified(request.headers.get("If-None-Match"),
-                        request.headers.get("If-Modified-Since"), entry.etag, entry.modified_ts):
+        if ("If-None-Match" in request.headers or "If-Modified-Since" in request.headers) and \
+                not_modified(request.headers.get("If-None-Match"),
+                             request.headers.get("If-Modified-Since"), entry.etag,
+                             entry.modified_ts):
             return web.Response(status=304, headers=headers)
-        filename = f"{format_key_id(row.issuer_key_id)}-{row.crl_number}.crl"
-        headers["Content-Disposition"] = f'inline; filename="{filename}"'
-        return web.Response(body=row.der, content_type=PKIX_CRL, headers=headers)
+        headers["Content-Disposition"] = entry.disposition
+        headers["Content-Type"] = PKIX_CRL
+        return web.Response(body=entry.row.der, headers=headers)
 
     async def crl_current(self, request: web.Request) -> web.StreamResponse:
         try:
