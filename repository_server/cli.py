@@ -223,7 +223,8 @@ def cmd_testpki(args: argparse.Namespace) -> int:
 
 
 # -- import ---------------------------------------------------------------------------------
-async def _import(config: Config, root: Path, allow_unverified: bool) -> int:
+async def _import(config: Config, root: Path, allow_unverified: bool,
+                  check_signatures: bool) -> int:
     from .lodge.bulk import import_directory
     from .lodge.service import Actor, LodgingService
     from .store.db import Store
@@ -242,6 +243,7 @@ async def _import(config: Config, root: Path, allow_unverified: bool) -> int:
     try:
         report = await import_directory(service, root, actor,
                                         allow_unverified_issuer=allow_unverified,
+                                        check_signatures=check_signatures,
                                         progress=_progress(),
                                         note=lambda m: print(m, file=sys.stderr))
     finally:
@@ -268,7 +270,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         print(f"error: {root} does not exist", file=sys.stderr)
         return 2
     _install_loop()
-    return asyncio.run(_import(config, root, args.allow_unverified_issuer))
+    return asyncio.run(_import(config, root, args.allow_unverified_issuer,
+                               not args.skip_signature_check))
 
 
 # -- lodge ----------------------------------------------------------------------------------
@@ -338,6 +341,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-unverified-issuer", action="store_true",
                    help="store certificates whose issuer is not available, marked unverified"
                         " (self-signed CA certificates are always imported as trust anchors)")
+    p.add_argument("--skip-signature-check", action="store_true",
+                   help="link certificates to their issuers by name and key id without checking"
+                        " signatures (a trusted source, e.g. our own extract); recorded on each")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("lodge", help="lodge files through the mutual-TLS lodging API (DCC side)")

@@ -14,7 +14,8 @@ from cryptography import x509
 from ..config import Config
 from ..pki.ids import IdentifierError, format_eui64, parse_eui64, parse_key_id, parse_serial
 from ..pki.profile import ParseError, parse_certificate
-from .service import Actor, CertOptions, LodgeError, LodgingService
+from .batch import CertOptions
+from .service import Actor, LodgeError, LodgingService
 
 log = logging.getLogger(__name__)
 

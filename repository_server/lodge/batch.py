@@ -9,10 +9,12 @@ lodged in the same batch, or non-CA issuers found by key id) in a second, in-pro
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from ..pki.model import CertInfo
-from ..pki.profile import ParseError, parse_certificate, verify_signature
+from ..pki.ids import format_key_id
+from ..pki.model import CertInfo, CertKind
+from ..pki.profile import ParseError, load_pem_or_der_certificates, parse_certificate, verify_signature
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +38,8 @@ class Parsed:
     issuer_missing: bool = False  # no candidate issuer known
 
 
-def resolve_issuer(info: CertInfo, issuers: IssuerMap) -> tuple[Issuer | None, str | None, bool]:
+def resolve_issuer(info: CertInfo, issuers: IssuerMap,
+                   verify: bool = True) -> tuple[Issuer | None, str | None, bool]:
     """(issuer, error, missing). Candidates are certificates whose subject is our issuer
     and, when both have one, whose subject key id equals our authority key id."""
     candidates = [
@@ -46,6 +49,8 @@ def resolve_issuer(info: CertInfo, issuers: IssuerMap) -> tuple[Issuer | None, s
     ]
     if not candidates:
         return None, None, True
+    if not verify:  # operator import of a trusted source: link by name and key id only
+        return candidates[0], None, False
     for candidate in candidates:
         if verify_signature(info, candidate.public_key_der):
             return candidate, None, False
@@ -53,7 +58,8 @@ def resolve_issuer(info: CertInfo, issuers: IssuerMap) -> tuple[Issuer | None, s
                   f"{info.issuer_name!r}"), False
 
 
-def parse_items(start: int, ders: Sequence[bytes], issuers: IssuerMap) -> list[Parsed]:
+def parse_items(start: int, ders: Sequence[bytes], issuers: IssuerMap,
+                verify: bool = True) -> list[Parsed]:
     out: list[Parsed] = []
     for offset, der in enumerate(ders):
         index = start + offset
@@ -65,6 +71,131 @@ def parse_items(start: int, ders: Sequence[bytes], issuers: IssuerMap) -> list[P
         if info.self_signed:
             out.append(Parsed(index, info))
             continue
-        issuer, err, missing = resolve_issuer(info, issuers)
+        issuer, err, missing = resolve_issuer(info, issuers, verify=verify)
         out.append(Parsed(index, info, err, issuer, missing))
+    return out
+
+
+@dataclass
+class CertOptions:
+    status: str = "I"
+    manufacturing_flag: bool = False
+    trust_anchor: bool = False
+    allow_unverified_issuer: bool = False  # operator bulk import only
+    roots_are_anchors: bool = False  # operator bulk import: self-signed CAs become anchors
+    check_signatures: bool = True  # operator import may skip (trusted source), recorded as such
+
+
+
+_ISSUER_UNVERIFIED = {"code": "issuer-unverified",
+                      "message": "issuer not in the repository; signature not checked"}
+_SIGNATURE_NOT_CHECKED = {"code": "signature-not-checked",
+                          "message": "imported with --skip-signature-check"}
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    reason: str | None  # refusal, or None to store
+    verified: bool = False
+    anchor: bool = False
+    extra: list[dict[str, str]] = field(default_factory=list)  # findings beyond the profile's
+    defer: bool = False  # issuer not known yet: try again later (bulk import)
+
+
+def decide(p: Parsed, opts: CertOptions, defer_missing: bool = False) -> Decision:
+    """What to do with one parsed certificate: the lodging rules, without I/O."""
+    info = p.info
+    if info is None or p.error is not None:
+        return Decision(p.error or "not a certificate")
+    anchor = opts.trust_anchor
+    extra: list[dict[str, str]] = []
+    verified = p.issuer is not None and opts.check_signatures
+    if info.self_signed:
+        if opts.roots_are_anchors and info.kind == CertKind.ROOT:
+            anchor = True  # operator import: a self-signed CA is a root
+        elif not opts.trust_anchor:
+            return Decision("self-signed certificate: roots are lodged explicitly as trust"
+                            " anchors (trust_anchor=true)")
+        verified = True
+    elif opts.trust_anchor and info.kind not in (CertKind.ROOT, CertKind.CA):
+        return Decision("trust_anchor=true is only for CA certificates")
+    elif p.issuer_missing:
+        if defer_missing:
+            return Decision(None, defer=True)
+        if opts.trust_anchor:
+            extra.append({"code": "anchor-issuer-not-available",
+                          "message": "lodged as a trust anchor; its issuer is not in the"
+                                     " repository"})
+        elif opts.allow_unverified_issuer:
+            extra.append(dict(_ISSUER_UNVERIFIED))
+        else:
+            return Decision(f"issuer {info.issuer_name!r} (key id "
+                            f"{format_key_id(info.issuer_key_id or b'') or 'none'}) is not in"
+                            " the repository")
+    elif not opts.check_signatures:
+        extra.append(dict(_SIGNATURE_NOT_CHECKED))
+    if p.issuer is not None and not p.issuer.is_ca:
+        extra.append({"code": "issuer-not-ca",
+                      "message": "issued by a certificate that is not a CA"})
+    return Decision(None, verified, anchor, extra)
+
+
+@dataclass
+class ImportChunk:
+    """What a worker made of a chunk of files: store records ready for COPY (idx = position),
+    their serials, refusals, and certificates whose issuer it did not know yet."""
+
+    records: list[tuple[Any, ...]] = field(default_factory=list)
+    serials: list[str] = field(default_factory=list)
+    new_issuers: list[Issuer] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    deferred: list[tuple[str, bytes]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    unverified: int = 0
+    files: int = 0
+
+
+def import_chunk(items: Sequence[tuple[str, bytes | None]], issuers: IssuerMap,
+                 opts: CertOptions, defer_missing: bool) -> ImportChunk:
+    """Bulk-import worker: read (when the bytes are None), parse, verify and decide.
+    Runs in a worker process; everything it needs comes in, everything it found goes out."""
+    from ..store.db import cert_record
+
+    out = ImportChunk()
+    for name, data in items:
+        out.files += 1
+        try:
+            if data is None:
+                with open(name, "rb") as fh:
+                    raw = fh.read()
+            else:
+                raw = data
+            if data is None and b"-----BEGIN" in raw and b"CERTIFICATE-----" not in raw:
+                out.skipped.append(f"{name}: PEM file without a certificate (a key?)")
+                continue
+            ders = [raw] if data is not None else load_pem_or_der_certificates(raw)
+        except (OSError, ParseError) as exc:
+            out.refused.append(f"{name}: {exc}")
+            continue
+        for i, der in enumerate(ders):
+            label = name if len(ders) == 1 else f"{name}[{i}]"
+            p = parse_items(0, [der], issuers, verify=opts.check_signatures)[0]
+            d = decide(p, opts, defer_missing)
+            if d.defer:
+                out.deferred.append((label, der))
+                continue
+            if d.reason is not None or p.info is None:
+                out.refused.append(f"{label}: {d.reason}")
+                continue
+            info = p.info
+            out.records.append(cert_record(
+                len(out.records), info, status=opts.status,
+                manufacturing_flag=opts.manufacturing_flag, issuer_verified=d.verified,
+                trust_anchor=d.anchor, extra_findings=d.extra))
+            out.serials.append(info.serial)
+            if any(e["code"] == "issuer-unverified" for e in d.extra):
+                out.unverified += 1
+            if info.kind in (CertKind.ROOT, CertKind.CA):
+                out.new_issuers.append(Issuer(None, info.subject_dn, info.subject_key_id,
+                                              info.public_key_der, True))
     return out

@@ -1,27 +1,39 @@
 """Operator bulk import (`smki-repository import DIR`): straight into the store with COPY,
-no HTTP, same validation as lodging. Streams the directory in chunks (bounded memory); each
-chunk is one transaction. Certificates whose issuer has not been seen yet are held back and
-retried at the end (a CA may come later in the walk); with `allow_unverified_issuer` the ones
-still without an issuer are stored, marked unverified. CRL/ARL files (`.crl`, `.arl`) are
-lodged after all certificates. Self-signed CA certificates are taken as trust anchors (the
-operator chose the directory); the lodging API instead requires `trust_anchor=true`.
-Refused items are reported and skipped.
+no HTTP, the same rules as lodging.
+
+A pipeline, so that both cores and PostgreSQL work at once: worker processes read, parse,
+verify and turn chunks of files into store records (`batch.import_chunk`) a few chunks
+ahead, while this process COPYs each finished chunk in its own transaction. Memory stays
+bounded by the number of chunks in flight, whatever the directory holds.
+
+Certificates whose issuer has not been seen yet are held back and retried at the end (a CA
+may come later in the walk); with `allow_unverified_issuer` the ones still without an issuer
+are stored, marked unverified. Self-signed CA certificates are taken as trust anchors (the
+operator chose the directory; the lodging API instead requires `trust_anchor=true`).
+`check_signatures=False` links certificates to their issuers by name and key id without
+checking signatures (re-importing a trusted extract), recorded as a finding on each.
+CRL/ARL files (`.crl`, `.arl`) are lodged after all certificates. Refused items are
+reported and skipped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..pki.profile import ParseError, load_pem_or_der_certificates
-from .service import Actor, CertOptions, LodgeError, LodgingService
+from ..store.db import ConflictError
+from .batch import CertOptions, ImportChunk, Issuer, import_chunk
+from .service import Actor, LodgeError, LodgingService
 
 CERT_SUFFIXES = {".pem", ".der", ".cer", ".crt"}
 CRL_SUFFIXES = {".crl", ".arl"}
-CHUNK = 20_000
+CHUNK = 4000  # files per worker task
+IN_FLIGHT = 4  # worker tasks submitted ahead of the writer
 
 
 @dataclass
@@ -51,82 +63,106 @@ def walk(root: Path) -> Iterator[Path]:
 
 
 async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
-                           allow_unverified_issuer: bool = False,
+                           allow_unverified_issuer: bool = False, check_signatures: bool = True,
                            progress: Callable[[str, int, int], None] | None = None,
                            note: Callable[[str], None] = print) -> ImportReport:
     report = ImportReport()
     started = time.perf_counter()
-    files = list(walk(root))
-    cert_files, crl_files = [], []
-    for path in files:
+    cert_files: list[str] = []
+    crl_files: list[Path] = []
+    for path in walk(root):
         suffix = path.suffix.lower()
         if suffix in CERT_SUFFIXES:
-            cert_files.append(path)
+            cert_files.append(str(path))
         elif suffix in CRL_SUFFIXES:
             crl_files.append(path)
         else:
             report.skipped.append(str(path))
             note(f"skipped {path}: not a certificate or CRL file (.pem .der .cer .crt .crl .arl)")
     report.files = len(cert_files) + len(crl_files)
-    opts = CertOptions(allow_unverified_issuer=allow_unverified_issuer, roots_are_anchors=True)
+    opts = CertOptions(allow_unverified_issuer=allow_unverified_issuer, roots_are_anchors=True,
+                       check_signatures=check_signatures)
+    await service.issuers.refresh()
+    issuers: dict[bytes, list[Issuer]] = {k: list(v) for k, v in service.issuers.by_dn.items()}
+    loop = asyncio.get_running_loop()
+    executor = service.executor()
     deferred: list[tuple[str, bytes]] = []
-    done = 0
+    done_files = 0
 
-    async def run_chunk(items: list[tuple[str, bytes]], defer: bool) -> None:
-        nonlocal done
-        ders = [d for _, d in items]
-        results, records, later = await service.validate(ders, opts, defer_missing=defer)
-        for i in later:
-            deferred.append(items[i])
-        for r in results:
-            if r["outcome"] == "refused":
-                report.refused.append(f"{items[r['index']][0]}: {r['reason']}")
-        try:
-            batch = await service.store_records(records, [r for r in results
-                                                          if r["outcome"] == "pending"],
-                                                actor, "import.certificates",
-                                                f"import {root}", {"files": len(items)})
-        except LodgeError as exc:
-            report.refused.append(f"chunk of {len(items)}: {exc.reason}")
-            return
-        report.stored += batch.stored
-        report.identical += batch.identical
-        report.unverified += sum(1 for r in results if "issuer-unverified" in r.get("findings", []))
-        done += len(items) - len(later)
+    async def write(chunk: ImportChunk) -> None:
+        nonlocal done_files
+        report.refused.extend(chunk.refused)
+        for line in chunk.skipped:
+            report.skipped.append(line)
+            note(f"skipped {line}")
+        deferred.extend(chunk.deferred)
+        report.unverified += chunk.unverified
+        for issuer in chunk.new_issuers:  # later submissions can verify against them
+            issuers.setdefault(issuer.subject_dn, []).append(issuer)
+        if chunk.records:
+            try:
+                stored, identical, shared = await service.store.insert_certificates(
+                    chunk.records, lodged_by=actor.name, audit=actor.audit(
+                        "import.certificates", "ok", f"import {root}",
+                        {"count": len(chunk.records), "first_serial": chunk.serials[0],
+                         "last_serial": chunk.serials[-1]}))
+            except ConflictError as exc:
+                for i in exc.items:
+                    report.refused.append(f"serial {chunk.serials[i]}: {exc}")
+                report.refused.append(f"a chunk of {len(chunk.records)} certificates was not"
+                                      " stored because of the conflict(s) above")
+            else:
+                report.stored += len(stored)
+                report.identical += len(identical)
+                if shared:
+                    service.on_change("serials:" + ",".join(shared))
+        done_files += chunk.files
         if progress:
-            progress("import", done, len(cert_files))
+            progress("import", done_files, len(cert_files))
 
-    chunk: list[tuple[str, bytes]] = []
-    for path in cert_files:
-        try:
-            data = path.read_bytes()
-            if b"-----BEGIN" in data and b"CERTIFICATE-----" not in data:
-                report.skipped.append(str(path))
-                note(f"skipped {path}: PEM file without a certificate (a key?)")
-                continue
-            ders = load_pem_or_der_certificates(data)
-        except (OSError, ParseError) as exc:
-            report.refused.append(f"{path}: {exc}")
-            continue
-        name = str(path)
-        chunk.extend((name if len(ders) == 1 else f"{name}[{i}]", d) for i, d in enumerate(ders))
-        if len(chunk) >= CHUNK:
-            await run_chunk(chunk, True)
-            chunk = []
-    if chunk:
-        await run_chunk(chunk, True)
+    async def run(items: list[tuple[str, bytes | None]], defer: bool) -> None:
+        pending: deque[asyncio.Future[ImportChunk]] = deque()
+        for start in range(0, len(items), CHUNK):
+            # the issuer map is copied at submission, so the worker sees the CAs known so far
+            pending.append(loop.run_in_executor(executor, import_chunk,
+                                                items[start:start + CHUNK],
+                                                {k: list(v) for k, v in issuers.items()},
+                                                opts, defer))
+            if len(pending) >= IN_FLIGHT:
+                await write(await pending.popleft())
+        while pending:
+            await write(await pending.popleft())
+
+    await run([(f, None) for f in cert_files], True)
     # Held-back certificates: their CA may have arrived since; repeat while that helps.
     previous = -1
     while deferred and len(deferred) != previous:
         previous = len(deferred)
-        retry, deferred = deferred, []
-        await service.issuers.refresh()
-        for start in range(0, len(retry), CHUNK):
-            await run_chunk(retry[start:start + CHUNK], True)
-    if deferred:
-        retry, deferred = deferred, []
-        for start in range(0, len(retry), CHUNK):
-            await run_chunk(retry[start:start + CHUNK], False)
+        retry: list[tuple[str, bytes | None]] = list(deferred)
+        deferred.clear()
+        done_files -= len(retry)
+        await run(retry, True)
+    if deferred:  # no issuer anywhere: the lodging path decides (non-CA issuers, unverified)
+        retry_ders = list(deferred)
+        deferred.clear()
+        for start in range(0, len(retry_ders), CHUNK):
+            part = retry_ders[start:start + CHUNK]
+            results, records, _ = await service.validate([d for _, d in part], opts)
+            for r in results:
+                if r["outcome"] == "refused":
+                    report.refused.append(f"{part[r['index']][0]}: {r['reason']}")
+            pending_results = [r for r in results if r["outcome"] == "pending"]
+            try:
+                batch = await service.store_records(records, pending_results, actor,
+                                                    "import.certificates", f"import {root}",
+                                                    {"files": len(part)})
+            except LodgeError as exc:
+                report.refused.append(f"chunk of {len(part)}: {exc.reason}")
+                continue
+            report.stored += batch.stored
+            report.identical += batch.identical
+            report.unverified += sum(1 for r in results
+                                     if "issuer-unverified" in r.get("findings", []))
     for path in crl_files:
         try:
             result = await service.lodge_crl(path.read_bytes(), actor)

@@ -35,7 +35,7 @@ from ..pki.profile import (
     verify_crl_signature,
 )
 from ..store.db import ConflictError, Store, cert_record
-from .batch import Issuer, Parsed, parse_items, resolve_issuer
+from .batch import CertOptions, Issuer, Parsed, decide, parse_items, resolve_issuer
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +67,6 @@ class Actor:
               detail: dict[str, Any] | None = None) -> dict[str, Any]:
         return {"actor": self.name, "on_behalf_of": self.on_behalf_of, "peer": self.peer,
                 "action": action, "outcome": outcome, "object": obj, "detail": detail or {}}
-
-
-@dataclass
-class CertOptions:
-    status: str = "I"
-    manufacturing_flag: bool = False
-    trust_anchor: bool = False
-    allow_unverified_issuer: bool = False  # operator bulk import only
-    roots_are_anchors: bool = False  # operator bulk import: self-signed CAs become anchors
 
 
 @dataclass
@@ -156,16 +147,21 @@ class LodgingService:
         return err
 
     # -- certificates ---------------------------------------------------------------------
+    def executor(self) -> concurrent.futures.ProcessPoolExecutor:
+        """The worker processes that parse and verify (started on first use)."""
+        if self._executor is None:
+            self._executor = _pool(self._workers)
+        return self._executor
+
     async def _parse(self, ders: Sequence[bytes]) -> list[Parsed]:
         await self.issuers.ensure()
         issuers = self.issuers.by_dn
         if len(ders) <= _IN_PROCESS_MAX or self._workers < 2:
             return parse_items(0, ders, issuers)
-        if self._executor is None:
-            self._executor = _pool(self._workers)
+        executor = self.executor()
         loop = asyncio.get_running_loop()
         futures = [
-            loop.run_in_executor(self._executor, parse_items, start, ders[start:start + _CHUNK],
+            loop.run_in_executor(executor, parse_items, start, ders[start:start + _CHUNK],
                                  issuers)
             for start in range(0, len(ders), _CHUNK)
         ]
@@ -242,52 +238,23 @@ class LodgingService:
         deferred: list[int] = []
         for p in parsed:
             item: dict[str, Any] = {"index": p.index}
-            reason = p.error
-            info = p.info
-            verified = p.issuer is not None
-            anchor = opts.trust_anchor
-            extra: list[dict[str, str]] = []
-            if info is not None:
-                item["serial"] = info.serial
-                if reason is None and info.self_signed:
-                    if opts.roots_are_anchors and info.kind == CertKind.ROOT:
-                        anchor = True  # operator import: a self-signed CA is a root
-                    elif not opts.trust_anchor:
-                        reason = ("self-signed certificate: roots are lodged explicitly as trust"
-                                  " anchors (trust_anchor=true)")
-                    verified = True
-                elif reason is None and opts.trust_anchor and info.kind not in (
-                        CertKind.ROOT, CertKind.CA):
-                    reason = "trust_anchor=true is only for CA certificates"
-                elif reason is None and p.issuer_missing:
-                    if defer_missing:
-                        deferred.append(p.index)
-                        continue
-                    if opts.trust_anchor:
-                        extra.append({"code": "anchor-issuer-not-available",
-                                      "message": "lodged as a trust anchor; its issuer is not"
-                                                 " in the repository"})
-                    elif opts.allow_unverified_issuer:
-                        extra.append({"code": "issuer-unverified",
-                                      "message": "issuer not in the repository; signature not"
-                                                 " checked"})
-                    else:
-                        reason = (f"issuer {info.issuer_name!r} (key id "
-                                  f"{format_key_id(info.issuer_key_id or b'') or 'none'}) is not"
-                                  " in the repository")
-                if reason is None and p.issuer is not None and not p.issuer.is_ca:
-                    extra.append({"code": "issuer-not-ca",
-                                  "message": "issued by a certificate that is not a CA"})
-            if reason is not None or info is None:
-                item.update(outcome="refused", reason=reason or "not a certificate")
+            if p.info is not None:
+                item["serial"] = p.info.serial
+            d = decide(p, opts, defer_missing)
+            if d.defer:
+                deferred.append(p.index)
+                continue
+            if d.reason is not None or p.info is None:
+                item.update(outcome="refused", reason=d.reason or "not a certificate")
                 results.append(item)
                 continue
             item["record"] = len(records)
             records.append(cert_record(
-                len(records), info, status=opts.status, manufacturing_flag=opts.manufacturing_flag,
-                issuer_verified=verified, trust_anchor=anchor, extra_findings=extra))
+                len(records), p.info, status=opts.status,
+                manufacturing_flag=opts.manufacturing_flag, issuer_verified=d.verified,
+                trust_anchor=d.anchor, extra_findings=d.extra))
             item["outcome"] = "pending"
-            item["findings"] = [f.code for f in info.findings] + [e["code"] for e in extra]
+            item["findings"] = [f.code for f in p.info.findings] + [e["code"] for e in d.extra]
             results.append(item)
         return results, records, deferred
 
