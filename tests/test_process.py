@@ -211,6 +211,8 @@ def test_kill_9_mid_batch_leaves_all_or_nothing(tmp_path: Path) -> None:
     started = time.monotonic()
     t.start()
     time.sleep(2.5)  # well inside the batch (parsing, verifying or writing)
+    descendants = _descendants(proc.pid)
+    assert descendants, "the batch should be parsed by worker processes"
     os.kill(proc.pid, signal.SIGKILL)
     killed_at.append(time.monotonic() - started)
     proc.wait(10)
@@ -233,6 +235,40 @@ def test_kill_9_mid_batch_leaves_all_or_nothing(tmp_path: Path) -> None:
         proc.wait(60)
     assert _count(data, conf) == base + 50_000
     assert not postgres_running(data)
+    # the killed server's parsing workers (and their forkserver) did not outlive it
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(descendants):
+        time.sleep(0.5)
+    assert not _alive(descendants), _alive(descendants)
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below `pid` (from /proc/*/stat parent ids)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        alive.add(pid)
+    return alive
 
 
 def _count_via_http_free(data: Path, conf: Path, proc: subprocess.Popen[bytes]) -> int:

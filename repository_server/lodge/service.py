@@ -19,6 +19,8 @@ import logging
 import multiprocessing
 import os
 import re
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -106,10 +108,30 @@ class IssuerRegistry:
         return [self._issuer(r.id, r.der) for r in rows]
 
 
+def _exit_with(owner: int) -> None:
+    """Worker initializer: leave when the process that owns the pool is gone. Pool workers
+    hold both ends of their task queue, so a server killed with SIGKILL would otherwise
+    leave them (and the forkserver, which waits on them) running for ever."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(1)
+            try:
+                os.kill(owner, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except PermissionError:  # pragma: no cover - pid reused by another user
+                os._exit(0)
+
+    threading.Thread(target=watch, name="owner-watch", daemon=True).start()
+
+
 def _pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
     # forkserver: never fork the event loop's process (asyncpg, threads) into workers
     ctx = multiprocessing.get_context("forkserver")
-    return concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    return concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                                  initializer=_exit_with,
+                                                  initargs=(os.getpid(),))
 
 
 class LodgingService:
