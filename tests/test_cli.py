@@ -93,3 +93,40 @@ def test_example_config_documents_every_setting_with_its_default() -> None:
             assert f"[{section.name}]" in text
             for f in dataclasses.fields(sub):
                 assert f"\n{f.name} =" in text, f"{section.name}.{f.name} not documented"
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_import_beside_a_running_server_is_served_at_once(loaded: Any, tmp_path: Path) -> None:
+    """`import` in another process, same database: the server's cached current CRL is
+    replaced (LISTEN/NOTIFY) and the new certificates are served."""
+    import asyncio
+    import urllib.request
+
+    from .pkitools import crl, load_cert, load_key
+
+    issuer_obj = next(o for o in loaded.pki["objects"] if o.get("name") == "issuing-oca")
+    url = f"{loaded.http}/crls/{issuer_obj['subject_key_id']}.crl"
+
+    def fetch() -> bytes:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            body: bytes = resp.read()
+            return body
+
+    old = await asyncio.to_thread(fetch)  # now cached by the server
+    new = crl(load_cert(loaded.path(issuer_obj["path"])), load_key(loaded.path(issuer_obj["key"])),
+              7, [])
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "newer.crl").write_bytes(new)
+    env = cli_env()
+    env["SMKI_DATABASE__URL"] = loaded.repo.store.dsn
+    res = await asyncio.to_thread(run, "import", "--data-dir", str(tmp_path / "unused"), str(src),
+                                  env=env)
+    assert res.returncode == 0, res.stderr
+    assert "CRL number 7 stored" in res.stderr
+    for _ in range(50):
+        body = await asyncio.to_thread(fetch)
+        if body != old:
+            break
+        await asyncio.sleep(0.05)
+    assert body == new

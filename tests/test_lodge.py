@@ -322,3 +322,23 @@ async def test_lodged_certificate_columns(loaded: Running) -> None:
         await store.pool.execute("DELETE FROM certificates WHERE id = $1", row["id"])
     with pytest.raises(asyncpg.RaiseError):
         await store.pool.execute("UPDATE audit SET outcome = 'x'")
+
+
+async def test_identity_by_eui64_and_role(pki: dict[str, Any]) -> None:
+    """The DCC identity can also be an EUI-64 and a role (an organisation certificate)."""
+    from repository_server.config import load
+    from repository_server.lodge.app import Identity
+
+    orgs = [o for o in pki["objects"] if o["kind"] == "organisation"]
+    me, other = orgs[0], next(o for o in orgs if o["eui64"] != orgs[0]["eui64"])
+    der = (pki["dir"] / me["path"]).read_bytes()
+    other_der = (pki["dir"] / other["path"]).read_bytes()
+    config = load(None, environ={}, overrides={"lodge": {
+        "client_subject": "", "client_eui64": me["eui64"].lower().replace("-", ""),
+        "client_role": me["role"]}})
+    identity = Identity(config)
+    assert identity.check(der)[1] is None
+    assert "EUI-64" in (identity.check(other_der)[1] or "")
+    wrong_role = Identity(load(None, environ={}, overrides={"lodge": {
+        "client_subject": "", "client_eui64": me["eui64"], "client_role": (me["role"] + 1) % 256}}))
+    assert "role" in (wrong_role.check(der)[1] or "")

@@ -68,6 +68,13 @@ def _bool(value: str | None, name: str) -> bool | None:
 def build_lodge_app(config: Config, service: LodgingService) -> web.Application:
     identity = Identity(config)
 
+    async def audit(actor: Actor, path: str, reason: str, status: int) -> None:
+        try:
+            await service.store.audit(**actor.audit("lodge.refused", "refused", path,
+                                                    {"reason": reason, "status": status}))
+        except Exception:  # the refusal stands even if the audit write fails; say so loudly
+            log.exception("could not audit a refused lodging request from %s", actor.name)
+
     @web.middleware
     async def authenticate(request: web.Request, handler: Any) -> web.StreamResponse:
         transport = request.transport
@@ -86,8 +93,7 @@ def build_lodge_app(config: Config, service: LodgingService) -> web.Application:
         on_behalf_of = request.headers.get("X-On-Behalf-Of") or request.query.get("on_behalf_of")
         actor = Actor(name, on_behalf_of, peer_text)
         if refusal:
-            await service.store.audit(**actor.audit("lodge.refused", "refused", request.path,
-                                                    {"reason": refusal, "status": 403}))
+            await audit(actor, request.path, refusal, 403)
             return _error(403, refusal)
         request[ACTOR_KEY] = actor
         try:
@@ -95,14 +101,11 @@ def build_lodge_app(config: Config, service: LodgingService) -> web.Application:
             return response
         except LodgeError as exc:
             if not exc.audited:
-                await service.store.audit(**actor.audit("lodge.refused", "refused", request.path,
-                                                        {"reason": exc.reason,
-                                                         "status": exc.status}))
+                await audit(actor, request.path, exc.reason, exc.status)
             return _error(exc.status, exc.reason, results=exc.results)
         except web.HTTPRequestEntityTooLarge:
             reason = f"request body exceeds the limit of {config.lodge.max_body_mb} MB"
-            await service.store.audit(**actor.audit("lodge.refused", "refused", request.path,
-                                                    {"reason": reason, "status": 413}))
+            await audit(actor, request.path, reason, 413)
             return _error(413, reason)
 
     async def certificates(request: web.Request) -> web.Response:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..pki.profile import ParseError, load_pem_or_der_certificates
 from ..store.db import ConflictError
 from .batch import CertOptions, ImportChunk, Issuer, import_chunk
 from .service import Actor, LodgeError, LodgingService
@@ -34,6 +35,7 @@ CERT_SUFFIXES = {".pem", ".der", ".cer", ".crt"}
 CRL_SUFFIXES = {".crl", ".arl"}
 CHUNK = 4000  # files per worker task
 IN_FLIGHT = 4  # worker tasks submitted ahead of the writer
+BUNDLE_SPLIT_BYTES = 1 << 20  # PEM files larger than this are split across workers
 
 
 @dataclass
@@ -88,6 +90,7 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
     executor = service.executor()
     deferred: list[tuple[str, bytes]] = []
     done_files = 0
+    total = len(cert_files)
 
     async def write(chunk: ImportChunk) -> None:
         nonlocal done_files
@@ -118,7 +121,7 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
                     service.on_change("serials:" + ",".join(shared))
         done_files += chunk.files
         if progress:
-            progress("import", done_files, len(cert_files))
+            progress("import", done_files, total)
 
     async def run(items: list[tuple[str, bytes | None]], defer: bool) -> None:
         pending: deque[asyncio.Future[ImportChunk]] = deque()
@@ -133,7 +136,26 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
         while pending:
             await write(await pending.popleft())
 
-    await run([(f, None) for f in cert_files], True)
+    items: list[tuple[str, bytes | None]] = []
+    for name in cert_files:
+        # A big PEM bundle (devices come 50,000 to a file) is split here so that every
+        # worker gets a share; small files are read by the workers themselves.
+        try:
+            big = os.path.getsize(name) > BUNDLE_SPLIT_BYTES
+        except OSError:
+            big = False
+        if not big:
+            items.append((name, None))
+            continue
+        try:
+            with open(name, "rb") as fh:
+                ders = load_pem_or_der_certificates(fh.read())
+        except (OSError, ParseError) as exc:
+            report.refused.append(f"{name}: {exc}")
+            continue
+        items.extend((f"{name}[{i}]", der) for i, der in enumerate(ders))
+    total = len(items)
+    await run(items, True)
     # Held-back certificates: their CA may have arrived since; repeat while that helps.
     previous = -1
     while deferred and len(deferred) != previous:

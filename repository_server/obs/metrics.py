@@ -65,9 +65,6 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         self.http = RequestStats()
         self.registry.register(self.http)
-        self.lodged = Counter(
-            "smki_lodged_objects", "Objects lodged, by kind and outcome", ["kind", "outcome"],
-            registry=self.registry)
         self.tls_refused = Counter(
             "smki_lodge_tls_refused", "Lodging connections refused during the TLS handshake",
             registry=self.registry)

@@ -457,10 +457,16 @@ class Store:
     async def _audit(conn: asyncpg.Connection, *, actor: str, action: str, outcome: str,
                      object: str | None = None, peer: str | None = None,
                      on_behalf_of: str | None = None, detail: dict[str, Any] | None = None) -> None:
+        # Audit text comes partly from clients (paths, names): PostgreSQL text and jsonb
+        # cannot hold NUL, which must not turn a refusal into an error.
+        def clean(value: str | None) -> str | None:
+            return value.replace("\x00", "\ufffd") if value else value
+
         await conn.execute(
             "INSERT INTO audit (actor, on_behalf_of, action, outcome, object, peer, detail)"
             " VALUES ($1, $2, $3, $4, $5, $6, $7::text::jsonb)",
-            actor, on_behalf_of, action, outcome, object, peer, json.dumps(detail or {}))
+            clean(actor), clean(on_behalf_of), action, outcome, clean(object), clean(peer),
+            json.dumps(detail or {}).replace("\\u0000", "\\ufffd"))
 
     async def audit(self, **entry: Any) -> None:
         """An audit entry on its own (refusals, failed validations)."""
