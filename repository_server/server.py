@@ -32,7 +32,7 @@ from .lodge.service import LodgingService
 from .obs.metrics import Metrics
 from .store.db import Store
 from .store.embedded import EmbeddedPostgres
-from .web.downloads import Downloads, error
+from .web.downloads import Downloads, FastHandler, error
 
 log = logging.getLogger(__name__)
 
@@ -205,15 +205,35 @@ class Repository:
         async def not_found(request: web.Request) -> web.Response:
             return error(404, f"no such resource: {request.path} (see the README for the URL scheme)")
 
-        routes = [*Downloads(self.catalog, self.config).routes(),
+        def with_fast_path(route: str, fast: FastHandler, handler: Handler) -> Handler:
+            """Try the synchronous answer first: one coroutine less per hot request."""
+            stats = metrics.http.route(listener, route)
+            clock = time.perf_counter
+
+            async def wrapper(request: web.Request) -> web.StreamResponse:
+                started = clock()
+                response = fast(request)
+                if response is None:
+                    return await handler(request)
+                stats.record(200, clock() - started)
+                return response
+
+            return wrapper
+
+        downloads = Downloads(self.catalog, self.config)
+        fast_paths = downloads.fast_paths()
+        routes = [*downloads.routes(),
                   ("GET", "/healthz", healthz), ("GET", "/readyz", readyz),
                   ("GET", "/metrics", metrics_handler), ("*", "/{tail:.*}", not_found)]
         app = web.Application(client_max_size=self.config.web.client_max_size_kb * 1024)
         for method, path, handler in routes:
+            wrapped = observed(path, handler)
+            if path in fast_paths:
+                wrapped = with_fast_path(path, fast_paths[path], wrapped)
             if method == "GET":
-                app.router.add_get(path, observed(path, handler), allow_head=True)
+                app.router.add_get(path, wrapped, allow_head=True)
             else:
-                app.router.add_route(method, path, observed(path, handler))
+                app.router.add_route(method, path, wrapped)
         return app
 
     async def _runner(self, app: web.Application) -> web.AppRunner:
