@@ -107,10 +107,6 @@ class Catalog:
             with contextlib.suppress(Exception):
                 await self._listener.close()
 
-    async def wait_preloaded(self) -> None:
-        if self._preload_task:
-            await asyncio.shield(self._preload_task)
-
     async def _preload(self) -> None:
         started = asyncio.get_running_loop().time()
         count = 0

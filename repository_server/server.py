@@ -199,6 +199,8 @@ class Repository:
 
         async def metrics_handler(_request: web.Request) -> web.Response:
             metrics.cache_entries.set(catalog.cached_certificates)
+            metrics.cache_lookups.labels("hit").set(catalog.hits)
+            metrics.cache_lookups.labels("miss").set(catalog.misses)
             return web.Response(body=generate_latest(metrics.registry),
                                 headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -5,7 +5,6 @@ Nothing is mocked: tests talk to the server over real sockets."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import ssl
 import sys
@@ -178,5 +177,23 @@ def client_ssl(running: Running, cert: tuple[str, str] | None) -> ssl.SSLContext
     return ctx
 
 
-def read_json(data: bytes) -> Any:
-    return json.loads(data)
+def http_get(url: str, headers: dict[str, str] | None = None, method: str = "GET",
+             ca: str | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP(S) request: status, lower-cased headers, body (a blocking client: call it
+    through asyncio.to_thread from tests that share the server's event loop)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            parts.hostname, parts.port, timeout=10, context=ssl.create_default_context(cafile=ca))
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        conn.request(method, parts.path + (f"?{parts.query}" if parts.query else ""),
+                     headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()

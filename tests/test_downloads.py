@@ -7,12 +7,10 @@ import base64
 import http.client
 import json
 import shutil
-import ssl
 import subprocess
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -20,32 +18,15 @@ from repository_server.lodge.bulk import import_directory
 from repository_server.lodge.service import Actor
 from repository_server.pki.profile import load_pem_or_der_certificates, parse_certificate
 
-from .conftest import REALDATA, Running
+from .conftest import REALDATA, Running, http_get
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
 
 
-def get(url: str, headers: dict[str, str] | None = None, method: str = "GET",
-        ca: str | None = None) -> tuple[int, dict[str, str], bytes]:
-    parts = urlsplit(url)
-    if parts.scheme == "https":
-        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-            parts.hostname, parts.port, timeout=10, context=ssl.create_default_context(cafile=ca))
-    else:
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
-    try:
-        conn.request(method, parts.path + (f"?{parts.query}" if parts.query else ""),
-                     headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
-
-
 async def aget(url: str, **kw: Any) -> tuple[int, dict[str, str], bytes]:
-    return await asyncio.to_thread(get, url, **kw)
+    return await asyncio.to_thread(http_get, url, **kw)
 
 
 async def test_certificate_der_pem_and_headers(loaded: Running) -> None:

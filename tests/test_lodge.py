@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from repository_server.pki.profile import load_pem_or_der_certificates, parse_certificate
 
-from .conftest import REALDATA, Running, client_ssl, lodge_pki
+from .conftest import REALDATA, Running, client_ssl, http_get, lodge_pki
 from .pkitools import client_cert, crl, load_cert, load_key, pem, self_signed_ca, tamper, write_pair
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -240,27 +240,12 @@ async def test_crl_rules(loaded: Running) -> None:
     assert huge.status == 413
     # the current CRL is number 2, served over HTTP right after the acknowledgement
     key_id = reply.body["issuer_key_id"]
-    status, _, body = await asyncio.to_thread(_get, loaded.http + f"/crls/{key_id}.crl")
+    status, _, body = await asyncio.to_thread(http_get, loaded.http + f"/crls/{key_id}.crl")
     assert status == 200 and body == two
     rows = [r for r in await loaded.repo.store.audit_entries()  # type: ignore[union-attr]
             if r["action"] == "lodge.crl"]
     assert {r["outcome"] for r in rows} >= {"ok", "noop", "refused", "conflict"}
     client.close()
-
-
-def _get(url: str, headers: dict[str, str] | None = None,
-         method: str = "GET") -> tuple[int, dict[str, str], bytes]:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
-    try:
-        conn.request(method, parts.path + (f"?{parts.query}" if parts.query else ""),
-                     headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
 
 
 async def test_documents_are_versioned(server: Running) -> None:
@@ -271,11 +256,11 @@ async def test_documents_are_versioned(server: Running) -> None:
     assert same.body["outcome"] == "identical" and same.body["version"] == 1
     two = await asyncio.to_thread(client.document, "SMKI-RAPP", b"%PDF-1.4 two", "application/pdf")
     assert two.body["version"] == 2
-    status, headers, body = await asyncio.to_thread(_get, server.http + "/documents/SMKI-RAPP")
+    status, headers, body = await asyncio.to_thread(http_get, server.http + "/documents/SMKI-RAPP")
     assert status == 200 and body == b"%PDF-1.4 two" and headers["content-type"] == "application/pdf"
-    status, headers, body = await asyncio.to_thread(_get, server.http + "/documents/SMKI-RAPP/1")
+    status, headers, body = await asyncio.to_thread(http_get, server.http + "/documents/SMKI-RAPP/1")
     assert body == b"version one" and headers["content-type"].startswith("text/plain")
-    status, _, body = await asyncio.to_thread(_get, server.http + "/documents/SMKI-RAPP/versions")
+    status, _, body = await asyncio.to_thread(http_get, server.http + "/documents/SMKI-RAPP/versions")
     assert [v["version"] for v in json.loads(body)] == [2, 1]
     bad = await asyncio.to_thread(client.document, "../etc/passwd", b"x", "text/plain")
     assert bad.status in (400, 404)

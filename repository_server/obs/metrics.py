@@ -71,3 +71,6 @@ class Metrics:
         self.cache_entries = Gauge(
             "smki_cache_certificates", "Certificates held in the response cache",
             registry=self.registry)
+        self.cache_lookups = Gauge(
+            "smki_cache_lookups", "Certificate lookups since start, by result (hit, miss)",
+            ["result"], registry=self.registry)
