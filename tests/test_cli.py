@@ -130,3 +130,54 @@ async def test_import_beside_a_running_server_is_served_at_once(loaded: Any, tmp
             break
         await asyncio.sleep(0.05)
     assert body == new
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_lodge_command_against_the_server(loaded: Any, tmp_path: Path) -> None:
+    """The DCC-side client: certificates and a document lodged, a refusal gives exit 1."""
+    import asyncio
+
+    pki_dir = loaded.pki_dir
+    dcc = loaded.pki["dcc_client"]
+    base = ["lodge", "--url", loaded.lodge_url, "--cert", str(pki_dir / dcc["cert"]),
+            "--key", str(pki_dir / dcc["key"]), "--ca", loaded.tls_ca]
+    doc = tmp_path / "SMKI-Compliance-Policy.txt"
+    doc.write_text("compliance policy, version 1\n")
+    org = pki_dir / loaded.objects("organisation")[0]["path"]
+    res = await asyncio.to_thread(run, *base, "--on-behalf-of", "officer 9", str(org), str(doc))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "0 stored, 1 identical" in res.stdout
+    assert "document SMKI-Compliance-Policy version 1 stored" in res.stdout
+    from .conftest import http_get
+
+    status, headers, body = await asyncio.to_thread(
+        http_get, f"{loaded.http}/documents/SMKI-Compliance-Policy")
+    assert status == 200 and body == doc.read_bytes() and headers["content-type"] == "text/plain"
+    # a root without --trust-anchor is refused: exit status 1 and the reason
+    from .pkitools import pem, self_signed_ca
+
+    root, _ = self_signed_ca("Lodged By Mistake")
+    bad = tmp_path / "root.pem"
+    bad.write_bytes(pem(root))
+    res = await asyncio.to_thread(run, *base, str(bad))
+    assert res.returncode == 1
+    assert "refused (422)" in res.stdout and "trust anchor" in res.stdout
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_batch_over_the_limit_is_refused(tmp_path: Path, pki: dict[str, Any],
+                                               fresh_db: str) -> None:
+    import asyncio
+
+    from .conftest import Running, start_repository
+
+    repo = await start_repository(tmp_path, pki, fresh_db, lodge={"max_batch": 5})
+    try:
+        running = Running(repo, pki)
+        bundle = (pki["dir"] / running.objects("device")[0]["path"]).read_bytes()
+        client = running.client()
+        reply = await asyncio.to_thread(client.certificates, bundle)
+        client.close()
+        assert reply.status == 413 and "exceeds the limit of 5" in reply.body["reason"]
+    finally:
+        await repo.stop()
