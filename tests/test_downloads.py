@@ -242,3 +242,49 @@ async def test_every_realdata_certificate_imports_and_downloads_byte_identical(
     status, _, body = await aget(f"{server.http}/certificates/{one['serial']}")
     if status == 200:
         assert base64.b64encode(body) == base64.b64encode(expected[one["sha256"]])
+
+
+async def test_serial_shared_by_two_issuers(server: Running) -> None:
+    """Two CAs issue the same serial: the plain URL answers 300 naming both issuer key ids,
+    `?issuer=` picks one, and a cached single answer is dropped when the sibling arrives."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from .pkitools import aki_for, pem, self_signed_ca
+
+    serial = 0x1234567890ABCDEF1234567890ABCDEF
+    now = dt.datetime.now(dt.UTC)
+    client = server.client()
+    leaves = []
+    for name in ("CA One", "CA Two"):
+        ca, ca_key = self_signed_ca(name)
+        reply = await asyncio.to_thread(client.certificates, pem(ca), trust_anchor=True)
+        assert reply.status == 200, reply.body
+        key = ec.generate_private_key(ec.SECP256R1())
+        leaf = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "leaf")]))
+                .issuer_name(ca.subject).public_key(key.public_key()).serial_number(serial)
+                .not_valid_before(now - dt.timedelta(days=1))
+                .not_valid_after(now + dt.timedelta(days=30))
+                .add_extension(aki_for(ca), critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        leaves.append((ca, leaf))
+    key_ids = [ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
+               for ca, _ in leaves]
+    url = f"{server.http}/certificates/{serial:X}"
+    assert (await asyncio.to_thread(client.certificates, pem(leaves[0][1]))).status == 200
+    status, _, body = await aget(url)  # now cached with one entry
+    assert status == 200 and body == leaves[0][1].public_bytes(serialization.Encoding.DER)
+    assert (await asyncio.to_thread(client.certificates, pem(leaves[1][1]))).status == 200
+    status, _, body = await aget(url)
+    assert status == 300, body
+    reason = json.loads(body)["reason"]
+    assert all(k.upper() in reason for k in key_ids)
+    for (_, leaf), key_id in zip(leaves, key_ids, strict=True):
+        status, _, body = await aget(f"{url}?issuer={key_id}")
+        assert status == 200 and body == leaf.public_bytes(serialization.Encoding.DER)
+    client.close()
