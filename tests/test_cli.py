@@ -50,7 +50,7 @@ def test_config_file_env_and_errors(tmp_path: Path) -> None:
     assert res.returncode == 2 and "tls.cert" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_testpki_import_and_lodge_cli(tmp_path: Path, pki: dict[str, Any]) -> None:
+def test_testpki_import_and_lodge_cli(tmp_path: Path) -> None:
     out = tmp_path / "pki"
     res = run("testpki", "--devices", "30", "--organisations", "12", "--out", str(out))
     assert res.returncode == 0, res.stderr

@@ -5,6 +5,7 @@ in tests/test_profile.py.)"""
 from __future__ import annotations
 
 import asyncio
+import base64
 import random
 from typing import Any
 
@@ -41,7 +42,7 @@ async def test_mutated_lodging_bodies_are_refused_cleanly(loaded: Running) -> No
     seeds = [loaded.path(o["path"]).read_bytes() for o in loaded.objects("organisation")[:3]]
     seeds += [loaded.path(loaded.objects("crl")[0]["path"]).read_bytes()]
     seeds += [loaded.path(loaded.objects("organisation")[0]["path"]).read_bytes().hex().encode()]
-    pem = (b"-----BEGIN CERTIFICATE-----\n" + __import__("base64").encodebytes(seeds[0])
+    pem = (b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(seeds[0])
            + b"-----END CERTIFICATE-----\n")
     seeds.append(pem)
     bodies = [*_mutations(seeds, random.Random(1234), 120), b"", b"\x00", b"-----BEGIN", b"0" * 5000]

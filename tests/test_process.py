@@ -58,7 +58,7 @@ def postgres_running(data_dir: Path) -> bool:
     return True
 
 
-def ports_env(data_dir: Path) -> tuple[dict[str, str], dict[str, int]]:
+def ports_env() -> tuple[dict[str, str], dict[str, int]]:
     ports = {name: free_port() for name in ("http", "https", "lodge")}
     env = cli_env()
     for name, port in ports.items():
@@ -70,7 +70,7 @@ def ports_env(data_dir: Path) -> tuple[dict[str, str], dict[str, int]]:
 
 def test_demo_from_empty_data_dir(tmp_path: Path) -> None:
     data = tmp_path / "var"
-    env, ports = ports_env(data)
+    env, ports = ports_env()
     proc = subprocess.Popen([*smki_cli(), "demo", "--data-dir", str(data), "--devices", "20"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
@@ -144,7 +144,7 @@ client_subject = "{dcc['subject']}"
 """)
 
 
-def _count(data: Path, conf: Path) -> int:
+def _count(conf: Path) -> int:
     """Certificates in the store, read by a separate process over the embedded server."""
     code = (
         "import asyncio, asyncpg, sys\n"
@@ -193,7 +193,8 @@ def test_kill_9_mid_batch_leaves_all_or_nothing(tmp_path: Path) -> None:
                                    trust_anchor=o["kind"] == "root")
             assert reply.status == 200, reply.body
     c.close()
-    base = _count_via_http_free(data, conf, proc)
+    assert proc.poll() is None
+    base = _count(conf)
     bundle = (pki_dir / "devices" / "devices-0001.pem").read_bytes()
     assert bundle.count(b"BEGIN CERTIFICATE") == 50_000
     killed_at: list[float] = []
@@ -217,7 +218,7 @@ def test_kill_9_mid_batch_leaves_all_or_nothing(tmp_path: Path) -> None:
     killed_at.append(time.monotonic() - started)
     proc.wait(10)
     t.join(30)
-    after_crash = _count(data, conf)
+    after_crash = _count(conf)
     assert after_crash - base in (0, 50_000), after_crash - base
     # restart on the same data directory (PostgreSQL survived the kill and is adopted)
     proc = start()
@@ -233,7 +234,7 @@ def test_kill_9_mid_batch_leaves_all_or_nothing(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
-    assert _count(data, conf) == base + 50_000
+    assert _count(conf) == base + 50_000
     assert not postgres_running(data)
     # the killed server's parsing workers (and their forkserver) did not outlive it
     deadline = time.monotonic() + 10
@@ -269,8 +270,3 @@ def _alive(pids: set[int]) -> set[int]:
             continue
         alive.add(pid)
     return alive
-
-
-def _count_via_http_free(data: Path, conf: Path, proc: subprocess.Popen[bytes]) -> int:
-    assert proc.poll() is None
-    return _count(data, conf)
