@@ -112,11 +112,16 @@ class Catalog:
         count = 0
         try:
             batch: dict[str, list[CertEntry]] = {}
-            async for row in self.store.iter_recent_certificates(self.cache_bytes):
-                entry = _cert_entry(row.serial, row.issuer_key_id, row.der, row.sha256,
-                                    row.lodged_at)
-                batch.setdefault(row.serial, []).append(entry)
-                count += 1
+            budget = self.cache_bytes
+            async with contextlib.aclosing(self.store.iter_recent_certificates()) as rows:
+                async for row in rows:
+                    budget -= len(row.der) + _ENTRY_OVERHEAD
+                    if budget < 0:
+                        break
+                    entry = _cert_entry(row.serial, row.issuer_key_id, row.der, row.sha256,
+                                        row.lodged_at)
+                    batch.setdefault(row.serial, []).append(entry)
+                    count += 1
             for serial, entries in batch.items():
                 if serial not in self._certs:
                     self._put_cert(serial, tuple(entries), newest=False)
@@ -175,13 +180,17 @@ class Catalog:
         self._docs.clear()
 
     # -- certificates ---------------------------------------------------------------------
+    @staticmethod
+    def _size(entries: tuple[CertEntry, ...]) -> int:
+        return sum(len(e.der) + _ENTRY_OVERHEAD for e in entries)
+
     def _drop_cert(self, serial: str) -> None:
         old = self._certs.pop(serial, None)
         if old:
-            self._cert_bytes -= sum(len(e.der) + _ENTRY_OVERHEAD for e in old)
+            self._cert_bytes -= self._size(old)
 
     def _put_cert(self, serial: str, entries: tuple[CertEntry, ...], *, newest: bool = True) -> None:
-        size = sum(len(e.der) + _ENTRY_OVERHEAD for e in entries)
+        size = self._size(entries)
         if size > self.cache_bytes:
             return
         self._drop_cert(serial)
@@ -191,7 +200,7 @@ class Catalog:
         self._cert_bytes += size
         while self._cert_bytes > self.cache_bytes and self._certs:
             _, evicted = self._certs.popitem(last=False)
-            self._cert_bytes -= sum(len(e.der) + _ENTRY_OVERHEAD for e in evicted)
+            self._cert_bytes -= self._size(evicted)
 
     def cached_certificates_for(self, serial: str) -> tuple[CertEntry, ...] | None:
         """The cached entries for an exactly canonical serial, or None (no I/O)."""
@@ -203,10 +212,8 @@ class Catalog:
 
     async def certificates(self, serial: str) -> tuple[CertEntry, ...]:
         """Every stored certificate with this canonical serial (usually one)."""
-        cached = self._certs.get(serial)
+        cached = self.cached_certificates_for(serial)
         if cached is not None:
-            self.hits += 1
-            self._certs.move_to_end(serial)
             return cached
         self.misses += 1
         rows = await self.store.certificates_by_serial(serial)

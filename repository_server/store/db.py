@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -186,19 +186,14 @@ class Store:
             " WHERE serial = $1 ORDER BY id", serial)
         return [CertRow(*r) for r in rows]
 
-    async def iter_recent_certificates(self, limit_bytes: int) -> AsyncIterator[CertRow]:
-        """Newest first, until `limit_bytes` of DER have been produced (cache preload)."""
-        total = 0
+    async def iter_recent_certificates(self) -> AsyncGenerator[CertRow, None]:
+        """Newest first (cache preload; the caller stops when its budget is spent)."""
         async with self.pool.acquire() as conn, conn.transaction(readonly=True):
             cursor = conn.cursor(
                 "SELECT id, serial, issuer_key_id, der, sha256, lodged_at FROM certificates"
                 " ORDER BY id DESC", prefetch=5000)
             async for r in cursor:
-                row = CertRow(*r)
-                total += len(row.der) + 400
-                if total > limit_bytes:
-                    return
-                yield row
+                yield CertRow(*r)
 
     async def certificate_count(self) -> int:
         return int(await self.pool.fetchval("SELECT count(*) FROM certificates"))
@@ -238,8 +233,8 @@ class Store:
         async with self.pool.acquire() as conn, conn.transaction():
             # Fast path, new certificates (the common case): COPY straight into the table
             # under a savepoint. PostgreSQL then spends about a third of the CPU of the
-            # general path below (70 vs 160-240 ms per 4,000 rows, measured on this VM).
-            # Any unique violation (identical bytes, a conflict, a duplicate in the batch)
+            # general path (70 vs 160-240 ms per 4,000 rows, measured on this VM). Any
+            # unique violation (identical bytes, a conflict, a duplicate in the batch)
             # rolls back to the savepoint and the general path sorts it out.
             direct_cols = [c for c in _CERT_COLUMNS if c != "idx"] + ["lodged_by"]
             try:
@@ -247,81 +242,78 @@ class Store:
                     await conn.copy_records_to_table(
                         "certificates", records=[(*r[1:], lodged_by) for r in records],
                         columns=direct_cols)
+                stored, identical = list(range(len(records))), list[int]()
             except asyncpg.UniqueViolationError:
-                pass
-            else:
-                serial_col = _CERT_COLUMNS.index("serial")
-                # One index probe per serial, whatever plan PostgreSQL caches for this
-                # prepared statement (`serial = ANY($1)` got a generic plan that scanned the
-                # whole table: seconds per batch at 200k rows).
-                shared = [r["s"] for r in await conn.fetch(
-                    "SELECT s FROM unnest($1::text[]) AS s WHERE"
-                    " (SELECT count(*) FROM certificates c WHERE c.serial = s) > 1 LIMIT 200",
-                    list({r[serial_col] for r in records}))]
-                await self._audit(conn, **audit)
-                if shared:
-                    await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL,
-                                       "serials:" + ",".join(shared))
-                return list(range(len(records))), [], shared
-            await conn.execute(
-                "CREATE TEMPORARY TABLE incoming (LIKE certificates INCLUDING DEFAULTS,"
-                " idx integer NOT NULL) ON COMMIT DROP")
-            await conn.execute("ALTER TABLE incoming DROP COLUMN id, DROP COLUMN lodged_at,"
-                               " DROP COLUMN lodged_by, ALTER COLUMN lint TYPE text")
-            await conn.copy_records_to_table("incoming", records=records, columns=_CERT_COLUMNS)
-            await conn.execute("ANALYZE incoming")
-            conflicts = await conn.fetch(
-                "SELECT i.idx FROM incoming i JOIN certificates c"
-                " ON c.serial = i.serial AND c.issuer_dn = i.issuer_dn AND c.sha256 <> i.sha256"
-                " UNION SELECT i.idx FROM incoming i JOIN incoming j"
-                " ON j.serial = i.serial AND j.issuer_dn = i.issuer_dn AND j.sha256 <> i.sha256")
-            if conflicts:
-                raise ConflictError("a different certificate with the same issuer and serial"
-                                    " exists", sorted(r["idx"] for r in conflicts))
-            present = [r["idx"] for r in await conn.fetch(
-                "SELECT i.idx FROM incoming i WHERE EXISTS"
-                " (SELECT 1 FROM certificates c WHERE c.sha256 = i.sha256) ORDER BY i.idx")]
-            # A serial already stored under another issuer: caches holding that serial must
-            # learn of the new sibling (rare: serials are random 16 octets).
-            shared = [r["serial"] for r in await conn.fetch(
-                "SELECT DISTINCT i.serial FROM incoming i JOIN certificates c"
-                " ON c.serial = i.serial AND c.issuer_dn <> i.issuer_dn LIMIT 200")]
-            cols = ", ".join(c for c in _CERT_COLUMNS if c not in ("idx", "lint"))
-            inserted = await conn.fetch(
-                f"INSERT INTO certificates ({cols}, lint, lodged_by)"
-                f" SELECT DISTINCT ON (sha256) {cols}, lint::jsonb, $1 FROM incoming"
-                " ORDER BY sha256, idx"
-                " ON CONFLICT DO NOTHING RETURNING sha256", lodged_by)
-            inserted_hashes = {r["sha256"] for r in inserted}
-            present_set = set(present)
-            sha_col = _CERT_COLUMNS.index("sha256")
-            stored, identical, lost = [], [], []
-            seen: set[bytes] = set()
-            for i, rec in enumerate(records):
-                sha = rec[sha_col]
-                if sha in inserted_hashes and sha not in seen:
-                    stored.append(i)
-                elif sha in inserted_hashes or i in present_set:
-                    identical.append(i)
-                else:
-                    lost.append(i)
-                seen.add(sha)
-            if lost:
-                # Neither stored nor there before: a concurrent writer got there first.
-                # Identical bytes are a no-op; anything else is a conflict.
-                again = {r["idx"] for r in await conn.fetch(
-                    "SELECT i.idx FROM incoming i JOIN certificates c ON c.sha256 = i.sha256"
-                    " WHERE i.idx = ANY($1::int[])", lost)}
-                bad = [i for i in lost if i not in again]
-                if bad:
-                    raise ConflictError("a different certificate with the same issuer and"
-                                        " serial exists", bad)
-                identical = sorted(identical + lost)
+                stored, identical = await self._insert_general(conn, records, lodged_by)
+            # A serial now stored under two issuers: caches holding it must learn of the
+            # sibling (rare: serials are random 16 octets). One index probe per serial,
+            # whatever plan PostgreSQL caches for this prepared statement (`serial = ANY($1)`
+            # got a generic plan that scanned the whole table: seconds per batch at 200k rows).
+            serial_col = _CERT_COLUMNS.index("serial")
+            shared = [r["s"] for r in await conn.fetch(
+                "SELECT s FROM unnest($1::text[]) AS s WHERE"
+                " (SELECT count(*) FROM certificates c WHERE c.serial = s) > 1 LIMIT 200",
+                list({records[i][serial_col] for i in stored}))] if stored else []
             await self._audit(conn, **audit)
             if shared:
                 await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL,
                                    "serials:" + ",".join(shared))
         return stored, identical, shared
+
+    @staticmethod
+    async def _insert_general(conn: asyncpg.Connection, records: Sequence[tuple[Any, ...]],
+                              lodged_by: str) -> tuple[list[int], list[int]]:
+        """Through a temporary table: conflicts refused, identical bytes and in-batch
+        duplicates reported as identical. Returns (indexes stored, indexes identical)."""
+        await conn.execute(
+            "CREATE TEMPORARY TABLE incoming (LIKE certificates INCLUDING DEFAULTS,"
+            " idx integer NOT NULL) ON COMMIT DROP")
+        await conn.execute("ALTER TABLE incoming DROP COLUMN id, DROP COLUMN lodged_at,"
+                           " DROP COLUMN lodged_by")
+        await conn.copy_records_to_table("incoming", records=records, columns=_CERT_COLUMNS)
+        await conn.execute("ANALYZE incoming")
+        conflicts = await conn.fetch(
+            "SELECT i.idx FROM incoming i JOIN certificates c"
+            " ON c.serial = i.serial AND c.issuer_dn = i.issuer_dn AND c.sha256 <> i.sha256"
+            " UNION SELECT i.idx FROM incoming i JOIN incoming j"
+            " ON j.serial = i.serial AND j.issuer_dn = i.issuer_dn AND j.sha256 <> i.sha256")
+        if conflicts:
+            raise ConflictError("a different certificate with the same issuer and serial"
+                                " exists", sorted(r["idx"] for r in conflicts))
+        present = {r["idx"] for r in await conn.fetch(
+            "SELECT i.idx FROM incoming i WHERE EXISTS"
+            " (SELECT 1 FROM certificates c WHERE c.sha256 = i.sha256)")}
+        cols = ", ".join(c for c in _CERT_COLUMNS if c != "idx")
+        inserted = {r["sha256"] for r in await conn.fetch(
+            f"INSERT INTO certificates ({cols}, lodged_by)"
+            f" SELECT DISTINCT ON (sha256) {cols}, $1 FROM incoming ORDER BY sha256, idx"
+            " ON CONFLICT DO NOTHING RETURNING sha256", lodged_by)}
+        sha_col = _CERT_COLUMNS.index("sha256")
+        stored: list[int] = []
+        identical: list[int] = []
+        lost: list[int] = []
+        seen: set[bytes] = set()
+        for i, rec in enumerate(records):
+            sha = rec[sha_col]
+            if sha in inserted and sha not in seen:
+                stored.append(i)
+            elif sha in inserted or i in present:
+                identical.append(i)
+            else:
+                lost.append(i)
+            seen.add(sha)
+        if lost:
+            # Neither stored nor there before: a concurrent writer got there first.
+            # Identical bytes are a no-op; anything else is a conflict.
+            again = {r["idx"] for r in await conn.fetch(
+                "SELECT i.idx FROM incoming i JOIN certificates c ON c.sha256 = i.sha256"
+                " WHERE i.idx = ANY($1::int[])", lost)}
+            bad = [i for i in lost if i not in again]
+            if bad:
+                raise ConflictError("a different certificate with the same issuer and"
+                                    " serial exists", bad)
+            identical = sorted(identical + lost)
+        return stored, identical
 
     async def set_status(self, serial: str, issuer_key_id: bytes | None, status: str | None,
                          manufacturing_flag: bool | None, audit: dict[str, Any]) -> list[dict[str, Any]]:
