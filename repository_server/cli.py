@@ -225,32 +225,23 @@ def cmd_testpki(args: argparse.Namespace) -> int:
 # -- import ---------------------------------------------------------------------------------
 async def _import(config: Config, root: Path, allow_unverified: bool,
                   check_signatures: bool) -> int:
-    from .lodge.bulk import import_directory
-    from .lodge.service import Actor, LodgingService
-    from .store.db import Store
-    from .store.embedded import EmbeddedPostgres
-
-    embedded = None
-    dsn = config.database.url
-    if not dsn:
-        embedded = EmbeddedPostgres(Path(config.data_dir))
-        dsn = await asyncio.to_thread(embedded.acquire)
-    store = await Store.connect(dsn, min_size=1, max_size=4)
-    service = LodgingService(store, parse_workers=config.lodge.parse_workers)
     import getpass
 
+    from .lodge.bulk import import_directory
+    from .lodge.service import Actor, LodgingService
+    from .store import opened_store
+
     actor = Actor(f"operator:{getpass.getuser()}", peer="cli")
-    try:
-        report = await import_directory(service, root, actor,
-                                        allow_unverified_issuer=allow_unverified,
-                                        check_signatures=check_signatures,
-                                        progress=_progress(),
-                                        note=lambda m: print(m, file=sys.stderr))
-    finally:
-        service.close()
-        await store.close()
-        if embedded:
-            await asyncio.to_thread(embedded.release)
+    async with opened_store(config, max_size=4) as store:
+        service = LodgingService(store, parse_workers=config.lodge.parse_workers)
+        try:
+            report = await import_directory(service, root, actor,
+                                            allow_unverified_issuer=allow_unverified,
+                                            check_signatures=check_signatures,
+                                            progress=_progress(),
+                                            note=lambda m: print(m, file=sys.stderr))
+        finally:
+            service.close()
     print(f"imported {report.stored:,} new certificates ({report.identical:,} already present,"
           f" {report.unverified:,} with unverified issuer), {report.crls} CRL/ARL, in"
           f" {report.seconds:.1f} s ({report.rate:,.0f} certificates/s);"

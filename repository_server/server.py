@@ -30,8 +30,8 @@ from .config import Config, ConfigError, HostPort
 from .lodge.app import build_lodge_app
 from .lodge.service import LodgingService
 from .obs.metrics import Metrics
+from .store import opened_store
 from .store.db import Store
-from .store.embedded import EmbeddedPostgres
 from .web.downloads import Downloads, FastHandler, error
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class Repository:
     def __init__(self, config: Config, *, metrics: Metrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
-        self.embedded: EmbeddedPostgres | None = None
+        self._resources = contextlib.AsyncExitStack()  # the store (and embedded PostgreSQL)
         self.store: Store | None = None
         self.catalog: Catalog | None = None
         self.lodging: LodgingService | None = None
@@ -143,17 +143,6 @@ class Repository:
         self._servers: list[asyncio.AbstractServer] = []
         self._background: set[asyncio.Task[Any]] = set()
         self.bound: dict[str, HostPort] = {}
-
-    # -- database -----------------------------------------------------------------------
-    async def _open_store(self) -> Store:
-        dsn = self.config.database.url
-        if not dsn:
-            self.embedded = EmbeddedPostgres(Path(self.config.data_dir))
-            dsn = await asyncio.to_thread(self.embedded.acquire)
-        db = self.config.database
-        return await Store.connect(dsn, min_size=db.pool_min, max_size=db.pool_max,
-                                   command_timeout=db.command_timeout,
-                                   connect_timeout=db.connect_timeout)
 
     # -- apps -----------------------------------------------------------------------------
     def _read_app(self, listener: str) -> web.Application:
@@ -263,7 +252,7 @@ class Repository:
         # TLS material first: a missing file should fail before anything starts.
         https_ctx = server_tls_context(cfg) if cfg.listeners.https else None
         lodge_ctx = lodge_tls_context(cfg) if cfg.listeners.lodge else None
-        self.store = await self._open_store()
+        self.store = await self._resources.enter_async_context(opened_store(cfg))
         self.catalog = Catalog(self.store, cache_bytes=cfg.cache.max_mb * 1024 * 1024)
         await self.catalog.start(preload=cfg.cache.preload)
         self.lodging = LodgingService(
@@ -316,10 +305,7 @@ class Repository:
             self.lodging.close()
         if self.catalog:
             await self.catalog.stop()
-        if self.store:
-            await self.store.close()
-        if self.embedded:
-            await asyncio.to_thread(self.embedded.release)
+        await self._resources.aclose()  # the pool, then the embedded PostgreSQL's lease
 
 
 def write_pid_file(path: str | None) -> None:

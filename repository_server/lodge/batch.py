@@ -24,6 +24,7 @@ class Issuer:
     subject_key_id: bytes | None
     public_key_der: bytes
     is_ca: bool
+    root: bool = False  # self-signed CA: what it revokes on is an ARL
 
 
 IssuerMap = Mapping[bytes, Sequence[Issuer]]  # subject DN -> candidates
@@ -38,15 +39,19 @@ class Parsed:
     issuer_missing: bool = False  # no candidate issuer known
 
 
+def issuer_candidates(issuer_dn: bytes, authority_key_id: bytes | None,
+                      issuers: IssuerMap) -> list[Issuer]:
+    """Certificates whose subject is this issuer name and, when both have one, whose subject
+    key id equals the authority key id (of a certificate or a CRL)."""
+    return [c for c in issuers.get(issuer_dn, ())
+            if authority_key_id is None or c.subject_key_id is None
+            or c.subject_key_id == authority_key_id]
+
+
 def resolve_issuer(info: CertInfo, issuers: IssuerMap,
                    verify: bool = True) -> tuple[Issuer | None, str | None, bool]:
-    """(issuer, error, missing). Candidates are certificates whose subject is our issuer
-    and, when both have one, whose subject key id equals our authority key id."""
-    candidates = [
-        c for c in issuers.get(info.issuer_dn, ())
-        if info.issuer_key_id is None or c.subject_key_id is None
-        or c.subject_key_id == info.issuer_key_id
-    ]
+    """(issuer, error, missing), among `issuer_candidates`."""
+    candidates = issuer_candidates(info.issuer_dn, info.issuer_key_id, issuers)
     if not candidates:
         return None, None, True
     if not verify:  # operator import of a trusted source: link by name and key id only
@@ -197,5 +202,6 @@ def import_chunk(items: Sequence[tuple[str, bytes | None]], issuers: IssuerMap,
                 out.unverified += 1
             if info.kind in (CertKind.ROOT, CertKind.CA):
                 out.new_issuers.append(Issuer(None, info.subject_dn, info.subject_key_id,
-                                              info.public_key_der, True))
+                                              info.public_key_der, True,
+                                              info.kind == CertKind.ROOT))
     return out

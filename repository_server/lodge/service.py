@@ -36,8 +36,16 @@ from ..pki.profile import (
     parse_crl,
     verify_crl_signature,
 )
-from ..store.db import ConflictError, Store, cert_record
-from .batch import CertOptions, Issuer, Parsed, decide, parse_items, resolve_issuer
+from ..store.db import ConflictError, IssuerRow, Store, cert_record
+from .batch import (
+    CertOptions,
+    Issuer,
+    Parsed,
+    decide,
+    issuer_candidates,
+    parse_items,
+    resolve_issuer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +95,16 @@ class IssuerRegistry:
         self._loaded = False
 
     @staticmethod
-    def _issuer(row_id: int, der: bytes) -> Issuer:
-        info = parse_certificate(der)
-        return Issuer(row_id, info.subject_dn, info.subject_key_id, info.public_key_der,
-                      info.kind in (CertKind.ROOT, CertKind.CA))
+    def _issuer(row: IssuerRow) -> Issuer:
+        # parsed for its public key only (our parser: cryptography refuses some real CAs)
+        return Issuer(row.id, row.subject_dn, row.subject_key_id,
+                      parse_certificate(row.der).public_key_der,
+                      row.kind in ("root", "ca"), row.kind == "root")
 
     async def refresh(self) -> None:
         by_dn: dict[bytes, list[Issuer]] = {}
         for row in await self.store.issuers():
-            by_dn.setdefault(row.subject_dn, []).append(self._issuer(row.id, row.der))
+            by_dn.setdefault(row.subject_dn, []).append(self._issuer(row))
         self.by_dn = by_dn
         self._loaded = True
 
@@ -105,7 +114,7 @@ class IssuerRegistry:
 
     async def non_ca_candidates(self, subject_dn: bytes, key_id: bytes | None) -> list[Issuer]:
         rows = await self.store.issuers(key_id=key_id, subject_dn=subject_dn, cas_only=False)
-        return [self._issuer(r.id, r.der) for r in rows]
+        return [self._issuer(r) for r in rows]
 
 
 def _exit_with(owner: int) -> None:
@@ -206,10 +215,11 @@ class LodgingService:
             assert p.info is not None
             if p.info.kind in (CertKind.ROOT, CertKind.CA):
                 local.setdefault(p.info.subject_dn, []).append(Issuer(
-                    None, p.info.subject_dn, p.info.subject_key_id, p.info.public_key_der, True))
+                    None, p.info.subject_dn, p.info.subject_key_id, p.info.public_key_der, True,
+                    p.info.kind == CertKind.ROOT))
 
+        anchor_ok = opts.trust_anchor or opts.roots_are_anchors
         for p in parsed:
-            anchor_ok = opts.trust_anchor or opts.roots_are_anchors
             if p.info is not None and p.error is None and not p.issuer_missing and (
                     p.issuer is not None or (p.info.self_signed and anchor_ok)):
                 add_local(p)
@@ -382,12 +392,11 @@ class LodgingService:
             raise await self._refuse(actor, action, 400, f"not a CRL: {exc}") from None
         obj = f"crl issuer={info.issuer_name!r} number={info.crl_number}"
         await self.issuers.ensure()
-        candidates = [c for c in self.issuers.by_dn.get(info.issuer_dn, [])
-                      if info.issuer_key_id is None or c.subject_key_id == info.issuer_key_id]
-        if not candidates:
+        candidates = issuer_candidates(info.issuer_dn, info.issuer_key_id, self.issuers.by_dn)
+        if not candidates:  # another process may have lodged the CA meanwhile
             await self.issuers.refresh()
-            candidates = [c for c in self.issuers.by_dn.get(info.issuer_dn, [])
-                          if info.issuer_key_id is None or c.subject_key_id == info.issuer_key_id]
+            candidates = issuer_candidates(info.issuer_dn, info.issuer_key_id,
+                                           self.issuers.by_dn)
         if not candidates:
             raise await self._refuse(actor, action, 422, f"issuer {info.issuer_name!r} is not a CA"
                                      " certificate in the repository", obj)
@@ -405,8 +414,7 @@ class LodgingService:
         key_id = info.issuer_key_id or issuer.subject_key_id
         if key_id is None or issuer.id is None:
             raise await self._refuse(actor, action, 422, "issuer has no key identifier", obj)
-        issuer_row = await self.store.certificate_detail(issuer.id)
-        kind = "arl" if issuer_row and issuer_row["kind"] == "root" else "crl"
+        kind = "arl" if issuer.root else "crl"
         lint = [{"code": f.code, "message": f.message} for f in info.findings]
         try:
             outcome, previous = await self.store.insert_crl(

@@ -51,7 +51,6 @@ class IssuerRow:
     subject_key_id: bytes | None
     kind: str
     der: bytes
-    trust_anchor: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,8 +200,7 @@ class Store:
     async def issuers(self, *, key_id: bytes | None = None, subject_dn: bytes | None = None,
                       cas_only: bool = True) -> list[IssuerRow]:
         """Certificates that may have issued something: CAs by default, any by key id."""
-        sql = ("SELECT id, subject_dn, subject_key_id, kind, der, trust_anchor FROM certificates"
-               " WHERE true")
+        sql = "SELECT id, subject_dn, subject_key_id, kind, der FROM certificates WHERE true"
         args: list[Any] = []
         if cas_only:
             sql += " AND kind IN ('root', 'ca')"
@@ -214,10 +212,6 @@ class Store:
             sql += f" AND subject_dn = ${len(args)}"
         rows = await self.pool.fetch(sql + " ORDER BY id", *args)
         return [IssuerRow(*r) for r in rows]
-
-    async def certificate_detail(self, cert_id: int) -> dict[str, Any] | None:
-        row = await self.pool.fetchrow("SELECT * FROM certificates WHERE id = $1", cert_id)
-        return dict(row) if row else None
 
     # -- certificates: writes (lodge/ only) ----------------------------------------------
     async def insert_certificates(
