@@ -125,7 +125,7 @@ def lodge_manifest(client: Any, pki_dir: Path, manifest: dict[str, Any],
     return failures
 
 
-def _demo_text(config: Config, repo: Any, pki_dir: Path, manifest: dict[str, Any]) -> str:
+def _demo_text(repo: Any, pki_dir: Path, manifest: dict[str, Any]) -> str:
     objs = manifest["objects"]
     device = next((o for o in objs if o["kind"] == "device"), None)
     crl = next((o for o in objs if o["kind"] == "crl"), None)
@@ -193,7 +193,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             client.close()
         print(f"lodged in {time.perf_counter() - started:.1f} s"
               + (f" with {failures} refusal(s)" if failures else ""), file=sys.stderr)
-        print(_demo_text(config, repo, pki_dir, manifest), flush=True)
+        print(_demo_text(repo, pki_dir, manifest), flush=True)
 
     return asyncio.run(_serve(config, pid_file=args.pid_file, after_start=after_start))
 

@@ -28,6 +28,7 @@ from aiohttp import web
 from ..catalog import Catalog, CertEntry, CrlEntry, DocEntry, http_date
 from ..config import Config
 from ..pki.ids import IdentifierError, format_key_id, parse_key_id, parse_serial
+from ..store.db import DocumentRow
 from .http_cache import not_modified
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -61,10 +62,10 @@ class Downloads:
         self.catalog = catalog
         self.config = config
         web_cfg = config.web
-        self._cert_cache_control = f"public, max-age={web_cfg.cert_max_age}, immutable"
-        self._cert_static = {"Content-Type": PKIX_CERT, "Cache-Control": self._cert_cache_control,
-                             "Vary": "Accept"}
+        # certificates, CRL versions and document versions never change
         self._immutable = f"public, max-age={web_cfg.cert_max_age}, immutable"
+        self._cert_static = {"Content-Type": PKIX_CERT, "Cache-Control": self._immutable,
+                             "Vary": "Accept"}
 
     def routes(self) -> list[tuple[str, str, Handler]]:
         """(method, path, handler); HEAD is answered for every GET."""
@@ -129,12 +130,10 @@ class Downloads:
         headers = {
             "ETag": entry.etag if not pem else entry.etag[:-1] + '-pem"',
             "Last-Modified": entry.last_modified,
-            "Cache-Control": self._cert_cache_control,
+            "Cache-Control": self._immutable,
             "Vary": "Accept",
         }
-        if not_modified(request.headers.get("If-None-Match"),
-                        request.headers.get("If-Modified-Since"), headers["ETag"],
-                        entry.modified_ts):
+        if not_modified(request.headers, headers["ETag"], entry.modified_ts):
             return web.Response(status=304, headers=headers)
         if pem:
             return web.Response(body=_pem(entry.der), content_type=PEM, headers=headers)
@@ -162,10 +161,7 @@ class Downloads:
             headers["Cache-Control"] = f"public, max-age={max_age}, must-revalidate"
         else:
             headers["Cache-Control"] = self._immutable
-        if ("If-None-Match" in request.headers or "If-Modified-Since" in request.headers) and \
-                not_modified(request.headers.get("If-None-Match"),
-                             request.headers.get("If-Modified-Since"), entry.etag,
-                             entry.modified_ts):
+        if not_modified(request.headers, entry.etag, entry.modified_ts):
             return web.Response(status=304, headers=headers)
         headers["Content-Disposition"] = entry.disposition
         headers["Content-Type"] = PKIX_CRL
@@ -241,8 +237,7 @@ class Downloads:
             "Content-Disposition": f'inline; filename="{row.name}"',
             "X-Document-Version": str(row.version),
         }
-        if not_modified(request.headers.get("If-None-Match"),
-                        request.headers.get("If-Modified-Since"), entry.etag, entry.modified_ts):
+        if not_modified(request.headers, entry.etag, entry.modified_ts):
             return web.Response(status=304, headers=headers)
         assert row.body is not None
         headers["Content-Type"] = row.content_type
@@ -266,10 +261,7 @@ class Downloads:
         return self._doc_response(request, entry, current=False)
 
     @staticmethod
-    def _doc_json(row: object) -> dict[str, object]:
-        from ..store.db import DocumentRow
-
-        assert isinstance(row, DocumentRow)
+    def _doc_json(row: DocumentRow) -> dict[str, object]:
         return {"name": row.name, "version": row.version, "content_type": row.content_type,
                 "size": row.size, "sha256": row.sha256.hex(),
                 "lodged_at": row.lodged_at.isoformat(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
 
 
@@ -13,9 +14,11 @@ def etag_matches(header: str, etag: str) -> bool:
     return any(candidate.strip().removeprefix("W/") == bare for candidate in header.split(","))
 
 
-def not_modified(if_none_match: str | None, if_modified_since: str | None, etag: str,
-                 modified_ts: float) -> bool:
-    """True when a GET/HEAD may answer 304. If-None-Match wins over If-Modified-Since."""
+def not_modified(headers: Mapping[str, str], etag: str, modified_ts: float) -> bool:
+    """True when a GET/HEAD with these request headers may answer 304. If-None-Match wins
+    over If-Modified-Since."""
+    if_none_match = headers.get("If-None-Match")
+    if_modified_since = headers.get("If-Modified-Since")
     if if_none_match is not None:
         return etag_matches(if_none_match, etag)
     if if_modified_since is not None:
