@@ -148,6 +148,10 @@ async def test_lodge_command_against_the_server(loaded: Any, tmp_path: Path) -> 
     assert res.returncode == 0, res.stdout + res.stderr
     assert "0 stored, 1 identical" in res.stdout
     assert "document SMKI-Compliance-Policy version 1 stored" in res.stdout
+    # --on-behalf-of travels as X-On-Behalf-Of and lands in the audit entry
+    entries = await loaded.repo.store.audit_entries()
+    doc_entry = [e for e in entries if e["action"] == "lodge.document"][-1]
+    assert doc_entry["on_behalf_of"] == "officer 9"
     from .conftest import http_get
 
     status, headers, body = await asyncio.to_thread(
