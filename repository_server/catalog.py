@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import typing
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,11 +25,12 @@ from email.utils import format_datetime
 
 import asyncpg
 
-from .store.db import NOTIFY_CHANNEL, CrlRow, DocumentRow, Store
+from .store.db import NOTIFY_CHANNEL, CertRow, CrlRow, DocumentRow, Store
 
 log = logging.getLogger(__name__)
 
-_ENTRY_OVERHEAD = 400  # bytes per cached certificate beyond its DER (objects, strings)
+_ENTRY_OVERHEAD = 480  # bytes per cached certificate beyond its DER (objects, strings)
+_EUI_ENTRY_BYTES = 200  # one EUI-64 index entry (key, tuple)
 
 
 def http_date(when: datetime) -> str:
@@ -43,6 +45,19 @@ class CertEntry:
     etag: str  # quoted strong validator (SHA-256 of the DER)
     last_modified: str
     modified_ts: float  # whole seconds, for If-Modified-Since
+    kind: str  # root, ca, organisation, device, other
+    eui64: bytes | None
+    role: int | None
+    usage: str | None  # DS, KA, CA
+    lodged_status: str  # P, I, N as lodged (see Catalog.status for R and E)
+    manufacturing_flag: bool
+    not_after_ts: float
+
+    @property
+    def public(self) -> bool:
+        """CA certificates are readable without credentials (SPEC: relying parties must
+        always reach what they need to check revocation)."""
+        return self.kind in ("root", "ca")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,10 +83,14 @@ def _etag(digest: bytes) -> str:
     return '"' + digest.hex() + '"'
 
 
-def _cert_entry(serial: str, issuer_key_id: bytes | None, der: bytes, sha256: bytes,
-                lodged_at: datetime) -> CertEntry:
-    return CertEntry(serial, issuer_key_id, der, _etag(sha256), http_date(lodged_at),
-                     float(int(lodged_at.timestamp())))
+def _cert_entry(r: CertRow) -> CertEntry:
+    return CertEntry(r.serial, r.issuer_key_id, r.der, _etag(r.sha256), http_date(r.lodged_at),
+                     float(int(r.lodged_at.timestamp())), r.kind, r.eui64, r.role, r.usage,
+                     r.status, r.manufacturing_flag, r.not_after.timestamp())
+
+
+DEVICE_KINDS = ("device",)
+ORGANISATION_KINDS = ("organisation",)
 
 
 class Catalog:
@@ -85,6 +104,14 @@ class Catalog:
         self._crls: dict[bytes, CrlEntry] = {}
         self._crl_versions: OrderedDict[tuple[bytes, int], CrlEntry] = OrderedDict()
         self._docs: dict[str, DocEntry] = {}
+        # (EUI-64, device?) -> that subject's certificates, oldest first; () = none lodged.
+        self._by_eui: OrderedDict[tuple[bytes, bool], tuple[CertEntry, ...]] = OrderedDict()
+        self._eui_limit = max(1024, cache_bytes // _EUI_ENTRY_BYTES // 4)
+        self._eui_epoch = 0  # bumped by every EUI invalidation (preload checks it)
+        # issuer key id -> serials on its current CRL/ARL (None: it has lodged none)
+        self._revoked: dict[bytes, frozenset[str] | None] = {}
+        self._subscribers: dict[str, list[Callable[[str], None]]] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self._listener: asyncpg.Connection | None = None
         self._listen_task: asyncio.Task[None] | None = None
         self._preload_task: asyncio.Task[None] | None = None
@@ -98,7 +125,7 @@ class Catalog:
             self._preload_task = asyncio.create_task(self._preload(), name="catalog-preload")
 
     async def stop(self) -> None:
-        for task in (self._listen_task, self._preload_task):
+        for task in (self._listen_task, self._preload_task, *self._background):
             if task:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -112,19 +139,29 @@ class Catalog:
         count = 0
         try:
             batch: dict[str, list[CertEntry]] = {}
+            subjects: dict[tuple[bytes, bool], list[CertEntry]] = {}
             budget = self.cache_bytes
+            complete = True
+            epoch = self._eui_epoch
             async with contextlib.aclosing(self.store.iter_recent_certificates()) as rows:
                 async for row in rows:
                     budget -= len(row.der) + _ENTRY_OVERHEAD
                     if budget < 0:
+                        complete = False
                         break
-                    entry = _cert_entry(row.serial, row.issuer_key_id, row.der, row.sha256,
-                                        row.lodged_at)
+                    entry = _cert_entry(row)
                     batch.setdefault(row.serial, []).append(entry)
+                    if row.eui64 is not None and row.kind in ("device", "organisation"):
+                        subjects.setdefault((row.eui64, row.kind == "device"), []).append(entry)
                     count += 1
             for serial, entries in batch.items():
                 if serial not in self._certs:
-                    self._put_cert(serial, tuple(entries), newest=False)
+                    self._put_cert(serial, tuple(entries[::-1]), newest=False)
+            # The EUI-64 index is only right for a subject whose every certificate was read:
+            # filled when the whole store fitted and nothing was lodged meanwhile.
+            if complete and epoch == self._eui_epoch and len(subjects) <= self._eui_limit:
+                for key, entries in subjects.items():
+                    self._by_eui.setdefault(key, tuple(entries[::-1]))
         except Exception:  # preload is an optimisation: never fatal
             log.exception("certificate cache preload failed")
             return
@@ -164,20 +201,64 @@ class Catalog:
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         self.invalidate(payload)
 
+    def subscribe(self, kind: str, callback: Callable[[str], None]) -> None:
+        """Call `callback(key)` on every change notification of this kind (e.g. "users"),
+        and with "" when notifications may have been missed."""
+        self._subscribers.setdefault(kind, []).append(callback)
+
     def invalidate(self, payload: str) -> None:
         kind, _, key = payload.partition(":")
         if kind == "crl":
             with contextlib.suppress(ValueError):
-                self._crls.pop(bytes.fromhex(key), None)
+                issuer = bytes.fromhex(key)
+                self._crls.pop(issuer, None)
+                self._revoked.pop(issuer, None)
         elif kind == "doc":
             self._docs.pop(key, None)
         elif kind == "serials":
             for serial in key.split(","):
                 self._drop_cert(serial)
+        elif kind == "status":  # status:SERIAL:EUIHEX
+            serial, _, eui = key.partition(":")
+            self._drop_cert(serial)
+            if eui:
+                self._drop_eui(bytes.fromhex(eui))
+        elif kind == "certs":  # certs:LO:HI, new certificates with LO < id <= HI
+            lo, _, hi = key.partition(":")
+            self._eui_epoch += 1
+            if self._by_eui:
+                self._spawn(self._drop_euis_lodged(int(lo), int(hi)))
+        for callback in self._subscribers.get(kind, ()):
+            callback(key)
+
+    def _spawn(self, coro: typing.Coroutine[typing.Any, typing.Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _drop_euis_lodged(self, lo: int, hi: int) -> None:
+        try:
+            euis = await self.store.euis_lodged_between(lo, hi)
+        except Exception as exc:  # cannot tell which: forget them all
+            log.warning("EUI-64 index invalidation failed (%s): index cleared", exc)
+            self._by_eui.clear()
+            return
+        for eui in euis:
+            self._drop_eui(eui)
+
+    def _drop_eui(self, eui: bytes) -> None:
+        self._by_eui.pop((eui, True), None)
+        self._by_eui.pop((eui, False), None)
 
     def invalidate_mutable(self) -> None:
         self._crls.clear()
         self._docs.clear()
+        self._revoked.clear()
+        self._by_eui.clear()  # a missed notification may have lodged certificates
+        self._eui_epoch += 1
+        for callbacks in self._subscribers.values():
+            for callback in callbacks:
+                callback("")
 
     # -- certificates ---------------------------------------------------------------------
     @staticmethod
@@ -217,11 +298,62 @@ class Catalog:
             return cached
         self.misses += 1
         rows = await self.store.certificates_by_serial(serial)
-        entries = tuple(_cert_entry(r.serial, r.issuer_key_id, r.der, r.sha256, r.lodged_at)
-                        for r in rows)
+        entries = tuple(_cert_entry(r) for r in rows)
         if entries and self.cache_bytes:
             self._put_cert(serial, entries)
         return entries
+
+    # -- by subject (EUI-64) -----------------------------------------------------------------
+    def cached_by_eui(self, eui64: bytes, device: bool) -> tuple[CertEntry, ...] | None:
+        found = self._by_eui.get((eui64, device))
+        if found is not None:
+            self.hits += 1
+            self._by_eui.move_to_end((eui64, device))
+        return found
+
+    async def by_eui(self, eui64: bytes, device: bool) -> tuple[CertEntry, ...]:
+        """Every certificate of a device (device=True) or organisation, oldest first."""
+        cached = self.cached_by_eui(eui64, device)
+        if cached is not None:
+            return cached
+        self.misses += 1
+        epoch = self._eui_epoch
+        rows = await self.store.certificates_by_eui(
+            eui64, DEVICE_KINDS if device else ORGANISATION_KINDS)
+        entries = tuple(_cert_entry(r) for r in rows)
+        if epoch == self._eui_epoch and self.cache_bytes:  # nothing lodged meanwhile
+            self._by_eui[(eui64, device)] = entries
+            if len(self._by_eui) > self._eui_limit:
+                self._by_eui.popitem(last=False)
+        return entries
+
+    # -- status ------------------------------------------------------------------------------
+    def cached_revoked(self, issuer_key_id: bytes) -> tuple[bool, frozenset[str] | None]:
+        """(known, serials on the issuer's current CRL/ARL) without I/O."""
+        if issuer_key_id in self._revoked:
+            return True, self._revoked[issuer_key_id]
+        return False, None
+
+    async def revoked(self, issuer_key_id: bytes) -> frozenset[str] | None:
+        known, serials = self.cached_revoked(issuer_key_id)
+        if known:
+            return serials
+        serials = await self.store.current_revoked_serials(issuer_key_id)
+        self._revoked[issuer_key_id] = serials
+        return serials
+
+    async def status(self, entry: CertEntry, now: float) -> str:
+        """The status a relying party sees now: R if on the issuer's current CRL/ARL, E if
+        past notAfter, else the lodged P/I/N."""
+        if entry.issuer_key_id is not None:
+            known, revoked = self.cached_revoked(entry.issuer_key_id)
+            if not known:
+                revoked = await self.revoked(entry.issuer_key_id)
+            if revoked and entry.serial in revoked:
+                return "R"
+        if entry.not_after_ts < now:
+            return "E"
+        return entry.lodged_status
 
     @property
     def cached_certificates(self) -> int:

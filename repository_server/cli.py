@@ -1,4 +1,4 @@
-"""Command line: serve, demo, testpki, import, lodge.
+"""Command line: serve, demo, testpki, import, lodge, users, report.
 
 Every command that touches the store takes `--config FILE` and `--data-dir DIR` (default
 `./var`) and may run while the server runs (they share the embedded PostgreSQL by lease).
@@ -125,7 +125,24 @@ def lodge_manifest(client: Any, pki_dir: Path, manifest: dict[str, Any],
     return failures
 
 
-def _demo_text(repo: Any, pki_dir: Path, manifest: dict[str, Any]) -> str:
+async def _demo_users(repo: Any) -> list[str]:
+    """The demo's users: `dcc-boxed` with the fixed key DCC Boxed's client sends, and an
+    operator (its random key is printed on the first run only)."""
+    from .admin import DCC_BOXED_KEY, users_add
+
+    lines = []
+    if await repo.store.user("dcc-boxed") is None:
+        await users_add(repo.store, "dcc-boxed", api_key=DCC_BOXED_KEY)
+    if await repo.store.user("demo-operator") is None:
+        text = await users_add(repo.store, "demo-operator", role="operator")
+        lines += ["  operator user: " + ln for ln in text.splitlines() if "API key" in ln]
+    await repo.credentials.load()
+    return lines
+
+
+def _demo_text(repo: Any, pki_dir: Path, manifest: dict[str, Any], users: list[str]) -> str:
+    from .admin import DCC_BOXED_KEY
+
     objs = manifest["objects"]
     device = next((o for o in objs if o["kind"] == "device"), None)
     crl = next((o for o in objs if o["kind"] == "crl"), None)
@@ -140,12 +157,22 @@ def _demo_text(repo: Any, pki_dir: Path, manifest: dict[str, Any]) -> str:
                        ("lodging (mutual TLS)", lodge)):
         if url:
             lines.append(f"  {label:22} {url}")
-    lines += ["", "Try:"]
+    lines += ["", f"API key of user dcc-boxed (DCC Boxed's client sends it): {DCC_BOXED_KEY}",
+              *users, "", "Try:"]
     base = http or https
+    key = f"apikey={DCC_BOXED_KEY}"
     if base:
         if device:
-            lines.append(f"  curl -s {base}/certificates/{device['serial']}.pem")
-            lines.append(f"  curl -s {base}/certificates/{device['serial']} | openssl x509"
+            eui = device.get("eui64", "")
+            lines.append(f"  curl -s -H 'Content-Type: application/xml' --data '<CertificateSearch"
+                         f"Request><CertificateSubjectAltName>{eui.lower()}</CertificateSubject"
+                         f"AltName></CertificateSearchRequest>' '{base}/services/certificatesearch"
+                         f"?{key}'")
+            lines.append(f"  curl -s -H 'Content-Type: application/xml' --data '<CertificateData"
+                         f"Request><CertificateSerial>{device['serial'].lower()}</CertificateSerial>"
+                         f"</CertificateDataRequest>' '{base}/services/retrievecertificate?{key}'")
+            lines.append(f"  curl -s '{base}/certificates/{device['serial']}.pem?{key}'")
+            lines.append(f"  curl -s '{base}/certificates/{device['serial']}?{key}' | openssl x509"
                          " -inform DER -noout -text | head -20")
         lines.append(f"  curl -s {base}/crls")
         if crl:
@@ -193,7 +220,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             client.close()
         print(f"lodged in {time.perf_counter() - started:.1f} s"
               + (f" with {failures} refusal(s)" if failures else ""), file=sys.stderr)
-        print(_demo_text(repo, pki_dir, manifest), flush=True)
+        users = await _demo_users(repo)
+        print(_demo_text(repo, pki_dir, manifest, users), flush=True)
 
     return asyncio.run(_serve(config, pid_file=args.pid_file, after_start=after_start))
 
@@ -289,6 +317,60 @@ def cmd_lodge(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+# -- users / report -------------------------------------------------------------------------
+def _admin(args: argparse.Namespace, work: Any) -> int:
+    """Run `work(store, config)` (an admin coroutine returning text) against the store."""
+    from .admin import AdminError
+    from .store import opened_store
+
+    config = _config(args)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+    async def run() -> str:
+        async with opened_store(config, max_size=2) as store:
+            text: str = await work(store, config)
+            return text
+
+    try:
+        print(asyncio.run(run()))
+    except AdminError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    from . import admin
+
+    action = args.action
+    if action == "add":
+        return _admin(args, lambda store, _c: admin.users_add(
+            store, args.name, role="operator" if args.operator else "party",
+            api_key=args.api_key, with_key=not args.no_api_key))
+    if action == "list":
+        return _admin(args, lambda store, _c: admin.users_list(store, as_json=args.json))
+    if action in ("disable", "enable"):
+        return _admin(args, lambda store, _c: admin.users_disable(store, args.name,
+                                                                    action == "disable"))
+    if action == "reset":
+        return _admin(args, lambda store, _c: admin.users_reset(store, args.name))
+    if action == "apikey":
+        return _admin(args, lambda store, _c: admin.users_apikey(store, args.name, args.set))
+    return _admin(args, lambda store, _c: admin.users_forecast(
+        store, args.name, args.per_day, args.bands, args.clear))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from . import admin
+
+    if args.kind == "cpm":
+        return _admin(args, lambda store, config: admin.report_cpm(
+            store, config.service_levels, args.month, args.json))
+    return _admin(args, lambda store, config: admin.report_demand(
+        store, config.service_levels, args.day, args.json))
+
+
 # -- parser ---------------------------------------------------------------------------------
 def _store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML configuration file")
@@ -350,6 +432,47 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=50_000)
     p.add_argument("files", nargs="+", metavar="FILE")
     p.set_defaults(func=cmd_lodge)
+
+    p = sub.add_parser("users", help="relying-party users: API keys, passwords, forecasts")
+    us = p.add_subparsers(dest="action", required=True)
+    q = us.add_parser("add", help="add a user; prints its API key and initial password once")
+    q.add_argument("name")
+    q.add_argument("--operator", action="store_true",
+                   help="operator role (may read the service-level reports over HTTP)")
+    q.add_argument("--api-key", metavar="KEY", help="use this key instead of a random one")
+    q.add_argument("--no-api-key", action="store_true", help="portal sign-in only")
+    q = us.add_parser("list", help="list users (never their keys or passwords)")
+    q.add_argument("--json", action="store_true")
+    for verb, text in (("disable", "disable a user (its API key stops working)"),
+                       ("enable", "enable a disabled user"),
+                       ("reset", "new temporary portal password, to be changed at sign-in")):
+        q = us.add_parser(verb, help=text)
+        q.add_argument("name")
+    q = us.add_parser("apikey", help="new random API key (printed once), or --set a given one")
+    q.add_argument("name")
+    q.add_argument("--set", metavar="KEY", help="e.g. DCC Boxed's fixed key u3bg9gt38htd0j2")
+    q = us.add_parser("forecast", help="set a user's demand forecast")
+    q.add_argument("name")
+    q.add_argument("--per-day", type=int, help="requests per 24 hours")
+    q.add_argument("--bands", metavar="A,B,C,D",
+                   help="percent of the day's requests in 00-07,07-08,08-20,20-24 (UK time);"
+                        " default 25,25,25,25")
+    q.add_argument("--clear", action="store_true", help="remove the forecast")
+    for q in us.choices.values():
+        _store_args(q)
+    p.set_defaults(func=cmd_users)
+
+    p = sub.add_parser("report", help="service-level reports (CPM 8, demand)")
+    rs = p.add_subparsers(dest="kind", required=True)
+    q = rs.add_parser("cpm", help="Code Performance Measure 8 for a calendar month")
+    q.add_argument("--month", metavar="YYYY-MM", help="default: this month (UK time)")
+    q.add_argument("--json", action="store_true")
+    _store_args(q)
+    q = rs.add_parser("demand", help="requests per user and time band against forecast")
+    q.add_argument("--day", metavar="YYYY-MM-DD", help="default: today (UK time)")
+    q.add_argument("--json", action="store_true")
+    _store_args(q)
+    p.set_defaults(func=cmd_report)
     return ap
 
 

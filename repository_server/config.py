@@ -97,6 +97,20 @@ class Web:
     crl_max_age: int = 3600  # upper bound; never beyond the CRL's nextUpdate
     document_max_age: int = 300
     client_max_size_kb: int = 64  # request bodies on the read listeners
+    ws_max_body_bytes: int = 8192  # web service requests (a real one is under 300 bytes)
+
+
+@dataclass(frozen=True)
+class ServiceLevelSettings:
+    """Code Performance Measure 8 and demand (placeholders: the SEC values were not available)."""
+
+    enabled: bool = True  # count every read request (CPM 8 and demand)
+    trt_seconds: float = 3.0  # Target Response Time
+    target_percent: float = 99.0
+    minimum_percent: float = 96.0
+    flush_seconds: float = 10.0  # counts reach PostgreSQL this often (a crash loses at most this)
+    demand_threshold_percent: float = 120.0  # flag users above this share of their forecast
+    timezone: str = "Europe/London"  # months, days and the SEC time bands are UK local time
 
 
 @dataclass(frozen=True)
@@ -120,6 +134,7 @@ class Config:
     lodge: Lodge = field(default_factory=Lodge)
     web: Web = field(default_factory=Web)
     cache: Cache = field(default_factory=Cache)
+    service_levels: ServiceLevelSettings = field(default_factory=ServiceLevelSettings)
     log: Log = field(default_factory=Log)
 
     def path(self, value: str) -> Path:
@@ -157,6 +172,24 @@ class Config:
         for key in ("max_body_mb", "max_crl_bytes", "max_document_mb"):
             if getattr(self.lodge, key) <= 0:
                 raise ConfigError(f"lodge.{key}: must be positive")
+        if not 64 <= self.web.ws_max_body_bytes <= 1024 * 1024:
+            raise ConfigError("web.ws_max_body_bytes: must be between 64 and 1048576")
+        sl = self.service_levels
+        if sl.trt_seconds <= 0:
+            raise ConfigError("service_levels.trt_seconds: must be positive")
+        if not 0 <= sl.minimum_percent <= sl.target_percent <= 100:
+            raise ConfigError("service_levels.minimum_percent/target_percent: need"
+                              " 0 <= minimum_percent <= target_percent <= 100")
+        if sl.flush_seconds <= 0:
+            raise ConfigError("service_levels.flush_seconds: must be positive")
+        if sl.demand_threshold_percent <= 0:
+            raise ConfigError("service_levels.demand_threshold_percent: must be positive")
+        try:
+            from zoneinfo import ZoneInfo
+
+            ZoneInfo(sl.timezone)
+        except (ValueError, KeyError, OSError):
+            raise ConfigError(f"service_levels.timezone: unknown time zone {sl.timezone!r}") from None
         if self.cache.max_mb < 0:
             raise ConfigError("cache.max_mb: must be >= 0")
         if self.log.level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:

@@ -25,14 +25,19 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from .auth import Credentials, User
 from .catalog import Catalog
 from .config import Config, ConfigError, HostPort
 from .lodge.app import build_lodge_app
 from .lodge.service import LodgingService
+from .obs.access import NOTE, Note, access_logger_class
 from .obs.metrics import Metrics
+from .service_levels import ANONYMOUS, ServiceLevelCollector, ServiceLevels
 from .store import opened_store
 from .store.db import Store
 from .web.downloads import Downloads, FastHandler, error
+from .web.ops import Ops
+from .web.webservice import WebService
 
 log = logging.getLogger(__name__)
 
@@ -139,26 +144,54 @@ class Repository:
         self.store: Store | None = None
         self.catalog: Catalog | None = None
         self.lodging: LodgingService | None = None
+        self.credentials: Credentials | None = None
+        self.levels: ServiceLevels | None = None
         self._runners: list[web.AppRunner] = []
         self._servers: list[asyncio.AbstractServer] = []
         self._background: set[asyncio.Task[Any]] = set()
         self.bound: dict[str, HostPort] = {}
 
     # -- apps -----------------------------------------------------------------------------
+    def _identify(self, request: web.Request) -> User | None:
+        """The user whose API key a read request carries (`?apikey=` or X-API-Key), if any.
+        The common spelling `?apikey=KEY` alone is read without parsing the query."""
+        assert self.credentials is not None
+        qs = request.query_string
+        key: str | None = None
+        if qs:
+            if qs.startswith("apikey=") and "&" not in qs and "%" not in qs and "+" not in qs:
+                key = qs[7:]
+            else:
+                key = request.query.get("apikey")
+        if not key:
+            key = request.headers.get("X-API-Key")
+        return self.credentials.user_for_key(key) if key else None
+
     def _read_app(self, listener: str) -> web.Application:
         assert self.catalog is not None and self.store is not None
+        assert self.credentials is not None and self.levels is not None
         metrics = self.metrics
         store = self.store
         catalog = self.catalog
+        levels = self.levels if self.config.service_levels.enabled else None
+        identify = self._identify
 
-        def observed(route: str, handler: Handler) -> Handler:
-            """Per-route wrapper (cheaper than a middleware): timing, status counts, and
+        def observed(route: str, handler: Handler, cpm: tuple[str, str] | None,
+                     receipt_in_handler: bool = False) -> Handler:
+            """Per-route wrapper (cheaper than a middleware): timing, status counts, the
+            request's Note (CPM 8 receipt: here, or in the handler once the body is in), and
             errors turned into JSON answers with a reason, never a stack trace."""
             stats = metrics.http.route(listener, route)
             clock = time.perf_counter
 
             async def wrapper(request: web.Request) -> web.StreamResponse:
                 started = clock()
+                if cpm is not None:
+                    user = None if receipt_in_handler else identify(request)
+                    name = user.name if user else ANONYMOUS
+                    mark = None if receipt_in_handler or levels is None else levels.receive(
+                        cpm[0], cpm[1], name)
+                    request[NOTE] = Note(cpm[0], cpm[1], name, mark, user)
                 try:
                     response = await handler(request)
                 except web.HTTPException as exc:
@@ -196,16 +229,21 @@ class Repository:
         async def not_found(request: web.Request) -> web.Response:
             return error(404, f"no such resource: {request.path} (see the README for the URL scheme)")
 
-        def with_fast_path(route: str, fast: FastHandler, handler: Handler) -> Handler:
+        def with_fast_path(route: str, operation: str, fast: FastHandler,
+                           handler: Handler) -> Handler:
             """Try the synchronous answer first: one coroutine less per hot request."""
             stats = metrics.http.route(listener, route)
             clock = time.perf_counter
 
             async def wrapper(request: web.Request) -> web.StreamResponse:
                 started = clock()
-                response = fast(request)
+                user = identify(request)
+                response = fast(request, user)
                 if response is None:
                     return await handler(request)
+                name = user.name if user else ANONYMOUS
+                request[NOTE] = Note("download", operation, name, levels.receive(
+                    "download", operation, name, started=started) if levels else None)
                 stats.record(200, clock() - started)
                 return response
 
@@ -213,24 +251,40 @@ class Repository:
 
         downloads = Downloads(self.catalog, self.config)
         fast_paths = downloads.fast_paths()
-        routes = [*downloads.routes(),
-                  ("GET", "/healthz", healthz), ("GET", "/readyz", readyz),
-                  ("GET", "/metrics", metrics_handler), ("*", "/{tail:.*}", not_found)]
+        webservice = WebService(self.catalog, self.credentials, self.config, levels)
+        ops = Ops(store, self.credentials, self.levels)
         app = web.Application(client_max_size=self.config.web.client_max_size_kb * 1024)
-        for method, path, handler in routes:
-            wrapped = observed(path, handler)
-            if path in fast_paths:
-                wrapped = with_fast_path(path, fast_paths[path], wrapped)
+
+        def add(method: str, path: str, wrapped: Handler) -> None:
             if method == "GET":
                 app.router.add_get(path, wrapped, allow_head=True)
             else:
                 app.router.add_route(method, path, wrapped)
+
+        for method, path, operation, handler in webservice.routes():
+            add(method, path, observed(path, handler, ("ws", operation), receipt_in_handler=True))
+        for method, path, operation, handler in downloads.routes():
+            wrapped = observed(path, handler, ("download", operation))
+            if path in fast_paths:
+                wrapped = with_fast_path(path, operation, fast_paths[path], wrapped)
+            add(method, path, wrapped)
+        for method, path, handler in [*ops.routes(),
+                                      ("GET", "/healthz", healthz), ("GET", "/readyz", readyz),
+                                      ("GET", "/metrics", metrics_handler),
+                                      ("*", "/{tail:.*}", not_found)]:
+            add(method, path, observed(path, handler, None))
         return app
 
-    async def _runner(self, app: web.Application) -> web.AppRunner:
-        runner = web.AppRunner(app, access_log=log.getChild("access") if
-                               self.config.log.access_log else None,
-                               handler_cancellation=True)
+    async def _runner(self, app: web.Application, *, reads: bool = False) -> web.AppRunner:
+        access = log.getChild("access")
+        if reads:  # the access logger also ends each request's CPM 8 timing: always on
+            levels = self.levels if self.config.service_levels.enabled else None
+            runner = web.AppRunner(app, access_log=access, handler_cancellation=True,
+                                   access_log_class=access_logger_class(
+                                       levels, self.config.log.access_log))
+        else:
+            runner = web.AppRunner(app, access_log=access if self.config.log.access_log
+                                   else None, handler_cancellation=True)
         await runner.setup()
         self._runners.append(runner)
         return runner
@@ -254,7 +308,14 @@ class Repository:
         lodge_ctx = lodge_tls_context(cfg) if cfg.listeners.lodge else None
         self.store = await self._resources.enter_async_context(opened_store(cfg))
         self.catalog = Catalog(self.store, cache_bytes=cfg.cache.max_mb * 1024 * 1024)
+        self.credentials = Credentials(self.store)
+        await self.credentials.load()
+        self.catalog.subscribe("users", self.credentials.changed)
         await self.catalog.start(preload=cfg.cache.preload)
+        self.levels = ServiceLevels(cfg.service_levels, self.store)
+        self.metrics.registry.register(ServiceLevelCollector(self.levels))
+        if cfg.service_levels.enabled:
+            self.levels.start()
         self.lodging = LodgingService(
             self.store, max_batch=cfg.lodge.max_batch, max_crl_bytes=cfg.lodge.max_crl_bytes,
             clock_skew=timedelta(seconds=cfg.lodge.clock_skew_seconds),
@@ -264,7 +325,7 @@ class Repository:
             addr = cfg.listeners.address(name)
             if addr is None:
                 continue
-            runner = await self._runner(self._read_app(name))
+            runner = await self._runner(self._read_app(name), reads=True)
             site = web.TCPSite(runner, addr.host, addr.port, ssl_context=ctx,
                                reuse_address=True, backlog=1024)
             await site.start()
@@ -303,6 +364,8 @@ class Repository:
             await asyncio.gather(*self._background, return_exceptions=True)
         if self.lodging:
             self.lodging.close()
+        if self.levels:
+            await self.levels.stop()  # the last counts reach the store before it closes
         if self.catalog:
             await self.catalog.stop()
         await self._resources.aclose()  # the pool, then the embedded PostgreSQL's lease

@@ -22,6 +22,7 @@ from repository_server.server import Repository
 from repository_server.store.embedded import EmbeddedPostgres
 
 ROOT = Path(__file__).resolve().parents[1]
+TEST_KEY = "test-key-3f9a1c22d0e1"  # the API key of user "tester" in every `server`
 REALDATA = ROOT.parent / "shared" / "realdata"
 
 
@@ -131,11 +132,22 @@ async def start_repository(data_dir: Path, pki: dict[str, Any], dsn: str,
     return repo
 
 
+async def add_user(repo: Repository, name: str, key: str | None, role: str = "party") -> None:
+    """A user with this API key, as `smki-repository users add NAME --api-key KEY` makes it,
+    known to the running server before this returns."""
+    from repository_server import admin
+
+    assert repo.store is not None and repo.credentials is not None
+    await admin.users_add(repo.store, name, role=role, api_key=key, with_key=key is not None)
+    await repo.credentials.load()
+
+
 @pytest_asyncio.fixture(loop_scope="session")
 async def server(tmp_path: Path, pki: dict[str, Any], fresh_db: str) -> AsyncIterator[Running]:
     """An empty repository (fresh database) with every listener up."""
     repo = await start_repository(tmp_path, pki, fresh_db)
     try:
+        await add_user(repo, "tester", TEST_KEY)
         yield Running(repo, pki)
     finally:
         await repo.stop()

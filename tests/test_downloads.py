@@ -19,15 +19,20 @@ from repository_server.lodge.bulk import import_directory
 from repository_server.lodge.service import Actor
 from repository_server.pki.profile import load_pem_or_der_certificates, parse_certificate
 
-from .conftest import REALDATA, Running, http_get
+from .conftest import REALDATA, TEST_KEY, Running, http_get
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
 
 
-async def aget(url: str, **kw: Any) -> tuple[int, dict[str, str], bytes]:
-    return await asyncio.to_thread(http_get, url, **kw)
+async def aget(url: str, headers: dict[str, str] | None = None, key: str | None = TEST_KEY,
+               **kw: Any) -> tuple[int, dict[str, str], bytes]:
+    """GET as the test user (organisation and device certificates need an API key)."""
+    headers = dict(headers or {})
+    if key is not None:
+        headers["X-API-Key"] = key
+    return await asyncio.to_thread(http_get, url, headers=headers, **kw)
 
 
 async def test_certificate_der_pem_and_headers(loaded: Running) -> None:
@@ -154,7 +159,8 @@ async def test_curl_and_openssl_read_what_we_serve(loaded: Running, tmp_path: Pa
     def run() -> None:
         cert_file, crl_file = tmp_path / "c.der", tmp_path / "c.crl"
         subprocess.run(["curl", "-sSf", "-o", str(cert_file),
-                        f"{loaded.http}/certificates/{obj['serial'].lower()}"], check=True,
+                        f"{loaded.http}/certificates/{obj['serial'].lower()}?apikey={TEST_KEY}"],
+                       check=True,
                        timeout=30)
         out = subprocess.run(["openssl", "x509", "-inform", "DER", "-in", str(cert_file),
                               "-noout", "-serial", "-ext", "subjectAltName"],
@@ -169,7 +175,8 @@ async def test_curl_and_openssl_read_what_we_serve(loaded: Running, tmp_path: Pa
         assert "Revoked Certificates" in out and "crlNumber=0x01" in out.replace(" ", "")
         # PEM through curl, verified against the issuing CA with openssl
         pem_file = tmp_path / "c.pem"
-        subprocess.run(["curl", "-sSf", "-H", "Accept: application/x-pem-file", "-o",
+        subprocess.run(["curl", "-sSf", "-H", "Accept: application/x-pem-file", "-H",
+                        f"X-API-Key: {TEST_KEY}", "-o",
                         str(pem_file), f"{loaded.http}/certificates/{obj['serial']}"],
                        check=True, timeout=30)
         ca = next(o for o in loaded.pki["objects"] if o.get("name") == "issuing-dca")
@@ -179,7 +186,8 @@ async def test_curl_and_openssl_read_what_we_serve(loaded: Running, tmp_path: Pa
         res = subprocess.run(["openssl", "verify", "-partial_chain", "-CAfile", str(chain),
                               str(pem_file)], capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
-        head = subprocess.run(["curl", "-sSI", f"{loaded.http}/certificates/{obj['serial']}"],
+        head = subprocess.run(["curl", "-sSI", "-H", f"X-API-Key: {TEST_KEY}",
+                               f"{loaded.http}/certificates/{obj['serial']}"],
                               capture_output=True, text=True, check=True, timeout=30).stdout
         assert "content-length:" in head.lower() and "etag:" in head.lower()
 
@@ -221,7 +229,8 @@ async def test_every_realdata_certificate_imports_and_downloads_byte_identical(
         n = 0
         for r in rows:
             query = f"?issuer={r['issuer_key_id'].hex()}" if r["issuer_key_id"] else ""
-            conn.request("GET", f"/certificates/{r['serial']}{query}")
+            conn.request("GET", f"/certificates/{r['serial']}{query}",
+                         headers={"X-API-Key": TEST_KEY})
             resp = conn.getresponse()
             body = resp.read()
             if resp.status == 300:  # same serial, no key id to tell them apart: both listed

@@ -104,7 +104,7 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
             issuers.setdefault(issuer.subject_dn, []).append(issuer)
         if chunk.records:
             try:
-                stored, identical, shared = await service.store.insert_certificates(
+                stored, identical, changes = await service.store.insert_certificates(
                     chunk.records, lodged_by=actor.name, audit=actor.audit(
                         "import.certificates", "ok", f"import {root}",
                         {"count": len(chunk.records), "first_serial": chunk.serials[0],
@@ -117,8 +117,8 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
             else:
                 report.stored += len(stored)
                 report.identical += len(identical)
-                if shared:
-                    service.on_change("serials:" + ",".join(shared))
+                for payload in changes:
+                    service.on_change(payload)
         done_files += chunk.files
         if progress:
             progress("import", done_files, total)

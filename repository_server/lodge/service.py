@@ -299,7 +299,7 @@ class LodgingService:
         if not records:
             return BatchResult(results, 0, 0)
         try:
-            stored, identical, shared = await self.store.insert_certificates(
+            stored, identical, changes = await self.store.insert_certificates(
                 records, lodged_by=actor.name, audit=actor.audit(action, "ok", obj, {
                     "count": len(records), "first_serial": pending[0]["serial"],
                     "last_serial": pending[-1]["serial"], **detail}))
@@ -312,8 +312,8 @@ class LodgingService:
             raise await self._refuse(actor, action, 409, f"{len(exc.items)} conflicting"
                                      f" certificate(s): {exc}; nothing was stored", obj=obj,
                                      results=results, outcome="conflict") from None
-        if shared:
-            self.on_change("serials:" + ",".join(shared))
+        for payload in changes:
+            self.on_change(payload)
         for i in stored:
             pending[i]["outcome"] = "stored"
         for i in identical:
@@ -376,6 +376,8 @@ class LodgingService:
             raise await self._refuse(actor, action, 404, f"no certificate with serial {serial}",
                                      serial)
         row = rows[0]
+        eui = row["eui64"]
+        self.on_change(f"status:{row['serial']}:{eui.hex() if eui else ''}")
         return {"serial": row["serial"], "status": row["status"],
                 "manufacturing_flag": row["manufacturing_flag"],
                 "issuer_key_id": format_key_id(row["issuer_key_id"] or b"")}

@@ -42,6 +42,60 @@ class CertRow:
     der: bytes
     sha256: bytes
     lodged_at: datetime
+    kind: str
+    eui64: bytes | None
+    role: int | None
+    usage: str | None
+    status: str  # lodged status P/I/N (R and E are computed when answering)
+    manufacturing_flag: bool
+    not_after: datetime
+
+
+_CERT_ROW_COLS = ("id, serial, issuer_key_id, der, sha256, lodged_at, kind, eui64, role, usage,"
+                  " status, manufacturing_flag, not_after")
+
+
+@dataclass(frozen=True, slots=True)
+class UserRow:
+    id: int
+    name: str
+    role: str  # party | operator
+    api_key_sha256: bytes | None
+    api_key_hint: str | None
+    password_hash: str | None
+    must_change_password: bool
+    disabled: bool
+    forecast_per_day: int | None
+    forecast_bands: tuple[int, int, int, int] | None  # percentages of the day's forecast
+    created_at: datetime
+    updated_at: datetime
+
+
+_USER_COLS = ("id, name, role, api_key_sha256, api_key_hint, password_hash, must_change_password,"
+              " disabled, forecast_per_day, forecast_bands, created_at, updated_at")
+
+
+def _user_row(r: asyncpg.Record) -> UserRow:
+    bands = r["forecast_bands"]
+    return UserRow(r["id"], r["name"], r["role"], r["api_key_sha256"], r["api_key_hint"],
+                   r["password_hash"], r["must_change_password"], r["disabled"],
+                   r["forecast_per_day"], tuple(bands) if bands is not None else None,
+                   r["created_at"], r["updated_at"])
+
+
+@dataclass(frozen=True, slots=True)
+class CpmRow:
+    month: str
+    interface: str
+    operation: str
+    user_name: str
+    received: int
+    answered: int
+    within_trt: int
+    failed: int
+    seconds_sum: float
+    buckets: tuple[int, ...]
+    trt_seconds: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +131,12 @@ class DocumentRow:
     sha256: bytes
     lodged_at: datetime
     body: bytes | None  # None in listings
+
+
+def _user_conflict(exc: asyncpg.UniqueViolationError, name: str) -> str:
+    if "api_key" in (exc.constraint_name or ""):
+        return "that API key is already another user's"
+    return f"a user named {name!r} already exists"
 
 
 def _crl_row(r: asyncpg.Record) -> CrlRow:
@@ -181,16 +241,28 @@ class Store:
     # -- certificates: reads ----------------------------------------------------------------
     async def certificates_by_serial(self, serial: str) -> list[CertRow]:
         rows = await self.pool.fetch(
-            "SELECT id, serial, issuer_key_id, der, sha256, lodged_at FROM certificates"
-            " WHERE serial = $1 ORDER BY id", serial)
+            f"SELECT {_CERT_ROW_COLS} FROM certificates WHERE serial = $1 ORDER BY id", serial)
         return [CertRow(*r) for r in rows]
+
+    async def certificates_by_eui(self, eui64: bytes, kinds: Sequence[str]) -> list[CertRow]:
+        """Every certificate of one device or organisation (oldest first)."""
+        rows = await self.pool.fetch(
+            f"SELECT {_CERT_ROW_COLS} FROM certificates WHERE eui64 = $1 AND kind = ANY($2::text[])"
+            " ORDER BY id", eui64, list(kinds))
+        return [CertRow(*r) for r in rows]
+
+    async def euis_lodged_between(self, after_id: int, upto_id: int) -> list[bytes]:
+        """EUI-64s of the certificates with after_id < id <= upto_id (cache invalidation)."""
+        rows = await self.pool.fetch(
+            "SELECT DISTINCT eui64 FROM certificates WHERE id > $1 AND id <= $2"
+            " AND eui64 IS NOT NULL", after_id, upto_id)
+        return [r[0] for r in rows]
 
     async def iter_recent_certificates(self) -> AsyncGenerator[CertRow, None]:
         """Newest first (cache preload; the caller stops when its budget is spent)."""
         async with self.pool.acquire() as conn, conn.transaction(readonly=True):
             cursor = conn.cursor(
-                "SELECT id, serial, issuer_key_id, der, sha256, lodged_at FROM certificates"
-                " ORDER BY id DESC", prefetch=5000)
+                f"SELECT {_CERT_ROW_COLS} FROM certificates ORDER BY id DESC", prefetch=5000)
             async for r in cursor:
                 yield CertRow(*r)
 
@@ -218,13 +290,18 @@ class Store:
         self, records: Sequence[tuple[Any, ...]], *, lodged_by: str, audit: dict[str, Any],
     ) -> tuple[list[int], list[int], list[str]]:
         """Store a batch atomically. Returns (indexes stored, indexes already present,
-        serials now shared with another issuer's certificate).
+        change notifications sent: "serials:..." for serials now shared with another issuer's
+        certificate, "certs:LO:HI" for the id range the new rows fall in).
 
         Raises ConflictError (and stores nothing) when a record has the issuer and serial
         of a different stored certificate. Committed (and so durable: synchronous_commit)
         before it returns.
         """
         async with self.pool.acquire() as conn, conn.transaction():
+            # Every id this batch takes is above the sequence's value now (sequences are not
+            # transactional), and at most its value after the insert: readers drop what they
+            # cached for the EUI-64s lodged in that range (a superset of ours, harmlessly).
+            id_floor = int(await conn.fetchval("SELECT last_value - 1 FROM certificates_id_seq"))
             # Fast path, new certificates (the common case): COPY straight into the table
             # under a savepoint. PostgreSQL then spends about a third of the CPU of the
             # general path (70 vs 160-240 ms per 4,000 rows, measured on this VM). Any
@@ -249,10 +326,15 @@ class Store:
                 " (SELECT count(*) FROM certificates c WHERE c.serial = s) > 1 LIMIT 200",
                 list({records[i][serial_col] for i in stored}))] if stored else []
             await self._audit(conn, **audit)
+            changes = []
             if shared:
-                await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL,
-                                   "serials:" + ",".join(shared))
-        return stored, identical, shared
+                changes.append("serials:" + ",".join(shared))
+            if stored:
+                id_ceiling = int(await conn.fetchval("SELECT last_value FROM certificates_id_seq"))
+                changes.append(f"certs:{id_floor}:{id_ceiling}")
+            for payload in changes:
+                await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, payload)
+        return stored, identical, changes
 
     @staticmethod
     async def _insert_general(conn: asyncpg.Connection, records: Sequence[tuple[Any, ...]],
@@ -316,11 +398,13 @@ class Store:
                 "UPDATE certificates SET status = coalesce($3, status),"
                 " manufacturing_flag = coalesce($4, manufacturing_flag)"
                 " WHERE serial = $1 AND ($2::bytea IS NULL OR issuer_key_id = $2)"
-                " RETURNING id, serial, issuer_key_id, status, manufacturing_flag",
+                " RETURNING id, serial, issuer_key_id, status, manufacturing_flag, eui64",
                 serial, issuer_key_id, status, manufacturing_flag)
             if len(rows) == 1:
                 await self._audit(conn, **audit)
-                await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, f"status:{serial}")
+                eui = rows[0]["eui64"]
+                await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL,
+                                   f"status:{serial}:{eui.hex() if eui else ''}")
             elif len(rows) > 1:
                 raise ConflictError("serial is not unique: give the issuer key id")
             return [dict(r) for r in rows]
@@ -387,6 +471,18 @@ class Store:
                 issuer_key_id, number)
         return _crl_row(r) if r else None
 
+    async def current_revoked_serials(self, issuer_key_id: bytes) -> frozenset[str] | None:
+        """Serials on the issuer's current CRL/ARL; None when it has lodged none."""
+        async with self.pool.acquire() as conn, conn.transaction(readonly=True,
+                                                                  isolation="repeatable_read"):
+            crl_id = await conn.fetchval(
+                "SELECT id FROM crls WHERE issuer_key_id = $1 ORDER BY crl_number DESC LIMIT 1",
+                issuer_key_id)
+            if crl_id is None:
+                return None
+            rows = await conn.fetch("SELECT serial FROM revoked_entries WHERE crl_id = $1", crl_id)
+        return frozenset(r[0] for r in rows)
+
     async def crl_versions(self, issuer_key_id: bytes) -> list[tuple[int, datetime, datetime | None]]:
         rows = await self.pool.fetch(
             "SELECT crl_number, this_update, next_update FROM crls WHERE issuer_key_id = $1"
@@ -440,6 +536,103 @@ class Store:
                 f"SELECT {self._DOC_COLS}, body FROM documents WHERE name = $1 AND version = $2",
                 name, version)
         return DocumentRow(*r) if r else None
+
+    # -- users (operator commands write these; the servers only read them) -----------------
+    async def users(self) -> list[UserRow]:
+        return [_user_row(r) for r in await self.pool.fetch(
+            f"SELECT {_USER_COLS} FROM users ORDER BY name")]
+
+    async def user(self, name: str) -> UserRow | None:
+        r = await self.pool.fetchrow(f"SELECT {_USER_COLS} FROM users WHERE name = $1", name)
+        return _user_row(r) if r else None
+
+    async def create_user(self, name: str, role: str, *, api_key_sha256: bytes | None,
+                          api_key_hint: str | None, password_hash: str | None,
+                          actor: str) -> UserRow:
+        """Raises ConflictError if the name or the API key is taken."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            try:
+                r = await conn.fetchrow(
+                    "INSERT INTO users (name, role, api_key_sha256, api_key_hint, password_hash)"
+                    f" VALUES ($1, $2, $3, $4, $5) RETURNING {_USER_COLS}",
+                    name, role, api_key_sha256, api_key_hint, password_hash)
+            except asyncpg.UniqueViolationError as exc:
+                raise ConflictError(_user_conflict(exc, name)) from None
+            await self._audit(conn, actor=actor, action="users.add", outcome="ok", object=name,
+                              detail={"role": role})
+            await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, "users:" + name)
+        return _user_row(r)
+
+    _USER_FIELDS = frozenset({"api_key_sha256", "api_key_hint", "password_hash",
+                              "must_change_password", "disabled", "forecast_per_day",
+                              "forecast_bands", "role"})
+
+    async def update_user(self, name: str, *, actor: str, action: str,
+                          **fields: Any) -> UserRow | None:
+        """Set the given columns of one user; None if there is no such user. Raises
+        ConflictError if a new API key is already another user's."""
+        unknown = set(fields) - self._USER_FIELDS
+        if unknown:
+            raise ValueError(f"not user fields: {sorted(unknown)}")
+        names = sorted(fields)
+        sets = ", ".join(f"{n} = ${i}" for i, n in enumerate(names, start=2))
+        async with self.pool.acquire() as conn, conn.transaction():
+            try:
+                r = await conn.fetchrow(
+                    f"UPDATE users SET {sets}, updated_at = now() WHERE name = $1"
+                    f" RETURNING {_USER_COLS}", name, *(fields[n] for n in names))
+            except asyncpg.UniqueViolationError as exc:
+                raise ConflictError(_user_conflict(exc, name)) from None
+            if r is None:
+                return None
+            secret = {"api_key_sha256", "api_key_hint", "password_hash"}
+            await self._audit(conn, actor=actor, action=action, outcome="ok", object=name,
+                              detail={n: ("(changed)" if n in secret else fields[n]) for n in names})
+            await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, "users:" + name)
+        return _user_row(r)
+
+    # -- service levels: CPM 8 and demand ---------------------------------------------------
+    async def add_service_level_counts(self, cpm: Sequence[CpmRow],
+                                       demand: Sequence[tuple[Any, str, int, int]]) -> None:
+        """Add one process's counts since its last flush (one transaction, additive, so
+        every process and node can flush into the same rows)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if cpm:
+                await conn.executemany(
+                    "INSERT INTO cpm_counts AS c (month, interface, operation, user_name, received,"
+                    " answered, within_trt, failed, seconds_sum, buckets, trt_seconds)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+                    " ON CONFLICT (month, interface, operation, user_name) DO UPDATE SET"
+                    " received = c.received + excluded.received,"
+                    " answered = c.answered + excluded.answered,"
+                    " within_trt = c.within_trt + excluded.within_trt,"
+                    " failed = c.failed + excluded.failed,"
+                    " seconds_sum = c.seconds_sum + excluded.seconds_sum,"
+                    " buckets = (SELECT array_agg(coalesce(a, 0) + coalesce(b, 0) ORDER BY i)"
+                    "   FROM unnest(c.buckets, excluded.buckets) WITH ORDINALITY AS t(a, b, i)),"
+                    " trt_seconds = excluded.trt_seconds",
+                    [(r.month, r.interface, r.operation, r.user_name, r.received, r.answered,
+                      r.within_trt, r.failed, r.seconds_sum, list(r.buckets), r.trt_seconds)
+                     for r in cpm])
+            if demand:
+                await conn.executemany(
+                    "INSERT INTO demand_counts AS d (day, user_name, band, requests)"
+                    " VALUES ($1, $2, $3, $4) ON CONFLICT (day, user_name, band)"
+                    " DO UPDATE SET requests = d.requests + excluded.requests", demand)
+
+    async def cpm_counts(self, month: str) -> list[CpmRow]:
+        rows = await self.pool.fetch(
+            "SELECT month, interface, operation, user_name, received, answered, within_trt,"
+            " failed, seconds_sum, buckets, trt_seconds FROM cpm_counts WHERE month = $1"
+            " ORDER BY interface, operation, user_name", month)
+        return [CpmRow(*r[:9], tuple(r["buckets"]), r["trt_seconds"]) for r in rows]  # type: ignore[call-arg]
+
+    async def demand_counts(self, day: Any) -> list[tuple[str, int, int]]:
+        """(user, band, requests) for one UK day (a datetime.date)."""
+        rows = await self.pool.fetch(
+            "SELECT user_name, band, requests FROM demand_counts WHERE day = $1"
+            " ORDER BY user_name, band", day)
+        return [(r[0], int(r[1]), int(r[2])) for r in rows]
 
     # -- audit ---------------------------------------------------------------------------
     @staticmethod

@@ -25,14 +25,16 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
+from ..auth import User
 from ..catalog import Catalog, CertEntry, CrlEntry, DocEntry, http_date
 from ..config import Config
+from ..obs.access import NOTE, Note
 from ..pki.ids import IdentifierError, format_key_id, parse_key_id, parse_serial
 from ..store.db import DocumentRow
 from .http_cache import not_modified
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-FastHandler = Callable[[web.Request], web.Response | None]
+FastHandler = Callable[[web.Request, User | None], web.Response | None]
 
 PKIX_CERT = "application/pkix-cert"
 PKIX_CRL = "application/pkix-crl"
@@ -62,23 +64,25 @@ class Downloads:
         self.catalog = catalog
         self.config = config
         web_cfg = config.web
+        self.open_reads = web_cfg.open_reads
         # certificates, CRL versions and document versions never change
         self._immutable = f"public, max-age={web_cfg.cert_max_age}, immutable"
         self._cert_static = {"Content-Type": PKIX_CERT, "Cache-Control": self._immutable,
                              "Vary": "Accept"}
 
-    def routes(self) -> list[tuple[str, str, Handler]]:
-        """(method, path, handler); HEAD is answered for every GET."""
+    def routes(self) -> list[tuple[str, str, str, Handler]]:
+        """(method, path, operation, handler); HEAD is answered for every GET. The operation
+        names the request in the CPM 8 counts."""
         return [
-            ("GET", "/certificates/{serial}", self.certificate),
-            ("GET", "/crls", self.crl_list),
-            ("GET", "/crls/{key}/versions", self.crl_versions),
-            ("GET", "/crls/{key}/{number}", self.crl_version),
-            ("GET", "/crls/{key}", self.crl_current),
-            ("GET", "/documents", self.document_list),
-            ("GET", "/documents/{name}/versions", self.document_versions),
-            ("GET", "/documents/{name}/{version}", self.document_version),
-            ("GET", "/documents/{name}", self.document_current),
+            ("GET", "/certificates/{serial}", "certificate", self.certificate),
+            ("GET", "/crls", "crl-list", self.crl_list),
+            ("GET", "/crls/{key}/versions", "crl-versions", self.crl_versions),
+            ("GET", "/crls/{key}/{number}", "crl", self.crl_version),
+            ("GET", "/crls/{key}", "crl", self.crl_current),
+            ("GET", "/documents", "document-list", self.document_list),
+            ("GET", "/documents/{name}/versions", "document-versions", self.document_versions),
+            ("GET", "/documents/{name}/{version}", "document", self.document_version),
+            ("GET", "/documents/{name}", "document", self.document_current),
         ]
 
     # -- certificates -------------------------------------------------------------------
@@ -86,11 +90,12 @@ class Downloads:
         """Synchronous answers for the hottest route, tried before the full handler."""
         return {"/certificates/{serial}": self.certificate_cached}
 
-    def certificate_cached(self, request: web.Request) -> web.Response | None:
+    def certificate_cached(self, request: web.Request, user: User | None) -> web.Response | None:
         """The common case, answered without a coroutine, parsing or negotiation: the serial
-        is spelt canonically, is in the cache and unique, and the client wants DER
+        is spelt canonically, is in the cache and unique, the client may read it and wants DER
         unconditionally. None sends the request to `certificate` (see BENCHMARKS.md)."""
-        if request.query_string:
+        qs = request.query_string
+        if qs and not qs.startswith("apikey="):
             return None
         headers = request.headers
         if ("If-None-Match" in headers or "If-Modified-Since" in headers
@@ -100,6 +105,8 @@ class Downloads:
         if cached is None or len(cached) != 1:
             return None
         entry = cached[0]
+        if user is None and not entry.public and not self.open_reads:
+            return None
         return web.Response(body=entry.der, headers={
             **self._cert_static, "ETag": entry.etag, "Last-Modified": entry.last_modified})
 
@@ -124,6 +131,12 @@ class Downloads:
         if len(entries) > 1:
             choices = ", ".join(format_key_id(e.issuer_key_id) for e in entries if e.issuer_key_id)
             return error(300, f"serial {serial} is not unique: add ?issuer= one of {choices}")
+        if not entries[0].public and not self.open_reads:
+            note: Note | None = request.get(NOTE)
+            if note is None or note.principal is None:
+                return error(403, "an API key is required for organisation and device"
+                             " certificates: add ?apikey=KEY or the header X-API-Key"
+                             " (CA certificates, CRLs and documents need none)")
         return self._cert_response(request, entries[0], pem)
 
     def _cert_response(self, request: web.Request, entry: CertEntry, pem: bool) -> web.Response:

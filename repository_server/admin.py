@@ -1,0 +1,187 @@
+"""Operator commands over the store: `users …` and `report …` (called by cli.py).
+
+Each function takes an open Store and returns what to print; errors a user can act on are
+raised as AdminError with a one-line message (the CLI prints it and exits 1).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import re
+from datetime import date
+from typing import Any
+
+from .auth import ROLES, api_key_hint, api_key_sha256, hash_password, new_api_key, new_password
+from .config import ServiceLevelSettings
+from .service_levels import (
+    BANDS,
+    ServiceLevels,
+    cpm_report,
+    demand_report,
+    format_cpm_report,
+    format_demand_report,
+)
+from .store.db import ConflictError, Store, UserRow
+
+# The web service puts the key in the URL: only characters that need no escaping there.
+_KEY = re.compile(r"^[A-Za-z0-9._~-]{8,200}$")
+DCC_BOXED_KEY = "u3bg9gt38htd0j2"  # what @smartdcc/dccboxed-keystore always sends
+
+
+class AdminError(Exception):
+    pass
+
+
+def operator_name() -> str:
+    return f"operator:{getpass.getuser()}"
+
+
+def _check_key(key: str) -> str:
+    if not _KEY.match(key):
+        raise AdminError("API key: 8 to 200 characters from A-Z a-z 0-9 . _ ~ - (it travels in"
+                         " the URL)")
+    return key
+
+
+async def _need(store: Store, name: str) -> UserRow:
+    row = await store.user(name)
+    if row is None:
+        raise AdminError(f"no user named {name!r} (see `smki-repository users list`)")
+    return row
+
+
+async def users_add(store: Store, name: str, *, role: str = "party", api_key: str | None = None,
+                    with_key: bool = True) -> str:
+    if role not in ROLES:
+        raise AdminError(f"role: one of {', '.join(ROLES)}")
+    key = _check_key(api_key) if api_key else (new_api_key() if with_key else None)
+    password = new_password()
+    try:
+        await store.create_user(name, role, api_key_sha256=api_key_sha256(key) if key else None,
+                                api_key_hint=api_key_hint(key) if key else None,
+                                password_hash=hash_password(password), actor=operator_name())
+    except ConflictError as exc:
+        raise AdminError(str(exc)) from None
+    except Exception as exc:  # the name CHECK constraint
+        if "users_name_check" in str(exc):
+            raise AdminError("user name: letters, digits and . _ @ -, starting with a letter or"
+                             " digit, up to 100 characters") from None
+        raise
+    lines = [f"user {name} added ({role})"]
+    if key and not api_key:
+        lines.append(f"API key (shown only now): {key}")
+    elif key:
+        lines.append("API key: the value given")
+    lines.append(f"initial portal password (shown only now; to be changed at first sign-in):"
+                 f" {password}")
+    return "\n".join(lines)
+
+
+def _user_json(u: UserRow) -> dict[str, Any]:
+    return {"name": u.name, "role": u.role, "disabled": u.disabled,
+            "api_key": u.api_key_hint, "password_set": u.password_hash is not None,
+            "must_change_password": u.must_change_password,
+            "forecast_per_day": u.forecast_per_day,
+            "forecast_bands": dict(zip(BANDS, u.forecast_bands, strict=True))
+            if u.forecast_bands else None,
+            "created_at": u.created_at.isoformat(), "updated_at": u.updated_at.isoformat()}
+
+
+async def users_list(store: Store, *, as_json: bool = False) -> str:
+    rows = await store.users()
+    if as_json:
+        return json.dumps([_user_json(u) for u in rows], indent=2)
+    if not rows:
+        return "no users (add one with `smki-repository users add NAME`)"
+    lines = [f"{'name':<24}{'role':<10}{'state':<10}{'api key':<10}{'forecast/day':>14}"
+             f"  {'bands % ' + '/'.join(BANDS)}"]
+    for u in rows:
+        bands = "/".join(str(b) for b in u.forecast_bands) if u.forecast_bands else "-"
+        lines.append(f"{u.name:<24}{u.role:<10}{'disabled' if u.disabled else 'enabled':<10}"
+                     f"{u.api_key_hint or '-':<10}"
+                     f"{u.forecast_per_day if u.forecast_per_day is not None else '-':>14}"
+                     f"  {bands}")
+    return "\n".join(lines)
+
+
+async def _update(store: Store, name: str, action: str, **fields: Any) -> UserRow:
+    await _need(store, name)
+    try:
+        row = await store.update_user(name, actor=operator_name(), action=action, **fields)
+    except ConflictError as exc:
+        raise AdminError(str(exc)) from None
+    if row is None:
+        raise AdminError(f"no user named {name!r}")
+    return row
+
+
+async def users_disable(store: Store, name: str, disabled: bool = True) -> str:
+    await _update(store, name, "users.disable" if disabled else "users.enable", disabled=disabled)
+    return f"user {name} {'disabled: its API key no longer works' if disabled else 'enabled'}"
+
+
+async def users_reset(store: Store, name: str) -> str:
+    password = new_password()
+    await _update(store, name, "users.reset", password_hash=hash_password(password),
+                  must_change_password=True)
+    return (f"password of {name} reset; temporary password (shown only now; to be changed at"
+            f" the next sign-in): {password}")
+
+
+async def users_apikey(store: Store, name: str, value: str | None = None) -> str:
+    key = _check_key(value) if value else new_api_key()
+    await _update(store, name, "users.apikey", api_key_sha256=api_key_sha256(key),
+                  api_key_hint=api_key_hint(key))
+    if value:
+        return f"API key of {name} set to the value given; the previous key no longer works"
+    return f"new API key of {name} (shown only now; the previous key no longer works): {key}"
+
+
+def parse_bands(text: str) -> tuple[int, int, int, int]:
+    try:
+        parts = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise AdminError(f"--bands: four whole percentages for {', '.join(BANDS)}, e.g."
+                         f" 10,5,70,15 (got {text!r})") from None
+    if len(parts) != 4 or any(p < 0 for p in parts) or sum(parts) != 100:
+        raise AdminError(f"--bands: four percentages for {', '.join(BANDS)} adding up to 100"
+                         f" (got {text!r})")
+    return parts[0], parts[1], parts[2], parts[3]
+
+
+async def users_forecast(store: Store, name: str, per_day: int | None, bands: str | None,
+                         clear: bool = False) -> str:
+    if clear:
+        await _update(store, name, "users.forecast", forecast_per_day=None, forecast_bands=None)
+        return f"forecast of {name} cleared"
+    if per_day is None or per_day < 0:
+        raise AdminError("--per-day: the forecast number of requests per 24 hours (>= 0)")
+    split = parse_bands(bands) if bands else (25, 25, 25, 25)
+    await _update(store, name, "users.forecast", forecast_per_day=per_day,
+                  forecast_bands=list(split))
+    return (f"forecast of {name}: {per_day} requests per day, "
+            + ", ".join(f"{b} {p}%" for b, p in zip(BANDS, split, strict=True)))
+
+
+async def report_cpm(store: Store, settings: ServiceLevelSettings, month: str | None,
+                     as_json: bool) -> str:
+    if month is None:
+        levels = ServiceLevels(settings, None)
+        month = levels.period_at(levels.clock()).month
+    if not re.match(r"^\d{4}-(0[1-9]|1[0-2])$", month):
+        raise AdminError(f"--month: expected YYYY-MM, got {month!r}")
+    report = cpm_report(month, await store.cpm_counts(month), settings)
+    return json.dumps(report, indent=2) if as_json else format_cpm_report(report)
+
+
+async def report_demand(store: Store, settings: ServiceLevelSettings, day_text: str | None,
+                        as_json: bool) -> str:
+    levels = ServiceLevels(settings, None)
+    try:
+        day = date.fromisoformat(day_text) if day_text else levels.period_at(levels.clock()).day
+    except ValueError:
+        raise AdminError(f"--day: expected YYYY-MM-DD, got {day_text!r}") from None
+    report = demand_report(day, await store.demand_counts(day), await store.users(),
+                           settings.demand_threshold_percent)
+    return json.dumps(report, indent=2) if as_json else format_demand_report(report)

@@ -1,0 +1,76 @@
+"""The read listeners' access log, and the moment a response counts as sent.
+
+aiohttp calls the access logger after it has written the whole response to the connection
+(after `write_eof`), so that is where a request's Code Performance Measure 8 timing ends
+(`ServiceLevels.answered`). Handlers leave a `Note` on the request (`request["smki"]`) with
+the interface, operation, user, audit reference and outcome; the log line carries them.
+The query string is never logged: it holds API keys.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import StreamResponse
+
+if TYPE_CHECKING:
+    from ..auth import User
+    from ..service_levels import Mark, ServiceLevels
+
+
+
+class Note:
+    """What one read request was, filled in as the handler learns it."""
+
+    __slots__ = ("audit_ref", "interface", "mark", "operation", "outcome", "principal", "user")
+
+    def __init__(self, interface: str, operation: str, user: str, mark: Mark | None,
+                 principal: User | None = None) -> None:
+        self.interface = interface
+        self.operation = operation
+        self.user = user
+        self.principal = principal  # the user an API key identified, if any
+        self.audit_ref: str | None = None
+        self.outcome: str | None = None
+        self.mark = mark
+
+
+NOTE = web.RequestKey("smki", Note)
+
+
+def access_logger_class(levels: ServiceLevels | None,
+                        emit: bool) -> type[AbstractAccessLogger]:
+    """An access logger bound to this process's service-level counters (aiohttp makes one
+    per connection from the class)."""
+
+    class AccessLogger(AbstractAccessLogger):
+        def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+            note = request.get(NOTE)
+            if note is not None and note.mark is not None and levels is not None:
+                levels.answered(note.mark, response.status)
+            if not emit:
+                return
+            peer = request.remote or "-"
+            if note is None:
+                self.logger.info('%s "%s %s" %d %d %.1fms', peer, request.method, request.path,
+                                 response.status, response.body_length, time * 1000)
+                return
+            self.logger.info(
+                '%s "%s %s" %d %d %.1fms interface=%s operation=%s user=%s outcome=%s audit=%s',
+                peer, request.method, request.path, response.status, response.body_length,
+                time * 1000, note.interface, note.operation, note.user,
+                note.outcome or response.status, note.audit_ref or "-")
+
+        @property
+        def enabled(self) -> bool:
+            return True  # always called: it also ends the CPM timing
+
+    return AccessLogger
+
+
+def quiet_logger() -> logging.Logger:
+    return logging.getLogger("repository_server.access")

@@ -1,0 +1,71 @@
+"""Operator-only JSON on the read listeners: service-level reports.
+
+  GET /ops/reports/cpm?month=YYYY-MM        Code Performance Measure 8 (as `report cpm --json`)
+  GET /ops/reports/demand?day=YYYY-MM-DD    demand against forecast (as `report demand --json`)
+
+Both need the API key of a user with the operator role (`?apikey=` or X-API-Key). This
+process's counts are flushed first, so the answer includes everything it has answered.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from datetime import date
+
+from aiohttp import web
+
+from ..auth import Credentials
+from ..service_levels import ServiceLevels, cpm_report, demand_report
+from ..store.db import Store
+from .downloads import error
+from .webservice import request_key
+
+_MONTH = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Ops:
+    def __init__(self, store: Store, credentials: Credentials, levels: ServiceLevels) -> None:
+        self.store = store
+        self.credentials = credentials
+        self.levels = levels
+
+    def routes(self) -> list[tuple[str, str, Handler]]:
+        return [("GET", "/ops/reports/cpm", self.cpm), ("GET", "/ops/reports/demand", self.demand)]
+
+    def _refused(self, request: web.Request) -> web.Response | None:
+        key = request_key(request)
+        user = self.credentials.user_for_key(key) if key else None
+        if user is None:
+            return error(403, "an operator's API key is required (?apikey= or X-API-Key)")
+        if not user.operator:
+            return error(403, f"user {user.name!r} is not an operator")
+        return None
+
+    async def cpm(self, request: web.Request) -> web.StreamResponse:
+        refused = self._refused(request)
+        if refused:
+            return refused
+        month = request.query.get("month") or self.levels.period_at(self.levels.clock()).month
+        if not _MONTH.match(month):
+            return error(400, f"month: expected YYYY-MM, got {month!r}")
+        await self.levels.flush()
+        report = cpm_report(month, await self.store.cpm_counts(month), self.levels.settings)
+        return web.json_response(report, headers={"Cache-Control": "no-store"})
+
+    async def demand(self, request: web.Request) -> web.StreamResponse:
+        refused = self._refused(request)
+        if refused:
+            return refused
+        text = request.query.get("day")
+        try:
+            day = date.fromisoformat(text) if text else self.levels.period_at(
+                self.levels.clock()).day
+        except ValueError:
+            return error(400, f"day: expected YYYY-MM-DD, got {text!r}")
+        await self.levels.flush()
+        report = demand_report(day, await self.store.demand_counts(day), await self.store.users(),
+                               self.levels.settings.demand_threshold_percent)
+        return web.json_response(report, headers={"Cache-Control": "no-store"})

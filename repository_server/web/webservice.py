@@ -1,0 +1,144 @@
+"""The DCC-Boxed-compatible SMKI Repository Web Service: certificate search and retrieval.
+
+  POST /services/certificatesearch?apikey=KEY      <CertificateSearchRequest>
+  POST /services/retrievecertificate?apikey=KEY    <CertificateDataRequest>
+
+Status codes are the service's own (Smart DCC's client depends on them): 200 found, 402
+nothing found, 401 invalid request (the ResponseMessage names the problem), 403 missing or
+unknown API key. Every answer carries a fresh AuditReference, also in the access log. The
+certificate status is worked out when answering (`Catalog.status`): R if on the issuer's
+current CRL/ARL, E if expired, else as lodged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from ..auth import Credentials, User
+from ..catalog import Catalog, CertEntry
+from ..config import Config
+from ..obs.access import NOTE, Note
+from ..pki.ids import format_eui64
+from ..service_levels import ANONYMOUS, ServiceLevels
+from . import ws_xml
+from .ws_xml import CertificateFields, WsError
+
+
+def request_key(request: web.BaseRequest) -> str | None:
+    """The API key a read request carries: `?apikey=` (the web service's way) or X-API-Key."""
+    return request.query.get("apikey") or request.headers.get("X-API-Key")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class WebService:
+    def __init__(self, catalog: Catalog, credentials: Credentials, config: Config,
+                 levels: ServiceLevels | None) -> None:
+        self.catalog = catalog
+        self.levels = levels
+        self.credentials = credentials
+        self.open_reads = config.web.open_reads
+        self.max_body = config.web.ws_max_body_bytes
+        self.refs = ws_xml.AuditReferences()
+        self._headers = {"Content-Type": ws_xml.CONTENT_TYPE, "Cache-Control": "no-store"}
+
+    def routes(self) -> list[tuple[str, str, str, Handler]]:
+        """(method, path, operation, handler)."""
+        return [("*", "/services/certificatesearch", "search", self.search),
+                ("*", "/services/retrievecertificate", "retrieve", self.retrieve)]
+
+    # -- shared request handling ------------------------------------------------------------
+    def _answer(self, note: Note | None, root: str, status: int, body: bytes | None = None,
+                message: str = "") -> web.Response:
+        ref = self.refs.next()
+        if note is not None:
+            note.audit_ref = ref
+            note.outcome = str(status)
+        if body is None:
+            body = ws_xml.error_response(root, status, message, ref)
+        return web.Response(body=body, status=status, headers=self._headers)
+
+    async def _accept(self, request: web.Request, root: str) -> tuple[Note | None, User | None,
+                                                                      bytes | web.Response]:
+        """Receive the body and check the key: (note, user, body) or an error answer."""
+        note: Note | None = request.get(NOTE)
+        if request.method != "POST":
+            return note, None, self._answer(note, root, 405, message="use POST with an XML body")
+        declared = request.content_length
+        if declared is not None and declared > self.max_body:
+            return note, None, self._answer(note, root, 401, message=f"request body of {declared}"
+                                            f" bytes exceeds the limit of {self.max_body}")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            body = b"\0" * (self.max_body + 1)
+        if len(body) > self.max_body:
+            return note, None, self._answer(note, root, 401, message="request body exceeds the"
+                                            f" limit of {self.max_body} bytes")
+        key = request_key(request)
+        user = self.credentials.user_for_key(key) if key else None
+        if note is not None:  # the request is in: CPM 8 receipt
+            note.user = user.name if user else ANONYMOUS
+            note.principal = user
+            if self.levels is not None:
+                note.mark = self.levels.receive(note.interface, note.operation, note.user)
+        if user is None and not self.open_reads:
+            reason = ("unknown or disabled API key" if key else
+                      "an API key is required: add ?apikey=KEY to the URL")
+            return note, None, self._answer(note, root, 403, message=reason)
+        return note, user, body
+
+    async def _fields(self, entry: CertEntry, now: float) -> CertificateFields:
+        return CertificateFields(entry.serial, entry.eui64, entry.kind == "device",
+                                 await self.catalog.status(entry, now), entry.role, entry.usage,
+                                 entry.manufacturing_flag)
+
+    # -- handlers -------------------------------------------------------------------------
+    async def search(self, request: web.Request) -> web.StreamResponse:
+        root = ws_xml.SEARCH_RESPONSE
+        note, _user, body = await self._accept(request, root)
+        if isinstance(body, web.Response):
+            return body
+        try:
+            wanted = ws_xml.parse_search(body)
+        except WsError as exc:
+            return self._answer(note, root, exc.status, message=exc.message)
+        entries = self.catalog.cached_by_eui(wanted.eui64, wanted.device)
+        if entries is None:
+            entries = await self.catalog.by_eui(wanted.eui64, wanted.device)
+        if not entries:
+            return self._answer(note, root, 402, message=f"no certificates found for"
+                                f" {wanted.field} {format_eui64(wanted.eui64)}")
+        now = time.time()
+        results = [await self._fields(e, now) for e in entries]
+        ref = self.refs.next()
+        if note is not None:
+            note.audit_ref, note.outcome = ref, "200"
+        return web.Response(body=ws_xml.search_response(ref, results), headers=self._headers)
+
+    async def retrieve(self, request: web.Request) -> web.StreamResponse:
+        root = ws_xml.DATA_RESPONSE
+        note, _user, body = await self._accept(request, root)
+        if isinstance(body, web.Response):
+            return body
+        try:
+            serial = ws_xml.parse_retrieve(body)
+        except WsError as exc:
+            return self._answer(note, root, exc.status, message=exc.message)
+        entries = self.catalog.cached_certificates_for(serial)
+        if entries is None:
+            entries = await self.catalog.certificates(serial)
+        if not entries:
+            return self._answer(note, root, 402, message=f"no certificate with serial {serial}")
+        # Serials are unique in the GB SMKI (16 random octets); should two issuers ever share
+        # one, the first lodged answers, as documented in the README.
+        entry = entries[0]
+        ref = self.refs.next()
+        if note is not None:
+            note.audit_ref, note.outcome = ref, "200"
+        fields = await self._fields(entry, time.time())
+        return web.Response(body=ws_xml.retrieve_response(ref, fields, entry.der),
+                            headers=self._headers)
