@@ -1,5 +1,5 @@
 #!/bin/bash
-# smki_target.sh load|start|stop — smki-repository as a candidate of the shared benchmark
+# smki_target.sh load|start [nocpm]|stop — smki-repository as a candidate of the shared benchmark
 # harness (../../shared/bench); called by bench/smki-target.json.
 #
 # The harness runs this with its bench folder as working directory and sets BENCH, BENCH_WORK,
@@ -38,6 +38,8 @@ READY_TIMEOUT=${SMKI_READY_TIMEOUT:-600}
 # ("configuration error: bin: unknown setting"): drop them all (ours included) before running it.
 for v in $(compgen -e | grep '^SMKI_' || true); do unset "$v"; done
 export SMKI_LOG__ACCESS_LOG=false PYTHONUNBUFFERED=1
+# The API key the targets file gives the harness (web service and certificate downloads).
+BENCH_API_KEY=bench-api-key-2026
 
 stop_postgres() {  # a PostgreSQL left running in our data dir (by a crashed run): stop it by pid
   local pm=$DATA_DIR/pgdata/postmaster.pid pid
@@ -68,11 +70,16 @@ case "${1:-}" in
       echo "import failed (rc=$rc); full output: $W/import.log" >&2
       exit $rc
     fi
+    "$BIN" users add bench --api-key "$BENCH_API_KEY" --config "$CONFIG" --data-dir "$DATA_DIR" \
+      </dev/null >"$W/users.log" 2>&1 || { cat "$W/users.log" >&2; exit 1; }
+    echo "user bench added with the targets file's API key"
     ;;
   start)
     [ -d "$DATA_DIR/pgdata" ] || { echo "no data in $DATA_DIR: run the load first" >&2; exit 1; }
     "$BENCH/stop_pid.sh" "$PIDFILE" >/dev/null 2>&1
     rm -f "$PIDFILE"
+    # `start nocpm`: the same server with CPM 8 / demand counting off (its cost, side by side)
+    if [ "${2:-}" = nocpm ]; then export SMKI_SERVICE_LEVELS__ENABLED=false; fi
     # pinned: the embedded PostgreSQL started by the server inherits the pinning
     (taskset -c "$SERVER_CPU" "$BIN" serve --config "$CONFIG" --data-dir "$DATA_DIR" \
        --http "127.0.0.1:$HTTP_PORT" --https '' --lodge '' --ldap '' --ldaps '' \

@@ -25,6 +25,7 @@ from email.utils import format_datetime
 
 import asyncpg
 
+from .pki.ids import format_eui64
 from .store.db import NOTIFY_CHANNEL, CertRow, CrlRow, DocumentRow, Store
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class CertEntry:
     modified_ts: float  # whole seconds, for If-Modified-Since
     kind: str  # root, ca, organisation, device, other
     eui64: bytes | None
+    eui_text: str  # 00-DB-12-… (written form), "" if none
     role: int | None
     usage: str | None  # DS, KA, CA
     lodged_status: str  # P, I, N as lodged (see Catalog.status for R and E)
@@ -85,7 +87,9 @@ def _etag(digest: bytes) -> str:
 
 def _cert_entry(r: CertRow) -> CertEntry:
     return CertEntry(r.serial, r.issuer_key_id, r.der, _etag(r.sha256), http_date(r.lodged_at),
-                     float(int(r.lodged_at.timestamp())), r.kind, r.eui64, r.role, r.usage,
+                     float(int(r.lodged_at.timestamp())), r.kind, r.eui64,
+                     format_eui64(r.eui64) if r.eui64 is not None and len(r.eui64) == 8 else "",
+                     r.role, r.usage,
                      r.status, r.manufacturing_flag, r.not_after.timestamp())
 
 
@@ -114,6 +118,7 @@ class Catalog:
         self._background: set[asyncio.Task[None]] = set()
         self._listener: asyncpg.Connection | None = None
         self._listen_task: asyncio.Task[None] | None = None
+        self._listening = asyncio.Event()  # set once the first LISTEN is in place
         self._preload_task: asyncio.Task[None] | None = None
         self.hits = 0
         self.misses = 0
@@ -135,6 +140,10 @@ class Catalog:
                 await self._listener.close()
 
     async def _preload(self) -> None:
+        # Read after LISTEN is in place: a change committed from then on reaches us (and bumps
+        # the EUI epoch, which tells the preload its snapshot may be stale).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._listening.wait(), 15)
         started = asyncio.get_running_loop().time()
         count = 0
         try:
@@ -188,6 +197,7 @@ class Catalog:
                 conn.add_termination_listener(on_lost)
                 await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
                 self.invalidate_mutable()  # anything cached before LISTEN may be stale
+                self._listening.set()
                 delay = 0.5
                 await lost
             except asyncio.CancelledError:
@@ -342,18 +352,28 @@ class Catalog:
         self._revoked[issuer_key_id] = serials
         return serials
 
-    async def status(self, entry: CertEntry, now: float) -> str:
+    def cached_status(self, entry: CertEntry, now: float) -> str | None:
         """The status a relying party sees now: R if on the issuer's current CRL/ARL, E if
-        past notAfter, else the lodged P/I/N."""
-        if entry.issuer_key_id is not None:
-            known, revoked = self.cached_revoked(entry.issuer_key_id)
-            if not known:
-                revoked = await self.revoked(entry.issuer_key_id)
+        past notAfter, else the lodged P/I/N; None if the issuer's CRL is not cached yet."""
+        issuer = entry.issuer_key_id
+        if issuer is not None:
+            if issuer not in self._revoked:
+                return None
+            revoked = self._revoked[issuer]
             if revoked and entry.serial in revoked:
                 return "R"
         if entry.not_after_ts < now:
             return "E"
         return entry.lodged_status
+
+    async def status(self, entry: CertEntry, now: float) -> str:
+        found = self.cached_status(entry, now)
+        if found is None:
+            assert entry.issuer_key_id is not None
+            await self.revoked(entry.issuer_key_id)
+            found = self.cached_status(entry, now)
+            assert found is not None
+        return found
 
     @property
     def cached_certificates(self) -> int:

@@ -37,7 +37,7 @@ from .store import opened_store
 from .store.db import Store
 from .web.downloads import Downloads, FastHandler, error
 from .web.ops import Ops
-from .web.webservice import WebService
+from .web.webservice import WebService, request_key
 
 log = logging.getLogger(__name__)
 
@@ -153,18 +153,9 @@ class Repository:
 
     # -- apps -----------------------------------------------------------------------------
     def _identify(self, request: web.Request) -> User | None:
-        """The user whose API key a read request carries (`?apikey=` or X-API-Key), if any.
-        The common spelling `?apikey=KEY` alone is read without parsing the query."""
+        """The user whose API key a read request carries, if any."""
         assert self.credentials is not None
-        qs = request.query_string
-        key: str | None = None
-        if qs:
-            if qs.startswith("apikey=") and "&" not in qs and "%" not in qs and "+" not in qs:
-                key = qs[7:]
-            else:
-                key = request.query.get("apikey")
-        if not key:
-            key = request.headers.get("X-API-Key")
+        key = request_key(request)
         return self.credentials.user_for_key(key) if key else None
 
     def _read_app(self, listener: str) -> web.Application:

@@ -87,3 +87,61 @@ async def test_random_status_and_documents_are_refused_cleanly(loaded: Running, 
 
     for status in await asyncio.to_thread(run):
         assert status < 500
+
+
+# -- the web service's XML ---------------------------------------------------------------------
+_WS_SEEDS = [
+    b'<?xml version="1.0" encoding="utf-8"?><CertificateSearchRequest><CertificateSubjectAltName>'
+    b"00-db-12-34-56-78-90-a4</CertificateSubjectAltName></CertificateSearchRequest>",
+    b"<CertificateSearchRequest><CertificateSubjectName>90B3D51F30010000</CertificateSubjectName>"
+    b"</CertificateSearchRequest>",
+    b'<?xml version="1.0" encoding="utf-8"?><CertificateDataRequest><CertificateSerial>'
+    b"13e6e3409c880fdbe71a429acf375746</CertificateSerial></CertificateDataRequest>",
+    b'<?xml version="1.0"?><!DOCTYPE r [<!ENTITY a "x">]><CertificateDataRequest>'
+    b"<CertificateSerial>&a;</CertificateSerial></CertificateDataRequest>",
+]
+
+
+def _ws_parse(body: bytes) -> None:
+    from repository_server.web.ws_xml import WsError, parse_retrieve, parse_search
+
+    for parse in (parse_search, parse_retrieve):
+        try:
+            parse(body)
+        except WsError as exc:
+            assert exc.status == 401 and exc.message
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=400))
+def test_ws_parsers_take_any_bytes(body: bytes) -> None:
+    _ws_parse(body)
+
+
+def test_ws_parsers_take_mutations() -> None:
+    for body in _mutations(_WS_SEEDS, random.Random(11), 3000):
+        _ws_parse(body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(eui=st.binary(min_size=8, max_size=8), sep=st.sampled_from(["-", ":", ""]),
+       upper=st.booleans(), alt=st.booleans(), space=st.sampled_from(["", " ", "\n  "]))
+def test_ws_fast_path_agrees_with_the_xml_parser(eui: bytes, sep: str, upper: bool, alt: bool,
+                                                 space: str) -> None:
+    """The pattern that skips the XML parser for the usual request shapes answers exactly
+    what defusedxml's parse would."""
+    import defusedxml.ElementTree as SafeET
+
+    from repository_server.web import ws_xml
+
+    text = sep.join(f"{b:02x}" for b in eui)
+    text = text.upper() if upper else text
+    field = "CertificateSubjectAltName" if alt else "CertificateSubjectName"
+    body = (f'<?xml version="1.0" encoding="utf-8"?>{space}<CertificateSearchRequest>{space}<{field}>'
+            f"{space}{text}{space}</{field}>{space}</CertificateSearchRequest>{space}").encode()
+    assert ws_xml._FAST_SEARCH.fullmatch(body) is not None
+    got = ws_xml.parse_search(body)
+    root = SafeET.fromstring(body, forbid_dtd=True)
+    assert got.device == (root[0].tag == "CertificateSubjectAltName")
+    assert got.eui64 == bytes.fromhex((root[0].text or "").strip().replace(sep, "") if sep else
+                                      (root[0].text or "").strip())

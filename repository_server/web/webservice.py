@@ -28,8 +28,16 @@ from .ws_xml import CertificateFields, WsError
 
 
 def request_key(request: web.BaseRequest) -> str | None:
-    """The API key a read request carries: `?apikey=` (the web service's way) or X-API-Key."""
-    return request.query.get("apikey") or request.headers.get("X-API-Key")
+    """The API key a read request carries: `?apikey=` (the web service's way) or X-API-Key.
+    The usual spelling, `?apikey=KEY` alone, is read without parsing the query."""
+    qs = request.query_string
+    key: str | None = None
+    if qs:
+        if qs.startswith("apikey=") and "&" not in qs and "%" not in qs and "+" not in qs:
+            key = qs[7:]
+        else:
+            key = request.query.get("apikey")
+    return key or request.headers.get("X-API-Key")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -92,9 +100,11 @@ class WebService:
         return note, user, body
 
     async def _fields(self, entry: CertEntry, now: float) -> CertificateFields:
-        return CertificateFields(entry.serial, entry.eui64, entry.kind == "device",
-                                 await self.catalog.status(entry, now), entry.role, entry.usage,
-                                 entry.manufacturing_flag)
+        status = self.catalog.cached_status(entry, now)
+        if status is None:
+            status = await self.catalog.status(entry, now)
+        return CertificateFields(entry.serial, entry.eui_text, entry.kind == "device", status,
+                                 entry.role, entry.usage, entry.manufacturing_flag)
 
     # -- handlers -------------------------------------------------------------------------
     async def search(self, request: web.Request) -> web.StreamResponse:
@@ -133,9 +143,16 @@ class WebService:
             entries = await self.catalog.certificates(serial)
         if not entries:
             return self._answer(note, root, 402, message=f"no certificate with serial {serial}")
-        # Serials are unique in the GB SMKI (16 random octets); should two issuers ever share
-        # one, the first lodged answers, as documented in the README.
-        entry = entries[0]
+        # The service describes device and organisation certificates (its answer has no
+        # shape for a CA certificate: DCC Boxed's client fails on one); CA certificates are
+        # downloads. Serials are unique in the GB SMKI (16 random octets); should two issuers
+        # ever share one, the first lodged answers, as documented in the README.
+        described = [e for e in entries if e.kind in ("device", "organisation")]
+        if not described:
+            return self._answer(note, root, 402, message=f"serial {serial} is a {entries[0].kind}"
+                                " certificate, not a device or organisation certificate: download"
+                                f" it from /certificates/{serial}")
+        entry = described[0]
         ref = self.refs.next()
         if note is not None:
             note.audit_ref, note.outcome = ref, "200"

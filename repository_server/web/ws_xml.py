@@ -15,7 +15,9 @@ Request shapes (SPEC.md, Interfaces 1):
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from itertools import count
@@ -24,7 +26,7 @@ from xml.sax.saxutils import escape
 import defusedxml
 import defusedxml.ElementTree as SafeET
 
-from ..pki.ids import IdentifierError, format_eui64, parse_eui64, parse_serial
+from ..pki.ids import IdentifierError, parse_eui64, parse_serial
 
 SEARCH_REQUEST = "CertificateSearchRequest"
 SEARCH_RESPONSE = "CertificateSearchResponse"
@@ -62,7 +64,7 @@ class CertificateFields:
     """One certificate as the web service describes it."""
 
     serial: str  # canonical upper-case hex
-    eui64: bytes | None
+    eui_text: str  # 00-DB-12-…, or "" when the certificate has none
     device: bool
     status: str  # P I N E R
     role: int | None
@@ -88,6 +90,8 @@ def _parse(body: bytes, root_name: str) -> ET.Element:
         raise WsError(401, f"XML not accepted: {exc.__class__.__name__}") from None
     except ET.ParseError as exc:
         raise WsError(401, f"malformed XML: {exc}") from None
+    except LookupError as exc:  # expat: an encoding declaration Python does not know
+        raise WsError(401, f"XML encoding not supported: {exc}") from None
     if _local(root.tag) != root_name:
         raise WsError(401, f"expected root element <{root_name}>, got <{_local(root.tag)}>")
     return root
@@ -108,7 +112,26 @@ def _fields(root: ET.Element, allowed: tuple[str, ...]) -> dict[str, str]:
     return found
 
 
+# The exact shapes DCC Boxed's client sends (and any well-formed spelling with whitespace)
+# are recognised by these patterns before any XML parser is involved: they admit no DTD, no
+# entity or character reference and no other element, so they accept nothing the safe parser
+# would refuse. Measured on this VM: 1 µs against 11 µs for defusedxml per request, about 10 %
+# of the web service's CPU under load (BENCHMARKS.md). Anything else goes to defusedxml.
+_DECL = rb'\s*(?:<\?xml\s+version="1\.[0-9]"(?:\s+encoding="[Uu][Tt][Ff]-8")?\s*\?>)?\s*'
+_FAST_SEARCH = re.compile(
+    _DECL + rb"<CertificateSearchRequest>\s*<(CertificateSubjectAltName|CertificateSubjectName)>"
+    rb"\s*([0-9A-Fa-f:-]{16,23})\s*</\1>\s*</CertificateSearchRequest>\s*")
+_FAST_RETRIEVE = re.compile(
+    _DECL + rb"<CertificateDataRequest>\s*<CertificateSerial>\s*([0-9A-Fa-f]{1,64})\s*"
+    rb"</CertificateSerial>\s*</CertificateDataRequest>\s*")
+
+
 def parse_search(body: bytes) -> SearchRequest:
+    fast = _FAST_SEARCH.fullmatch(body)
+    if fast is not None:
+        with contextlib.suppress(IdentifierError):  # else the full parser names the problem
+            return SearchRequest(parse_eui64(fast.group(2).decode()),
+                                 fast.group(1) == b"CertificateSubjectAltName")
     fields = _fields(_parse(body, SEARCH_REQUEST), (SUBJECT_NAME, SUBJECT_ALT_NAME))
     if len(fields) != 1:
         raise WsError(401, f"give exactly one of <{SUBJECT_NAME}> (organisation) or"
@@ -123,6 +146,10 @@ def parse_search(body: bytes) -> SearchRequest:
 
 def parse_retrieve(body: bytes) -> str:
     """The canonical serial asked for."""
+    fast = _FAST_RETRIEVE.fullmatch(body)
+    if fast is not None:
+        with contextlib.suppress(IdentifierError):
+            return parse_serial(fast.group(1).decode())
     fields = _fields(_parse(body, DATA_REQUEST), (SERIAL,))
     if SERIAL not in fields:
         raise WsError(401, f"<{SERIAL}> is missing")
@@ -150,7 +177,7 @@ def _header(root: str, code: int, message: str, audit_ref: str) -> bytes:
 
 def _describe(c: CertificateFields) -> str:
     subject = SUBJECT_ALT_NAME if c.device else SUBJECT_NAME
-    eui = format_eui64(c.eui64) if c.eui64 is not None else ""
+    eui = c.eui_text
     role = "" if c.device or c.role is None else f"<CertificateRole>{c.role}</CertificateRole>"
     flag = "true" if c.manufacturing_flag else "false"
     return (f"<CertificateSerial>{c.serial}</CertificateSerial><{subject}>{eui}</{subject}>"
