@@ -9,13 +9,10 @@ import base64
 import random
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from .conftest import Running
-
-pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 def _mutations(seed_bodies: list[bytes], rng: random.Random, count: int) -> list[bytes]:
