@@ -402,6 +402,8 @@ async def boxed(loaded: Running) -> Running:
 
     assert loaded.repo.store is not None
     await add_user(loaded.repo, "dcc-boxed", BOXED_API_KEY)
+    if not REALDATA.is_dir():  # a checkout without ../shared: the test PKI part still runs
+        return loaded
     service = LodgingService(loaded.repo.store)
     try:
         report = await import_directory(service, REALDATA, Actor("operator:test"),
@@ -417,7 +419,8 @@ async def boxed(loaded: Running) -> Running:
 async def test_dccboxed_keystore_client(dccboxed_node: str, boxed: Running, scheme: str) -> None:
     plan = Plan()
     pki_plan(plan, boxed)
-    realdata_plan(plan, sweep=scheme == "http")  # every realdata serial once, over HTTP
+    if REALDATA.is_dir():  # as the other realdata tests, only where ../shared/realdata is
+        realdata_plan(plan, sweep=scheme == "http")  # every realdata serial once, over HTTP
     if scheme == "http":
         url, env = boxed.http + "/", {}
     else:
