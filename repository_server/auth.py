@@ -81,6 +81,7 @@ class Credentials:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._by_key: dict[bytes, User] = {}
+        self._seen: dict[str, User | None] = {}  # key as sent -> user: no hash per request
         self._reload: asyncio.Task[None] | None = None
         self.loaded = False
 
@@ -88,6 +89,7 @@ class Credentials:
         rows = await self.store.users()
         self._by_key = {r.api_key_sha256: User(r.name, r.role)
                         for r in rows if r.api_key_sha256 and not r.disabled}
+        self._seen = {}
         self.loaded = True
         log.debug("credentials loaded: %d API keys", len(self._by_key))
 
@@ -105,7 +107,14 @@ class Credentials:
         self._reload = asyncio.get_running_loop().create_task(reload())
 
     def user_for_key(self, key: str) -> User | None:
-        return self._by_key.get(api_key_sha256(key))
+        seen = self._seen
+        if key in seen:
+            return seen[key]
+        user = self._by_key.get(api_key_sha256(key))
+        if len(seen) >= 4096:  # bounded: random keys from a scanner must not grow it
+            seen.clear()
+        seen[key] = user
+        return user
 
     @staticmethod
     def describe(row: UserRow) -> str:

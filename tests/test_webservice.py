@@ -312,6 +312,13 @@ async def test_downloads_need_a_key_for_end_entity_certificates(loaded: Running)
         assert status == 200
         status, _, _ = await asyncio.to_thread(http_get, f"{url}?apikey=nope-nope")
         assert status == 403
+        # other parameters next to the key still count (the cached fast path must not skip them)
+        status, _, body = await asyncio.to_thread(
+            http_get, f"{url}?apikey={TEST_KEY}&issuer=0102030405060708")
+        assert status == 404 and b"from issuer" in body
+        status, _, _ = await asyncio.to_thread(
+            http_get, f"{url}?issuer={obj['issuer_key_id']}&apikey={TEST_KEY}")
+        assert status == 200
     # CA certificates, CRLs and documents need none
     status, _, _ = await asyncio.to_thread(http_get, f"{loaded.http}/certificates/{ca['serial']}")
     assert status == 200

@@ -94,8 +94,8 @@ class Downloads:
         """The common case, answered without a coroutine, parsing or negotiation: the serial
         is spelt canonically, is in the cache and unique, the client may read it and wants DER
         unconditionally. None sends the request to `certificate` (see BENCHMARKS.md)."""
-        qs = request.query_string
-        if qs and not qs.startswith("apikey="):
+        raw = request.raw_path
+        if "?" in raw and ("?apikey=" not in raw or "&" in raw):  # other parameters
             return None
         headers = request.headers
         if ("If-None-Match" in headers or "If-Modified-Since" in headers
