@@ -96,8 +96,9 @@ class ServiceLevels:
         self.trt = settings.trt_seconds
         self.zone = ZoneInfo(settings.timezone)
         self.counts: dict[tuple[str, str, str, str], Counts] = {}
-        self.demand: dict[tuple[date, str, int], int] = {}
+        self.demand: dict[tuple[date, str, int], list[int]] = {}  # one-element cells
         self._demand_flushed: dict[tuple[date, str, int], int] = {}
+        self._hot: dict[tuple[str, str, str], tuple[Counts, list[int]]] = {}
         self._period = self.period_at(clock())
         self._task: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
@@ -124,6 +125,7 @@ class ServiceLevels:
         now = self.clock()
         if now >= self._period.ends:
             self._period = self.period_at(now)
+            self._hot.clear()  # its slots count into the period that just ended
         return self._period
 
     # -- the hot path ---------------------------------------------------------------------
@@ -133,15 +135,31 @@ class ServiceLevels:
         a `perf` reading taken when it was received)."""
         if started is None:
             started = self.perf()
-        period = self._current()
+        if self.clock() >= self._period.ends:
+            self._current()
+        hot = self._hot.get((interface, operation, user))
+        if hot is None:
+            hot = self._hot_slot(interface, operation, user)
+        counts, cell = hot
+        counts.received += 1
+        cell[0] += 1
+        return counts, started
+
+    def _hot_slot(self, interface: str, operation: str, user: str) -> tuple[Counts, list[int]]:
+        """This period's counters for one (interface, operation, user), found once per period
+        so that each request costs one dictionary lookup (the CPM and demand keys hold the
+        month, day and band)."""
+        period = self._period
         key = (period.month, interface, operation, user)
         counts = self.counts.get(key)
         if counts is None:
             counts = self.counts[key] = Counts()
-        counts.received += 1
         dkey = (period.day, user, period.band)
-        self.demand[dkey] = self.demand.get(dkey, 0) + 1
-        return counts, started
+        cell = self.demand.get(dkey)
+        if cell is None:
+            cell = self.demand[dkey] = [0]
+        slot = self._hot[(interface, operation, user)] = (counts, cell)
+        return slot
 
     def answered(self, mark: Mark, status: int) -> None:
         """The response has been written."""
@@ -197,7 +215,7 @@ class ServiceLevels:
                                   tuple(a - b for a, b in zip(now[5], before[5], strict=True)),
                                   self.trt))
                 taken.append((counts, now))
-            demand_now = dict(self.demand)
+            demand_now = {k: cell[0] for k, cell in list(self.demand.items())}
             demand = [(day, user, band, n - self._demand_flushed.get((day, user, band), 0))
                       for (day, user, band), n in demand_now.items()
                       if n != self._demand_flushed.get((day, user, band), 0)]
@@ -220,7 +238,7 @@ class ServiceLevels:
                 del self.counts[key]
         yesterday = period.day - timedelta(days=1)
         for dkey in [k for k in self.demand if k[0] < yesterday]:
-            if self.demand[dkey] == self._demand_flushed.get(dkey):
+            if self.demand[dkey][0] == self._demand_flushed.get(dkey):
                 del self.demand[dkey]
                 self._demand_flushed.pop(dkey, None)
 

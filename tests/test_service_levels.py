@@ -265,3 +265,17 @@ def test_demand_report_flags_bands() -> None:
     assert row["requests"] == 48 and row["percent"] == 48.0
     assert [b["above"] for b in row["bands"]] == [False, True, False, False]  # 13 > 1.2 x 10
     assert row["above"] and report["flagged"] == ["u"]
+
+
+def test_counts_follow_the_period_across_a_band_boundary() -> None:
+    """The per-request shortcut (one slot per interface, operation and user) moves to the new
+    band, day or month when the clock passes the period's end."""
+    t = [datetime(2026, 3, 31, 22, 59, 59, tzinfo=UTC).timestamp()]  # 23:59:59 BST
+    levels = ServiceLevels(ServiceLevelSettings(), None, clock=lambda: t[0], perf=lambda: 0.0)
+    levels.receive("ws", "search", "u")
+    t[0] += 2  # 00:00:01 BST, 1 April: new day, band and month
+    levels.receive("ws", "search", "u")
+    levels.receive("ws", "search", "u")
+    assert {k[0]: c.received for k, c in levels.counts.items()} == {"2026-03": 1, "2026-04": 2}
+    assert {(k[0].isoformat(), k[2]): v[0] for k, v in levels.demand.items()} == {
+        ("2026-03-31", 3): 1, ("2026-04-01", 0): 2}
