@@ -21,6 +21,7 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from itertools import count
+from typing import NamedTuple
 from xml.sax.saxutils import escape
 
 import defusedxml
@@ -59,9 +60,9 @@ class SearchRequest:
         return SUBJECT_ALT_NAME if self.device else SUBJECT_NAME
 
 
-@dataclass(frozen=True, slots=True)
-class CertificateFields:
-    """One certificate as the web service describes it."""
+class CertificateFields(NamedTuple):
+    """One certificate as the web service describes it (a NamedTuple: built per result per
+    request, where a frozen dataclass's __init__ costs several times more)."""
 
     serial: str  # canonical upper-case hex
     eui_text: str  # 00-DB-12-…, or "" when the certificate has none
