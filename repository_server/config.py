@@ -98,6 +98,7 @@ class Web:
     document_max_age: int = 300
     client_max_size_kb: int = 64  # request bodies on the read listeners
     ws_max_body_bytes: int = 8192  # web service requests (a real one is under 300 bytes)
+    test_delay_ms: int = 0  # for load-test verification only: web service answers this much later
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,8 @@ class Config:
                 raise ConfigError(f"lodge.{key}: must be positive")
         if not 64 <= self.web.ws_max_body_bytes <= 1024 * 1024:
             raise ConfigError("web.ws_max_body_bytes: must be between 64 and 1048576")
+        if self.web.test_delay_ms < 0:
+            raise ConfigError("web.test_delay_ms: must be >= 0")
         sl = self.service_levels
         if sl.trt_seconds <= 0:
             raise ConfigError("service_levels.trt_seconds: must be positive")

@@ -15,7 +15,8 @@ def _tool(name: str) -> list[str]:
 
 
 def test_ruff() -> None:
-    res = subprocess.run([*_tool("ruff"), "check", "repository_server", "tests", "bench"],
+    res = subprocess.run([*_tool("ruff"), "check", "repository_server", "tests", "bench",
+                          "loadtest"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
 
