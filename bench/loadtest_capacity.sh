@@ -1,0 +1,74 @@
+#!/bin/bash
+# bench/loadtest_capacity.sh — one node's capacity under the day profile's mix (issue 5).
+#
+# Starts `smki-repository demo` (DEVICES test devices, its own data dir) pinned to CPU 0, then
+# runs Locust (loadtest/locustfile.py, FastHttpUser classes, no think time) pinned to CPU 1 at
+# increasing user counts, LEVEL_SECONDS each, in the day profile's mix (web service 60 :
+# downloads 39; the lodger is left out: it writes). For each level it prints the request rate
+# and the verdict (percent within the 3 s TRT, target 99, minimum 96). The capacity is the
+# highest rate whose verdict meets the target. server_cpu: the server process's share of its
+# core (the embedded PostgreSQL is a separate daemon, idle here: everything is cached).
+#
+#   bench/loadtest_capacity.sh [USERS...]        (default: 8 16 32 64 128)
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+BIN=${SMKI_BIN:-$ROOT/.venv/bin/smki-repository}
+PY=$(dirname "$BIN")/python
+LOCUST=${LOCUST:-$(dirname "$BIN")/locust}
+W=${CAPACITY_WORK:-/tmp/smki-capacity}
+DEVICES=${DEVICES:-2000}
+LEVEL_SECONDS=${LEVEL_SECONDS:-30}
+LEVELS=${*:-8 16 32 64 128}
+for v in $(compgen -e | grep '^SMKI_' || true); do unset "$v"; done
+mkdir -p "$W"
+export SMKI_LOG__ACCESS_LOG=false PYTHONUNBUFFERED=1
+taskset -c 0 "$BIN" demo --devices "$DEVICES" --data-dir "$W/data" --pid-file "$W/server.pid" \
+  </dev/null >"$W/demo.log" 2>&1 &
+trap '[ -s "$W/server.pid" ] && kill "$(cat "$W/server.pid")" 2>/dev/null; wait' EXIT
+for _ in $(seq 600); do grep -q "demo is up" "$W/demo.log" && break; sleep 0.5; done
+grep -q "demo is up" "$W/demo.log" || { tail -20 "$W/demo.log"; exit 1; }
+echo "demo up with $DEVICES devices; levels: $LEVELS users, $LEVEL_SECONDS s each"
+SPID=$(cat "$W/server.pid")
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }  # utime + stime of the server (all threads)
+HZ=$(getconf CLK_TCK)
+printf '%8s %10s %10s %10s %12s %12s  %s\n' users requests req/s p99_ms within_% server_cpu verdict
+for users in $LEVELS; do
+  prof=$W/level-$users.toml
+  cat >"$prof" <<TOML
+name = "capacity-$users"
+kind = "stages"
+spawn_rate = 100
+[[stage]]
+seconds = $LEVEL_SECONDS
+users = $users
+[mix]
+WebServiceUser = 60
+DownloadUser = 39
+[wait]
+min = 0.0
+max = 0.0
+TOML
+  s0=$(ticks "$SPID"); t0=$(date +%s.%N)
+  set +e
+  taskset -c 1 "$LOCUST" -f "$ROOT/loadtest/locustfile.py" --headless --host http://127.0.0.1:8083 \
+    --load-profile "$prof" --api-key u3bg9gt38htd0j2 --pki-dir "$W/data/pki" \
+    --csv "$W/level-$users" --only-summary >"$W/level-$users.log" 2>&1
+  rc=$?
+  set -e
+  s1=$(ticks "$SPID"); t1=$(date +%s.%N)
+  "$PY" - "$W/level-$users" "$users" "$rc" "$W/level-$users.log" "$s0" "$s1" "$t0" "$t1" "$HZ" <<'PYEOF'
+import csv, re, sys
+base, users, rc, logf = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+s0, s1, t0, t1, hz = (float(x) for x in sys.argv[5:10])
+server_cpu = (s1 - s0) / hz / (t1 - t0)
+rows = list(csv.DictReader(open(base + "_stats.csv")))
+agg = next(r for r in rows if r["Name"] == "Aggregated")
+log = open(logf).read()
+m = re.search(r"TOTAL\s.*?([0-9.]+)%", log)
+within = m.group(1) if m else "?"
+print(f"{users:>8} {int(agg['Request Count']):>10} {float(agg['Requests/s']):>10.0f}"
+      f" {float(agg['99%']):>10.0f} {within:>12} {server_cpu:>12.2f}"
+      f"  {'meets target' if rc == 0 else 'FAILS (exit %d)' % rc}")
+PYEOF
+done
