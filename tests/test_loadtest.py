@@ -13,7 +13,16 @@ import pytest
 
 from loadtest import shapes, verdict
 
-from .conftest import ROOT, TEST_KEY, Running, add_user, cli_env, lodge_pki, start_repository
+from .conftest import (
+    ROOT,
+    TEST_KEY,
+    Running,
+    add_user,
+    cli_env,
+    lodge_pki,
+    smki_cli,
+    start_repository,
+)
 
 OPERATOR_KEY = "operator-key-5e1d0a77c3"
 PROFILES = ROOT / "conf" / "loadtest"
@@ -230,3 +239,54 @@ async def test_headless_run_with_injected_delay_fails(tmp_path: Path, pki: dict[
         await running.repo.stop()
     assert code != 0, out
     assert "Verdict: FAIL" in out and "below minimum" in out, out
+
+
+def test_headless_day_run_against_the_demo_passes(tmp_path: Path) -> None:
+    """What the README tells a performance tester: `smki-repository demo`, then Locust with
+    the demo's own key, PKI and DCC client (every user class), verdict checked, and the
+    server's CPM report through the demo operator's key printed beside it."""
+    import re
+    import subprocess
+    import threading
+
+    from .test_process import ports_env
+
+    data = tmp_path / "var"
+    env, ports = ports_env()
+    demo = subprocess.Popen([*smki_cli(), "demo", "--data-dir", str(data), "--devices", "20"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def reader() -> None:
+        assert demo.stdout is not None
+        for line in demo.stdout:
+            lines.append(line)
+            if "Press Ctrl-C to stop" in line:
+                ready.set()
+
+    threading.Thread(target=reader, daemon=True).start()
+    try:
+        assert ready.wait(120), "".join(lines[-40:])
+        keys = re.findall(r"operator user: API key \(shown only now\): (\S+)", "".join(lines))
+        assert keys, "".join(lines)
+        (tmp_path / "profile.toml").write_text(DAY_12S)
+        pki_dir = data / "pki"
+        res = subprocess.run(
+            [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"),
+             "--headless", "--host", f"http://127.0.0.1:{ports['http']}",
+             "--load-profile", str(tmp_path / "profile.toml"), "--api-key", "u3bg9gt38htd0j2",
+             "--operator-key", keys[0], "--pki-dir", str(pki_dir),
+             "--lodge-host", f"https://localhost:{ports['lodge']}",
+             "--dcc-cert", str(pki_dir / "dcc" / "client.pem"),
+             "--dcc-key", str(pki_dir / "dcc" / "client.key.pem"),
+             "--tls-ca", str(pki_dir / "tls" / "ca.pem"), "--only-summary"],
+            cwd=str(tmp_path), env=cli_env(), capture_output=True, text=True, timeout=90)
+        out = res.stdout + res.stderr
+        assert res.returncode == 0, out
+        assert "Verdict: PASS" in out and "Server CPM 8" in out, out
+        for row in ("interface ws", "interface download", "interface lodge"):
+            assert row in out, out
+    finally:
+        demo.send_signal(2)
+        demo.wait(60)
