@@ -27,8 +27,17 @@ ROLES = ("party", "operator")
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
 
 
+def _token(nbytes: int) -> str:
+    """URL-safe random text that does not start with "-" or "_" (a key or password starting
+    with "-" reads as an option on a command line)."""
+    while True:
+        token = secrets.token_urlsafe(nbytes)
+        if token[0].isalnum():
+            return token
+
+
 def new_api_key() -> str:
-    return secrets.token_urlsafe(18)  # 24 characters, 144 bits
+    return _token(18)  # 24 characters, 144 bits (a little less: the first is alphanumeric)
 
 
 def api_key_sha256(key: str) -> bytes:
@@ -40,7 +49,7 @@ def api_key_hint(key: str) -> str:
 
 
 def new_password() -> str:
-    return secrets.token_urlsafe(12)
+    return _token(12)
 
 
 def hash_password(password: str) -> str:

@@ -279,3 +279,11 @@ def test_counts_follow_the_period_across_a_band_boundary() -> None:
     assert {k[0]: c.received for k, c in levels.counts.items()} == {"2026-03": 1, "2026-04": 2}
     assert {(k[0].isoformat(), k[2]): v[0] for k, v in levels.demand.items()} == {
         ("2026-03-31", 3): 1, ("2026-04-01", 0): 2}
+
+
+def test_generated_secrets_never_start_like_an_option() -> None:
+    from repository_server.auth import new_api_key, new_password
+
+    for _ in range(2000):
+        assert new_api_key()[0].isalnum() and new_password()[0].isalnum()
+    assert len({new_api_key() for _ in range(100)}) == 100
