@@ -1,0 +1,324 @@
+"""The sans-I/O LDAP codec against real BER from ldap3/pyasn1 (offline), plus limits and fuzzing."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import ldap3
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from ldap3.operation.abandon import abandon_operation
+from ldap3.operation.bind import bind_operation
+from ldap3.operation.compare import compare_operation
+from ldap3.operation.extended import extended_operation
+from ldap3.operation.search import search_operation
+from ldap3.operation.unbind import unbind_operation
+from ldap3.protocol.convert import build_controls_list
+from ldap3.protocol.rfc4511 import LDAPMessage, MessageID, ProtocolOp
+from pyasn1.codec.ber import decoder as ber_decoder
+from pyasn1.codec.ber import encoder as ber_encoder
+
+from repository_server.ldap import codec as c
+
+BENCH_FILTER = Path(__file__).resolve().parents[2] / "shared" / "bench" / "ldapfilter.py"
+
+
+def pdu(msg_id: int, op_name: str, request: Any, controls: Any = None) -> bytes:
+    msg = LDAPMessage()
+    msg["messageID"] = MessageID(msg_id)
+    msg["protocolOp"] = ProtocolOp().setComponentByName(op_name, request)
+    ctl = build_controls_list(controls)
+    if ctl is not None:
+        msg["controls"] = ctl
+    return bytes(ber_encoder.encode(msg))
+
+
+def search_pdu(flt: str, msg_id: int = 7, attrs: Any = None, controls: Any = None, scope: str = "SUBTREE",
+               size_limit: int = 0) -> bytes:
+    req = search_operation("ou=devices,dc=smki", flt, getattr(ldap3, scope), ldap3.DEREF_NEVER,
+                           attrs if attrs is not None else ["cn", "userCertificate;binary"],
+                           size_limit, 30, False, True, True)
+    return pdu(msg_id, "searchRequest", req, controls)
+
+
+def decode_one(data: bytes) -> c.Request:
+    out = c.Decoder().feed(data)
+    assert len(out) == 1
+    return out[0]
+
+
+def asn1(data: bytes) -> Any:
+    msg, rest = ber_decoder.decode(data, asn1Spec=LDAPMessage())
+    assert rest == b""
+    return msg
+
+
+# ------------------------------------------------------------------ requests from ldap3
+
+def test_search_complex_filter() -> None:
+    flt = ("(&(objectClass=device)(|(cn=ab*cd*ef*gh)(cn=*x)(cn=y*))(!(serialNumber=00-DB))"
+           "(notBefore>=20240101)(notAfter<=20300101)(description=*)(sn~=smith)"
+           "(cn:caseExactMatch:=Foo)(:dn:2.5.13.5:=bar))")
+    paged = c.paged_results_control(50, b"ck")
+    req = decode_one(search_pdu(flt, 7, size_limit=100,
+                                controls=[(paged.oid, True, paged.value)]))
+    assert isinstance(req, c.SearchRequest)
+    assert (req.message_id, req.base, req.scope, req.deref) == (7, "ou=devices,dc=smki", 2, 0)
+    assert (req.size_limit, req.time_limit, req.types_only) == (100, 30, False)
+    assert req.attributes == ("cn", "userCertificate;binary")
+    assert req.controls == (c.Control(c.PAGED_RESULTS_OID, True, paged.value),)
+    assert c.decode_paged_results(req.controls[0].value) == (50, b"ck")
+    assert req.filter == c.And((
+        c.EqualityMatch("objectClass", b"device"),
+        c.Or((c.Substrings("cn", b"ab", (b"cd", b"ef"), b"gh"),
+              c.Substrings("cn", None, (), b"x"),
+              c.Substrings("cn", b"y", (), None))),
+        c.Not(c.EqualityMatch("serialNumber", b"00-DB")),
+        c.GreaterOrEqual("notBefore", b"20240101"),
+        c.LessOrEqual("notAfter", b"20300101"),
+        c.Present("description"),
+        c.ApproxMatch("sn", b"smith"),
+        c.ExtensibleMatch("caseExactMatch", "cn", b"Foo", False),
+        c.ExtensibleMatch("2.5.13.5", None, b"bar", True),
+    ))
+
+
+def test_search_scopes_and_no_attributes() -> None:
+    req = decode_one(search_pdu("(objectClass=*)", 1, attrs=[], scope="BASE"))
+    assert isinstance(req, c.SearchRequest)
+    assert req.scope == 0 and req.attributes == () and req.filter == c.Present("objectClass")
+    req = decode_one(search_pdu("(CN=Mixed)", 2, attrs=["*"], scope="LEVEL"))
+    assert isinstance(req, c.SearchRequest)
+    assert req.scope == 1 and req.attributes == ("*",) and req.filter == c.EqualityMatch("CN", b"Mixed")
+
+
+def test_binds() -> None:
+    simple = decode_one(pdu(1, "bindRequest", bind_operation(3, ldap3.SIMPLE, "cn=admin", "s3cret")))
+    assert simple == c.BindRequest(1, 3, "cn=admin", password=b"s3cret")
+    assert simple.is_simple and not simple.is_anonymous
+    anon = decode_one(pdu(2, "bindRequest", bind_operation(3, ldap3.ANONYMOUS, "", None)))
+    assert isinstance(anon, c.BindRequest)
+    assert anon.is_anonymous and anon.name == "" and anon.password == b""
+    sasl = decode_one(pdu(3, "bindRequest", bind_operation(3, ldap3.SASL, "", None, "EXTERNAL", b"")))
+    assert isinstance(sasl, c.BindRequest)
+    assert sasl.sasl_mechanism == "EXTERNAL" and sasl.password is None
+
+
+def test_other_operations() -> None:
+    assert decode_one(pdu(4, "extendedReq", extended_operation(c.STARTTLS_OID))) == \
+        c.ExtendedRequest(4, c.STARTTLS_OID, None)
+    assert decode_one(pdu(5, "abandonRequest", abandon_operation(3))) == c.AbandonRequest(5, 3)
+    assert decode_one(pdu(6, "unbindRequest", unbind_operation())) == c.UnbindRequest(6)
+    cmp = compare_operation("cn=x,dc=smki", "description", "keyAgreement", False)
+    assert decode_one(pdu(8, "compareRequest", cmp)) == \
+        c.CompareRequest(8, "cn=x,dc=smki", "description", b"keyAgreement")
+
+
+def test_update_requests_minimal() -> None:
+    def msg(op: bytes) -> bytes:
+        body = b"\x02\x01\x09" + op
+        return bytes((0x30, len(body))) + body
+
+    dn = b"\x04\x04cn=x"
+    dele = decode_one(msg(b"\x4a\x04cn=x"))
+    assert isinstance(dele, c.DelRequest) and dele.dn == "cn=x" and dele.op == "delete"
+    add = decode_one(msg(b"\x68\x08" + dn + b"\x30\x00"))
+    assert isinstance(add, c.AddRequest) and add.dn == "cn=x" and add.response_tag == 9
+    mod = decode_one(msg(b"\x66\x08" + dn + b"\x30\x00"))
+    assert isinstance(mod, c.ModifyRequest) and mod.op == "modify"
+    moddn = decode_one(msg(b"\x6c\x0f" + dn + b"\x04\x04cn=y\x01\x01\xff"))
+    assert isinstance(moddn, c.ModDNRequest) and moddn.dn == "cn=x"
+
+
+def test_bench_filter_compiler() -> None:
+    spec = importlib.util.spec_from_file_location("bench_ldapfilter", BENCH_FILTER)
+    if spec is None or spec.loader is None or not BENCH_FILTER.exists():
+        pytest.skip("shared/bench/ldapfilter.py not available")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_ldapfilter", mod)
+    spec.loader.exec_module(mod)
+    cases = {
+        "(&(serialNumber=00-DB-12-34-56-78-9A-BC)(description=keyAgreement))":
+            c.And((c.EqualityMatch("serialNumber", b"00-DB-12-34-56-78-9A-BC"),
+                   c.EqualityMatch("description", b"keyAgreement"))),
+        "objectClass=*": c.Present("objectClass"),
+        "(&)": c.And(()),
+        "(|)": c.Or(()),
+        "(cn=a\\2ab*c\\29)": c.Substrings("cn", b"a*b", (), b"c)"),
+        "(userCertificate;binary:dn:1.2.3:=v)":
+            c.ExtensibleMatch("1.2.3", "userCertificate;binary", b"v", True),
+    }
+    for text, want in cases.items():
+        fber = mod.encode_filter(text, placeholders=False)
+        op = (c._enc_str(0x04, "dc=smki") + b"\x0a\x01\x02\x0a\x01\x00\x02\x01\x00\x02\x01\x00\x01\x01\x00"
+              + fber + b"\x30\x00")
+        body = b"\x02\x01\x02" + c._tlv_bytes(0x63, op)
+        req = decode_one(c._tlv_bytes(0x30, body))
+        assert isinstance(req, c.SearchRequest) and req.filter == want, text
+
+
+# ------------------------------------------------------------------ responses decoded by pyasn1
+
+def test_responses_decode_with_pyasn1() -> None:
+    m = asn1(c.bind_response(1, c.ResultCode.INVALID_CREDENTIALS, "", "bad password"))
+    assert int(m["messageID"]) == 1 and m["protocolOp"].getName() == "bindResponse"
+    op = m["protocolOp"]["bindResponse"]
+    assert int(op["resultCode"]) == 49 and str(op["diagnosticMessage"]) == "bad password"
+
+    big = bytes(range(256)) * 2
+    attributes = [("cn", [b"dev"]), ("userCertificate;binary", [big, b"x"]), ("empty", [])]
+    m = asn1(c.search_result_entry(300, "cn=dev,dc=smki", attributes))
+    assert int(m["messageID"]) == 300
+    op = m["protocolOp"]["searchResEntry"]
+    assert str(op["object"]) == "cn=dev,dc=smki"
+    attrs = [(str(a["type"]), [bytes(v) for v in a["vals"]]) for a in op["attributes"]]
+    assert attrs == [("cn", [b"dev"]), ("userCertificate;binary", [big, b"x"]), ("empty", [])]
+
+    m = asn1(c.search_result_done(9, 0, controls=[c.paged_results_control(0, b"next")]))
+    op = m["protocolOp"]["searchResDone"]
+    assert int(op["resultCode"]) == 0 and str(op["matchedDN"]) == ""
+    ctl = m["controls"][0]
+    assert str(ctl["controlType"]) == c.PAGED_RESULTS_OID
+    assert c.decode_paged_results(bytes(ctl["controlValue"])) == (0, b"next")
+
+    m = asn1(c.extended_response(4, 0, oid=c.STARTTLS_OID))
+    op = m["protocolOp"]["extendedResp"]
+    assert int(op["resultCode"]) == 0 and str(op["responseName"]) == c.STARTTLS_OID
+
+    m = asn1(c.notice_of_disconnection(c.ResultCode.PROTOCOL_ERROR, "malformed PDU"))
+    assert int(m["messageID"]) == 0
+    op = m["protocolOp"]["extendedResp"]
+    assert str(op["responseName"]) == c.NOTICE_OF_DISCONNECTION_OID and int(op["resultCode"]) == 2
+
+    m = asn1(c.compare_response(8, c.ResultCode.COMPARE_TRUE))
+    assert int(m["protocolOp"]["compareResponse"]["resultCode"]) == 6
+    for tag, name in ((7, "modifyResponse"), (9, "addResponse"), (11, "delResponse"), (13, "modDNResponse")):
+        m = asn1(c.ldap_result(2**31 - 1, tag, c.ResultCode.UNWILLING_TO_PERFORM, "dc=smki", "read-only"))
+        assert m["protocolOp"].getName() == name
+        op = m["protocolOp"][name]
+        assert int(op["resultCode"]) == 53 and str(op["matchedDN"]) == "dc=smki"
+
+
+def test_integer_encoding_roundtrip() -> None:
+    for v in (0, 1, 127, 128, 255, 256, -1, -128, -129, 2**31 - 1, -(2**31)):
+        enc = c._enc_int(v)
+        assert int(ber_decoder.decode(enc)[0]) == v
+        assert c._int(enc, 2, len(enc)) == v
+
+
+# ------------------------------------------------------------------ streaming
+
+def test_byte_at_a_time_and_pipelined() -> None:
+    data = search_pdu("(&(cn=a*)(!(sn=b)))", 11)
+    dec = c.Decoder()
+    got: list[c.Request] = []
+    for i in range(len(data)):
+        got += dec.feed(data[i:i + 1])
+        if i < len(data) - 1:
+            assert not got
+    assert len(got) == 1 and got[0].message_id == 11
+    dec.eof()
+    assert dec.buffered == 0
+
+    stream = b"".join(search_pdu("(cn=x)", i) for i in range(1, 6))
+    stream += pdu(6, "unbindRequest", unbind_operation())
+    dec = c.Decoder()
+    out = dec.feed(stream[:50]) + dec.feed(stream[50:])
+    assert [r.message_id for r in out] == [1, 2, 3, 4, 5, 6]
+    assert isinstance(out[-1], c.UnbindRequest)
+
+
+# ------------------------------------------------------------------ limits
+
+def bad(data: bytes, **kw: int) -> c.ProtocolError:
+    dec = c.Decoder(**kw)
+    with pytest.raises(c.ProtocolError) as ei:
+        dec.feed(data)
+        dec.eof()
+    with pytest.raises(c.ProtocolError):  # the decoder stays failed
+        dec.feed(b"")
+    return ei.value
+
+
+def test_limits() -> None:
+    assert "exceeds" in bad(b"\x30\x84\x7f\xff\xff\xff").reason  # refused from the header alone
+    assert "exceeds" in bad(search_pdu("(cn=x)"), max_pdu_size=20).reason
+    assert "indefinite" in bad(b"\x30\x80\x02\x01\x01\x42\x00\x00\x00").reason
+    assert "length field" in bad(b"\x30\x85\x00\x00\x00\x00\x05").reason
+    assert "closed inside" in bad(search_pdu("(cn=x)")[:-3]).reason  # truncated at EOF
+    assert bad(b"GET / HTTP/1.1\r\n").message_id is None
+    # nesting: 40 nested NOTs
+    fber = b"\x87\x02cn"
+    for _ in range(40):
+        fber = c._tlv_bytes(0xA2, fber)
+    op = (b"\x04\x00\x0a\x01\x02\x0a\x01\x00\x02\x01\x00\x02\x01\x00\x01\x01\x00" + fber + b"\x30\x00")
+    deep = c._tlv_bytes(0x30, b"\x02\x01\x05" + c._tlv_bytes(0x63, op))
+    err = bad(deep)
+    assert err.message_id == 5 and "deeply" in err.reason
+    # inner length lying about its container, bad UTF-8, bad scope, empty INTEGER
+    assert bad(b"\x30\x05\x02\x01\x01\x4a\x05").message_id == 1
+    assert bad(b"\x30\x06\x02\x01\x01\x4a\x01\xff").message_id == 1
+    assert bad(search_pdu("(cn=x)", 3).replace(b"\x0a\x01\x02", b"\x0a\x01\x07", 1)).message_id == 3
+    assert bad(b"\x30\x02\x02\x00").message_id is None
+    assert "unsupported protocolOp" in bad(b"\x30\x05\x02\x01\x01\x61\x00").reason
+    with pytest.raises(c.ProtocolError):
+        c.decode_paged_results(b"\x30\x03\x02\x01")
+
+
+def test_depth_limit_boundary() -> None:
+    def nested(n: int) -> bytes:
+        fber = b"\x87\x02cn"
+        for _ in range(n):
+            fber = c._tlv_bytes(0xA2, fber)
+        op = b"\x04\x00\x0a\x01\x02\x0a\x01\x00\x02\x01\x00\x02\x01\x00\x01\x01\x00" + fber + b"\x30\x00"
+        return c._tlv_bytes(0x30, b"\x02\x01\x05" + c._tlv_bytes(0x63, op))
+
+    assert isinstance(c.Decoder(max_depth=32).feed(nested(29))[0], c.SearchRequest)
+    with pytest.raises(c.ProtocolError):
+        c.Decoder(max_depth=32).feed(nested(30))
+
+
+# ------------------------------------------------------------------ fuzz
+
+VALID = [
+    search_pdu("(&(objectClass=device)(|(cn=ab*cd*ef)(!(sn~=x)))(cn:1.2:=v)(a>=1)(b<=2)(c=*))", 3,
+               controls=[(c.PAGED_RESULTS_OID, False, c.paged_results_control(10, b"").value)]),
+    pdu(1, "bindRequest", bind_operation(3, ldap3.SIMPLE, "cn=admin", "pw")),
+    pdu(4, "extendedReq", extended_operation(c.STARTTLS_OID)),
+    pdu(8, "compareRequest", compare_operation("cn=x", "description", "k", False)),
+]
+
+
+def check_decode(data: bytes) -> None:
+    dec = c.Decoder(max_pdu_size=4096)
+    t0 = time.perf_counter()
+    try:
+        for r in dec.feed(data):
+            assert isinstance(r, c.Request)
+        dec.eof()
+    except c.ProtocolError:
+        pass
+    assert time.perf_counter() - t0 < 0.5
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=300))
+def test_fuzz_random(data: bytes) -> None:
+    check_decode(data)
+    check_decode(b"\x30" + data)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(VALID), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=4),
+       st.integers(0, 400))
+def test_fuzz_mutations(base: bytes, flips: list[tuple[int, int]], cut: int) -> None:
+    data = bytearray(base)
+    for pos, val in flips:
+        data[pos % len(data)] = val
+    check_decode(bytes(data))
+    check_decode(bytes(data[:cut]))
