@@ -1,5 +1,5 @@
 #!/bin/bash
-# smki_target.sh load|start [nocpm]|stop — smki-repository as a candidate of the shared benchmark
+# smki_target.sh load|start [nocpm]|stop [nocpm] — smki-repository as a candidate of the shared benchmark
 # harness (../../shared/bench); called by bench/smki-target.json.
 #
 # The harness runs this with its bench folder as working directory and sets BENCH, BENCH_WORK,
@@ -31,8 +31,11 @@ fi
 CONFIG=${SMKI_CONFIG:-$HERE/bench.toml}
 W=$BENCH_WORK/smki-repository
 DATA_DIR=$W/data
-PIDFILE=$W/server.pid
-LOG=$W/server.log
+# `start nocpm` / `stop nocpm`: a second server on the same data (its own port, pid file and
+# log: the harness keeps every target running for the whole run).
+VARIANT=${2:-}
+PIDFILE=$W/server${VARIANT:+-$VARIANT}.pid
+LOG=$W/server${VARIANT:+-$VARIANT}.log
 READY_TIMEOUT=${SMKI_READY_TIMEOUT:-600}
 # The server reads every SMKI_<SECTION>__<KEY> variable as a setting and refuses unknown ones
 # ("configuration error: bin: unknown setting"): drop them all (ours included) before running it.
@@ -79,7 +82,7 @@ case "${1:-}" in
     "$BENCH/stop_pid.sh" "$PIDFILE" >/dev/null 2>&1
     rm -f "$PIDFILE"
     # `start nocpm`: the same server with CPM 8 / demand counting off (its cost, side by side)
-    if [ "${2:-}" = nocpm ]; then export SMKI_SERVICE_LEVELS__ENABLED=false; fi
+    if [ "$VARIANT" = nocpm ]; then export SMKI_SERVICE_LEVELS__ENABLED=false; fi
     # pinned: the embedded PostgreSQL started by the server inherits the pinning
     (taskset -c "$SERVER_CPU" "$BIN" serve --config "$CONFIG" --data-dir "$DATA_DIR" \
        --http "127.0.0.1:$HTTP_PORT" --https '' --lodge '' --ldap '' --ldaps '' \

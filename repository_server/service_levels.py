@@ -99,7 +99,9 @@ class ServiceLevels:
         self.demand: dict[tuple[date, str, int], list[int]] = {}  # one-element cells
         self._demand_flushed: dict[tuple[date, str, int], int] = {}
         self._hot: dict[tuple[str, str, str], tuple[Counts, list[int]]] = {}
+        self._ends_perf = 0.0  # set by _current()
         self._period = self.period_at(clock())
+        self._current()
         self._task: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
         self.flushes = 0
@@ -126,6 +128,8 @@ class ServiceLevels:
         if now >= self._period.ends:
             self._period = self.period_at(now)
             self._hot.clear()  # its slots count into the period that just ended
+        # the same end on the perf clock: receive() then needs no wall-clock read
+        self._ends_perf = self.perf() + (self._period.ends - now)
         return self._period
 
     # -- the hot path ---------------------------------------------------------------------
@@ -135,7 +139,7 @@ class ServiceLevels:
         a `perf` reading taken when it was received)."""
         if started is None:
             started = self.perf()
-        if self.clock() >= self._period.ends:
+        if started >= self._ends_perf:
             self._current()
         hot = self._hot.get((interface, operation, user))
         if hot is None:

@@ -271,7 +271,8 @@ def test_counts_follow_the_period_across_a_band_boundary() -> None:
     """The per-request shortcut (one slot per interface, operation and user) moves to the new
     band, day or month when the clock passes the period's end."""
     t = [datetime(2026, 3, 31, 22, 59, 59, tzinfo=UTC).timestamp()]  # 23:59:59 BST
-    levels = ServiceLevels(ServiceLevelSettings(), None, clock=lambda: t[0], perf=lambda: 0.0)
+    levels = ServiceLevels(ServiceLevelSettings(), None, clock=lambda: t[0],
+                           perf=lambda: t[0] - 1_700_000_000)  # both clocks move together
     levels.receive("ws", "search", "u")
     t[0] += 2  # 00:00:01 BST, 1 April: new day, band and month
     levels.receive("ws", "search", "u")
