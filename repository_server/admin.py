@@ -167,8 +167,7 @@ async def users_forecast(store: Store, name: str, per_day: int | None, bands: st
 async def report_cpm(store: Store, settings: ServiceLevelSettings, month: str | None,
                      as_json: bool) -> str:
     if month is None:
-        levels = ServiceLevels(settings, None)
-        month = levels.period_at(levels.clock()).month
+        month = ServiceLevels(settings, None).current().month
     if not re.match(r"^\d{4}-(0[1-9]|1[0-2])$", month):
         raise AdminError(f"--month: expected YYYY-MM, got {month!r}")
     report = cpm_report(month, await store.cpm_counts(month), settings)
@@ -177,9 +176,9 @@ async def report_cpm(store: Store, settings: ServiceLevelSettings, month: str | 
 
 async def report_demand(store: Store, settings: ServiceLevelSettings, day_text: str | None,
                         as_json: bool) -> str:
-    levels = ServiceLevels(settings, None)
     try:
-        day = date.fromisoformat(day_text) if day_text else levels.period_at(levels.clock()).day
+        day = (date.fromisoformat(day_text) if day_text
+               else ServiceLevels(settings, None).current().day)
     except ValueError:
         raise AdminError(f"--day: expected YYYY-MM-DD, got {day_text!r}") from None
     report = demand_report(day, await store.demand_counts(day), await store.users(),

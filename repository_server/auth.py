@@ -19,7 +19,7 @@ import logging
 import secrets
 from dataclasses import dataclass
 
-from .store.db import Store, UserRow
+from .store.db import Store
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +92,12 @@ class Credentials:
         self._by_key: dict[bytes, User] = {}
         self._seen: dict[str, User | None] = {}  # key as sent -> user: no hash per request
         self._reload: asyncio.Task[None] | None = None
-        self.loaded = False
 
     async def load(self) -> None:
         rows = await self.store.users()
         self._by_key = {r.api_key_sha256: User(r.name, r.role)
                         for r in rows if r.api_key_sha256 and not r.disabled}
         self._seen = {}
-        self.loaded = True
         log.debug("credentials loaded: %d API keys", len(self._by_key))
 
     def changed(self, _payload: str = "") -> None:
@@ -124,8 +122,3 @@ class Credentials:
             seen.clear()
         seen[key] = user
         return user
-
-    @staticmethod
-    def describe(row: UserRow) -> str:
-        state = "disabled" if row.disabled else "enabled"
-        return f"{row.name} ({row.role}, {state})"

@@ -47,7 +47,6 @@ class CertEntry:
     last_modified: str
     modified_ts: float  # whole seconds, for If-Modified-Since
     kind: str  # root, ca, organisation, device, other
-    eui64: bytes | None
     eui_text: str  # 00-DB-12-… (written form), "" if none
     role: int | None
     usage: str | None  # DS, KA, CA
@@ -87,7 +86,7 @@ def _etag(digest: bytes) -> str:
 
 def _cert_entry(r: CertRow) -> CertEntry:
     return CertEntry(r.serial, r.issuer_key_id, r.der, _etag(r.sha256), http_date(r.lodged_at),
-                     float(int(r.lodged_at.timestamp())), r.kind, r.eui64,
+                     float(int(r.lodged_at.timestamp())), r.kind,
                      format_eui64(r.eui64) if r.eui64 is not None and len(r.eui64) == 8 else "",
                      r.role, r.usage,
                      r.status, r.manufacturing_flag, r.not_after.timestamp())
@@ -338,19 +337,11 @@ class Catalog:
         return entries
 
     # -- status ------------------------------------------------------------------------------
-    def cached_revoked(self, issuer_key_id: bytes) -> tuple[bool, frozenset[str] | None]:
-        """(known, serials on the issuer's current CRL/ARL) without I/O."""
-        if issuer_key_id in self._revoked:
-            return True, self._revoked[issuer_key_id]
-        return False, None
-
     async def revoked(self, issuer_key_id: bytes) -> frozenset[str] | None:
-        known, serials = self.cached_revoked(issuer_key_id)
-        if known:
-            return serials
-        serials = await self.store.current_revoked_serials(issuer_key_id)
-        self._revoked[issuer_key_id] = serials
-        return serials
+        """Serials on the issuer's current CRL/ARL (None: it has lodged none)."""
+        if issuer_key_id not in self._revoked:
+            self._revoked[issuer_key_id] = await self.store.current_revoked_serials(issuer_key_id)
+        return self._revoked[issuer_key_id]
 
     def cached_status(self, entry: CertEntry, now: float) -> str | None:
         """The status a relying party sees now: R if on the issuer's current CRL/ARL, E if
@@ -366,13 +357,18 @@ class Catalog:
             return "E"
         return entry.lodged_status
 
-    async def status(self, entry: CertEntry, now: float) -> str:
-        found = self.cached_status(entry, now)
-        if found is None:
-            assert entry.issuer_key_id is not None
-            await self.revoked(entry.issuer_key_id)
-            found = self.cached_status(entry, now)
-            assert found is not None
+    async def statuses(self, entries: typing.Sequence[CertEntry], now: float) -> list[str]:
+        """`cached_status` of each, reading an issuer's revoked serials first where they are
+        not cached yet (one coroutine per request, not per certificate)."""
+        found = []
+        for entry in entries:
+            status = self.cached_status(entry, now)
+            if status is None:
+                assert entry.issuer_key_id is not None
+                await self.revoked(entry.issuer_key_id)
+                status = self.cached_status(entry, now)
+                assert status is not None
+            found.append(status)
         return found
 
     @property

@@ -146,6 +146,7 @@ class Repository:
         self.lodging: LodgingService | None = None
         self.credentials: Credentials | None = None
         self.levels: ServiceLevels | None = None
+        self.counting: ServiceLevels | None = None  # `levels` when service_levels.enabled
         self._runners: list[web.AppRunner] = []
         self._servers: list[asyncio.AbstractServer] = []
         self._background: set[asyncio.Task[Any]] = set()
@@ -164,7 +165,7 @@ class Repository:
         metrics = self.metrics
         store = self.store
         catalog = self.catalog
-        levels = self.levels if self.config.service_levels.enabled else None
+        levels = self.counting
         identify = self._identify
 
         def observed(route: str, handler: Handler, cpm: tuple[str, str] | None,
@@ -269,10 +270,9 @@ class Repository:
     async def _runner(self, app: web.Application, *, reads: bool = False) -> web.AppRunner:
         access = log.getChild("access")
         if reads:  # the access logger also ends each request's CPM 8 timing: always on
-            levels = self.levels if self.config.service_levels.enabled else None
             runner = web.AppRunner(app, access_log=access, handler_cancellation=True,
                                    access_log_class=access_logger_class(
-                                       levels, self.config.log.access_log))
+                                       self.counting, self.config.log.access_log))
         else:
             runner = web.AppRunner(app, access_log=access if self.config.log.access_log
                                    else None, handler_cancellation=True)
@@ -306,6 +306,7 @@ class Repository:
         self.levels = ServiceLevels(cfg.service_levels, self.store)
         self.metrics.registry.register(ServiceLevelCollector(self.levels))
         if cfg.service_levels.enabled:
+            self.counting = self.levels
             self.levels.start()
         self.lodging = LodgingService(
             self.store, max_batch=cfg.lodge.max_batch, max_crl_bytes=cfg.lodge.max_crl_bytes,

@@ -104,8 +104,6 @@ class ServiceLevels:
         self._current()
         self._task: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
-        self.flushes = 0
-        self.last_flush_error: str | None = None
         self.demand_ratios: dict[tuple[str, str], float] = {}  # (user, band|"day") -> used/forecast
         self.demand_flags: dict[str, bool] = {}
 
@@ -122,6 +120,10 @@ class ServiceLevels:
         # replace() keeps the UTC offset of `local`; re-attach the zone for the real instant
         end = end_local.replace(tzinfo=None).replace(tzinfo=self.zone).timestamp()
         return Period(f"{local.year:04d}-{local.month:02d}", local.date(), band, max(end, now + 1))
+
+    def current(self) -> Period:
+        """The month, UK day and SEC time band now."""
+        return self._current()
 
     def _current(self) -> Period:
         now = self.clock()
@@ -198,7 +200,6 @@ class ServiceLevels:
                 await self.flush()
                 await self.refresh_demand_gauges()
             except Exception as exc:  # the store is down: keep counting, retry next time
-                self.last_flush_error = str(exc)
                 log.warning("service-level counts not flushed (kept for the next try): %s", exc)
 
     async def flush(self) -> int:
@@ -230,8 +231,6 @@ class ServiceLevels:
                 counts.flushed = now
             self._demand_flushed = demand_now
             self._forget_old()
-            self.flushes += 1
-            self.last_flush_error = None
             return len(cpm) + len(demand)
 
     def _forget_old(self) -> None:

@@ -9,7 +9,6 @@ The query string is never logged: it holds API keys.
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -71,6 +70,3 @@ def access_logger_class(levels: ServiceLevels | None,
 
     return AccessLogger
 
-
-def quiet_logger() -> logging.Logger:
-    return logging.getLogger("repository_server.access")

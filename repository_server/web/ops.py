@@ -48,7 +48,7 @@ class Ops:
         refused = self._refused(request)
         if refused:
             return refused
-        month = request.query.get("month") or self.levels.period_at(self.levels.clock()).month
+        month = request.query.get("month") or self.levels.current().month
         if not _MONTH.match(month):
             return error(400, f"month: expected YYYY-MM, got {month!r}")
         await self.levels.flush()
@@ -61,8 +61,7 @@ class Ops:
             return refused
         text = request.query.get("day")
         try:
-            day = date.fromisoformat(text) if text else self.levels.period_at(
-                self.levels.clock()).day
+            day = date.fromisoformat(text) if text else self.levels.current().day
         except ValueError:
             return error(400, f"day: expected YYYY-MM-DD, got {text!r}")
         await self.levels.flush()

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from ..auth import Credentials, User
+from ..auth import Credentials
 from ..catalog import Catalog, CertEntry
 from ..config import Config
 from ..obs.access import NOTE, Note
@@ -67,26 +67,29 @@ class WebService:
                 ("*", "/services/retrievecertificate", "retrieve", self.retrieve)]
 
     # -- shared request handling ------------------------------------------------------------
-    def _answer(self, note: Note | None, root: str, status: int, body: bytes | None = None,
-                message: str = "") -> web.Response:
+    def _answer(self, note: Note | None, status: int,
+                body: Callable[[str], bytes]) -> web.Response:
+        """The answer, with a fresh audit reference in its body and on the request's note."""
         ref = self.refs.next()
         if note is not None:
             note.audit_ref = ref
             note.outcome = str(status)
-        if body is None:
-            body = ws_xml.error_response(root, status, message, ref)
-        return web.Response(body=body, status=status, headers=self._headers)
+        return web.Response(body=body(ref), status=status, headers=self._headers)
 
-    async def _accept(self, request: web.Request, root: str) -> tuple[Note | None, User | None,
-                                                                      bytes | web.Response]:
-        """Receive the body and check the key: (note, user, body) or an error answer."""
+    def _error(self, note: Note | None, root: str, status: int, message: str) -> web.Response:
+        return self._answer(note, status,
+                            lambda ref: ws_xml.error_response(root, status, message, ref))
+
+    async def _accept(self, request: web.Request,
+                      root: str) -> tuple[Note | None, bytes | web.Response]:
+        """Receive the body and check the key: (note, body) or (note, an error answer)."""
         note: Note | None = request.get(NOTE)
         if request.method != "POST":
-            return note, None, self._answer(note, root, 405, message="use POST with an XML body")
+            return note, self._error(note, root, 405, "use POST with an XML body")
         declared = request.content_length
         if declared is not None and declared > self.max_body:
-            return note, None, self._answer(note, root, 401, message=f"request body of {declared}"
-                                            f" bytes exceeds the limit of {self.max_body}")
+            return note, self._error(note, root, 401, f"request body of {declared} bytes"
+                                     f" exceeds the limit of {self.max_body}")
         content = request.content
         if content.is_eof():  # the whole body came with the headers (the usual case)
             body = content.read_nowait(-1)
@@ -96,8 +99,8 @@ class WebService:
             except web.HTTPRequestEntityTooLarge:
                 body = b"\0" * (self.max_body + 1)
         if len(body) > self.max_body:
-            return note, None, self._answer(note, root, 401, message="request body exceeds the"
-                                            f" limit of {self.max_body} bytes")
+            return note, self._error(note, root, 401, "request body exceeds the limit of"
+                                     f" {self.max_body} bytes")
         key = request_key(request)
         user = self.credentials.user_for_key(key) if key else None
         if note is not None:  # the request is in: CPM 8 receipt
@@ -110,72 +113,59 @@ class WebService:
         if user is None and not self.open_reads:
             reason = ("unknown or disabled API key" if key else
                       "an API key is required: add ?apikey=KEY to the URL")
-            return note, None, self._answer(note, root, 403, message=reason)
-        return note, user, body
+            return note, self._error(note, root, 403, reason)
+        return note, body
 
-    async def _fields(self, entry: CertEntry, now: float) -> CertificateFields:
-        status = self.catalog.cached_status(entry, now)
-        if status is None:
-            status = await self.catalog.status(entry, now)
+    @staticmethod
+    def _fields(entry: CertEntry, status: str) -> CertificateFields:
         return CertificateFields(entry.serial, entry.eui_text, entry.kind == "device", status,
                                  entry.role, entry.usage, entry.manufacturing_flag)
 
     # -- handlers -------------------------------------------------------------------------
     async def search(self, request: web.Request) -> web.StreamResponse:
         root = ws_xml.SEARCH_RESPONSE
-        note, _user, body = await self._accept(request, root)
+        note, body = await self._accept(request, root)
         if isinstance(body, web.Response):
             return body
         try:
             wanted = ws_xml.parse_search(body)
         except WsError as exc:
-            return self._answer(note, root, exc.status, message=exc.message)
+            return self._error(note, root, exc.status, exc.message)
         entries = self.catalog.cached_by_eui(wanted.eui64, wanted.device)
         if entries is None:
             entries = await self.catalog.by_eui(wanted.eui64, wanted.device)
         if not entries:
-            return self._answer(note, root, 402, message=f"no certificates found for"
-                                f" {wanted.field} {format_eui64(wanted.eui64)}")
-        now = time.time()
-        results = []
-        for e in entries:
-            status = self.catalog.cached_status(e, now)
-            if status is None:
-                status = await self.catalog.status(e, now)
-            results.append(CertificateFields(e.serial, e.eui_text, e.kind == "device", status,
-                                             e.role, e.usage, e.manufacturing_flag))
-        ref = self.refs.next()
-        if note is not None:
-            note.audit_ref, note.outcome = ref, "200"
-        return web.Response(body=ws_xml.search_response(ref, results), headers=self._headers)
+            return self._error(note, root, 402, f"no certificates found for {wanted.field}"
+                               f" {format_eui64(wanted.eui64)}")
+        statuses = await self.catalog.statuses(entries, time.time())
+        results = [self._fields(e, s) for e, s in zip(entries, statuses, strict=True)]
+        return self._answer(note, 200, lambda ref: ws_xml.search_response(ref, results))
 
     async def retrieve(self, request: web.Request) -> web.StreamResponse:
         root = ws_xml.DATA_RESPONSE
-        note, _user, body = await self._accept(request, root)
+        note, body = await self._accept(request, root)
         if isinstance(body, web.Response):
             return body
         try:
             serial = ws_xml.parse_retrieve(body)
         except WsError as exc:
-            return self._answer(note, root, exc.status, message=exc.message)
+            return self._error(note, root, exc.status, exc.message)
         entries = self.catalog.cached_certificates_for(serial)
         if entries is None:
             entries = await self.catalog.certificates(serial)
         if not entries:
-            return self._answer(note, root, 402, message=f"no certificate with serial {serial}")
+            return self._error(note, root, 402, f"no certificate with serial {serial}")
         # The service describes device and organisation certificates (its answer has no
         # shape for a CA certificate: DCC Boxed's client fails on one); CA certificates are
         # downloads. Serials are unique in the GB SMKI (16 random octets); should two issuers
         # ever share one, the first lodged answers, as documented in the README.
         described = [e for e in entries if e.kind in ("device", "organisation")]
         if not described:
-            return self._answer(note, root, 402, message=f"serial {serial} is a {entries[0].kind}"
-                                " certificate, not a device or organisation certificate: download"
-                                f" it from /certificates/{serial}")
+            return self._error(note, root, 402, f"serial {serial} is a {entries[0].kind}"
+                               " certificate, not a device or organisation certificate: download"
+                               f" it from /certificates/{serial}")
         entry = described[0]
-        ref = self.refs.next()
-        if note is not None:
-            note.audit_ref, note.outcome = ref, "200"
-        fields = await self._fields(entry, time.time())
-        return web.Response(body=ws_xml.retrieve_response(ref, fields, entry.der),
-                            headers=self._headers)
+        (status,) = await self.catalog.statuses((entry,), time.time())
+        fields = self._fields(entry, status)
+        return self._answer(note, 200,
+                            lambda ref: ws_xml.retrieve_response(ref, fields, entry.der))
