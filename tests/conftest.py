@@ -190,7 +190,7 @@ def client_ssl(running: Running, cert: tuple[str, str] | None) -> ssl.SSLContext
 
 
 def http_get(url: str, headers: dict[str, str] | None = None, method: str = "GET",
-             ca: str | None = None) -> tuple[int, dict[str, str], bytes]:
+             ca: str | None = None, body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
     """One HTTP(S) request: status, lower-cased headers, body (a blocking client: call it
     through asyncio.to_thread from tests that share the server's event loop)."""
     import http.client
@@ -203,7 +203,7 @@ def http_get(url: str, headers: dict[str, str] | None = None, method: str = "GET
     else:
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
     try:
-        conn.request(method, parts.path + (f"?{parts.query}" if parts.query else ""),
+        conn.request(method, parts.path + (f"?{parts.query}" if parts.query else ""), body=body,
                      headers=headers or {})
         resp = conn.getresponse()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()

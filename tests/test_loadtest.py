@@ -20,7 +20,6 @@ from .conftest import (
     add_user,
     cli_env,
     lodge_pki,
-    smki_cli,
     start_repository,
 )
 
@@ -247,25 +246,12 @@ def test_headless_day_run_against_the_demo_passes(tmp_path: Path) -> None:
     server's CPM report through the demo operator's key printed beside it."""
     import re
     import subprocess
-    import threading
 
-    from .test_process import ports_env
+    from .test_process import ports_env, start_demo
 
     data = tmp_path / "var"
     env, ports = ports_env()
-    demo = subprocess.Popen([*smki_cli(), "demo", "--data-dir", str(data), "--devices", "20"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def reader() -> None:
-        assert demo.stdout is not None
-        for line in demo.stdout:
-            lines.append(line)
-            if "Press Ctrl-C to stop" in line:
-                ready.set()
-
-    threading.Thread(target=reader, daemon=True).start()
+    demo, lines, ready = start_demo(data, env)
     try:
         assert ready.wait(120), "".join(lines[-40:])
         keys = re.findall(r"operator user: API key \(shown only now\): (\S+)", "".join(lines))

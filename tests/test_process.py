@@ -68,9 +68,10 @@ def ports_env() -> tuple[dict[str, str], dict[str, int]]:
     return env, ports
 
 
-def test_demo_from_empty_data_dir(tmp_path: Path) -> None:
-    data = tmp_path / "var"
-    env, ports = ports_env()
+def start_demo(data: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], list[str],
+                                                          threading.Event]:
+    """`smki-repository demo --devices 20` in `data`: the process, its output lines as they
+    come, and an event set once it says it is up."""
     proc = subprocess.Popen([*smki_cli(), "demo", "--data-dir", str(data), "--devices", "20"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
@@ -84,6 +85,13 @@ def test_demo_from_empty_data_dir(tmp_path: Path) -> None:
                 ready.set()
 
     threading.Thread(target=reader, daemon=True).start()
+    return proc, lines, ready
+
+
+def test_demo_from_empty_data_dir(tmp_path: Path) -> None:
+    data = tmp_path / "var"
+    env, ports = ports_env()
+    proc, lines, ready = start_demo(data, env)
     try:
         assert ready.wait(120), "".join(lines[-40:])
         text = "".join(lines)
@@ -109,11 +117,7 @@ def test_demo_from_empty_data_dir(tmp_path: Path) -> None:
     assert code == 0, "".join(lines[-30:])
     assert not postgres_running(data), "embedded PostgreSQL left running after Ctrl-C"
     # a second start reuses the PKI and the store: lodging again is a no-op
-    proc = subprocess.Popen([*smki_cli(), "demo", "--data-dir", str(data)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines.clear()
-    ready.clear()
-    threading.Thread(target=reader, daemon=True).start()
+    proc, lines, ready = start_demo(data, env)
     try:
         assert ready.wait(120), "".join(lines[-40:])
         assert "generating a test PKI" not in "".join(lines)

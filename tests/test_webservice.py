@@ -34,24 +34,9 @@ def post(base: str, path: str, body: bytes | str, *, key: str | None = TEST_KEY,
          headers: dict[str, str] | None = None, method: str = "POST",
          ca: str | None = None) -> tuple[int, dict[str, str], bytes]:
     """One request as DCC Boxed's client sends it (blocking: call through to_thread)."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(base)
-    if parts.scheme == "https":
-        import ssl
-
-        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-            parts.hostname, parts.port, timeout=10, context=ssl.create_default_context(cafile=ca))
-    else:
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
-    data = body.encode() if isinstance(body, str) else body
-    try:
-        conn.request(method, path + (f"?apikey={key}" if key is not None else ""), body=data,
-                     headers={"Content-Type": "application/xml", **(headers or {})})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
+    url = base + path + (f"?apikey={key}" if key is not None else "")
+    return http_get(url, {"Content-Type": "application/xml", **(headers or {})}, method, ca,
+                    body.encode() if isinstance(body, str) else body)
 
 
 async def apost(base: str, path: str, body: bytes | str, **kw: Any) -> tuple[int, dict[str, str],
