@@ -30,7 +30,7 @@ from .store.db import NOTIFY_CHANNEL, CertRow, CrlRow, DocumentRow, Store
 
 log = logging.getLogger(__name__)
 
-_ENTRY_OVERHEAD = 480  # bytes per cached certificate beyond its DER (objects, strings)
+_ENTRY_OVERHEAD = 720  # bytes per cached certificate beyond its DER (objects, strings)
 _EUI_ENTRY_BYTES = 200  # one EUI-64 index entry (key, tuple)
 
 
@@ -53,6 +53,10 @@ class CertEntry:
     lodged_status: str  # P, I, N as lodged (see Catalog.status for R and E)
     manufacturing_flag: bool
     not_after_ts: float
+    not_before_ts: float
+    subject_key_id: bytes | None
+    subject_name: str  # RFC 4514, for people (and LDAP)
+    issuer_name: str
 
     @property
     def public(self) -> bool:
@@ -84,12 +88,13 @@ def _etag(digest: bytes) -> str:
     return '"' + digest.hex() + '"'
 
 
-def _cert_entry(r: CertRow) -> CertEntry:
+def cert_entry(r: CertRow) -> CertEntry:
     return CertEntry(r.serial, r.issuer_key_id, r.der, _etag(r.sha256), http_date(r.lodged_at),
                      float(int(r.lodged_at.timestamp())), r.kind,
                      format_eui64(r.eui64) if r.eui64 is not None and len(r.eui64) == 8 else "",
                      r.role, r.usage,
-                     r.status, r.manufacturing_flag, r.not_after.timestamp())
+                     r.status, r.manufacturing_flag, r.not_after.timestamp(),
+                     r.not_before.timestamp(), r.subject_key_id, r.subject_name, r.issuer_name)
 
 
 DEVICE_KINDS = ("device",)
@@ -157,7 +162,7 @@ class Catalog:
                     if budget < 0:
                         complete = False
                         break
-                    entry = _cert_entry(row)
+                    entry = cert_entry(row)
                     batch.setdefault(row.serial, []).append(entry)
                     if row.eui64 is not None and row.kind in ("device", "organisation"):
                         subjects.setdefault((row.eui64, row.kind == "device"), []).append(entry)
@@ -307,7 +312,7 @@ class Catalog:
             return cached
         self.misses += 1
         rows = await self.store.certificates_by_serial(serial)
-        entries = tuple(_cert_entry(r) for r in rows)
+        entries = tuple(cert_entry(r) for r in rows)
         if entries and self.cache_bytes:
             self._put_cert(serial, entries)
         return entries
@@ -329,7 +334,7 @@ class Catalog:
         epoch = self._eui_epoch
         rows = await self.store.certificates_by_eui(
             eui64, DEVICE_KINDS if device else ORGANISATION_KINDS)
-        entries = tuple(_cert_entry(r) for r in rows)
+        entries = tuple(cert_entry(r) for r in rows)
         if epoch == self._eui_epoch and self.cache_bytes:  # nothing lodged meanwhile
             self._by_eui[(eui64, device)] = entries
             if len(self._by_eui) > self._eui_limit:

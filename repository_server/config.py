@@ -102,6 +102,23 @@ class Web:
 
 
 @dataclass(frozen=True)
+class Ldap:
+    """The LDAPv3 read interface (listeners.ldap with StartTLS, listeners.ldaps)."""
+
+    suffix: str = "o=SMKI"  # the naming context; its first RDN is o=, ou= or dc=
+    open_reads: bool = False  # device and organisation entries without a bound user
+    client_ca: str = ""  # PEM: CAs whose client certificates may SASL EXTERNAL bind; "" = off
+    size_limit: int = 1000  # entries per search (per page with paged results); 0 = none
+    time_limit_seconds: int = 60  # per search (or page); 0 = none
+    max_connections: int = 4096
+    max_outstanding: int = 32  # operations in flight per connection
+    max_request_kb: int = 256  # largest PDU accepted
+    idle_timeout_seconds: int = 300
+    write_timeout_seconds: int = 30  # a client that reads nothing this long is disconnected
+    response_cache_mb: int = 64  # pre-encoded answers to repeated searches, per process
+
+
+@dataclass(frozen=True)
 class ServiceLevelSettings:
     """Code Performance Measure 8 and demand (placeholders: the SEC values were not available)."""
 
@@ -134,6 +151,7 @@ class Config:
     tls: Tls = field(default_factory=Tls)
     lodge: Lodge = field(default_factory=Lodge)
     web: Web = field(default_factory=Web)
+    ldap: Ldap = field(default_factory=Ldap)
     cache: Cache = field(default_factory=Cache)
     service_levels: ServiceLevelSettings = field(default_factory=ServiceLevelSettings)
     log: Log = field(default_factory=Log)
@@ -177,6 +195,7 @@ class Config:
             raise ConfigError("web.ws_max_body_bytes: must be between 64 and 1048576")
         if self.web.test_delay_ms < 0:
             raise ConfigError("web.test_delay_ms: must be >= 0")
+        self._validate_ldap()
         sl = self.service_levels
         if sl.trt_seconds <= 0:
             raise ConfigError("service_levels.trt_seconds: must be positive")
@@ -198,6 +217,25 @@ class Config:
         if self.log.level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError("log.level: one of DEBUG, INFO, WARNING, ERROR")
         return self
+
+
+    def _validate_ldap(self) -> None:
+        from .ldap import dn
+
+        try:
+            suffix = dn.parse_normalised(self.ldap.suffix)
+        except dn.DNError as exc:
+            raise ConfigError(f"ldap.suffix: not a DN: {exc}") from None
+        if not suffix or len(suffix[0]) != 1 or suffix[0][0][0] not in ("o", "ou", "dc"):
+            raise ConfigError("ldap.suffix: must be a DN whose first RDN is o=, ou= or dc="
+                              f" (got {self.ldap.suffix!r})")
+        for key in ("size_limit", "time_limit_seconds", "response_cache_mb"):
+            if getattr(self.ldap, key) < 0:
+                raise ConfigError(f"ldap.{key}: must be >= 0")
+        for key in ("max_connections", "max_outstanding", "max_request_kb", "idle_timeout_seconds",
+                    "write_timeout_seconds"):
+            if getattr(self.ldap, key) <= 0:
+                raise ConfigError(f"ldap.{key}: must be positive")
 
 
 def _coerce(value: Any, target: Any, setting: str) -> Any:

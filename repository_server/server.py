@@ -28,6 +28,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .auth import Credentials, User
 from .catalog import Catalog
 from .config import Config, ConfigError, HostPort
+from .ldap.codec import PAGED_RESULTS_OID, STARTTLS_OID
+from .ldap.directory import Directory
+from .ldap.server import WHOAMI_OID, LdapService
 from .lodge.app import build_lodge_app
 from .lodge.service import LodgingService
 from .obs.access import NOTE, Note, access_logger_class
@@ -72,6 +75,38 @@ def lodge_tls_context(config: Config) -> ssl.SSLContext:
     ctx.load_verify_locations(cafile=str(_require_file(config, config.lodge.client_ca,
                                                        "lodge.client_ca")))
     return ctx
+
+
+def ldap_tls_context(config: Config) -> ssl.SSLContext:
+    """LDAPS and StartTLS: the server certificate; client certificates are asked for (and
+    verified) only when ldap.client_ca names the CAs allowed to SASL EXTERNAL bind."""
+    ctx = server_tls_context(config)
+    if config.ldap.client_ca:
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        ctx.load_verify_locations(cafile=str(_require_file(config, config.ldap.client_ca,
+                                                           "ldap.client_ca")))
+    return ctx
+
+
+def _root_dse(config: Config, tls: bool) -> dict[str, list[bytes]]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("smki-repository")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        ours = "unknown"
+    extensions = [WHOAMI_OID] + ([STARTTLS_OID] if tls else [])
+    return {
+        "supportedldapversion": [b"3"],
+        "supportedcontrol": [PAGED_RESULTS_OID.encode()],
+        "supportedextension": [e.encode() for e in extensions],
+        "supportedsaslmechanisms": [b"EXTERNAL"] if tls and config.ldap.client_ca else [],
+        # all operational attributes ("+"), objectClass in attribute lists, absolute true/false
+        "supportedfeatures": [b"1.3.6.1.4.1.4203.1.5.1", b"1.3.6.1.4.1.4203.1.5.2",
+                              b"1.3.6.1.4.1.4203.1.5.3"],
+        "vendorname": [b"smki-repository"],
+        "vendorversion": [ours.encode()],
+    }
 
 
 def _describe_tls_failure(exc: BaseException) -> str:
@@ -146,6 +181,7 @@ class Repository:
         self.lodging: LodgingService | None = None
         self.credentials: Credentials | None = None
         self.levels: ServiceLevels | None = None
+        self.ldap: LdapService | None = None
         self.counting: ServiceLevels | None = None  # `levels` when service_levels.enabled
         self._runners: list[web.AppRunner] = []
         self._servers: list[asyncio.AbstractServer] = []
@@ -297,6 +333,9 @@ class Repository:
         # TLS material first: a missing file should fail before anything starts.
         https_ctx = server_tls_context(cfg) if cfg.listeners.https else None
         lodge_ctx = lodge_tls_context(cfg) if cfg.listeners.lodge else None
+        # LDAPS needs the server certificate; plain LDAP offers StartTLS when there is one.
+        ldap_ctx = (ldap_tls_context(cfg) if cfg.listeners.ldaps or (
+            cfg.listeners.ldap and cfg.path(cfg.tls.cert).is_file()) else None)
         self.store = await self._resources.enter_async_context(opened_store(cfg))
         self.catalog = Catalog(self.store, cache_bytes=cfg.cache.max_mb * 1024 * 1024)
         self.credentials = Credentials(self.store)
@@ -334,9 +373,28 @@ class Repository:
             self._servers.append(server)
             sock = server.sockets[0].getsockname()
             self.bound["lodge"] = HostPort(sock[0], sock[1])
-        for name in ("ldap", "ldaps"):
-            if cfg.listeners.address(name) is not None:
-                log.info("listener %s is configured but the LDAP interface is not built yet", name)
+        await self._start_ldap(ldap_ctx)
+
+    async def _start_ldap(self, ctx: ssl.SSLContext | None) -> None:
+        cfg = self.config
+        if not (cfg.listeners.ldap or cfg.listeners.ldaps):
+            return
+        assert self.catalog is not None and self.store is not None
+        directory = Directory(self.catalog, self.store, suffix=cfg.ldap.suffix,
+                              root_dse=_root_dse(cfg, ctx is not None))
+        self.ldap = service = LdapService(cfg, directory, self.store, self.counting, ctx)
+        loop = asyncio.get_running_loop()
+        for name, tls in (("ldap", None), ("ldaps", ctx)):
+            addr = cfg.listeners.address(name)
+            if addr is None:
+                continue
+            ldaps = tls is not None
+            server = await loop.create_server(lambda ldaps=ldaps: service.factory(ldaps=ldaps),
+                                              addr.host, addr.port, ssl=tls, reuse_address=True,
+                                              backlog=1024, ssl_handshake_timeout=10 if tls else None)
+            self._servers.append(server)
+            sock = server.sockets[0].getsockname()
+            self.bound[name] = HostPort(sock[0], sock[1])
 
     def _record_bound(self, name: str, runner: web.AppRunner) -> None:
         for site_addr in runner.addresses:
@@ -346,6 +404,8 @@ class Repository:
     async def stop(self) -> None:
         for server in self._servers:
             server.close()
+        if self.ldap is not None:
+            await self.ldap.close_all()
         for runner in reversed(self._runners):
             with contextlib.suppress(Exception):
                 await runner.cleanup()

@@ -57,11 +57,17 @@ __all__ = [
     "UnbindRequest",
     "bind_response",
     "compare_response",
+    "decode_message",
     "decode_paged_results",
+    "entry_op",
     "extended_response",
+    "frame",
+    "frames",
     "ldap_result",
+    "message_id",
     "notice_of_disconnection",
     "paged_results_control",
+    "result_op",
     "search_result_done",
     "search_result_entry",
 ]
@@ -94,6 +100,10 @@ class ResultCode(IntEnum):
     NO_SUCH_ATTRIBUTE = 16
     NO_SUCH_OBJECT = 32
     INVALID_DN_SYNTAX = 34
+    UNDEFINED_ATTRIBUTE_TYPE = 17
+    INAPPROPRIATE_MATCHING = 18
+    INVALID_ATTRIBUTE_SYNTAX = 21
+    INAPPROPRIATE_AUTHENTICATION = 48
     INVALID_CREDENTIALS = 49
     INSUFFICIENT_ACCESS_RIGHTS = 50
     BUSY = 51
@@ -538,8 +548,22 @@ _UPDATES: dict[int, type[ModifyRequest | AddRequest | ModDNRequest]] = {
 }
 
 
-def _decode_message(d: bytes, max_depth: int) -> Request:
-    """Decode the content octets of one LDAPMessage SEQUENCE."""
+def message_id(content: bytes) -> tuple[int, int] | None:
+    """The message id and where the protocolOp starts, read cheaply from the content octets
+    of an LDAPMessage when the id is a short positive INTEGER (what every client sends);
+    None otherwise (then :func:`decode_message` says what is wrong).  A server answering
+    from pre-encoded responses keys them on ``content[offset:]``."""
+    if len(content) < 3 or content[0] != _INTEGER:
+        return None
+    n = content[1]
+    if not 1 <= n <= 4 or len(content) < 2 + n or content[2] & 0x80:
+        return None
+    return int.from_bytes(content[2:2 + n], "big"), 2 + n
+
+
+def decode_message(d: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> Request:
+    """Decode the content octets of one LDAPMessage SEQUENCE (a frame from
+    :meth:`Decoder.frames`)."""
     mid: int | None = None
     try:
         end = len(d)
@@ -579,7 +603,8 @@ def _decode_message(d: bytes, max_depth: int) -> Request:
 class Decoder:
     """Incremental LDAPMessage decoder for one connection.
 
-    ``feed(data)`` appends received bytes and returns every complete request.  A PDU
+    ``feed(data)`` appends received bytes and returns every complete request
+    (``frames(data)`` returns them undecoded, for a server that decodes lazily).  A PDU
     whose announced length exceeds ``max_pdu_size`` is refused as soon as its header
     arrives.  After a ProtocolError the stream cannot be resynchronised: every later
     call raises the same error.  Call ``eof()`` when the peer closes; it raises if a
@@ -598,11 +623,25 @@ class Decoder:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[Request]:
+        """Every complete request in the stream so far, decoded."""
+        out: list[Request] = []
+        for content in self.frames(data):
+            try:
+                out.append(decode_message(content, self.max_depth))
+            except ProtocolError as exc:
+                self._error = exc
+                self._buf.clear()
+                raise
+        return out
+
+    def frames(self, data: bytes) -> list[bytes]:
+        """Every complete PDU so far, as the content octets of its LDAPMessage (framing and
+        the size limit only; :func:`decode_message` decodes one)."""
         if self._error is not None:
             raise self._error
         buf = self._buf
         buf += data
-        out: list[Request] = []
+        out: list[bytes] = []
         pos = 0
         try:
             while True:
@@ -630,7 +669,7 @@ class Decoder:
                     raise ProtocolError(None, f"PDU of {total} bytes exceeds the {self.max_pdu_size} limit")
                 if avail < total:
                     break
-                out.append(_decode_message(bytes(buf[pos + hdr:pos + total]), self.max_depth))
+                out.append(bytes(buf[pos + hdr:pos + total]))
                 pos += total
         except ProtocolError as exc:
             self._error = exc
@@ -700,9 +739,27 @@ def _message(message_id: int, op: bytes, controls: Sequence[Control] = ()) -> by
     return _tlv_bytes(_SEQUENCE, b"".join((_enc_int(message_id), op, _enc_controls(controls))))
 
 
+def frame(message_id: int, op: bytes, controls: Sequence[Control] = ()) -> bytes:
+    """One LDAPMessage around an encoded protocolOp (see :func:`entry_op`, :func:`result_op`)."""
+    return _message(message_id, op, controls)
+
+
+def frames(message_id: int, ops: Sequence[bytes]) -> bytes:
+    """Several responses to one request (entries, then the done), pre-encoded ops, one id."""
+    mid = _enc_int(message_id)
+    return b"".join([b"".join((b"\x30", _len(len(mid) + len(op)), mid, op)) for op in ops])
+
+
 def _result_body(result_code: int, matched_dn: str, message: str) -> bytes:
     return b"".join((_enc_int(result_code, _ENUMERATED), _enc_str(_OCTET_STRING, matched_dn),
                      _enc_str(_OCTET_STRING, message)))
+
+
+def result_op(app_tag: int, result_code: int, matched_dn: str = "", message: str = "") -> bytes:
+    """A bare LDAPResult protocolOp with this APPLICATION number."""
+    if not 0 <= app_tag <= 30:
+        raise ValueError(f"bad APPLICATION tag {app_tag}")
+    return _tlv_bytes(0x60 | app_tag, _result_body(result_code, matched_dn, message))
 
 
 def ldap_result(message_id: int, app_tag: int, result_code: int, matched_dn: str = "", message: str = "",
@@ -724,14 +781,19 @@ def bind_response(message_id: int, result_code: int, matched_dn: str = "", messa
     return _message(message_id, _tlv_bytes(0x61, body), controls)
 
 
-def search_result_entry(message_id: int, dn: str, attributes: Sequence[tuple[str, Sequence[bytes]]],
-                        controls: Sequence[Control] = ()) -> bytes:
+def entry_op(dn: str, attributes: Sequence[tuple[str, Sequence[bytes]]]) -> bytes:
+    """A SearchResultEntry protocolOp (values as given; an empty list for typesOnly)."""
     attrs = []
     for name, values in attributes:
         vals = b"".join([b"".join((b"\x04", _len(len(v)), v)) for v in values])
         attrs.append(_tlv_bytes(_SEQUENCE, b"".join((_enc_str(_OCTET_STRING, name), _tlv_bytes(_SET, vals)))))
     body = b"".join((_enc_str(_OCTET_STRING, dn), _tlv_bytes(_SEQUENCE, b"".join(attrs))))
-    return _message(message_id, _tlv_bytes(0x64, body), controls)
+    return _tlv_bytes(0x64, body)
+
+
+def search_result_entry(message_id: int, dn: str, attributes: Sequence[tuple[str, Sequence[bytes]]],
+                        controls: Sequence[Control] = ()) -> bytes:
+    return _message(message_id, entry_op(dn, attributes), controls)
 
 
 def search_result_done(message_id: int, result_code: int, matched_dn: str = "", message: str = "",

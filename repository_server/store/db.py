@@ -49,10 +49,15 @@ class CertRow:
     status: str  # lodged status P/I/N (R and E are computed when answering)
     manufacturing_flag: bool
     not_after: datetime
+    not_before: datetime
+    subject_key_id: bytes | None
+    subject_name: str
+    issuer_name: str
 
 
 _CERT_ROW_COLS = ("id, serial, issuer_key_id, der, sha256, lodged_at, kind, eui64, role, usage,"
-                  " status, manufacturing_flag, not_after")
+                  " status, manufacturing_flag, not_after, not_before, subject_key_id, subject_name,"
+                  " issuer_name")
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +270,51 @@ class Store:
                 f"SELECT {_CERT_ROW_COLS} FROM certificates ORDER BY id DESC", prefetch=5000)
             async for r in cursor:
                 yield CertRow(*r)
+
+    # -- the LDAP directory's reads (keyset pages: bounded memory whatever the store size) ---
+    _OTHER = ("(kind = 'other' OR (kind IN ('device', 'organisation') AND eui64 IS NULL)"
+              " OR (kind IN ('root', 'ca') AND subject_key_id IS NULL))")
+
+    async def ca_certificates(self) -> list[CertRow]:
+        """Every root and issuing CA certificate (a handful), oldest first."""
+        rows = await self.pool.fetch(
+            f"SELECT {_CERT_ROW_COLS} FROM certificates WHERE kind IN ('root', 'ca')"
+            " AND subject_key_id IS NOT NULL ORDER BY id")
+        return [CertRow(*r) for r in rows]
+
+    async def certificates_by_sha256(self, sha256: bytes) -> list[CertRow]:
+        rows = await self.pool.fetch(
+            f"SELECT {_CERT_ROW_COLS} FROM certificates WHERE sha256 = $1", sha256)
+        return [CertRow(*r) for r in rows]
+
+    async def certificates_by_subject_key_id(self, key_id: bytes) -> list[CertRow]:
+        rows = await self.pool.fetch(
+            f"SELECT {_CERT_ROW_COLS} FROM certificates WHERE subject_key_id = $1 ORDER BY id",
+            key_id)
+        return [CertRow(*r) for r in rows]
+
+    async def subject_certificates_page(self, kind: str, after_eui: bytes, after_id: int,
+                                        limit: int) -> list[CertRow]:
+        """Certificates of devices or organisations in (EUI-64, id) order, after a position."""
+        rows = await self.pool.fetch(
+            f"SELECT {_CERT_ROW_COLS} FROM certificates WHERE kind = $1 AND eui64 IS NOT NULL"
+            " AND (eui64, id) > ($2, $3) ORDER BY eui64, id LIMIT $4",
+            kind, after_eui, after_id, limit)
+        return [CertRow(*r) for r in rows]
+
+    async def subjects_page(self, kind: str, after_eui: bytes, limit: int) -> list[bytes]:
+        """Distinct EUI-64s of devices or organisations, in order, after a position."""
+        rows = await self.pool.fetch(
+            "SELECT DISTINCT eui64 FROM certificates WHERE kind = $1 AND eui64 IS NOT NULL"
+            " AND eui64 > $2 ORDER BY eui64 LIMIT $3", kind, after_eui, limit)
+        return [r[0] for r in rows]
+
+    async def other_certificates_page(self, after_id: int, limit: int) -> list[CertRow]:
+        """Certificates that are neither a CA key's nor a device's or organisation's."""
+        rows = await self.pool.fetch(
+            f"SELECT {_CERT_ROW_COLS} FROM certificates WHERE {self._OTHER} AND id > $1"
+            " ORDER BY id LIMIT $2", after_id, limit)
+        return [CertRow(*r) for r in rows]
 
     async def certificate_count(self) -> int:
         return int(await self.pool.fetchval("SELECT count(*) FROM certificates"))

@@ -1,0 +1,512 @@
+"""The directory: our layout (DIT) over the catalog and the store.
+
+```
+<suffix>                                  organization (o=SMKI by default)
+├─ ou=CAs                                 organizationalUnit
+│  └─ smkiKeyId=<CA key id, hex>          cRLDistributionPoint + pkiCA + smkiCA
+│        cACertificate;binary (every certificate of that key), certificateRevocationList;binary
+│        (its current CRL), authorityRevocationList;binary (its current ARL), metadata
+├─ ou=Devices                             organizationalUnit
+│  └─ smkiEui64=00-DB-12-…                smkiSubjectEntry: one device
+│     └─ smkiSerial=<serial hex>          smkiCertificate + pkiUser: userCertificate;binary, metadata
+├─ ou=Organisations                       the same for organisations (EUI-64 = entity id)
+└─ ou=Other                               smkiSerial=<serial hex>: certificates of neither kind
+```
+
+plus the root DSE ("") and the subschema entry (``cn=Subschema``). Nothing is materialised:
+a search resolves its base, then reads candidates through the cheapest index the filter
+allows (:func:`filters.plan`), and walks a subtree a page at a time in (EUI-64, id) order
+when it has to, so memory stays bounded whatever the store holds. Entries of devices,
+organisations and other certificates are ``public=False``: the server shows them only to
+bound users unless ``ldap.open_reads`` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from ..catalog import Catalog, CertEntry, cert_entry
+from ..pki.ids import IdentifierError, format_key_id, parse_eui64, parse_key_id, parse_serial
+from ..store.db import CrlRow, Store
+from . import dn
+from .codec import ResultCode
+from .filters import Entry, Plan
+from .schema import SCHEMA
+
+log = logging.getLogger(__name__)
+
+SUBSCHEMA_DN = "cn=Subschema"
+_SUBSCHEMA_NDN = dn.parse_normalised(SUBSCHEMA_DN)
+PAGE_ROWS = 500
+
+_CLASSES = {
+    "suffix": frozenset({"top", "organization"}),
+    "ou": frozenset({"top", "organizationalunit"}),
+    "ca": frozenset({"top", "crldistributionpoint", "pkica", "smkica"}),
+    "subject": frozenset({"top", "smkisubjectentry"}),
+    "cert": frozenset({"top", "smkicertificate", "pkiuser"}),
+}
+# organisational units: (RDN value, the certificate kind below it or None)
+UNITS = {"cas": ("CAs", None), "devices": ("Devices", "device"),
+         "organisations": ("Organisations", "organisation"), "other": ("Other", None)}
+
+
+class DirectoryError(Exception):
+    def __init__(self, code: ResultCode, message: str, matched: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.matched = matched
+
+
+def _gt(ts: float) -> bytes:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y%m%d%H%M%SZ").encode()
+
+
+def _common(entry_dn: str, structural: str, children: bool, attrs: dict[str, list[bytes]]) -> None:
+    attrs["structuralobjectclass"] = [structural.encode()]
+    attrs["hassubordinates"] = [b"TRUE" if children else b"FALSE"]
+    attrs["entrydn"] = [entry_dn.encode()]
+    attrs["subschemasubentry"] = [SUBSCHEMA_DN.encode()]
+
+
+def _size(attrs: dict[str, list[bytes]]) -> int:
+    return 200 + sum(48 + sum(len(v) + 40 for v in vs) for vs in attrs.values())
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A resolved base DN."""
+
+    kind: str  # dse, schema, suffix, ou, ca, subject, cert
+    unit: str = ""  # cas, devices, organisations, other
+    key: bytes = b""  # CA key id or EUI-64
+    serial: str = ""
+
+
+class Directory:
+    def __init__(self, catalog: Catalog, store: Store, *, suffix: str,
+                 root_dse: dict[str, list[bytes]], clock: Callable[[], float] = time.time) -> None:
+        self.catalog = catalog
+        self.store = store
+        self.clock = clock
+        self.suffix = suffix
+        self.nsuffix = dn.parse_normalised(suffix)
+        if not self.nsuffix:
+            raise ValueError("ldap.suffix: must not be empty")
+        self._root_dse = root_dse
+        self._cas: dict[bytes, Entry] | None = None
+        self._cas_lock = asyncio.Lock()
+        self._listeners: list[Callable[[], None]] = []
+        for kind in ("certs", "status", "crl", "serials"):
+            catalog.subscribe(kind, self._changed)
+
+    # -- change notification ------------------------------------------------------------
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` whenever something lodged may change an answer."""
+        self._listeners.append(callback)
+
+    def _changed(self, _key: str) -> None:
+        self._cas = None
+        for callback in self._listeners:
+            callback()
+
+    # -- fixed entries ----------------------------------------------------------------------
+    def root_dse(self) -> Entry:
+        attrs = {"objectclass": [b"top"], **{k: v for k, v in self._root_dse.items() if v}}
+        attrs["namingcontexts"] = [self.suffix.encode()]
+        attrs["subschemasubentry"] = [SUBSCHEMA_DN.encode()]
+        return Entry("", (), attrs)
+
+    def subschema(self) -> Entry:
+        attrs: dict[str, list[bytes]] = {
+            "objectclass": [b"top", b"subentry", b"subschema", b"extensibleObject"],
+            "cn": [b"Subschema"]}
+        for name, values in SCHEMA.subschema_values():
+            attrs[name.lower()] = values
+        _common(SUBSCHEMA_DN, "subentry", False, attrs)
+        return Entry(SUBSCHEMA_DN, _SUBSCHEMA_NDN, attrs)
+
+    def suffix_entry(self) -> Entry:
+        _, value = _single(dn.parse(self.suffix)[0])
+        key = _single(self.nsuffix[0])[0]
+        raw = value.encode()
+        attrs: dict[str, list[bytes]]
+        if key == "ou":
+            structural = "organizationalUnit"
+            attrs = {"objectclass": [b"top", b"organizationalUnit"], "ou": [raw]}
+        elif key == "dc":
+            structural = "organization"
+            attrs = {"objectclass": [b"top", b"organization", b"dcObject"], "dc": [raw], "o": [raw]}
+        else:
+            structural = "organization"
+            attrs = {"objectclass": [b"top", b"organization"], "o": [raw]}
+        attrs["description"] = [b"GB Smart Metering PKI repository (smki-repository)"]
+        _common(self.suffix, structural, True, attrs)
+        return Entry(self.suffix, self.nsuffix, attrs)
+
+    def unit_entry(self, unit: str) -> Entry:
+        name, _ = UNITS[unit]
+        entry_dn = f"ou={name},{self.suffix}"
+        attrs: dict[str, list[bytes]] = {"objectclass": [b"top", b"organizationalUnit"],
+                                         "ou": [name.encode()]}
+        _common(entry_dn, "organizationalUnit", True, attrs)
+        return Entry(entry_dn, ((("ou", unit),), *self.nsuffix), attrs)
+
+    # -- CA entries ---------------------------------------------------------------------------
+    async def ca_entries(self) -> dict[bytes, Entry]:
+        cas = self._cas
+        if cas is not None:
+            return cas
+        async with self._cas_lock:
+            if self._cas is not None:
+                return self._cas
+            rows = await self.store.ca_certificates()
+            crls = {c.issuer_key_id: c for c in await self.store.current_crls()}
+            built: dict[bytes, Entry] = {}
+            by_key: dict[bytes, list[CertEntry]] = {}
+            for row in rows:
+                assert row.subject_key_id is not None
+                by_key.setdefault(row.subject_key_id, []).append(cert_entry(row))
+            for key_id, certs in by_key.items():
+                built[key_id] = self._ca_entry(key_id, certs, crls.get(key_id))
+            self._cas = built
+            return built
+
+    def _ca_entry(self, key_id: bytes, certs: list[CertEntry], crl: CrlRow | None) -> Entry:
+        key_hex = format_key_id(key_id)
+        entry_dn = f"smkiKeyId={key_hex},ou=CAs,{self.suffix}"
+        cn = _common_name(certs[-1].subject_name) or key_hex
+        attrs: dict[str, list[bytes]] = {
+            "objectclass": [b"top", b"cRLDistributionPoint", b"pkiCA", b"smkiCA"],
+            "cn": [cn.encode()],
+            "smkikeyid": [key_hex.encode()],
+            "smkikind": _distinct(c.kind for c in certs),
+            "smkiserial": _distinct(c.serial for c in certs),
+            "smkinotbefore": _distinct(_gt(c.not_before_ts).decode() for c in certs),
+            "smkinotafter": _distinct(_gt(c.not_after_ts).decode() for c in certs),
+            "smkisubjectkeyid": [key_hex.encode()],
+            "smkisha256": _distinct(c.etag.strip('"') for c in certs),
+            "smkisubject": _distinct(c.subject_name for c in certs if c.subject_name),
+            "smkiissuer": _distinct(c.issuer_name for c in certs if c.issuer_name),
+            "cacertificate": [c.der for c in certs],
+            "createtimestamp": [_gt(min(c.modified_ts for c in certs))],
+        }
+        issuers = _distinct(format_key_id(c.issuer_key_id) for c in certs if c.issuer_key_id)
+        if issuers:
+            attrs["smkiissuerkeyid"] = issuers
+        if crl is not None:
+            attrs["certificaterevocationlist" if crl.kind == "crl" else "authorityrevocationlist"] = [
+                crl.der]
+            attrs["smkicrlnumber"] = [str(crl.crl_number).encode()]
+            if crl.next_update is not None:
+                attrs["smkicrlnextupdate"] = [_gt(crl.next_update.timestamp())]
+            attrs["modifytimestamp"] = [_gt(crl.lodged_at.timestamp())]
+        _common(entry_dn, "cRLDistributionPoint", False, attrs)
+        certs_ids = tuple((c.serial, _issuer_ndn(c.issuer_name)) for c in certs)
+        entry = Entry(entry_dn, ((("smkikeyid", key_hex),), (("ou", "cas"),), *self.nsuffix),
+                      attrs, certs_ids)
+        entry.size = _size(attrs)
+        return entry
+
+    # -- device, organisation and other certificate entries ---------------------------------
+    def unit_of(self, c: CertEntry) -> str:
+        if c.kind in ("device", "organisation") and c.eui_text:
+            return "devices" if c.kind == "device" else "organisations"
+        if c.kind in ("root", "ca") and c.subject_key_id:
+            return "cas"
+        return "other"
+
+    def subject_entry(self, unit: str, eui_text: str) -> Entry:
+        name, kind = UNITS[unit]
+        entry_dn = f"smkiEui64={eui_text},ou={name},{self.suffix}"
+        attrs: dict[str, list[bytes]] = {
+            "objectclass": [b"top", b"smkiSubjectEntry"], "smkieui64": [eui_text.encode()],
+            "smkikind": [(kind or "").encode()]}
+        _common(entry_dn, "smkiSubjectEntry", True, attrs)
+        return Entry(entry_dn, ((("smkieui64", eui_text),), (("ou", unit),), *self.nsuffix),
+                     attrs, public=False)
+
+    def certificate_entry(self, c: CertEntry, status: str) -> Entry:
+        unit = self.unit_of(c)
+        name, _ = UNITS[unit]
+        if unit == "other":
+            entry_dn = f"smkiSerial={c.serial},ou=Other,{self.suffix}"
+            ndn: dn.DN = ((("smkiserial", c.serial),), (("ou", "other"),), *self.nsuffix)
+        else:
+            entry_dn = f"smkiSerial={c.serial},smkiEui64={c.eui_text},ou={name},{self.suffix}"
+            ndn = ((("smkiserial", c.serial),), (("smkieui64", c.eui_text),), (("ou", unit),),
+                   *self.nsuffix)
+        attrs: dict[str, list[bytes]] = {
+            "objectclass": [b"top", b"smkiCertificate", b"pkiUser"],
+            "smkiserial": [c.serial.encode()],
+            "smkikind": [c.kind.encode()],
+            "smkistatus": [status.encode()],
+            "smkimanufacturingflag": [b"TRUE" if c.manufacturing_flag else b"FALSE"],
+            "smkinotbefore": [_gt(c.not_before_ts)],
+            "smkinotafter": [_gt(c.not_after_ts)],
+            "smkisha256": [c.etag.strip('"').encode()],
+            "usercertificate": [c.der],
+            "createtimestamp": [_gt(c.modified_ts)],
+        }
+        if c.subject_name:  # a device certificate's subject is empty
+            attrs["smkisubject"] = [c.subject_name.encode()]
+        if c.issuer_name:
+            attrs["smkiissuer"] = [c.issuer_name.encode()]
+        if c.eui_text:
+            attrs["smkieui64"] = [c.eui_text.encode()]
+        if c.usage:
+            attrs["smkikeyusage"] = [c.usage.encode()]
+        if c.role is not None:
+            attrs["smkirole"] = [str(c.role).encode()]
+        if c.issuer_key_id:
+            attrs["smkiissuerkeyid"] = [format_key_id(c.issuer_key_id).encode()]
+        if c.subject_key_id:
+            attrs["smkisubjectkeyid"] = [format_key_id(c.subject_key_id).encode()]
+        _common(entry_dn, "smkiCertificate", False, attrs)
+        entry = Entry(entry_dn, ndn, attrs, ((c.serial, _issuer_ndn(c.issuer_name)),),
+                      public=False,
+                      valid_until=c.not_after_ts if status not in ("E", "R") else float("inf"))
+        entry.size = _size(attrs)
+        return entry
+
+    async def _certificate_entries(self, certs: Sequence[CertEntry]) -> list[Entry]:
+        statuses = await self.catalog.statuses(certs, self.clock())
+        return [self.certificate_entry(c, s) for c, s in zip(certs, statuses, strict=True)]
+
+    # -- base resolution -----------------------------------------------------------------------
+    async def resolve(self, base: dn.DN) -> Node:
+        """The node a (normalised) base DN names; DirectoryError(noSuchObject) if none."""
+        if base == ():
+            return Node("dse")
+        if base == _SUBSCHEMA_NDN:
+            return Node("schema")
+        depth = len(base) - len(self.nsuffix)
+        if depth < 0 or base[depth:] != self.nsuffix:
+            raise DirectoryError(ResultCode.NO_SUCH_OBJECT,
+                                 f"no such entry: the directory holds {self.suffix} and below")
+        if depth == 0:
+            return Node("suffix")
+        matched = self.suffix
+        attr, unit = _single(base[depth - 1])
+        if attr != "ou" or unit not in UNITS:
+            raise DirectoryError(ResultCode.NO_SUCH_OBJECT, "no such organisational unit"
+                                 " (ou=CAs, ou=Devices, ou=Organisations, ou=Other)", matched)
+        if depth == 1:
+            return Node("ou", unit)
+        matched = f"ou={UNITS[unit][0]},{self.suffix}"
+        attr, value = _single(base[depth - 2])
+        try:
+            if unit == "cas" and attr == "smkikeyid" and depth == 2:
+                key_id = parse_key_id(value)
+                if key_id in await self.ca_entries():
+                    return Node("ca", unit, key_id)
+            elif unit == "other" and attr == "smkiserial" and depth == 2:
+                serial = parse_serial(value)
+                if any(self.unit_of(c) == "other" for c in await self.catalog.certificates(serial)):
+                    return Node("cert", unit, b"", serial)
+            elif unit in ("devices", "organisations") and attr == "smkieui64":
+                eui = parse_eui64(value)
+                certs = await self.catalog.by_eui(eui, unit == "devices")
+                if certs and depth == 2:
+                    return Node("subject", unit, eui)
+                if certs and depth == 3:
+                    matched = f"smkiEui64={certs[0].eui_text},{matched}"
+                    attr, value = _single(base[0])
+                    if attr == "smkiserial":
+                        serial = parse_serial(value)
+                        if any(c.serial == serial for c in certs):
+                            return Node("cert", unit, eui, serial)
+        except IdentifierError:
+            pass
+        raise DirectoryError(ResultCode.NO_SUCH_OBJECT, "no such entry", matched)
+
+    # -- searching ----------------------------------------------------------------------------------
+    async def candidates(self, node: Node, scope: int, plan: Plan, private: bool,
+                         base: dn.DN) -> AsyncIterator[Entry]:
+        """Entries in scope of the base that may match (a superset: the caller applies the
+        filter). `private`: include device, organisation and other certificate entries."""
+        if node.kind == "dse":
+            if scope == 0:
+                yield self.root_dse()
+            elif scope == 1 or (plan.classes is not None and "organization" in plan.classes):
+                yield self.suffix_entry()
+            else:  # subtree from the root: the whole naming context
+                async for e in self.candidates(Node("suffix"), 2, plan, private, self.nsuffix):
+                    yield e
+            return
+        if node.kind == "schema":
+            if scope != 1:
+                yield self.subschema()
+            return
+        if plan.indexed:
+            for e in await self._indexed(plan, private):
+                if dn.is_within(e.ndn, base, scope):
+                    yield e
+            return
+        def want(kind: str) -> bool:
+            return plan.classes is None or plan.classes <= _CLASSES[kind]
+
+        if node.kind == "suffix":
+            if scope != 1 and want("suffix"):
+                yield self.suffix_entry()
+            if scope == 0:
+                return
+            for unit in UNITS:
+                if want("ou"):
+                    yield self.unit_entry(unit)
+                if scope == 2:
+                    async for e in self._unit_contents(unit, 2, private, want):
+                        yield e
+        elif node.kind == "ou":
+            if scope != 1 and want("ou"):
+                yield self.unit_entry(node.unit)
+            if scope != 0:
+                async for e in self._unit_contents(node.unit, scope, private, want):
+                    yield e
+        elif node.kind == "ca":
+            if scope != 1 and want("ca"):
+                yield (await self.ca_entries())[node.key]
+        elif node.kind == "subject":
+            certs = await self.catalog.by_eui(node.key, node.unit == "devices")
+            if scope != 1 and want("subject"):
+                yield self.subject_entry(node.unit, certs[0].eui_text)
+            if scope != 0 and want("cert"):
+                for e in await self._certificate_entries(certs):
+                    yield e
+        elif node.kind == "cert" and scope != 1 and want("cert"):
+            found = [c for c in await self.catalog.certificates(node.serial)
+                     if self.unit_of(c) == node.unit and (not node.key or c.eui_text == _eui(node.key))]
+            for e in await self._certificate_entries(found):
+                yield e
+
+    async def _unit_contents(self, unit: str, scope: int, private: bool,
+                             want: Callable[[str], bool]) -> AsyncIterator[Entry]:
+        if unit == "cas":
+            if want("ca"):
+                for e in (await self.ca_entries()).values():
+                    yield e
+            return
+        if not private:
+            return
+        if unit == "other":
+            if not want("cert"):
+                return
+            after = 0
+            while True:
+                rows = await self.store.other_certificates_page(after, PAGE_ROWS)
+                for e in await self._certificate_entries([cert_entry(r) for r in rows]):
+                    yield e
+                if len(rows) < PAGE_ROWS:
+                    return
+                after = rows[-1].id
+        kind = UNITS[unit][1]
+        assert kind is not None
+        if scope == 1 or not want("cert"):  # the subject entries only
+            if not want("subject"):
+                return
+            after_eui = b""
+            while True:
+                euis = await self.store.subjects_page(kind, after_eui, PAGE_ROWS)
+                for eui in euis:
+                    yield self.subject_entry(unit, _eui(eui))
+                if len(euis) < PAGE_ROWS:
+                    return
+                after_eui = euis[-1]
+        after_eui, after_id = b"", 0
+        last = b""
+        while True:
+            rows = await self.store.subject_certificates_page(kind, after_eui, after_id, PAGE_ROWS)
+            entries = await self._certificate_entries([cert_entry(r) for r in rows])
+            for row, e in zip(rows, entries, strict=True):
+                assert row.eui64 is not None
+                if row.eui64 != last:
+                    last = row.eui64
+                    if want("subject"):
+                        yield self.subject_entry(unit, _eui(row.eui64))
+                yield e
+            if len(rows) < PAGE_ROWS:
+                return
+            after_eui, after_id = rows[-1].eui64 or b"", rows[-1].id
+
+    async def _indexed(self, plan: Plan, private: bool) -> list[Entry]:
+        """Candidates through an index: by SHA-256, serial, EUI-64 or key id."""
+        certs: list[CertEntry] = []
+        out: list[Entry] = []
+        cas = await self.ca_entries()
+        if plan.sha256 is not None:
+            rows = await self.store.certificates_by_sha256(plan.sha256)
+            certs = [cert_entry(r) for r in rows]
+            want_sha = plan.sha256.hex().encode()
+            out += [e for e in cas.values() if want_sha in e.attrs["smkisha256"]]
+        elif plan.serial is not None:
+            certs = [*await self.catalog.certificates(plan.serial)]
+            want_serial = plan.serial.encode()
+            out += [e for e in cas.values() if want_serial in e.attrs["smkiserial"]]
+        elif plan.eui is not None:
+            eui = parse_eui64(plan.eui)
+            if private:
+                for unit in ("devices", "organisations"):
+                    found = await self.catalog.by_eui(eui, unit == "devices")
+                    if found:
+                        out.append(self.subject_entry(unit, plan.eui))
+                        certs += found
+        elif plan.key_id is not None:
+            if plan.key_id in cas:
+                out.append(cas[plan.key_id])
+            if private:
+                rows = await self.store.certificates_by_subject_key_id(plan.key_id)
+                certs = [cert_entry(r) for r in rows]
+        certs = [c for c in certs if self.unit_of(c) != "cas" and (private or c.public)]
+        out += await self._certificate_entries(certs)
+        return out
+
+    async def all_entries(self) -> AsyncIterator[Entry]:
+        """Every entry below the suffix, in DIT order (for export-ldif)."""
+        async for e in self.candidates(Node("suffix"), 2, Plan(), True, self.nsuffix):
+            yield e
+
+
+def _single(rdn: dn.RDN) -> tuple[str, str]:
+    """The one (attribute, value) of a single-valued RDN; ("", "") for a multi-valued one."""
+    return rdn[0] if len(rdn) == 1 else ("", "")
+
+
+def _eui(eui: bytes) -> str:
+    return "-".join(f"{b:02X}" for b in eui)
+
+
+def _distinct(values: Iterable[str]) -> list[bytes]:
+    return [v.encode() for v in dict.fromkeys(values)]
+
+
+def _common_name(name: str) -> str | None:
+    try:
+        for rdn in dn.parse(name):
+            for attr, value in rdn:
+                if attr.lower() in ("cn", "2.5.4.3", "commonname"):
+                    return value
+    except dn.DNError:
+        pass
+    return None
+
+
+_ISSUERS: dict[str, dn.DN] = {}
+
+
+def _issuer_ndn(name: str) -> dn.DN:
+    """Normalised issuer name (a handful of distinct issuers: memoised)."""
+    found = _ISSUERS.get(name)
+    if found is None:
+        try:
+            found = dn.parse_normalised(name)
+        except dn.DNError:
+            found = ()
+        if len(_ISSUERS) < 4096:
+            _ISSUERS[name] = found
+    return found

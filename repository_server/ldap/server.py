@@ -1,0 +1,733 @@
+"""The LDAPv3 listener: one asyncio protocol per connection over the sans-I/O codec.
+
+Each operation is a method (``op_bind``, ``op_search``, ``op_compare``, ``op_extended``, …)
+in the spirit of aiosmtpd. Rules:
+
+* Requests are framed as they arrive. A search whose exact bytes (after the message id) were
+  answered before, for the same access level, is answered from pre-encoded responses (the
+  response cache) without decoding; everything a lodging may change empties that cache
+  (the directory's change callback, fed by LISTEN/NOTIFY), and an answer holding a
+  certificate is kept no longer than the certificate's notAfter (its status turns E).
+* Searches run as tasks (at most ``ldap.max_outstanding`` per connection, else busy); a bind,
+  StartTLS or unbind first waits for them (RFC 4511 §4.2.1). Abandon cancels one.
+* Entries are written as they are found; while the client does not read (the transport's
+  buffer is above its high-water mark) the search waits, and reading from the client stops
+  too. A client that reads nothing for ``ldap.write_timeout_seconds`` is disconnected.
+* A malformed or oversized PDU gets a notice of disconnection (protocolError) and the
+  connection is closed; idle connections are closed after ``ldap.idle_timeout_seconds``.
+* Device, organisation and other certificate entries are visible to bound users only,
+  unless ``ldap.open_reads``. Writes are refused (unwillingToPerform): the repository is
+  written only through the mutual-TLS lodging listener.
+* Every search for lodged material (anything but the root DSE and the subschema entry) is
+  timed for Code Performance Measure 8 from receipt to the SearchResultDone being written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+import ssl
+import time
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+
+from ..auth import User, api_key_sha256, check_password
+from ..config import Config
+from ..service_levels import ANONYMOUS, ServiceLevels
+from ..store.db import Store
+from . import codec, dn
+from .codec import PAGED_RESULTS_OID, STARTTLS_OID, ProtocolError, ResultCode
+from .directory import Directory, DirectoryError, Node
+from .filters import Entry, compile_filter, plan
+from .schema import SCHEMA, AttributeType
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("repository_server.access")
+
+WHOAMI_OID = "1.3.6.1.4.1.4203.1.11.3"
+USERS_RDN = "ou=Users"
+_SEARCH_DONE = 5
+_CACHEABLE_ENTRIES = 16
+_CACHEABLE_BYTES = 256 * 1024
+_MAX_PAGED = 8  # paged searches kept open per connection
+_READ_ONLY = ("the repository is read-only over LDAP: the DCC lodges through the mutual-TLS"
+              " lodging API")
+_PRIVATE = ("device and organisation entries need a bound repository user (simple bind with"
+            " an API key or password, or SASL EXTERNAL)")
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which attributes a search asked for (RFC 4511 §4.5.1.8)."""
+
+    all_user: bool
+    all_operational: bool
+    named: frozenset[str]  # canonical lower-case keys
+
+    @classmethod
+    def parse(cls, attributes: tuple[str, ...]) -> Selection:
+        if not attributes:
+            return cls(True, False, frozenset())
+        named = set()
+        for a in attributes:
+            if a in ("*", "+", "1.1"):
+                continue
+            attr, _ = SCHEMA.attribute(a)
+            if attr is not None:
+                named.add(attr.key)
+        return cls("*" in attributes, "+" in attributes, frozenset(named))
+
+    def pick(self, entry: Entry, types_only: bool) -> list[tuple[str, list[bytes]]]:
+        out = []
+        for key, values in entry.attrs.items():
+            attr = _BY_KEY.get(key)
+            if attr is None:
+                continue
+            if key in self.named or (self.all_operational if attr.operational else self.all_user):
+                out.append((attr.wire_name, [] if types_only else values))
+        return out
+
+
+_BY_KEY: dict[str, AttributeType] = {a.key: a for a in SCHEMA.attributes}
+
+
+class ResponseCache:
+    """Pre-encoded answers to searches, keyed by the request's bytes after its message id
+    (with the access level in front); LRU, bounded in bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.map: OrderedDict[bytes, tuple[tuple[bytes, ...], float]] = OrderedDict()
+        self.hits = 0
+
+    def clear(self) -> None:
+        self.map.clear()
+        self.bytes = 0
+
+    def put(self, key: bytes, ops: tuple[bytes, ...], valid_until: float) -> None:
+        size = len(key) + sum(len(o) for o in ops) + 200
+        if size > self.max_bytes // 8:
+            return
+        old = self.map.pop(key, None)
+        if old is not None:
+            self.bytes -= len(key) + sum(len(o) for o in old[0]) + 200
+        self.map[key] = (ops, valid_until)
+        self.bytes += size
+        while self.bytes > self.max_bytes and self.map:
+            k, (o, _) = self.map.popitem(last=False)
+            self.bytes -= len(k) + sum(len(x) for x in o) + 200
+
+
+class LdapService:
+    """What every connection shares: the directory, settings, limits, the response cache."""
+
+    def __init__(self, config: Config, directory: Directory, store: Store,
+                 levels: ServiceLevels | None, tls: ssl.SSLContext | None) -> None:
+        self.config = config
+        self.settings = config.ldap
+        self.directory = directory
+        self.store = store
+        self.levels = levels
+        self.tls = tls
+        self.access_log = config.log.access_log
+        self.cache = ResponseCache(self.settings.response_cache_mb * 1024 * 1024)
+        directory.on_change(self.cache.clear)
+        self.connections: set[LdapConnection] = set()
+        self.ids = itertools.count(1)
+        self.users_dn = f"{USERS_RDN},{directory.suffix}"
+        self._nusers = dn.parse_normalised(self.users_dn)
+
+    def factory(self, *, ldaps: bool) -> LdapConnection:
+        return LdapConnection(self, ldaps=ldaps)
+
+    def user_name(self, bind_dn: str) -> str | None:
+        """The repository user a bind DN names: uid=NAME,ou=Users,<suffix>, or NAME itself."""
+        if "=" not in bind_dn:
+            return bind_dn.strip() or None
+        try:
+            parsed = dn.parse(bind_dn)
+            normal = dn.normalise(parsed)
+        except dn.DNError:
+            return None
+        if len(parsed) == len(self._nusers) + 1 and normal[1:] == self._nusers and \
+                len(parsed[0]) == 1 and normal[0][0][0] in ("uid", "cn"):
+            return parsed[0][0][1]
+        return None
+
+    async def close_all(self) -> None:
+        for conn in list(self.connections):
+            conn.disconnect(ResultCode.UNAVAILABLE, "the server is shutting down")
+
+
+class LdapConnection(asyncio.Protocol):
+    def __init__(self, service: LdapService, *, ldaps: bool) -> None:
+        self.service = service
+        s = service.settings
+        self.decoder = codec.Decoder(max_pdu_size=s.max_request_kb * 1024)
+        self.transport: asyncio.Transport | None = None
+        self.tls = ldaps
+        self.user: User | None = None
+        self.private = s.open_reads
+        self.peer = "?"
+        self.conn_id = 0
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.pending: list[codec.Request] = []  # requests waiting behind a bind/StartTLS
+        self.serial: asyncio.Task[None] | None = None
+        self.paged: OrderedDict[bytes, AsyncGenerator[Entry, None]] = OrderedDict()
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.closing = False
+        self.last_activity = 0.0
+        self._idle: asyncio.TimerHandle | None = None
+        self._stall: asyncio.TimerHandle | None = None
+        self._tls_upgrading = False
+
+    # -- connection life cycle ----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is not None:  # StartTLS: the TLS transport replaces the TCP one
+            self.transport = transport  # type: ignore[assignment]
+            return
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+        self.conn_id = next(self.service.ids)
+        service = self.service
+        if len(service.connections) >= service.settings.max_connections:
+            log.warning("ldap: refusing %s: %d connections open", self.peer, len(service.connections))
+            self.disconnect(ResultCode.BUSY, "too many connections; try again later")
+            return
+        service.connections.add(self)
+        loop = asyncio.get_running_loop()
+        self.last_activity = loop.time()
+        self._idle = loop.call_later(service.settings.idle_timeout_seconds, self._check_idle)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.service.connections.discard(self)
+        for handle in (self._idle, self._stall):
+            if handle is not None:
+                handle.cancel()
+        for task in self.tasks.values():
+            task.cancel()
+        if self.serial is not None:
+            self.serial.cancel()
+        for gen in self.paged.values():
+            _close_later(gen)
+        self.paged.clear()
+        self.writable.set()
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+        if self.transport is not None and not self._tls_upgrading:
+            with contextlib.suppress(Exception):
+                self.transport.pause_reading()
+        self._stall = asyncio.get_running_loop().call_later(
+            self.service.settings.write_timeout_seconds, self._stalled)
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+        if self.transport is not None and not self.closing:
+            with contextlib.suppress(Exception):
+                self.transport.resume_reading()
+
+    def _stalled(self) -> None:
+        log.warning("ldap conn=%d %s: client stopped reading for %ss; disconnected", self.conn_id,
+                    self.peer, self.service.settings.write_timeout_seconds)
+        self.abort()
+
+    def _check_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        limit = self.service.settings.idle_timeout_seconds
+        idle = loop.time() - self.last_activity
+        if self.tasks or idle < limit:
+            self._idle = loop.call_later(max(limit - idle, 1.0), self._check_idle)
+            return
+        self.disconnect(ResultCode.UNAVAILABLE, f"idle for {limit} s; connection closed")
+
+    def disconnect(self, code: ResultCode, message: str) -> None:
+        """Notice of disconnection (RFC 4511 §4.4.1), then close."""
+        if self.transport is None or self.closing:
+            return
+        self.closing = True
+        with contextlib.suppress(Exception):
+            self.transport.write(codec.notice_of_disconnection(code, message))
+        self.transport.close()
+
+    def abort(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closing:
+            self.transport.write(data)
+
+    # -- reading ---------------------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        loop_time = time.perf_counter()
+        self.last_activity = asyncio.get_running_loop().time()
+        try:
+            frames = self.decoder.frames(data)
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        service = self.service
+        cache = service.cache.map
+        for content in frames:
+            if not self.pending and self.serial is None:
+                ids = codec.message_id(content)
+                if ids is not None:
+                    mid, offset = ids
+                    key = (b"\x01" if self.private else b"\x00") + content[offset:]
+                    hit = cache.get(key)
+                    if hit is not None and hit[1] > time.time():
+                        self._answer_cached(mid, hit[0], loop_time)
+                        continue
+            try:
+                request = codec.decode_message(content, self.decoder.max_depth)
+            except ProtocolError as exc:
+                self._protocol_error(exc)
+                return
+            self._dispatch(request, content, loop_time)
+
+    def _answer_cached(self, mid: int, ops: tuple[bytes, ...], received: float) -> None:
+        service = self.service
+        service.cache.hits += 1
+        levels = service.levels
+        mark = levels.receive("ldap", "search", self.user.name if self.user else ANONYMOUS,
+                              started=received) if levels is not None else None
+        self.write(codec.frames(mid, ops))
+        if mark is not None and levels is not None:
+            levels.answered(mark, 200)
+        if service.access_log:
+            access_log.info("ldap conn=%d op=%d search (cached) result=0 entries=%d", self.conn_id,
+                            mid, len(ops) - 1)
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        log.info("ldap conn=%d %s: protocol error: %s", self.conn_id, self.peer, exc)
+        self.disconnect(ResultCode.PROTOCOL_ERROR, exc.reason)
+
+    def _dispatch(self, request: codec.Request, content: bytes, received: float) -> None:
+        if isinstance(request, codec.AbandonRequest):
+            task = self.tasks.get(request.abandon_id)
+            if task is not None:
+                task.cancel()
+            return
+        if self.pending or self.serial is not None:
+            self.pending.append(request)
+            return
+        if isinstance(request, codec.SearchRequest | codec.CompareRequest):
+            self._spawn(request, content, received)
+        else:
+            self.serial = asyncio.get_running_loop().create_task(self._serial_op(request))
+
+    def _spawn(self, request: codec.SearchRequest | codec.CompareRequest, content: bytes | None,
+               received: float) -> None:
+        mid = request.message_id
+        if len(self.tasks) >= self.service.settings.max_outstanding or mid in self.tasks:
+            why = ("message id already in use" if mid in self.tasks else
+                   f"more than {self.service.settings.max_outstanding} operations outstanding")
+            tag = _SEARCH_DONE if isinstance(request, codec.SearchRequest) else 15
+            self.write(codec.ldap_result(mid, tag, ResultCode.BUSY, "", why))
+            return
+        coro = (self.op_search(request, content, received) if isinstance(request, codec.SearchRequest)
+                else self.op_compare(request))
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks[mid] = task
+        task.add_done_callback(lambda _t: self.tasks.pop(mid, None))
+
+    async def _serial_op(self, request: codec.Request) -> None:
+        """A bind, extended operation, unbind or update: after the searches in flight."""
+        try:
+            if self.tasks:
+                await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+            await self._run(request)
+        finally:
+            self.serial = None
+        while self.pending and self.serial is None and not self.closing:
+            nxt = self.pending.pop(0)
+            if isinstance(nxt, codec.SearchRequest | codec.CompareRequest):
+                self._spawn(nxt, None, time.perf_counter())
+            else:
+                self.serial = asyncio.get_running_loop().create_task(self._serial_op(nxt))
+
+    async def _run(self, request: codec.Request) -> None:
+        try:
+            if isinstance(request, codec.BindRequest):
+                await self.op_bind(request)
+            elif isinstance(request, codec.ExtendedRequest):
+                await self.op_extended(request)
+            elif isinstance(request, codec.UnbindRequest):
+                self.closing = True
+                if self.transport is not None:
+                    self.transport.close()
+            elif isinstance(request, codec.ModifyRequest | codec.AddRequest | codec.DelRequest
+                            | codec.ModDNRequest):
+                self.write(codec.ldap_result(request.message_id, request.response_tag,
+                                             ResultCode.UNWILLING_TO_PERFORM, "", _READ_ONLY))
+            elif isinstance(request, codec.SearchRequest | codec.CompareRequest):
+                self._spawn(request, None, time.perf_counter())
+        except Exception:
+            log.exception("ldap conn=%d: internal error", self.conn_id)
+            self.disconnect(ResultCode.OTHER, "internal error (logged on the server)")
+
+    # -- bind ----------------------------------------------------------------------------------------
+    async def op_bind(self, req: codec.BindRequest) -> None:
+        mid = req.message_id
+        self.user = None
+        self.private = self.service.settings.open_reads
+        if req.version != 3:
+            self.write(codec.bind_response(mid, ResultCode.PROTOCOL_ERROR, "",
+                                           "only LDAP version 3 is supported"))
+            return
+        if req.sasl_mechanism is not None:
+            await self._bind_sasl(req)
+            return
+        password = req.password or b""
+        if not req.name and not password:
+            self._bound(mid, None, "anonymous")
+            return
+        if not password:
+            self.write(codec.bind_response(mid, ResultCode.UNWILLING_TO_PERFORM, "",
+                                           "unauthenticated bind (a name without a password) is not allowed"))
+            return
+        if not self.tls and not self.peer.startswith(("127.", "::1", "[::1]")):
+            self.write(codec.bind_response(mid, ResultCode.CONFIDENTIALITY_REQUIRED, "",
+                                           "use StartTLS or LDAPS before binding with a password"))
+            return
+        name = self.service.user_name(req.name)
+        user = await self._check_secret(name, password) if name else None
+        if user is None:
+            self._audit("ldap.bind", "refused", name or req.name[:100])
+            self.write(codec.bind_response(mid, ResultCode.INVALID_CREDENTIALS, "",
+                                           "invalid credentials"))
+            return
+        self._bound(mid, user, "simple")
+
+    async def _check_secret(self, name: str, secret: bytes) -> User | None:
+        """The user, if `secret` is its API key or its portal password."""
+        try:
+            text = secret.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        row = await self.service.store.user(name)
+        if row is None or row.disabled:
+            return None
+        if row.api_key_sha256 is not None and api_key_sha256(text) == row.api_key_sha256:
+            return User(row.name, row.role)
+        if row.password_hash and not row.must_change_password:
+            ok = await asyncio.get_running_loop().run_in_executor(
+                None, check_password, text, row.password_hash)
+            if ok:
+                return User(row.name, row.role)
+        return None
+
+    async def _bind_sasl(self, req: codec.BindRequest) -> None:
+        mid = req.message_id
+        if req.sasl_mechanism != "EXTERNAL":
+            self.write(codec.bind_response(mid, ResultCode.AUTH_METHOD_NOT_SUPPORTED, "",
+                                           f"SASL mechanism {req.sasl_mechanism!r} is not supported"
+                                           " (EXTERNAL is, over TLS with a client certificate)"))
+            return
+        cert = self.transport.get_extra_info("peercert") if self.transport is not None else None
+        if not self.tls or not cert:
+            self.write(codec.bind_response(mid, ResultCode.INAPPROPRIATE_AUTHENTICATION, "",
+                                           "SASL EXTERNAL needs TLS with a client certificate"))
+            return
+        cn = next((value for rdn in cert.get("subject", ()) for key, value in rdn
+                   if key == "commonName"), None)
+        row = await self.service.store.user(cn) if cn else None
+        wanted = (req.sasl_credentials or b"").decode("utf-8", "replace")
+        if row is None or row.disabled or (wanted and self.service.user_name(
+                wanted.removeprefix("dn:").removeprefix("u:")) != row.name):
+            self._audit("ldap.bind", "refused", f"EXTERNAL {cn}")
+            self.write(codec.bind_response(mid, ResultCode.INVALID_CREDENTIALS, "",
+                                           "the client certificate names no enabled repository user"))
+            return
+        self._bound(mid, User(row.name, row.role), "EXTERNAL")
+
+    def _bound(self, mid: int, user: User | None, how: str) -> None:
+        self.user = user
+        self.private = self.service.settings.open_reads or user is not None
+        self.write(codec.bind_response(mid, ResultCode.SUCCESS))
+        if self.service.access_log:
+            access_log.info("ldap conn=%d op=%d bind %s user=%s result=0", self.conn_id, mid, how,
+                            user.name if user else ANONYMOUS)
+
+    def _audit(self, action: str, outcome: str, detail: str) -> None:
+        log.info("ldap conn=%d %s: %s %s (%s)", self.conn_id, self.peer, action, outcome, detail)
+        task = asyncio.get_running_loop().create_task(self.service.store.audit(
+            actor=f"ldap:{detail}"[:200], action=action, outcome=outcome, peer=self.peer))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    # -- extended ------------------------------------------------------------------------------------
+    async def op_extended(self, req: codec.ExtendedRequest) -> None:
+        mid = req.message_id
+        if req.oid == STARTTLS_OID:
+            await self._start_tls(mid)
+        elif req.oid == WHOAMI_OID:
+            who = f"dn:uid={self.user.name},{self.service.users_dn}" if self.user else ""
+            self.write(codec.extended_response(mid, ResultCode.SUCCESS, value=who.encode()))
+        else:
+            self.write(codec.extended_response(mid, ResultCode.PROTOCOL_ERROR, "",
+                                               f"unsupported extended operation {req.oid}"))
+
+    async def _start_tls(self, mid: int) -> None:
+        ctx = self.service.tls
+        if self.tls:
+            self.write(codec.extended_response(mid, ResultCode.OPERATIONS_ERROR, "",
+                                               "TLS is already in place", oid=STARTTLS_OID))
+            return
+        if ctx is None:
+            self.write(codec.extended_response(mid, ResultCode.UNAVAILABLE, "",
+                                               "StartTLS is not configured (tls.cert)", oid=STARTTLS_OID))
+            return
+        if self.decoder.buffered or self.pending:
+            self.disconnect(ResultCode.PROTOCOL_ERROR, "data sent after StartTLS before the TLS handshake")
+            return
+        assert self.transport is not None
+        self.write(codec.extended_response(mid, ResultCode.SUCCESS, oid=STARTTLS_OID))
+        self._tls_upgrading = True
+        try:
+            new = await asyncio.get_running_loop().start_tls(
+                self.transport, self, ctx, server_side=True, ssl_handshake_timeout=10)
+        except Exception as exc:
+            log.info("ldap conn=%d %s: StartTLS handshake failed: %s", self.conn_id, self.peer, exc)
+            self.abort()
+            return
+        finally:
+            self._tls_upgrading = False
+        if new is None:
+            self.abort()
+            return
+        self.transport = new
+        self.tls = True
+
+    # -- compare -------------------------------------------------------------------------------------
+    async def op_compare(self, req: codec.CompareRequest) -> None:
+        mid = req.message_id
+        try:
+            entry = await self._entry(req.entry)
+            attr, _ = SCHEMA.attribute(req.attribute)
+            if attr is None:
+                code, message = ResultCode.UNDEFINED_ATTRIBUTE_TYPE, f"unknown attribute {req.attribute}"
+            elif attr.key not in entry.attrs:
+                code, message = ResultCode.NO_SUCH_ATTRIBUTE, f"the entry has no {attr.name}"
+            else:
+                found = compile_filter(codec.EqualityMatch(req.attribute, req.value))(entry)
+                code = ResultCode.COMPARE_TRUE if found else ResultCode.COMPARE_FALSE
+                message = ""
+            self.write(codec.compare_response(mid, code, "", message))
+        except DirectoryError as exc:
+            self.write(codec.compare_response(mid, exc.code, exc.matched, exc.message))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.write(codec.compare_response(mid, *_failure(exc, self.conn_id)))
+
+    async def _entry(self, name: str) -> Entry:
+        try:
+            base = dn.parse_normalised(name)
+        except dn.DNError as exc:
+            raise DirectoryError(ResultCode.INVALID_DN_SYNTAX, f"invalid DN: {exc}") from None
+        directory = self.service.directory
+        node = await directory.resolve(base)
+        async for entry in directory.candidates(node, 0, plan(codec.Present("objectClass")),
+                                                self.private, base):
+            if not entry.public and not self.private:
+                raise DirectoryError(ResultCode.INSUFFICIENT_ACCESS_RIGHTS, _PRIVATE)
+            return entry
+        raise DirectoryError(ResultCode.NO_SUCH_OBJECT, "no such entry")
+
+    # -- search --------------------------------------------------------------------------------------
+    async def op_search(self, req: codec.SearchRequest, content: bytes | None, received: float) -> None:
+        mid = req.message_id
+        service = self.service
+        levels = service.levels
+        counted = levels is not None and not (req.scope == 0 and req.base.strip().lower() in (
+            "", "cn=subschema"))
+        mark = levels.receive("ldap", "search", self.user.name if self.user else ANONYMOUS,
+                              started=received) if counted and levels is not None else None
+        entries = 0
+        code: int = ResultCode.SUCCESS
+        try:
+            code, entries, message, matched, controls = await self._search(
+                req, content if counted else None)
+        except asyncio.CancelledError:  # abandoned, or the connection went away
+            raise
+        except Exception as exc:
+            code, message = _failure(exc, self.conn_id)
+            matched, controls = "", ()
+        self.write(codec.frame(mid, codec.result_op(_SEARCH_DONE, code, matched, message), controls))
+        if mark is not None and levels is not None:
+            levels.answered(mark, 500 if code in (ResultCode.OTHER, ResultCode.UNAVAILABLE) else 200)
+        if service.access_log:
+            access_log.info("ldap conn=%d op=%d search base=%r scope=%d user=%s result=%d entries=%d",
+                            self.conn_id, mid, req.base[:200], req.scope,
+                            self.user.name if self.user else ANONYMOUS, code, entries)
+
+    async def _search(self, req: codec.SearchRequest, content: bytes | None
+                      ) -> tuple[int, int, str, str, tuple[codec.Control, ...]]:
+        settings = self.service.settings
+        directory = self.service.directory
+        paging: tuple[int, bytes] | None = None
+        for control in req.controls:
+            if control.oid == PAGED_RESULTS_OID:
+                paging = codec.decode_paged_results(control.value)
+            elif control.critical:
+                return (ResultCode.UNAVAILABLE_CRITICAL_EXTENSION, 0,
+                        f"critical control {control.oid} is not supported", "", ())
+        try:
+            base = dn.parse_normalised(req.base)
+        except dn.DNError as exc:
+            return ResultCode.INVALID_DN_SYNTAX, 0, f"invalid base DN: {exc}", "", ()
+        selection = Selection.parse(req.attributes)
+        limits = [x for x in (req.size_limit, settings.size_limit) if x > 0]
+        size_limit = min(limits) if limits else 0
+        times = [x for x in (req.time_limit, settings.time_limit_seconds) if x > 0]
+        deadline = time.monotonic() + min(times) if times else None
+
+        if paging is not None:
+            return await self._paged_search(req, base, selection, paging, size_limit, deadline)
+        try:
+            node = await directory.resolve(base)
+        except DirectoryError as exc:
+            return exc.code, 0, exc.message, exc.matched, ()
+        if node.kind in ("subject", "cert") and not self.private:
+            return ResultCode.INSUFFICIENT_ACCESS_RIGHTS, 0, _PRIVATE, "", ()
+        matches = self._matches(req, node, base)
+        ops: list[bytes] = []
+        cacheable = content is not None
+        sent = 0
+        valid_until = float("inf")
+        try:
+            async with _deadline(deadline):
+                async for entry in matches:
+                    if size_limit and sent >= size_limit:
+                        return (ResultCode.SIZE_LIMIT_EXCEEDED, sent,
+                                f"more than {size_limit} entries match", "", ())
+                    op = codec.entry_op(entry.dn, selection.pick(entry, req.types_only))
+                    sent += 1
+                    if cacheable:
+                        ops.append(op)
+                        valid_until = min(valid_until, entry.valid_until)
+                        if len(ops) > _CACHEABLE_ENTRIES or sum(map(len, ops)) > _CACHEABLE_BYTES:
+                            cacheable = False
+                            self.write(codec.frames(req.message_id, ops))
+                            ops = []
+                    else:
+                        self.write(codec.frame(req.message_id, op))
+                        if not self.writable.is_set():
+                            await self.writable.wait()
+        except TimeoutError:
+            return ResultCode.TIME_LIMIT_EXCEEDED, sent, "time limit exceeded", "", ()
+        finally:
+            with contextlib.suppress(Exception):
+                await matches.aclose()
+        done = codec.result_op(_SEARCH_DONE, ResultCode.SUCCESS)
+        if ops:
+            self.write(codec.frames(req.message_id, ops))
+        if cacheable and content is not None:
+            ids = codec.message_id(content)
+            if ids is not None:
+                key = (b"\x01" if self.private else b"\x00") + content[ids[1]:]
+                self.service.cache.put(key, (*ops, done), valid_until)
+        return ResultCode.SUCCESS, sent, "", "", ()
+
+    async def _matches(self, req: codec.SearchRequest, node: Node,
+                       base: dn.DN) -> AsyncGenerator[Entry, None]:
+        predicate = compile_filter(req.filter)
+        private = self.private
+        async for entry in self.service.directory.candidates(node, req.scope, plan(req.filter),
+                                                             private, base):
+            if (entry.public or private) and predicate(entry) is True:
+                yield entry
+
+    async def _paged_search(self, req: codec.SearchRequest, base: dn.DN, selection: Selection,
+                            paging: tuple[int, bytes], size_limit: int, deadline: float | None
+                            ) -> tuple[int, int, str, str, tuple[codec.Control, ...]]:
+        page_size, cookie = paging
+        settings = self.service.settings
+        if cookie:
+            matches = self.paged.pop(cookie, None)
+            if matches is None:
+                return (ResultCode.UNWILLING_TO_PERFORM, 0,
+                        "unknown or expired paged results cookie", "", ())
+            if page_size == 0:  # the client abandons the paged search
+                _close_later(matches)
+                return ResultCode.SUCCESS, 0, "", "", (codec.paged_results_control(0, b""),)
+        else:
+            try:
+                node = await self.service.directory.resolve(base)
+            except DirectoryError as exc:
+                return exc.code, 0, exc.message, exc.matched, ()
+            if node.kind in ("subject", "cert") and not self.private:
+                return ResultCode.INSUFFICIENT_ACCESS_RIGHTS, 0, _PRIVATE, "", ()
+            matches = self._matches(req, node, base)
+            if page_size == 0:
+                _close_later(matches)
+                return ResultCode.SUCCESS, 0, "", "", (codec.paged_results_control(0, b""),)
+        page = min(page_size, settings.size_limit) if settings.size_limit else page_size
+        sent = 0
+        more = True
+        try:
+            async with _deadline(deadline):
+                while sent < page:
+                    try:
+                        entry = await anext(matches)
+                    except StopAsyncIteration:
+                        more = False
+                        break
+                    self.write(codec.frame(req.message_id, codec.entry_op(
+                        entry.dn, selection.pick(entry, req.types_only))))
+                    sent += 1
+                    if not self.writable.is_set():
+                        await self.writable.wait()
+        except TimeoutError:
+            _close_later(matches)
+            return ResultCode.TIME_LIMIT_EXCEEDED, sent, "time limit exceeded", "", ()
+        next_cookie = b""
+        if more:
+            next_cookie = secrets.token_bytes(12)
+            self.paged[next_cookie] = matches
+            while len(self.paged) > _MAX_PAGED:
+                _, old = self.paged.popitem(last=False)
+                _close_later(old)
+        else:
+            _close_later(matches)
+        return ResultCode.SUCCESS, sent, "", "", (codec.paged_results_control(0, next_cookie),)
+
+
+def _close_later(gen: AsyncGenerator[Entry, None]) -> None:
+    with contextlib.suppress(RuntimeError):
+        task = asyncio.get_running_loop().create_task(gen.aclose())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
+@contextlib.asynccontextmanager
+async def _deadline(deadline: float | None) -> AsyncIterator[None]:
+    if deadline is None:
+        yield
+        return
+    async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+        yield
+
+
+def _failure(exc: BaseException, conn_id: int) -> tuple[int, str]:
+    if isinstance(exc, ProtocolError):
+        return ResultCode.PROTOCOL_ERROR, exc.reason
+    if isinstance(exc, OSError | TimeoutError) or type(exc).__module__.startswith("asyncpg"):
+        log.warning("ldap conn=%d: store unavailable: %s", conn_id, exc)
+        return ResultCode.UNAVAILABLE, "the repository store is unavailable; try again shortly"
+    log.error("ldap conn=%d: internal error", conn_id, exc_info=exc)
+    return ResultCode.OTHER, "internal error (logged on the server)"

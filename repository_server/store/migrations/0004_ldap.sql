@@ -1,0 +1,4 @@
+-- smki-repository schema, version 4: the LDAP directory walks devices and organisations in
+-- (EUI-64, id) order, a page at a time (subtree and one-level searches, paged results).
+-- (0003 is the portal's.)
+CREATE INDEX certificates_kind_eui64_id ON certificates (kind, eui64, id) WHERE eui64 IS NOT NULL;
