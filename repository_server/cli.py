@@ -371,6 +371,52 @@ def cmd_report(args: argparse.Namespace) -> int:
         store, config.service_levels, args.day, args.json))
 
 
+def cmd_export_ldif(args: argparse.Namespace) -> int:
+    """The directory as LDIF, streamed a page at a time (bounded memory)."""
+    from .catalog import Catalog
+    from .ldap.directory import Directory
+    from .ldap.ldif import entry_ldif
+    from .store import opened_store
+
+    config = _config(args)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+    async def run(out: Any) -> int:
+        count = 0
+        async with opened_store(config, max_size=2) as store:
+            directory = Directory(Catalog(store, cache_bytes=0), store, suffix=config.ldap.suffix,
+                                  root_dse={})
+            async for entry in directory.all_entries():
+                out.write(entry_ldif(entry))
+                count += 1
+                if count % 50_000 == 0:
+                    print(f"export-ldif: {count} entries", file=sys.stderr)
+        return count
+
+    if args.out in (None, "-"):
+        count = asyncio.run(run(sys.stdout))
+    else:
+        target = Path(args.out)
+        partial = target.with_name(target.name + ".partial")
+        with partial.open("w", encoding="ascii") as fh:
+            count = asyncio.run(run(fh))
+        partial.replace(target)  # a half-written export is never left under the real name
+    print(f"export-ldif: {count} entries", file=sys.stderr)
+    return 0
+
+
+def cmd_export_ldap_schema(args: argparse.Namespace) -> int:
+    from .ldap.schema import openldap_schema
+
+    text = openldap_schema()
+    if args.out in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        Path(args.out).write_text(text)
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------------
 def _store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML configuration file")
@@ -473,6 +519,16 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     _store_args(q)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export-ldif", help="write the LDAP directory as LDIF (e.g. to load slapd)")
+    _store_args(p)
+    p.add_argument("--out", metavar="FILE", help="output file (default: standard output)")
+    p.set_defaults(func=cmd_export_ldif)
+
+    p = sub.add_parser("export-ldap-schema",
+                       help="write our LDAP attribute types and object classes as an OpenLDAP schema")
+    p.add_argument("--out", metavar="FILE", help="output file (default: standard output)")
+    p.set_defaults(func=cmd_export_ldap_schema)
     return ap
 
 

@@ -72,7 +72,7 @@ def make_config(data_dir: Path, pki: dict[str, Any], dsn: str, **over: Any) -> c
     overrides: dict[str, Any] = {
         "database": {"url": dsn},
         "listeners": {"http": "127.0.0.1:0", "https": "127.0.0.1:0", "lodge": "127.0.0.1:0",
-                      "ldap": "", "ldaps": ""},
+                      "ldap": "127.0.0.1:0", "ldaps": "127.0.0.1:0"},
         "tls": {"cert": str(pki_dir / pki["tls"]["cert"]), "key": str(pki_dir / pki["tls"]["key"])},
         "lodge": {"client_ca": str(pki_dir / pki["dcc_client"]["ca"]),
                   "client_subject": pki["dcc_client"]["subject"]},
@@ -98,6 +98,14 @@ class Running:
     @property
     def https(self) -> str:
         return f"https://localhost:{self.repo.bound['https'].port}"
+
+    @property
+    def ldap(self) -> str:
+        return f"ldap://127.0.0.1:{self.repo.bound['ldap'].port}"
+
+    @property
+    def ldaps(self) -> str:
+        return f"ldaps://localhost:{self.repo.bound['ldaps'].port}"
 
     @property
     def lodge_url(self) -> str:
