@@ -105,7 +105,7 @@ class Running:
 
     @property
     def ldaps(self) -> str:
-        return f"ldaps://localhost:{self.repo.bound['ldaps'].port}"
+        return f"ldaps://127.0.0.1:{self.repo.bound['ldaps'].port}"  # the certificate has an IP SAN
 
     @property
     def lodge_url(self) -> str:
