@@ -64,8 +64,18 @@ class DirectoryError(Exception):
         self.matched = matched
 
 
+_GT: dict[float, bytes] = {}
+
+
 def _gt(ts: float) -> bytes:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y%m%d%H%M%SZ").encode()
+    """GeneralizedTime of a POSIX time (memoised: validity ends repeat across certificates)."""
+    found = _GT.get(ts)
+    if found is None:
+        found = datetime.fromtimestamp(ts, UTC).strftime("%Y%m%d%H%M%SZ").encode()
+        if len(_GT) >= 65536:
+            _GT.clear()
+        _GT[ts] = found
+    return found
 
 
 def _common(entry_dn: str, structural: str, children: bool, attrs: dict[str, list[bytes]]) -> None:
@@ -73,10 +83,6 @@ def _common(entry_dn: str, structural: str, children: bool, attrs: dict[str, lis
     attrs["hassubordinates"] = [b"TRUE" if children else b"FALSE"]
     attrs["entrydn"] = [entry_dn.encode()]
     attrs["subschemasubentry"] = [SUBSCHEMA_DN.encode()]
-
-
-def _size(attrs: dict[str, list[bytes]]) -> int:
-    return 200 + sum(48 + sum(len(v) + 40 for v in vs) for vs in attrs.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,10 +215,8 @@ class Directory:
             attrs["modifytimestamp"] = [_gt(crl.lodged_at.timestamp())]
         _common(entry_dn, "cRLDistributionPoint", False, attrs)
         certs_ids = tuple((c.serial, _issuer_ndn(c.issuer_name)) for c in certs)
-        entry = Entry(entry_dn, ((("smkikeyid", key_hex),), (("ou", "cas"),), *self.nsuffix),
-                      attrs, certs_ids)
-        entry.size = _size(attrs)
-        return entry
+        return Entry(entry_dn, ((("smkikeyid", key_hex),), (("ou", "cas"),), *self.nsuffix),
+                     attrs, certs_ids)
 
     # -- device, organisation and other certificate entries ---------------------------------
     def unit_of(self, c: CertEntry) -> str:
@@ -269,11 +273,8 @@ class Directory:
         if c.subject_key_id:
             attrs["smkisubjectkeyid"] = [format_key_id(c.subject_key_id).encode()]
         _common(entry_dn, "smkiCertificate", False, attrs)
-        entry = Entry(entry_dn, ndn, attrs, ((c.serial, _issuer_ndn(c.issuer_name)),),
-                      public=False,
-                      valid_until=c.not_after_ts if status not in ("E", "R") else float("inf"))
-        entry.size = _size(attrs)
-        return entry
+        return Entry(entry_dn, ndn, attrs, ((c.serial, _issuer_ndn(c.issuer_name)),), public=False,
+                     valid_until=c.not_after_ts if status not in ("E", "R") else float("inf"))
 
     async def _certificate_entries(self, certs: Sequence[CertEntry]) -> list[Entry]:
         statuses = await self.catalog.statuses(certs, self.clock())
@@ -345,7 +346,7 @@ class Directory:
                 yield self.subschema()
             return
         if plan.indexed:
-            for e in await self._indexed(plan, private):
+            for e in await self._indexed(plan, private, base):
                 if dn.is_within(e.ndn, base, scope):
                     yield e
             return
@@ -434,7 +435,12 @@ class Directory:
                 return
             after_eui, after_id = rows[-1].eui64 or b"", rows[-1].id
 
-    async def _indexed(self, plan: Plan, private: bool) -> list[Entry]:
+    def _relevant(self, unit: str, base: dn.DN) -> bool:
+        """May entries of this organisational unit lie in the subtree of base?"""
+        unit_ndn = ((("ou", unit),), *self.nsuffix)
+        return dn.is_within(unit_ndn, base, 2) or dn.is_within(base, unit_ndn, 2)
+
+    async def _indexed(self, plan: Plan, private: bool, base: dn.DN) -> list[Entry]:
         """Candidates through an index: by SHA-256, serial, EUI-64 or key id."""
         certs: list[CertEntry] = []
         out: list[Entry] = []
@@ -452,6 +458,8 @@ class Directory:
             eui = parse_eui64(plan.eui)
             if private:
                 for unit in ("devices", "organisations"):
+                    if not self._relevant(unit, base):
+                        continue
                     found = await self.catalog.by_eui(eui, unit == "devices")
                     if found:
                         out.append(self.subject_entry(unit, plan.eui))

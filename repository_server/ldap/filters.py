@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..pki.ids import IdentifierError, parse_serial, serial_to_hex
 from . import codec
@@ -49,7 +49,6 @@ class Entry:
     certs: tuple[tuple[str, DN], ...] = ()
     public: bool = True  # readable without a bound user
     valid_until: float = float("inf")  # a time-dependent value (smkiStatus E) changes then
-    size: int = field(default=0)  # approximate bytes, for cache accounting
 
 
 class FilterError(ValueError):

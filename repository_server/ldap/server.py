@@ -32,8 +32,8 @@ import secrets
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
 
 from ..auth import User, api_key_sha256, check_password
 from ..config import Config
@@ -95,6 +95,19 @@ class Selection:
 _BY_KEY: dict[str, AttributeType] = {a.key: a for a in SCHEMA.attributes}
 
 
+@dataclass(slots=True)
+class Outcome:
+    """How a search ended, and what it holds back for the final write."""
+
+    code: int
+    message: str = ""
+    matched: str = ""
+    controls: tuple[codec.Control, ...] = ()
+    sent: int = 0
+    held: list[bytes] = field(default_factory=list)  # entry ops not written yet
+    cache_until: float | None = None  # set while the answer may go into the response cache
+
+
 class ResponseCache:
     """Pre-encoded answers to searches, keyed by the request's bytes after its message id
     (with the access level in front); LRU, bounded in bytes."""
@@ -141,6 +154,17 @@ class LdapService:
         self.ids = itertools.count(1)
         self.users_dn = f"{USERS_RDN},{directory.suffix}"
         self._nusers = dn.parse_normalised(self.users_dn)
+        self._bases: dict[str, dn.DN] = {}
+
+    def base_dn(self, text: str) -> dn.DN:
+        """A search base, normalised (memoised: clients ask under a few bases)."""
+        found = self._bases.get(text)
+        if found is None:
+            found = dn.parse_normalised(text)
+            if len(self._bases) >= 1024:
+                self._bases.clear()
+            self._bases[text] = found
+        return found
 
     def factory(self, *, ldaps: bool) -> LdapConnection:
         return LdapConnection(self, ldaps=ldaps)
@@ -558,26 +582,31 @@ class LdapConnection(asyncio.Protocol):
             "", "cn=subschema"))
         mark = levels.receive("ldap", "search", self.user.name if self.user else ANONYMOUS,
                               started=received) if counted and levels is not None else None
-        entries = 0
-        code: int = ResultCode.SUCCESS
         try:
-            code, entries, message, matched, controls = await self._search(
-                req, content if counted else None)
+            out = await self._search(req, content if counted else None)
         except asyncio.CancelledError:  # abandoned, or the connection went away
             raise
         except Exception as exc:
-            code, message = _failure(exc, self.conn_id)
-            matched, controls = "", ()
-        self.write(codec.frame(mid, codec.result_op(_SEARCH_DONE, code, matched, message), controls))
+            out = Outcome(*_failure(exc, self.conn_id))
+        done = codec.result_op(_SEARCH_DONE, out.code, out.matched, out.message)
+        if out.held:  # the entries and the done in one write
+            self.write(codec.frames(mid, out.held) + codec.frame(mid, done, out.controls))
+        else:
+            self.write(codec.frame(mid, done, out.controls))
+        if out.cache_until is not None and out.code == ResultCode.SUCCESS and content is not None:
+            ids = codec.message_id(content)
+            if ids is not None:
+                key = (b"\x01" if self.private else b"\x00") + content[ids[1]:]
+                service.cache.put(key, (*out.held, done), out.cache_until)
         if mark is not None and levels is not None:
-            levels.answered(mark, 500 if code in (ResultCode.OTHER, ResultCode.UNAVAILABLE) else 200)
+            levels.answered(mark, 500 if out.code in (ResultCode.OTHER, ResultCode.UNAVAILABLE)
+                            else 200)
         if service.access_log:
             access_log.info("ldap conn=%d op=%d search base=%r scope=%d user=%s result=%d entries=%d",
                             self.conn_id, mid, req.base[:200], req.scope,
-                            self.user.name if self.user else ANONYMOUS, code, entries)
+                            self.user.name if self.user else ANONYMOUS, out.code, out.sent)
 
-    async def _search(self, req: codec.SearchRequest, content: bytes | None
-                      ) -> tuple[int, int, str, str, tuple[codec.Control, ...]]:
+    async def _search(self, req: codec.SearchRequest, content: bytes | None) -> Outcome:
         settings = self.service.settings
         directory = self.service.directory
         paging: tuple[int, bytes] | None = None
@@ -585,64 +614,59 @@ class LdapConnection(asyncio.Protocol):
             if control.oid == PAGED_RESULTS_OID:
                 paging = codec.decode_paged_results(control.value)
             elif control.critical:
-                return (ResultCode.UNAVAILABLE_CRITICAL_EXTENSION, 0,
-                        f"critical control {control.oid} is not supported", "", ())
+                return Outcome(ResultCode.UNAVAILABLE_CRITICAL_EXTENSION,
+                               f"critical control {control.oid} is not supported")
         try:
-            base = dn.parse_normalised(req.base)
+            base = self.service.base_dn(req.base)
         except dn.DNError as exc:
-            return ResultCode.INVALID_DN_SYNTAX, 0, f"invalid base DN: {exc}", "", ()
+            return Outcome(ResultCode.INVALID_DN_SYNTAX, f"invalid base DN: {exc}")
         selection = Selection.parse(req.attributes)
         limits = [x for x in (req.size_limit, settings.size_limit) if x > 0]
         size_limit = min(limits) if limits else 0
         times = [x for x in (req.time_limit, settings.time_limit_seconds) if x > 0]
-        deadline = time.monotonic() + min(times) if times else None
+        deadline = time.monotonic() + min(times) if times else float("inf")
 
         if paging is not None:
-            return await self._paged_search(req, base, selection, paging, size_limit, deadline)
+            return await self._paged_search(req, base, selection, paging, deadline)
         try:
             node = await directory.resolve(base)
         except DirectoryError as exc:
-            return exc.code, 0, exc.message, exc.matched, ()
+            return Outcome(exc.code, exc.message, exc.matched)
         if node.kind in ("subject", "cert") and not self.private:
-            return ResultCode.INSUFFICIENT_ACCESS_RIGHTS, 0, _PRIVATE, "", ()
+            return Outcome(ResultCode.INSUFFICIENT_ACCESS_RIGHTS, _PRIVATE)
+        # Entries are held back (and written with the done) while the answer is small enough
+        # to be cached; beyond that they are written as found, pausing while the client lags.
+        out = Outcome(ResultCode.SUCCESS, cache_until=float("inf") if content is not None else None)
+        held = out.held
+        held_bytes = 0
+        mid = req.message_id
         matches = self._matches(req, node, base)
-        ops: list[bytes] = []
-        cacheable = content is not None
-        sent = 0
-        valid_until = float("inf")
         try:
-            async with _deadline(deadline):
-                async for entry in matches:
-                    if size_limit and sent >= size_limit:
-                        return (ResultCode.SIZE_LIMIT_EXCEEDED, sent,
-                                f"more than {size_limit} entries match", "", ())
-                    op = codec.entry_op(entry.dn, selection.pick(entry, req.types_only))
-                    sent += 1
-                    if cacheable:
-                        ops.append(op)
-                        valid_until = min(valid_until, entry.valid_until)
-                        if len(ops) > _CACHEABLE_ENTRIES or sum(map(len, ops)) > _CACHEABLE_BYTES:
-                            cacheable = False
-                            self.write(codec.frames(req.message_id, ops))
-                            ops = []
-                    else:
-                        self.write(codec.frame(req.message_id, op))
-                        if not self.writable.is_set():
-                            await self.writable.wait()
-        except TimeoutError:
-            return ResultCode.TIME_LIMIT_EXCEEDED, sent, "time limit exceeded", "", ()
+            async for entry in matches:
+                # checked between entries; one store read is bounded by database.command_timeout
+                if time.monotonic() > deadline:
+                    out.code, out.message = ResultCode.TIME_LIMIT_EXCEEDED, "time limit exceeded"
+                    break
+                if size_limit and out.sent >= size_limit:
+                    out.code = ResultCode.SIZE_LIMIT_EXCEEDED
+                    out.message = f"more than {size_limit} entries match"
+                    break
+                op = codec.entry_op(entry.dn, selection.pick(entry, req.types_only))
+                out.sent += 1
+                held.append(op)
+                if out.cache_until is not None:
+                    out.cache_until = min(out.cache_until, entry.valid_until)
+                    held_bytes += len(op)
+                    if len(held) <= _CACHEABLE_ENTRIES and held_bytes <= _CACHEABLE_BYTES:
+                        continue
+                    out.cache_until = None
+                self.write(codec.frames(mid, held))
+                held.clear()
+                if not self.writable.is_set():
+                    await self.writable.wait()
         finally:
-            with contextlib.suppress(Exception):
-                await matches.aclose()
-        done = codec.result_op(_SEARCH_DONE, ResultCode.SUCCESS)
-        if ops:
-            self.write(codec.frames(req.message_id, ops))
-        if cacheable and content is not None:
-            ids = codec.message_id(content)
-            if ids is not None:
-                key = (b"\x01" if self.private else b"\x00") + content[ids[1]:]
-                self.service.cache.put(key, (*ops, done), valid_until)
-        return ResultCode.SUCCESS, sent, "", "", ()
+            await matches.aclose()
+        return out
 
     async def _matches(self, req: codec.SearchRequest, node: Node,
                        base: dn.DN) -> AsyncGenerator[Entry, None]:
@@ -654,73 +678,62 @@ class LdapConnection(asyncio.Protocol):
                 yield entry
 
     async def _paged_search(self, req: codec.SearchRequest, base: dn.DN, selection: Selection,
-                            paging: tuple[int, bytes], size_limit: int, deadline: float | None
-                            ) -> tuple[int, int, str, str, tuple[codec.Control, ...]]:
+                            paging: tuple[int, bytes], deadline: float) -> Outcome:
         page_size, cookie = paging
         settings = self.service.settings
+        ended = (codec.paged_results_control(0, b""),)
         if cookie:
             matches = self.paged.pop(cookie, None)
             if matches is None:
-                return (ResultCode.UNWILLING_TO_PERFORM, 0,
-                        "unknown or expired paged results cookie", "", ())
+                return Outcome(ResultCode.UNWILLING_TO_PERFORM,
+                               "unknown or expired paged results cookie")
             if page_size == 0:  # the client abandons the paged search
                 _close_later(matches)
-                return ResultCode.SUCCESS, 0, "", "", (codec.paged_results_control(0, b""),)
+                return Outcome(ResultCode.SUCCESS, controls=ended)
         else:
             try:
                 node = await self.service.directory.resolve(base)
             except DirectoryError as exc:
-                return exc.code, 0, exc.message, exc.matched, ()
+                return Outcome(exc.code, exc.message, exc.matched)
             if node.kind in ("subject", "cert") and not self.private:
-                return ResultCode.INSUFFICIENT_ACCESS_RIGHTS, 0, _PRIVATE, "", ()
-            matches = self._matches(req, node, base)
+                return Outcome(ResultCode.INSUFFICIENT_ACCESS_RIGHTS, _PRIVATE)
             if page_size == 0:
-                _close_later(matches)
-                return ResultCode.SUCCESS, 0, "", "", (codec.paged_results_control(0, b""),)
+                return Outcome(ResultCode.SUCCESS, controls=ended)
+            matches = self._matches(req, node, base)
         page = min(page_size, settings.size_limit) if settings.size_limit else page_size
-        sent = 0
+        out = Outcome(ResultCode.SUCCESS, controls=ended)
         more = True
-        try:
-            async with _deadline(deadline):
-                while sent < page:
-                    try:
-                        entry = await anext(matches)
-                    except StopAsyncIteration:
-                        more = False
-                        break
-                    self.write(codec.frame(req.message_id, codec.entry_op(
-                        entry.dn, selection.pick(entry, req.types_only))))
-                    sent += 1
-                    if not self.writable.is_set():
-                        await self.writable.wait()
-        except TimeoutError:
-            _close_later(matches)
-            return ResultCode.TIME_LIMIT_EXCEEDED, sent, "time limit exceeded", "", ()
-        next_cookie = b""
+        while out.sent < page:
+            if time.monotonic() > deadline:
+                _close_later(matches)
+                out.code, out.message = ResultCode.TIME_LIMIT_EXCEEDED, "time limit exceeded"
+                return out
+            try:
+                entry = await anext(matches)
+            except StopAsyncIteration:
+                more = False
+                break
+            self.write(codec.frame(req.message_id, codec.entry_op(
+                entry.dn, selection.pick(entry, req.types_only))))
+            out.sent += 1
+            if not self.writable.is_set():
+                await self.writable.wait()
         if more:
             next_cookie = secrets.token_bytes(12)
             self.paged[next_cookie] = matches
             while len(self.paged) > _MAX_PAGED:
                 _, old = self.paged.popitem(last=False)
                 _close_later(old)
+            out.controls = (codec.paged_results_control(0, next_cookie),)
         else:
             _close_later(matches)
-        return ResultCode.SUCCESS, sent, "", "", (codec.paged_results_control(0, next_cookie),)
+        return out
 
 
 def _close_later(gen: AsyncGenerator[Entry, None]) -> None:
     with contextlib.suppress(RuntimeError):
         task = asyncio.get_running_loop().create_task(gen.aclose())
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
-
-
-@contextlib.asynccontextmanager
-async def _deadline(deadline: float | None) -> AsyncIterator[None]:
-    if deadline is None:
-        yield
-        return
-    async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
-        yield
 
 
 def _failure(exc: BaseException, conn_id: int) -> tuple[int, str]:

@@ -1,0 +1,539 @@
+"""The LDAPv3 interface with real clients: OpenLDAP's ldapsearch/ldapwhoami, ldap3 and curl,
+over plain LDAP, StartTLS and LDAPS, against a repository holding the lodged test PKI."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import ldap3
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from ldap3.core.exceptions import LDAPException
+
+from repository_server.ldap import codec
+from repository_server.pki.testpki import _device_builder, key_identifier
+
+from .conftest import TEST_KEY, Running, add_user, start_repository
+from .pkitools import client_cert, load_cert, load_key, write_pair
+from .pkitools import crl as make_crl
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+LDAPSEARCH = shutil.which("ldapsearch")
+needs_ldap_utils = pytest.mark.skipif(
+    LDAPSEARCH is None and not os.environ.get("CI"),
+    reason="OpenLDAP client tools (ldap-utils) not installed; .ci/run installs them")
+
+BIND = ["-D", "uid=tester,ou=Users,o=SMKI", "-w", TEST_KEY]
+
+
+def ldapsearch(running: Running, *args: str, url: str | None = None, ca: bool = True,
+               check: bool = True) -> tuple[int, str]:
+    """Run ldapsearch (LDIF out, no wrapping); returns (exit code, output)."""
+    env = {**os.environ, "LDAPTLS_CACERT": running.tls_ca if ca else "/nonexistent",
+           "LDAPTLS_REQCERT": "demand"}
+    proc = subprocess.run(["ldapsearch", "-x", "-LLL", "-o", "ldif-wrap=no", "-H",
+                           url or running.ldap, *args], capture_output=True, text=True, env=env,
+                          timeout=60)
+    out = proc.stdout + proc.stderr
+    if check:
+        assert proc.returncode == 0, out
+    return proc.returncode, out
+
+
+def ldif_values(text: str, attr: str) -> list[bytes]:
+    """Values of one attribute in ldapsearch's LDIF (base64 for binary ones)."""
+    out = []
+    for line in text.splitlines():
+        name, sep, value = line.partition(":")
+        if name.lower() != attr.lower() or not sep:
+            continue
+        out.append(base64.b64decode(value[2:]) if value.startswith(":") else value.strip().encode())
+    return out
+
+
+def dns(text: str) -> list[str]:
+    return [line[4:] for line in text.splitlines() if line.startswith("dn: ")]
+
+
+def der_of(running: Running, obj: dict[str, Any]) -> bytes:
+    data = running.path(obj["path"]).read_bytes()
+    if data.startswith(b"-----"):
+        return x509.load_pem_x509_certificate(data).public_bytes(serialization.Encoding.DER)
+    return data
+
+
+def ldap3_conn(running: Running, *, user: str | None = "uid=tester,ou=Users,o=SMKI",
+               password: str | None = TEST_KEY, tls: str = "none",
+               get_info: Any = ldap3.NONE, check_names: bool = True) -> ldap3.Connection:
+    port = running.repo.bound["ldaps" if tls == "ldaps" else "ldap"].port
+    tls_cfg = ldap3.Tls(ca_certs_file=running.tls_ca, validate=ssl.CERT_REQUIRED)
+    server = ldap3.Server("127.0.0.1", port=port, use_ssl=tls == "ldaps", tls=tls_cfg,
+                          get_info=get_info, connect_timeout=5)
+    conn = ldap3.Connection(server, user=user, password=password, receive_timeout=10,
+                            raise_exceptions=False, check_names=check_names)
+    if tls == "starttls":
+        assert conn.open() is None or True
+        assert conn.start_tls(), conn.result
+    assert conn.bind(), conn.result
+    return conn
+
+
+# -- anonymous: root DSE, schema, CAs and revocation lists -------------------------------------
+
+
+@needs_ldap_utils
+async def test_root_dse_schema_and_ldap3_get_info(loaded: Running) -> None:
+    _, out = await asyncio.to_thread(ldapsearch, loaded, "-b", "", "-s", "base", "+")
+    assert "namingContexts: o=SMKI" in out
+    assert "supportedLDAPVersion: 3" in out
+    assert f"supportedExtension: {codec.STARTTLS_OID}" in out
+    assert f"supportedControl: {codec.PAGED_RESULTS_OID}" in out
+    _, out = await asyncio.to_thread(ldapsearch, loaded, "-b", "cn=Subschema", "-s", "base",
+                                     "(objectClass=subschema)", "attributeTypes", "objectClasses")
+    assert "NAME 'smkiEui64'" in out and "NAME 'pkiCA'" in out
+    # ldap3 reads the root DSE and the whole schema (get_info=ALL) and understands it
+    conn = await asyncio.to_thread(ldap3_conn, loaded, user=None, password=None,
+                                   get_info=ldap3.ALL)
+    try:
+        info = conn.server.info
+        schema = conn.server.schema
+        assert info is not None and "o=SMKI" in info.naming_contexts
+        assert schema is not None and "smkiSerial" in schema.attribute_types
+        assert "smkiCertificate" in schema.object_classes
+        assert "userCertificate" in schema.attribute_types
+    finally:
+        conn.unbind()
+
+
+@needs_ldap_utils
+async def test_crls_and_arls_anonymously_with_ldapsearch_and_curl(loaded: Running) -> None:
+    crl_obj = loaded.objects("crl")[0]
+    arl_obj = loaded.objects("arl")[0]
+    crl_der = der_of(loaded, crl_obj)
+    arl_der = der_of(loaded, arl_obj)
+    oca_dn = f"smkiKeyId={crl_obj['issuer_key_id']},ou=CAs,o=SMKI"
+    _, out = await asyncio.to_thread(ldapsearch, loaded, "-b", oca_dn, "-s", "base",
+                                     "(objectClass=*)", "certificateRevocationList;binary")
+    assert ldif_values(out, "certificateRevocationList;binary") == [crl_der]
+    # every CA entry is a pkiCA carrying its certificate(s); roots carry their ARL
+    _, out = await asyncio.to_thread(ldapsearch, loaded, "-b", "ou=CAs,o=SMKI", "-s", "one",
+                                     f"(smkiKeyId={arl_obj['issuer_key_id'].lower()})",
+                                     "authorityRevocationList;binary", "cACertificate;binary")
+    assert ldif_values(out, "authorityRevocationList;binary") == [arl_der]
+    root = next(o for o in loaded.objects("root") if o["subject_key_id"] == arl_obj["issuer_key_id"])
+    assert ldif_values(out, "cACertificate;binary") == [der_of(loaded, root)]
+    # curl's LDAP client: the CRL and the ARL as binary values
+    for dn_, attr, want in ((oca_dn, "certificateRevocationList;binary", crl_der),
+                            (f"smkiKeyId={arl_obj['issuer_key_id']},ou=CAs,o=SMKI",
+                             "authorityRevocationList;binary", arl_der)):
+        url = f"{loaded.ldap}/{dn_}?{attr}?base?(objectClass=*)"
+        proc = await asyncio.to_thread(subprocess.run, ["curl", "-sS", "--max-time", "10", url],
+                                       capture_output=True, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        lines = [ln.strip() for ln in proc.stdout.decode().splitlines() if ":" in ln]
+        value = next(ln.split(": ", 1)[1] for ln in lines if ln.startswith(attr))
+        assert base64.b64decode(value) == want
+
+
+# -- binds, access to device and organisation entries -------------------------------------------
+
+
+@needs_ldap_utils
+async def test_device_entries_need_a_bound_user(loaded: Running) -> None:
+    dev = loaded.objects("device")[0]
+    base = f"smkiEui64={dev['eui64']},ou=Devices,o=SMKI"
+    # anonymous: hidden in searches, and a base search on one says why
+    _, out = await asyncio.to_thread(ldapsearch, loaded, "-b", "ou=Devices,o=SMKI",
+                                     f"(smkiEui64={dev['eui64']})", "dn")
+    assert dns(out) == []
+    code, out = await asyncio.to_thread(ldapsearch, loaded, "-b", base, "-s", "base", check=False)
+    assert code == 50 and "need a bound repository user" in out
+    # bound with the API key as password (a DN or the bare user name)
+    for who in (BIND, ["-D", "tester", "-w", TEST_KEY]):
+        _, out = await asyncio.to_thread(
+            ldapsearch, loaded, *who, "-b", "ou=Devices,o=SMKI",
+            f"(&(smkiEui64={dev['eui64'].lower().replace('-', '')})(smkiKeyUsage={dev['usage']}))",
+            "userCertificate;binary", "smkiSerial", "smkiStatus")
+        assert ldif_values(out, "userCertificate;binary") == [der_of(loaded, dev)]
+        assert ldif_values(out, "smkiSerial") == [dev["serial"].encode()]
+        assert ldif_values(out, "smkiStatus") == [b"I"]
+        assert dns(out) == [f"smkiSerial={dev['serial']},smkiEui64={dev['eui64']},ou=Devices,o=SMKI"]
+    # the device entry's children are its certificates; one-level from the device
+    _, out = await asyncio.to_thread(ldapsearch, loaded, *BIND, "-b", base, "-s", "one", "dn")
+    want = {o["serial"] for o in loaded.objects("device") if o["eui64"] == dev["eui64"]}
+    assert {d.split(",")[0].split("=")[1] for d in dns(out)} == want
+    # wrong credentials, unknown user, unauthenticated bind
+    for who, code in ((["-D", "tester", "-w", "wrong"], 49), (["-D", "nobody", "-w", TEST_KEY], 49),
+                      (["-D", "uid=tester,ou=Users,o=SMKI", "-w", ""], 53)):
+        rc, out = await asyncio.to_thread(ldapsearch, loaded, *who, "-b", "", "-s", "base",
+                                          check=False)
+        assert rc == code, out
+
+
+async def test_organisations_by_eui_role_and_usage_with_ldap3(loaded: Running) -> None:
+    await asyncio.to_thread(_organisations, loaded)
+
+
+def _organisations(loaded: Running) -> None:
+    org = next(o for o in loaded.objects("organisation") if not o["revoked"])
+    conn = ldap3_conn(loaded)
+    try:
+        ok = conn.search("ou=Organisations,o=SMKI",
+                         f"(&(smkiEui64={org['eui64']})(smkiRole={org['role']})"
+                         f"(smkiKeyUsage={org['usage']}))",
+                         attributes=["userCertificate;binary", "smkiRole", "smkiSerial"])
+        assert ok, conn.result
+        got = {e.entry_dn: e for e in conn.entries}
+        assert any(e["smkiSerial"].value == org["serial"] for e in got.values())
+        entry = next(e for e in got.values() if e["smkiSerial"].value == org["serial"])
+        assert entry["userCertificate;binary"].raw_values == [der_of(loaded, org)]
+        # by serial anywhere (subtree from the suffix), in any spelling
+        ok = conn.search("o=SMKI", f"(smkiSerial={org['serial'].lower().lstrip('0')})",
+                         attributes=["smkiSerial"])
+        assert ok and [e["smkiSerial"].value for e in conn.entries] == [org["serial"]]
+        # RFC 4523 certificateExactMatch: serial and issuer
+        issuer = x509.load_der_x509_certificate(der_of(loaded, org)).issuer.rfc4514_string()
+        ok = conn.search("o=SMKI", f'(userCertificate={{ serialNumber {int(org["serial"], 16)},'
+                         f' issuer rdnSequence:"{issuer}" }})', attributes=["smkiSerial"])
+        assert ok and [e["smkiSerial"].value for e in conn.entries] == [org["serial"]]
+        # compare works; writes are refused
+        entry_dn = entry.entry_dn
+        assert conn.compare(entry_dn, "smkiKeyUsage", org["usage"].lower()) is True
+        assert conn.compare(entry_dn, "smkiKeyUsage", "XX") is False
+        assert conn.modify(entry_dn, {"smkiStatus": [(ldap3.MODIFY_REPLACE, ["N"])]}) is False
+        assert conn.result["result"] == 53 and "read-only" in conn.result["message"]
+        assert conn.delete(entry_dn) is False and conn.result["result"] == 53
+        assert conn.add("cn=x,o=SMKI", "device") is False and conn.result["result"] == 53
+        assert conn.extend.standard.who_am_i() == "dn:uid=tester,ou=Users,o=SMKI"
+    finally:
+        conn.unbind()
+
+
+# -- TLS ------------------------------------------------------------------------------------------
+
+
+@needs_ldap_utils
+async def test_starttls_and_ldaps(loaded: Running) -> None:
+    dev = loaded.objects("device")[0]
+    args = (*BIND, "-b", "ou=Devices,o=SMKI", f"(smkiSerial={dev['serial']})", "smkiSerial")
+    _, out = await asyncio.to_thread(ldapsearch, loaded, "-ZZ", *args)
+    assert ldif_values(out, "smkiSerial") == [dev["serial"].encode()]
+    _, out = await asyncio.to_thread(ldapsearch, loaded, *args, url=loaded.ldaps)
+    assert ldif_values(out, "smkiSerial") == [dev["serial"].encode()]
+    # without our CA the client refuses the server (it is real TLS)
+    rc, _ = await asyncio.to_thread(ldapsearch, loaded, "-ZZ", *args, ca=False, check=False)
+    assert rc != 0
+    # ldap3 over StartTLS and LDAPS; StartTLS twice is an operations error
+    def with_ldap3(mode: str) -> None:
+        conn = ldap3_conn(loaded, tls=mode)
+        try:
+            assert conn.search("ou=Devices,o=SMKI", f"(smkiSerial={dev['serial']})",
+                               attributes=["smkiSerial"]) and len(conn.entries) == 1
+            if mode == "starttls":
+                assert not conn.start_tls()
+        finally:
+            conn.unbind()
+
+    for mode in ("starttls", "ldaps"):
+        await asyncio.to_thread(with_ldap3, mode)
+
+
+async def test_sasl_external_with_a_client_certificate(tmp_path: Path, pki: dict[str, Any],
+                                                       fresh_db: str) -> None:
+    pki_dir: Path = pki["dir"]
+    ca = load_cert(pki_dir / pki["dcc_client"]["ca"])
+    ca_key = load_key(pki_dir / pki["dcc_client"]["ca_key"])
+    cert, key = client_cert(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "relying-1")]),
+                            ca, ca_key)
+    cert_file, key_file = write_pair(tmp_path, "relying-1", cert, key)
+    stranger, skey = client_cert(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME,
+                                                               "nobody-here")]), ca, ca_key)
+    s_cert, s_key = write_pair(tmp_path, "stranger", stranger, skey)
+    repo = await start_repository(tmp_path, pki, fresh_db,
+                                  ldap={"client_ca": str(pki_dir / pki["dcc_client"]["ca"])})
+    try:
+        running = Running(repo, pki)
+        await add_user(repo, "relying-1", None)
+
+        def external(cert_path: str, key_path: str) -> tuple[bool, Any, Any]:
+            tls = ldap3.Tls(ca_certs_file=running.tls_ca, validate=ssl.CERT_REQUIRED,
+                            local_certificate_file=cert_path, local_private_key_file=key_path)
+            server = ldap3.Server("127.0.0.1", port=repo.bound["ldaps"].port, use_ssl=True,
+                                  tls=tls, get_info=ldap3.NONE)
+            conn = ldap3.Connection(server, authentication=ldap3.SASL,
+                                    sasl_mechanism=ldap3.EXTERNAL, sasl_credentials="")
+            ok = conn.bind()
+            who = conn.extend.standard.who_am_i() if ok else None
+            result = conn.result
+            conn.unbind()
+            return ok, who, result
+
+        ok, who, _ = await asyncio.to_thread(external, cert_file, key_file)
+        assert ok and who == "dn:uid=relying-1,ou=Users,o=SMKI"
+        ok, _, result = await asyncio.to_thread(external, s_cert, s_key)
+        assert not ok and result["result"] == 49
+    finally:
+        await repo.stop()
+
+
+# -- paging, limits, lodging while running -------------------------------------------------------
+
+
+def _dca(running: Running) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    obj = next(o for o in running.pki["objects"] if o.get("name") == "issuing-dca")
+    return load_cert(running.path(obj["path"])), load_key(running.path(obj["key"]))
+
+
+def _devices(running: Running, count: int, first_eui: int) -> tuple[bytes, list[x509.Certificate]]:
+    """`count` new device certificates (one per device), PEM bundle and the certificates."""
+    dca, dca_key = _dca(running)
+    aki = dca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    key = ec.generate_private_key(ec.SECP256R1())
+    certs = []
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    for i in range(count):
+        eui = (0x00DB12F000000000 + first_eui + i).to_bytes(8, "big")
+        serial = int.from_bytes(os.urandom(15), "big") | (1 << 120)
+        builder = _device_builder(dca.subject, now, "KA", serial, key.public_key(), eui, aki)
+        certs.append(builder.sign(dca_key, hashes.SHA256()))
+    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+    assert key_identifier(key.public_key())
+    return pem, certs
+
+
+@needs_ldap_utils
+async def test_paged_search_over_thousands_and_limits(loaded: Running) -> None:
+    client = loaded.client()
+    try:
+        pem, _ = _devices(loaded, 1500, 0)
+        reply = await asyncio.to_thread(client.certificates, pem)
+        assert reply.status == 200, reply.body
+    finally:
+        client.close()
+    flt = "(&(objectClass=smkiCertificate)(smkiKind=device))"
+    total = 1500 + len(loaded.objects("device"))
+    # without paging the server's size limit (1000) stops it
+    code, out = await asyncio.to_thread(ldapsearch, loaded, *BIND, "-b", "ou=Devices,o=SMKI",
+                                        flt, "1.1", check=False)
+    assert code == 4 and len(dns(out)) == 1000
+    # the client's own size limit
+    code, out = await asyncio.to_thread(ldapsearch, loaded, *BIND, "-z", "7", "-b",
+                                        "ou=Devices,o=SMKI", flt, "1.1", check=False)
+    assert code == 4 and len(dns(out)) == 7
+    # ldapsearch with the simple paged results control: every entry, once
+    _, out = await asyncio.to_thread(ldapsearch, loaded, *BIND, "-E", "pr=400/noprompt", "-b",
+                                     "ou=Devices,o=SMKI", flt, "smkiSerial")
+    serials = ldif_values(out, "smkiSerial")
+    assert len(serials) == total and len(set(serials)) == total
+    # ldap3's paged search, one-level under ou=Devices: the device entries
+    def paged() -> set[str]:
+        conn = ldap3_conn(loaded)
+        try:
+            found = list(conn.extend.standard.paged_search(
+                "ou=Devices,o=SMKI", "(objectClass=smkiSubjectEntry)", search_scope=ldap3.LEVEL,
+                attributes=["smkiEui64"], paged_size=250, generator=True))
+        finally:
+            conn.unbind()
+        return {e["attributes"]["smkiEui64"][0] for e in found if e["type"] == "searchResEntry"}
+
+    euis = await asyncio.to_thread(paged)
+    assert len(euis) == 1500 + len({o["eui64"] for o in loaded.objects("device")})
+
+
+@needs_ldap_utils
+async def test_lodging_shows_at_once_new_crl_wins(loaded: Running) -> None:
+    """A certificate lodged after start appears; a new CRL replaces the cached answer."""
+    crl_obj = loaded.objects("crl")[0]
+    oca_dn = f"smkiKeyId={crl_obj['issuer_key_id']},ou=CAs,o=SMKI"
+    args = ("-b", oca_dn, "-s", "base", "(objectClass=*)", "certificateRevocationList;binary")
+    for _ in range(3):  # asked repeatedly: answered from the response cache
+        _, out = await asyncio.to_thread(ldapsearch, loaded, *args)
+        assert ldif_values(out, "certificateRevocationList;binary") == [der_of(loaded, crl_obj)]
+    pem, certs = _devices(loaded, 1, 900_000)
+    eui = "-".join(f"{b:02X}" for b in (0x00DB12F000000000 + 900_000).to_bytes(8, "big"))
+    flt = f"(smkiEui64={eui})"
+    _, out = await asyncio.to_thread(ldapsearch, loaded, *BIND, "-b", "ou=Devices,o=SMKI", flt, "1.1")
+    assert dns(out) == []
+    oca_obj = next(o for o in loaded.pki["objects"] if o.get("name") == "issuing-oca")
+    oca, oca_key = load_cert(loaded.path(oca_obj["path"])), load_key(loaded.path(oca_obj["key"]))
+    current = x509.load_der_x509_crl(der_of(loaded, crl_obj))
+    new_crl = make_crl(oca, oca_key, 7, [e.serial_number for e in current] + [12345])
+    client = loaded.client()
+    try:
+        assert (await asyncio.to_thread(client.certificates, pem)).status == 200
+        assert (await asyncio.to_thread(client.crl, new_crl)).status == 200
+    finally:
+        client.close()
+    _, out = await asyncio.to_thread(ldapsearch, loaded, *BIND, "-b", "ou=Devices,o=SMKI", flt,
+                                     "userCertificate;binary")
+    assert ldif_values(out, "userCertificate;binary") == [
+        certs[0].public_bytes(serialization.Encoding.DER)]
+    _, out = await asyncio.to_thread(ldapsearch, loaded, *args)
+    assert ldif_values(out, "certificateRevocationList;binary") == [new_crl]
+    _, out = await asyncio.to_thread(ldapsearch, loaded, "-b", oca_dn, "-s", "base",
+                                     "(smkiCrlNumber>=7)", "smkiCrlNumber")
+    assert ldif_values(out, "smkiCrlNumber") == [b"7"]
+
+
+# -- CPM 8 -----------------------------------------------------------------------------------------
+
+
+async def test_searches_count_for_cpm8(loaded: Running) -> None:
+    levels = loaded.repo.levels
+    assert levels is not None
+
+    def ldap_counts() -> tuple[int, int]:
+        rec = sum(c.received for (_m, i, _o, u), c in levels.counts.items() if i == "ldap"
+                  and u == "tester")
+        ans = sum(c.answered for (_m, i, _o, u), c in levels.counts.items() if i == "ldap"
+                  and u == "tester")
+        return rec, ans
+
+    before = ldap_counts()
+    dev = loaded.objects("device")[1]
+    def searches() -> None:
+        conn = ldap3_conn(loaded)
+        try:
+            for _ in range(3):  # the second and third are answered from the response cache
+                assert conn.search("ou=Devices,o=SMKI", f"(smkiEui64={dev['eui64']})",
+                                   attributes=["userCertificate;binary"])
+            conn.search("", "(objectClass=*)", search_scope=ldap3.BASE)  # root DSE: not counted
+        finally:
+            conn.unbind()
+
+    await asyncio.to_thread(searches)
+    after = ldap_counts()
+    assert (after[0] - before[0], after[1] - before[1]) == (3, 3)
+
+
+# -- robustness ------------------------------------------------------------------------------------
+
+
+def _raw(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    return s
+
+
+def _read_all(s: socket.socket, deadline: float = 5.0) -> bytes:
+    s.settimeout(deadline)
+    data = b""
+    try:
+        while chunk := s.recv(65536):
+            data += chunk
+    except TimeoutError:
+        pass
+    return data
+
+
+async def test_protocol_errors_limits_and_slow_readers(tmp_path: Path, pki: dict[str, Any],
+                                                       fresh_db: str) -> None:
+    repo = await start_repository(tmp_path, pki, fresh_db, ldap={
+        "open_reads": True, "max_connections": 8, "write_timeout_seconds": 1,
+        "idle_timeout_seconds": 2, "max_request_kb": 4})
+    try:
+        running = Running(repo, pki)
+        from .conftest import lodge_pki
+
+        await asyncio.to_thread(lodge_pki, running)
+        port = repo.bound["ldap"].port
+
+        def checks() -> None:
+            # garbage: a notice of disconnection naming the problem, then close
+            s = _raw(port)
+            s.sendall(b"\x02\x01\x00hello")
+            got = _read_all(s)
+            assert codec.NOTICE_OF_DISCONNECTION_OID.encode() in got and b"LDAPMessage" in got
+            # an oversized PDU is refused on its header
+            s = _raw(port)
+            s.sendall(b"\x30\x84\x00\x10\x00\x00")
+            got = _read_all(s)
+            assert b"exceeds" in got
+            # an idle client is disconnected
+            s = _raw(port)
+            started = time.monotonic()
+            got = _read_all(s, 10)
+            assert codec.NOTICE_OF_DISCONNECTION_OID.encode() in got and b"idle" in got
+            assert time.monotonic() - started < 8
+            # more connections than allowed: the extra one gets busy and is closed
+            held = [_raw(port) for _ in range(8)]
+            time.sleep(0.2)
+            s = _raw(port)
+            got = _read_all(s)
+            assert codec.NOTICE_OF_DISCONNECTION_OID.encode() in got and b"too many" in got
+            for h in held:
+                h.close()
+
+        await asyncio.to_thread(checks)
+        # a client that asks for a lot and never reads: bounded by the write timeout, and the
+        # server keeps answering others meanwhile
+        s = await asyncio.to_thread(_raw, port)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        for i in range(2, 200):
+            s.sendall(codec.frame(i, bytes(_subtree_search())))
+        await asyncio.sleep(0.5)
+        def others_served() -> None:
+            other = ldap3_conn(running, user=None, password=None)
+            assert other.search("o=SMKI", "(objectClass=pkiCA)", attributes=["cn"]) and other.entries
+            other.unbind()
+
+        await asyncio.to_thread(others_served)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(c.peer.endswith(str(s.getsockname()[1]))
+                                                   for c in repo.ldap.connections):  # type: ignore[union-attr]
+            await asyncio.sleep(0.2)
+        assert not any(c.peer.endswith(str(s.getsockname()[1]))
+                       for c in repo.ldap.connections)  # type: ignore[union-attr]
+        s.close()
+    finally:
+        await repo.stop()
+
+
+def _subtree_search() -> bytes:
+    """The protocolOp of a subtree search for everything under o=SMKI, every attribute."""
+    from repository_server.ldap.codec import _enc_int, _enc_str, _tlv_bytes
+
+    body = (_enc_str(0x04, "o=SMKI") + _enc_int(2, 0x0A) + _enc_int(0, 0x0A) + _enc_int(0)
+            + _enc_int(0) + b"\x01\x01\x00" + _enc_str(0x87, "objectClass") + _tlv_bytes(0x30, b""))
+    return _tlv_bytes(0x63, body)
+
+
+async def test_bad_requests_get_ldap_result_codes(loaded: Running) -> None:
+    await asyncio.to_thread(_bad_requests, loaded)
+
+
+def _bad_requests(loaded: Running) -> None:
+    conn = ldap3_conn(loaded, check_names=False)
+    try:
+        assert not conn.search("not a dn", "(objectClass=*)")
+        assert conn.result["result"] == 34
+        assert not conn.search("ou=Nowhere,o=SMKI", "(objectClass=*)")
+        assert conn.result["result"] == 32 and conn.result["dn"] == "o=SMKI"
+        assert not conn.search("smkiEui64=00-DB-12-00-00-00-00-01,ou=Devices,o=SMKI",
+                               "(objectClass=*)")
+        assert conn.result["result"] == 32 and conn.result["dn"] == "ou=Devices,o=SMKI"
+        # an unknown attribute in a filter is Undefined: no entries, no error
+        conn.search("ou=CAs,o=SMKI", "(noSuchAttribute=1)")
+        assert conn.result["result"] == 0 and conn.entries == []
+        # a critical control we do not know
+        assert not conn.search("o=SMKI", "(objectClass=*)", search_scope=ldap3.BASE,
+                               controls=[("1.2.3.4.5", True, None)])
+        assert conn.result["result"] == 12
+    finally:
+        conn.unbind()
+    with pytest.raises(LDAPException):
+        bad = ldap3.Connection(ldap3.Server("127.0.0.1", port=loaded.repo.bound["ldap"].port),
+                               user="tester", password="wrong", raise_exceptions=True)
+        bad.bind()
