@@ -1,6 +1,6 @@
 #!/bin/bash
 # smki_target.sh load|start [nocpm]|stop [nocpm] — smki-repository as a candidate of the shared benchmark
-# harness (../../shared/bench); called by bench/smki-target.json.
+# harness (../../shared/bench); called by bench/smki-target.json. Serves HTTP and LDAP.
 #
 # The harness runs this with its bench folder as working directory and sets BENCH, BENCH_WORK,
 # DATA, SERVER_CPU, HTTP_PORT, RUN_DIR, TARGET_DIR. Everything of ours lives in
@@ -19,6 +19,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 : "${DATA:=$BENCH_WORK/data}"
 : "${SERVER_CPU:=0}"
 : "${HTTP_PORT:=8083}"
+: "${LDAP_PORT:=3890}"
 : "${BENCH:=$HERE/../../shared/bench}"
 BIN=${SMKI_BIN:-}
 if [ -z "$BIN" ]; then
@@ -85,9 +86,9 @@ case "${1:-}" in
     if [ "$VARIANT" = nocpm ]; then export SMKI_SERVICE_LEVELS__ENABLED=false; fi
     # pinned: the embedded PostgreSQL started by the server inherits the pinning
     (taskset -c "$SERVER_CPU" "$BIN" serve --config "$CONFIG" --data-dir "$DATA_DIR" \
-       --http "127.0.0.1:$HTTP_PORT" --https '' --lodge '' --ldap '' --ldaps '' \
+       --http "127.0.0.1:$HTTP_PORT" --https '' --lodge '' --ldap "127.0.0.1:$LDAP_PORT" --ldaps '' \
        --pid-file "$PIDFILE" </dev/null >"$LOG" 2>&1 &)
-    "$BENCH/wait_port.sh" "$HTTP_PORT" || { tail -n 30 "$LOG" >&2; exit 1; }
+    "$BENCH/wait_port.sh" "$HTTP_PORT" "$LDAP_PORT" || { tail -n 30 "$LOG" >&2; exit 1; }
     expect=$(($(wc -l <"$DATA/manifest.csv") - 1))
     python3 "$HERE/wait_ready.py" --port "$HTTP_PORT" --expect "$expect" --log "$LOG" \
       --pidfile "$PIDFILE" --timeout "$READY_TIMEOUT"

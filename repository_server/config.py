@@ -52,6 +52,9 @@ class Listeners:
     lodge: str = "127.0.0.1:8444"
     ldap: str = "127.0.0.1:3890"
     ldaps: str = "127.0.0.1:6360"
+    # SO_REUSEPORT on the read listeners (http, https, ldap, ldaps): several server processes on
+    # one node share each port and the kernel spreads connections over them.
+    reuse_port: bool = False
 
     def address(self, name: str) -> HostPort | None:
         value: str = getattr(self, name)

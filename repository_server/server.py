@@ -358,7 +358,8 @@ class Repository:
                 continue
             runner = await self._runner(self._read_app(name), reads=True)
             site = web.TCPSite(runner, addr.host, addr.port, ssl_context=ctx,
-                               reuse_address=True, backlog=1024)
+                               reuse_address=True, reuse_port=cfg.listeners.reuse_port or None,
+                               backlog=1024)
             await site.start()
             self._record_bound(name, runner)
         addr = cfg.listeners.address("lodge")
@@ -391,6 +392,7 @@ class Repository:
             ldaps = tls is not None
             server = await loop.create_server(lambda ldaps=ldaps: service.factory(ldaps=ldaps),
                                               addr.host, addr.port, ssl=tls, reuse_address=True,
+                                              reuse_port=cfg.listeners.reuse_port or None,
                                               backlog=1024, ssl_handshake_timeout=10 if tls else None)
             self._servers.append(server)
             sock = server.sockets[0].getsockname()
