@@ -614,6 +614,8 @@ class LdapConnection(asyncio.Protocol):
             async with _deadline(deadline):
                 async for entry in matches:
                     if size_limit and sent >= size_limit:
+                        if ops:  # the entries held back for the response cache go out first
+                            self.write(codec.frames(req.message_id, ops))
                         return (ResultCode.SIZE_LIMIT_EXCEEDED, sent,
                                 f"more than {size_limit} entries match", "", ())
                     op = codec.entry_op(entry.dn, selection.pick(entry, req.types_only))
