@@ -5,6 +5,7 @@ Nothing is mocked: tests talk to the server over real sockets."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import ssl
 import sys
@@ -155,15 +156,27 @@ async def add_user(repo: Repository, name: str, key: str | None, role: str = "pa
     await repo.credentials.load()
 
 
+@contextlib.asynccontextmanager
+async def running_repository(data_dir: Path, pki: dict[str, Any], dsn: str, *, lodge: bool = False,
+                             **over: Any) -> AsyncIterator[Running]:
+    """A started repository with user "tester" (TEST_KEY), the test PKI lodged through the
+    mTLS API if `lodge`; stopped on exit."""
+    repo = await start_repository(data_dir, pki, dsn, **over)
+    try:
+        await add_user(repo, "tester", TEST_KEY)
+        running = Running(repo, pki)
+        if lodge:
+            await asyncio.to_thread(lodge_pki, running)
+        yield running
+    finally:
+        await repo.stop()
+
+
 @pytest_asyncio.fixture(loop_scope="session")
 async def server(tmp_path: Path, pki: dict[str, Any], fresh_db: str) -> AsyncIterator[Running]:
     """An empty repository (fresh database) with every listener up."""
-    repo = await start_repository(tmp_path, pki, fresh_db)
-    try:
-        await add_user(repo, "tester", TEST_KEY)
-        yield Running(repo, pki)
-    finally:
-        await repo.stop()
+    async with running_repository(tmp_path, pki, fresh_db) as running:
+        yield running
 
 
 def lodge_pki(running: Running) -> None:

@@ -12,12 +12,32 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from .conftest import run_process
+import ldap3
+from ldap3.operation.abandon import abandon_operation
+from ldap3.operation.add import add_operation
+from ldap3.operation.bind import bind_operation
+from ldap3.operation.compare import compare_operation
+from ldap3.operation.delete import delete_operation
+from ldap3.operation.extended import extended_operation
+from ldap3.operation.modify import modify_operation
+from ldap3.operation.modifyDn import modify_dn_operation
+from ldap3.operation.search import search_operation
+from ldap3.operation.unbind import unbind_operation
+from ldap3.protocol.convert import build_controls_list
+from ldap3.protocol.rfc4511 import LDAPMessage, MessageID, ProtocolOp
+from pyasn1.codec.ber import encoder as ber_encoder
+
+from repository_server.ldap import codec
+from repository_server.ldap.server import WHOAMI_OID
+
+from .conftest import TEST_KEY, run_process
 
 SLAPD = Path("/usr/sbin/slapd")
 SLAPADD = Path("/usr/sbin/slapadd")
 LDAPSEARCH = "ldapsearch"
+SUFFIX = "o=SMKI"
 
 SLAPD_CONF = """\
 include     /etc/ldap/schema/core.schema
@@ -36,6 +56,70 @@ directory   {db}
 maxsize     268435456
 access to * by * read
 """
+
+
+def pdu(msg_id: int, op_name: str, request: Any, controls: Any = None) -> bytes:
+    """One LDAPMessage encoded by ldap3/pyasn1 (an independent encoder), e.g.
+    pdu(1, "bindRequest", ldap3.operation.bind.bind_operation(3, ldap3.SIMPLE, dn, password))."""
+    msg = LDAPMessage()
+    msg["messageID"] = MessageID(msg_id)
+    msg["protocolOp"] = ProtocolOp().setComponentByName(op_name, request)
+    ctl = build_controls_list(controls)
+    if ctl is not None:
+        msg["controls"] = ctl
+    return bytes(ber_encoder.encode(msg))
+
+
+def search(mid: int, base: str, flt: str, attrs: list[str] | None = None, scope: str = "SUBTREE",
+           size: int = 0, controls: Any = None) -> bytes:
+    """A SearchRequest encoded by ldap3 (scope: BASE, LEVEL or SUBTREE)."""
+    req = search_operation(base, flt, getattr(ldap3, scope), ldap3.DEREF_NEVER, attrs or [], size, 10,
+                           False, True, True)
+    return pdu(mid, "searchRequest", req, controls)
+
+
+def sample_requests(eui: str, serial: str) -> list[bytes]:
+    """Valid requests of every kind the server handles (encoded by ldap3), for fuzzing:
+    binds, searches with many filters and controls, extended, abandon, compare, updates, unbind."""
+    user = f"uid=tester,ou=Users,{SUFFIX}"
+    paged = codec.paged_results_control(3, b"")
+    bogus = codec.paged_results_control(3, b"no such cookie")
+    devices = f"ou=Devices,{SUFFIX}"
+    return [
+        pdu(1, "bindRequest", bind_operation(3, ldap3.SIMPLE, user, TEST_KEY)),
+        pdu(1, "bindRequest", bind_operation(3, ldap3.ANONYMOUS, "", None)),
+        pdu(2, "bindRequest", bind_operation(3, ldap3.SIMPLE, user, "wrong password")),
+        pdu(2, "bindRequest", bind_operation(3, ldap3.SIMPLE, "uid=test\x00er,ou=Users,o=SMKI", "pw")),
+        pdu(3, "bindRequest", bind_operation(3, ldap3.SASL, "", None, "EXTERNAL", b"")),
+        pdu(4, "bindRequest", bind_operation(3, ldap3.SASL, "", None, "DIGEST-MD5", b"x")),
+        pdu(5, "bindRequest", bind_operation(2, ldap3.SIMPLE, "tester", TEST_KEY)),
+        search(6, SUFFIX, "(objectClass=*)", ["*"]),
+        search(7, devices, f"(smkiEui64={eui})", ["userCertificate;binary", "smkiStatus"]),
+        search(8, SUFFIX, f"(&(objectClass=smkiCertificate)(|(smkiSerial={serial})(!(smkiRole<=3))))"),
+        search(9, SUFFIX, "(|(smkiEui64=00-DB*)(cn=*A)(smkiSubject=*TEST*SUPPLIER*01))", ["1.1"]),
+        search(10, SUFFIX, "(&(smkiKeyUsage:caseExactMatch:=KA)(ou:dn:=Devices)(smkiNotAfter>=2020010100Z))"),
+        search(11, SUFFIX, '(userCertificate={ serialNumber 1234, issuer rdnSequence:"CN=TE,OU=07" })'),
+        search(12, devices, "(objectClass=*)", ["smkiSerial"], controls=[(paged.oid, True, paged.value)]),
+        search(13, devices, "(objectClass=*)", controls=[(bogus.oid, False, bogus.value)]),
+        search(14, devices, "(objectClass=*)", controls=[("1.2.3.4.5", True, b"x")]),
+        search(15, SUFFIX, "(smkiKind~=device)", ["+"], size=2),
+        search(16, "", "(objectClass=*)", ["+"], scope="BASE"),
+        search(17, "cn=Subschema", "(objectClass=subschema)", ["attributeTypes"], scope="BASE"),
+        search(18, "smkiEui64=zz,ou=Devices,o=SMKI", "(objectClass=*)", scope="LEVEL"),
+        pdu(19, "extendedReq", extended_operation(codec.STARTTLS_OID)),
+        pdu(20, "extendedReq", extended_operation(WHOAMI_OID)),
+        pdu(21, "extendedReq", extended_operation("1.2.3.4", b"value")),
+        pdu(22, "abandonRequest", abandon_operation(7)),
+        pdu(23, "compareRequest", compare_operation(f"ou=CAs,{SUFFIX}", "ou", "CAs", False)),
+        pdu(24, "compareRequest", compare_operation(f"smkiEui64={eui},{devices}", "smkiKind", "device",
+                                                    False)),
+        pdu(25, "modifyRequest", modify_operation(
+            f"ou=CAs,{SUFFIX}", {"description": [(ldap3.MODIFY_REPLACE, ["x"])]}, None)),
+        pdu(26, "addRequest", add_operation(f"cn=x,{SUFFIX}", {"objectClass": ["top"], "cn": ["x"]}, None)),
+        pdu(27, "delRequest", delete_operation(f"ou=CAs,{SUFFIX}")),
+        pdu(28, "modDNRequest", modify_dn_operation(f"ou=CAs,{SUFFIX}", "ou=X", True, None)),
+        pdu(29, "unbindRequest", unbind_operation()),
+    ]
 
 
 def free_port() -> int:

@@ -31,20 +31,8 @@ from cryptography import x509
 
 from repository_server.store.embedded import EmbeddedPostgres
 
-from .conftest import (
-    TEST_KEY,
-    Running,
-    add_user,
-    cli_env,
-    create_database,
-    lodge_pki,
-    run_process,
-    smki_cli,
-    start_repository,
-)
-from .ldaptools import LDAPSEARCH, SLAPADD, SLAPD, Answer, Slapd, ldapsearch, parse_ldif
-
-SUFFIX = "o=SMKI"
+from .conftest import Running, cli_env, create_database, run_process, running_repository, smki_cli
+from .ldaptools import LDAPSEARCH, SLAPADD, SLAPD, SUFFIX, Answer, Slapd, ldapsearch, parse_ldif
 
 if not (SLAPD.exists() and SLAPADD.exists() and shutil.which(LDAPSEARCH)) and not os.environ.get("CI"):
     pytest.skip("OpenLDAP slapd is not installed (apt-get install slapd ldap-utils); "
@@ -69,24 +57,21 @@ async def pair(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, Any],
                embedded: EmbeddedPostgres) -> AsyncIterator[Pair]:
     dsn = await create_database(embedded)
     work = tmp_path_factory.mktemp("ldap-slapd")
-    repo = await start_repository(work / "data", pki, dsn, ldap={"open_reads": True, "suffix": SUFFIX})
     slapd: Slapd | None = None
-    try:
-        await add_user(repo, "tester", TEST_KEY)
-        ours = Running(repo, pki)
-        await asyncio.to_thread(lodge_pki, ours)
-        conf = work / "export.toml"
-        conf.write_text(f'data_dir = "{work / "data"}"\n[database]\nurl = "{dsn}"\n'
-                        f'[ldap]\nsuffix = "{SUFFIX}"\n')
-        ldif, schema = work / "smki.ldif", work / "smki.schema"
-        await cli("export-ldif", "--config", str(conf), "--out", str(ldif))
-        await cli("export-ldap-schema", "--out", str(schema))
-        slapd = await asyncio.to_thread(Slapd, work / "slapd", schema, ldif, SUFFIX)
-        yield Pair(ours, slapd, facts(ldif.read_bytes()))
-    finally:
-        if slapd is not None:
-            await asyncio.to_thread(slapd.stop)
-        await repo.stop()
+    async with running_repository(work / "data", pki, dsn, lodge=True,
+                                  ldap={"open_reads": True, "suffix": SUFFIX}) as ours:
+        try:
+            conf = work / "export.toml"
+            conf.write_text(f'data_dir = "{work / "data"}"\n[database]\nurl = "{dsn}"\n'
+                            f'[ldap]\nsuffix = "{SUFFIX}"\n')
+            ldif, schema = work / "smki.ldif", work / "smki.schema"
+            await cli("export-ldif", "--config", str(conf), "--out", str(ldif))
+            await cli("export-ldap-schema", "--out", str(schema))
+            slapd = await asyncio.to_thread(Slapd, work / "slapd", schema, ldif, SUFFIX)
+            yield Pair(ours, slapd, facts(ldif.read_bytes()))
+        finally:
+            if slapd is not None:
+                await asyncio.to_thread(slapd.stop)
 
 
 def facts(ldif: bytes) -> dict[str, str]:
