@@ -5,6 +5,7 @@ Nothing is mocked: tests talk to the server over real sockets."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import ssl
 import sys
@@ -57,14 +58,19 @@ def embedded(session_dir: Path) -> Iterator[EmbeddedPostgres]:
     pg.release()
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def fresh_db(embedded: EmbeddedPostgres) -> AsyncIterator[str]:
+async def create_database(embedded: EmbeddedPostgres) -> str:
     """A new empty database on the shared embedded server; its DSN."""
     name = "t_" + uuid.uuid4().hex[:12]
     admin = await asyncpg.connect(embedded.dsn)
     await admin.execute(f"CREATE DATABASE {name}")
     await admin.close()
-    yield embedded.dsn.replace("/postgres?", f"/{name}?")
+    return embedded.dsn.replace("/postgres?", f"/{name}?")
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def fresh_db(embedded: EmbeddedPostgres) -> AsyncIterator[str]:
+    """A new empty database on the shared embedded server; its DSN."""
+    yield await create_database(embedded)
 
 
 def make_config(data_dir: Path, pki: dict[str, Any], dsn: str, **over: Any) -> config_mod.Config:
@@ -150,15 +156,27 @@ async def add_user(repo: Repository, name: str, key: str | None, role: str = "pa
     await repo.credentials.load()
 
 
+@contextlib.asynccontextmanager
+async def running_repository(data_dir: Path, pki: dict[str, Any], dsn: str, *, lodge: bool = False,
+                             **over: Any) -> AsyncIterator[Running]:
+    """A started repository with user "tester" (TEST_KEY), the test PKI lodged through the
+    mTLS API if `lodge`; stopped on exit."""
+    repo = await start_repository(data_dir, pki, dsn, **over)
+    try:
+        await add_user(repo, "tester", TEST_KEY)
+        running = Running(repo, pki)
+        if lodge:
+            await asyncio.to_thread(lodge_pki, running)
+        yield running
+    finally:
+        await repo.stop()
+
+
 @pytest_asyncio.fixture(loop_scope="session")
 async def server(tmp_path: Path, pki: dict[str, Any], fresh_db: str) -> AsyncIterator[Running]:
     """An empty repository (fresh database) with every listener up."""
-    repo = await start_repository(tmp_path, pki, fresh_db)
-    try:
-        await add_user(repo, "tester", TEST_KEY)
-        yield Running(repo, pki)
-    finally:
-        await repo.stop()
+    async with running_repository(tmp_path, pki, fresh_db) as running:
+        yield running
 
 
 def lodge_pki(running: Running) -> None:
@@ -182,6 +200,23 @@ async def loaded(server: Running) -> Running:
 
 def smki_cli() -> list[str]:
     return [sys.executable, "-m", "repository_server"]
+
+
+async def run_process(*args: str, timeout: float, merge_stderr: bool = False,
+                      **kw: Any) -> tuple[int, bytes, bytes]:
+    """Run a program without blocking the event loop: (exit code, stdout, stderr); killed
+    and TimeoutError raised if it takes longer than `timeout` seconds."""
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT if merge_stderr else asyncio.subprocess.PIPE, **kw)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out, err or b""
 
 
 def cli_env() -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import time
@@ -18,24 +19,14 @@ from ldap3.operation.compare import compare_operation
 from ldap3.operation.extended import extended_operation
 from ldap3.operation.search import search_operation
 from ldap3.operation.unbind import unbind_operation
-from ldap3.protocol.convert import build_controls_list
-from ldap3.protocol.rfc4511 import LDAPMessage, MessageID, ProtocolOp
+from ldap3.protocol.rfc4511 import LDAPMessage
 from pyasn1.codec.ber import decoder as ber_decoder
-from pyasn1.codec.ber import encoder as ber_encoder
 
 from repository_server.ldap import codec as c
 
+from .ldaptools import pdu, sample_requests
+
 BENCH_FILTER = Path(__file__).resolve().parents[2] / "shared" / "bench" / "ldapfilter.py"
-
-
-def pdu(msg_id: int, op_name: str, request: Any, controls: Any = None) -> bytes:
-    msg = LDAPMessage()
-    msg["messageID"] = MessageID(msg_id)
-    msg["protocolOp"] = ProtocolOp().setComponentByName(op_name, request)
-    ctl = build_controls_list(controls)
-    if ctl is not None:
-        msg["controls"] = ctl
-    return bytes(ber_encoder.encode(msg))
 
 
 def search_pdu(flt: str, msg_id: int = 7, attrs: Any = None, controls: Any = None, scope: str = "SUBTREE",
@@ -291,6 +282,8 @@ VALID = [
     pdu(1, "bindRequest", bind_operation(3, ldap3.SIMPLE, "cn=admin", "pw")),
     pdu(4, "extendedReq", extended_operation(c.STARTTLS_OID)),
     pdu(8, "compareRequest", compare_operation("cn=x", "description", "k", False)),
+    # every kind the server handles: binds, searches with controls, abandon, updates, unbind
+    *sample_requests("00-DB-12-34-56-78-9A-BC", "0A1B2C"),
 ]
 
 
@@ -300,6 +293,11 @@ def check_decode(data: bytes) -> None:
     try:
         for r in dec.feed(data):
             assert isinstance(r, c.Request)
+            for control in r.controls:  # the paged results value is decoded when used
+                if control.oid == c.PAGED_RESULTS_OID:
+                    with contextlib.suppress(c.ProtocolError):
+                        size, cookie = c.decode_paged_results(control.value)
+                        assert size >= 0 and isinstance(cookie, bytes)
         dec.eof()
     except c.ProtocolError:
         pass
@@ -314,11 +312,25 @@ def test_fuzz_random(data: bytes) -> None:
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.sampled_from(VALID), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=4),
-       st.integers(0, 400))
-def test_fuzz_mutations(base: bytes, flips: list[tuple[int, int]], cut: int) -> None:
-    data = bytearray(base)
+@given(st.lists(st.sampled_from(VALID), min_size=1, max_size=3),
+       st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=4),
+       st.lists(st.tuples(st.integers(0, 10_000), st.binary(min_size=1, max_size=6)), max_size=2),
+       st.integers(0, 1200))
+def test_fuzz_mutations(bases: list[bytes], flips: list[tuple[int, int]],
+                        inserts: list[tuple[int, bytes]], cut: int) -> None:
+    data = bytearray(b"".join(bases))  # pipelined PDUs, as clients send them
     for pos, val in flips:
         data[pos % len(data)] = val
+    for pos, extra in inserts:
+        at = pos % (len(data) + 1)
+        data[at:at] = extra
     check_decode(bytes(data))
     check_decode(bytes(data[:cut]))
+
+
+def test_sample_requests_decode() -> None:
+    """The fuzz corpus itself is valid: each PDU decodes to one request of the kind sent."""
+    kinds = {type(decode_one(p)).__name__ for p in VALID}
+    assert kinds == {"BindRequest", "SearchRequest", "ExtendedRequest", "CompareRequest",
+                     "AbandonRequest", "ModifyRequest", "AddRequest", "DelRequest", "ModDNRequest",
+                     "UnbindRequest"}

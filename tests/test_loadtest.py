@@ -20,6 +20,7 @@ from .conftest import (
     add_user,
     cli_env,
     lodge_pki,
+    run_process,
     start_repository,
 )
 
@@ -164,19 +165,11 @@ async def _locust(running: Running, tmp_path: Path, profile: str, *extra: str) -
             "--dcc-cert", cert, "--dcc-key", key, "--tls-ca", running.tls_ca,
             "--csv", str(tmp_path / "report"), "--html", str(tmp_path / "report.html"),
             "--only-summary", *extra]
-    proc = await asyncio.create_subprocess_exec(
-        *args, cwd=str(tmp_path), env=cli_env(), stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout=90)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
+    code, out, _ = await run_process(*args, timeout=90, merge_stderr=True, cwd=str(tmp_path),
+                                     env=cli_env())
     text = out.decode(errors="replace")
     print(text)  # shown with -s, and with a failing test
-    return proc.returncode, text
+    return code, text
 
 
 DAY_12S = """

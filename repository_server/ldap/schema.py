@@ -155,6 +155,13 @@ def _ci(name: str, oid: str, desc: str = "", **kw: object) -> AttributeType:
                          "caseIgnoreSubstringsMatch", desc=desc, **kw)  # type: ignore[arg-type]
 
 
+def _named(name: str, oid: str, **kw: object) -> AttributeType:
+    """A standard naming attribute (RFC 4519: cn, o, ou, description): case-insensitive
+    equality and substrings, no ordering rule, so >= and <= on it are Undefined."""
+    return AttributeType(oid, name, DIRECTORY_STRING, "caseIgnoreMatch", None,
+                         "caseIgnoreSubstringsMatch", **kw)  # type: ignore[arg-type]
+
+
 def _time(name: str, oid: str, desc: str, **kw: object) -> AttributeType:
     return AttributeType(oid, name, GENERALIZED_TIME, "generalizedTimeMatch",
                          "generalizedTimeOrderingMatch", desc=desc, **kw)  # type: ignore[arg-type]
@@ -165,12 +172,12 @@ ATTRIBUTES: tuple[AttributeType, ...] = (
     AttributeType("2.5.4.0", "objectClass", OID_SYNTAX, "objectIdentifierMatch"),
     AttributeType("2.5.4.41", "name", DIRECTORY_STRING, "caseIgnoreMatch", None,
                   "caseIgnoreSubstringsMatch"),
-    _ci("cn", "2.5.4.3", aliases=("commonName",)),
-    _ci("o", "2.5.4.10", aliases=("organizationName",)),
-    _ci("ou", "2.5.4.11", aliases=("organizationalUnitName",)),
+    _named("cn", "2.5.4.3", aliases=("commonName",)),
+    _named("o", "2.5.4.10", aliases=("organizationName",)),
+    _named("ou", "2.5.4.11", aliases=("organizationalUnitName",)),
     AttributeType("0.9.2342.19200300.100.1.25", "dc", IA5_STRING, "caseIgnoreIA5Match", None,
                   "caseIgnoreIA5SubstringsMatch", single=True, aliases=("domainComponent",)),
-    _ci("description", "2.5.4.13"),
+    _named("description", "2.5.4.13"),
     AttributeType("2.5.4.36", "userCertificate", CERTIFICATE, "certificateExactMatch", binary=True,
                   desc="X.509 user certificate"),
     AttributeType("2.5.4.37", "cACertificate", CERTIFICATE, "certificateExactMatch", binary=True,

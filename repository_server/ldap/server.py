@@ -170,7 +170,10 @@ class LdapService:
         return LdapConnection(self, ldaps=ldaps)
 
     def user_name(self, bind_dn: str) -> str | None:
-        """The repository user a bind DN names: uid=NAME,ou=Users,<suffix>, or NAME itself."""
+        """The repository user a bind DN names: uid=NAME,ou=Users,<suffix>, or NAME itself.
+        None if it names none (a NUL can be in no user's name: PostgreSQL text refuses it)."""
+        if "\x00" in bind_dn:
+            return None
         if "=" not in bind_dn:
             return bind_dn.strip() or None
         try:
@@ -489,6 +492,7 @@ class LdapConnection(asyncio.Protocol):
                             user.name if user else ANONYMOUS)
 
     def _audit(self, action: str, outcome: str, detail: str) -> None:
+        detail = detail.replace("\x00", "\\x00")  # the client's bytes; PostgreSQL text refuses NUL
         log.info("ldap conn=%d %s: %s %s (%s)", self.conn_id, self.peer, action, outcome, detail)
         task = asyncio.get_running_loop().create_task(self.service.store.audit(
             actor=f"ldap:{detail}"[:200], action=action, outcome=outcome, peer=self.peer))
