@@ -640,6 +640,15 @@ class Decoder:
         if self._error is not None:
             raise self._error
         buf = self._buf
+        if not buf and len(data) >= 2 and data[0] == _SEQUENCE:
+            # The usual case: the chunk is exactly one whole PDU (no copy into the buffer).
+            n = data[1]
+            hdr = 2
+            if n & 0x80 and 0 < n & 0x7F <= 4 and len(data) >= 2 + (n & 0x7F):
+                hdr = 2 + (n & 0x7F)
+                n = int.from_bytes(data[2:hdr], "big")
+            if (not n & 0x80 or hdr > 2) and hdr + n == len(data) <= self.max_pdu_size:
+                return [data[hdr:]]
         buf += data
         out: list[bytes] = []
         pos = 0

@@ -109,31 +109,39 @@ class Outcome:
 
 
 class ResponseCache:
-    """Pre-encoded answers to searches, keyed by the request's bytes after its message id
-    (with the access level in front); LRU, bounded in bytes."""
+    """Pre-encoded answers to searches, keyed by the request's bytes after its message id, one
+    map per access level (anonymous, or allowed to see device entries); LRU, bounded in bytes."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
-        self.map: OrderedDict[bytes, tuple[tuple[bytes, ...], float]] = OrderedDict()
+        self.maps: tuple[OrderedDict[bytes, tuple[tuple[bytes, ...], float]], ...] = (
+            OrderedDict(), OrderedDict())
         self.hits = 0
 
     def clear(self) -> None:
-        self.map.clear()
+        for m in self.maps:
+            m.clear()
         self.bytes = 0
 
-    def put(self, key: bytes, ops: tuple[bytes, ...], valid_until: float) -> None:
-        size = len(key) + sum(len(o) for o in ops) + 200
+    @staticmethod
+    def _size(key: bytes, ops: tuple[bytes, ...]) -> int:
+        return len(key) + sum(len(o) for o in ops) + 200
+
+    def put(self, private: bool, key: bytes, ops: tuple[bytes, ...], valid_until: float) -> None:
+        size = self._size(key, ops)
         if size > self.max_bytes // 8:
             return
-        old = self.map.pop(key, None)
+        target = self.maps[private]
+        old = target.pop(key, None)
         if old is not None:
-            self.bytes -= len(key) + sum(len(o) for o in old[0]) + 200
-        self.map[key] = (ops, valid_until)
+            self.bytes -= self._size(key, old[0])
+        target[key] = (ops, valid_until)
         self.bytes += size
-        while self.bytes > self.max_bytes and self.map:
-            k, (o, _) = self.map.popitem(last=False)
-            self.bytes -= len(k) + sum(len(x) for x in o) + 200
+        while self.bytes > self.max_bytes:
+            victim = max(self.maps, key=len)
+            k, (o, _) = victim.popitem(last=False)
+            self.bytes -= self._size(k, o)
 
 
 class LdapService:
@@ -229,9 +237,9 @@ class LdapConnection(asyncio.Protocol):
             self.disconnect(ResultCode.BUSY, "too many connections; try again later")
             return
         service.connections.add(self)
-        loop = asyncio.get_running_loop()
-        self.last_activity = loop.time()
-        self._idle = loop.call_later(service.settings.idle_timeout_seconds, self._check_idle)
+        self.last_activity = time.perf_counter()
+        self._idle = asyncio.get_running_loop().call_later(service.settings.idle_timeout_seconds,
+                                                           self._check_idle)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -273,7 +281,7 @@ class LdapConnection(asyncio.Protocol):
     def _check_idle(self) -> None:
         loop = asyncio.get_running_loop()
         limit = self.service.settings.idle_timeout_seconds
-        idle = loop.time() - self.last_activity
+        idle = time.perf_counter() - self.last_activity
         if self.tasks or idle < limit:
             self._idle = loop.call_later(max(limit - idle, 1.0), self._check_idle)
             return
@@ -301,31 +309,29 @@ class LdapConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        loop_time = time.perf_counter()
-        self.last_activity = asyncio.get_running_loop().time()
+        self.last_activity = received = time.perf_counter()
         try:
             frames = self.decoder.frames(data)
         except ProtocolError as exc:
             self._protocol_error(exc)
             return
-        service = self.service
-        cache = service.cache.map
+        cache = self.service.cache.maps[self.private]
         for content in frames:
-            if not self.pending and self.serial is None:
+            if cache and not self.pending and self.serial is None:
                 ids = codec.message_id(content)
                 if ids is not None:
-                    mid, offset = ids
-                    key = (b"\x01" if self.private else b"\x00") + content[offset:]
+                    key = content[ids[1]:]
                     hit = cache.get(key)
                     if hit is not None and hit[1] > time.time():
-                        self._answer_cached(mid, hit[0], loop_time)
+                        cache.move_to_end(key)
+                        self._answer_cached(ids[0], hit[0], received)
                         continue
             try:
                 request = codec.decode_message(content, self.decoder.max_depth)
             except ProtocolError as exc:
                 self._protocol_error(exc)
                 return
-            self._dispatch(request, content, loop_time)
+            self._dispatch(request, content, received)
 
     def _answer_cached(self, mid: int, ops: tuple[bytes, ...], received: float) -> None:
         service = self.service
@@ -600,8 +606,8 @@ class LdapConnection(asyncio.Protocol):
         if out.cache_until is not None and out.code == ResultCode.SUCCESS and content is not None:
             ids = codec.message_id(content)
             if ids is not None:
-                key = (b"\x01" if self.private else b"\x00") + content[ids[1]:]
-                service.cache.put(key, (*out.held, done), out.cache_until)
+                service.cache.put(self.private, content[ids[1]:], (*out.held, done),
+                                  out.cache_until)
         if mark is not None and levels is not None:
             levels.answered(mark, 500 if out.code in (ResultCode.OTHER, ResultCode.UNAVAILABLE)
                             else 200)
