@@ -98,7 +98,7 @@ def parse_query(text: str, by: str) -> Query:
     if by in ("any", "eui"):
         with contextlib.suppress(IdentifierError):
             eui = parse_eui64(text)
-    if by in ("any", "serial"):
+    if by == "serial" or (by == "any" and eui is None):  # 16 hex digits: an EUI-64
         with contextlib.suppress(IdentifierError):
             serial = parse_serial(text)
     if eui is None and serial is None:
