@@ -192,6 +192,18 @@ async def test_idle_and_absolute_expiry(loaded: Running) -> None:
     count = await repo.store.pool.fetchval(
         "SELECT count(*) FROM portal_sessions WHERE user_name = 'dave'")
     assert count == 0  # expired sessions are deleted
+    # a session nobody comes back to is deleted at a later sign-in (anyone's)
+    async with PortalClient(loaded.http) as abandoned, PortalClient(loaded.http) as later:
+        assert (await abandoned.sign_in("dave", GOOD)).status == 303
+        move_clock(repo, settings.session_idle_seconds + 1)
+        assert (await later.sign_in("dave", GOOD)).status == 303
+        for _ in range(50):
+            count = await repo.store.pool.fetchval(
+                "SELECT count(*) FROM portal_sessions WHERE user_name = 'dave'")
+            if count == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert count == 1
     reasons = [d for a, _o, d in await audit_actions(repo) if a == "portal.session-expired"]
     assert reasons == [None, None] or len(reasons) == 2
 

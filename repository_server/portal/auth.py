@@ -143,7 +143,7 @@ class PortalAuth:
             try:
                 await coro
             except Exception as exc:  # the next use writes it again
-                log.warning("portal: could not record a session's use: %s", exc)
+                log.warning("portal: session bookkeeping failed: %s", exc)
 
         task = asyncio.get_running_loop().create_task(run())
         self._background.add(task)
@@ -155,10 +155,11 @@ class PortalAuth:
         await self.store.portal_end_session(digest, audit=self._audit(
             session.user, "portal.sign-out", "ok", peer=peer))
 
-    async def purge(self) -> int:
+    async def _purge(self) -> None:
+        """Delete the sessions past their expiry (refused anyway; this keeps the table small)."""
         now = self.now()
-        return await self.store.portal_purge_sessions(now - self.sessions.idle,
-                                                      now - self.sessions.absolute)
+        await self.store.portal_purge_sessions(now - self.sessions.idle,
+                                               now - self.sessions.absolute)
 
     # -- sign-in -----------------------------------------------------------------------------
     @staticmethod
@@ -227,6 +228,7 @@ class PortalAuth:
         await self.store.portal_start_session(digest, name, now, audit)
         session = Session(token, name, role, must_change, now, now, now)
         self._cache[digest] = session
+        self._spawn(self._purge())  # sessions nobody came back to end here
         return session
 
     # -- password change ---------------------------------------------------------------------

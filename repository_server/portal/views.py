@@ -118,11 +118,15 @@ class Views:
         self.cache_entries = cache_entries
         self._pages: OrderedDict[str, CertificateView] = OrderedDict()  # by ETag (SHA-256)
         self._summaries: OrderedDict[str, Summary] = OrderedDict()
+        # issuer key id -> the chain above it (every certificate of one CA shares it)
+        self._chains: dict[bytes, tuple[tuple[ChainLink, ...], bool]] = {}
 
     def certificates_lodged(self, _key: str = "") -> None:
         """New certificates may complete a chain that stopped short: rebuild those pages."""
         for etag in [k for k, v in self._pages.items() if not v.complete]:
             del self._pages[etag]
+        for key in [k for k, (_links, complete) in self._chains.items() if not complete]:
+            del self._chains[key]
 
     # -- search ----------------------------------------------------------------------------
     async def search(self, query: Query) -> list[CertEntry]:
@@ -207,10 +211,21 @@ class Views:
     async def _chain(self, entry: CertEntry, self_signed: bool) -> tuple[tuple[ChainLink, ...],
                                                                          bool]:
         """The issuers of `entry` up to a self-signed root, found by key identifier."""
-        links: list[ChainLink] = []
-        current, seen = entry, {entry.etag}
         if self_signed:
             return (), True
+        key = entry.issuer_key_id
+        found = self._chains.get(key) if key is not None else None
+        if found is None:
+            found = await self._walk(entry)
+            if key is not None:
+                if len(self._chains) >= _CACHE_SUMMARIES:
+                    self._chains.clear()
+                self._chains[key] = found
+        return found
+
+    async def _walk(self, entry: CertEntry) -> tuple[tuple[ChainLink, ...], bool]:
+        links: list[ChainLink] = []
+        current, seen = entry, {entry.etag}
         while len(links) < _MAX_CHAIN:
             key = current.issuer_key_id
             if key is None:
