@@ -54,10 +54,6 @@ class Session:
     last_seen: datetime
     stored_last_seen: datetime  # what the store has
 
-    @property
-    def csrf(self) -> str:
-        return security.csrf_token(self.token)
-
 
 @dataclass(frozen=True, slots=True)
 class SignIn:
