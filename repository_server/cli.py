@@ -136,6 +136,15 @@ async def _demo_users(repo: Any) -> list[str]:
     if await repo.store.user("demo-operator") is None:
         text = await users_add(repo.store, "demo-operator", role="operator")
         lines += ["  operator user: " + ln for ln in text.splitlines() if "API key" in ln]
+    if repo.portal is not None:
+        if await repo.store.user("demo-portal") is None:
+            text = await users_add(repo.store, "demo-portal", with_key=False)
+            lines += ["  portal user demo-portal: " + ln.split(" (")[0] + ": "
+                      + ln.rsplit(": ", 1)[1] + " (to be changed at first sign-in)"
+                      for ln in text.splitlines() if "password" in ln]
+        else:
+            lines.append("  portal user demo-portal: a new temporary password with"
+                         " `smki-repository users reset demo-portal`")
     await repo.credentials.load()
     return lines
 
@@ -153,8 +162,9 @@ def _demo_text(repo: Any, pki_dir: Path, manifest: dict[str, Any], users: list[s
     tls_ca = pki_dir / manifest["tls"]["ca"]
     dcc = manifest["dcc_client"]
     lines = ["", "smki-repository demo is up.", ""]
+    portal = f"{http or https}/portal/" if repo.portal is not None and (http or https) else None
     for label, url in (("downloads (http)", http), ("downloads (https)", https),
-                       ("lodging (mutual TLS)", lodge)):
+                       ("portal (browser)", portal), ("lodging (mutual TLS)", lodge)):
         if url:
             lines.append(f"  {label:22} {url}")
     lines += ["", f"API key of user dcc-boxed (DCC Boxed's client sends it): {DCC_BOXED_KEY}",

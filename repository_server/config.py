@@ -135,6 +135,21 @@ class ServiceLevelSettings:
 
 
 @dataclass(frozen=True)
+class Portal:
+    """The browser portal (HTML under /portal/ on the http and https listeners)."""
+
+    enabled: bool = True
+    session_idle_seconds: int = 900  # a session unused this long ends
+    session_absolute_seconds: int = 28_800  # and every session ends this long after sign-in
+    lockout_failures: int = 5  # SEC: 5 wrong passwords ...
+    lockout_window_seconds: int = 3600  # ... within one hour ...
+    lockout_seconds: int = 3600  # ... lock the account for one hour
+    password_min_length: int = 12  # for a new password
+    page_size: int = 100  # revoked entries per page on a CRL page
+    detail_cache_entries: int = 10_000  # decoded certificate pages kept per process
+
+
+@dataclass(frozen=True)
 class Cache:
     max_mb: int = 256  # hot-object cache per process (certificate responses)
     preload: bool = True  # fill the cache from the store at start, newest first
@@ -156,6 +171,7 @@ class Config:
     web: Web = field(default_factory=Web)
     ldap: Ldap = field(default_factory=Ldap)
     cache: Cache = field(default_factory=Cache)
+    portal: Portal = field(default_factory=Portal)
     service_levels: ServiceLevelSettings = field(default_factory=ServiceLevelSettings)
     log: Log = field(default_factory=Log)
 
@@ -215,6 +231,15 @@ class Config:
             ZoneInfo(sl.timezone)
         except (ValueError, KeyError, OSError):
             raise ConfigError(f"service_levels.timezone: unknown time zone {sl.timezone!r}") from None
+        po = self.portal
+        for key in ("session_idle_seconds", "session_absolute_seconds", "lockout_failures",
+                    "lockout_window_seconds", "lockout_seconds", "page_size"):
+            if getattr(po, key) <= 0:
+                raise ConfigError(f"portal.{key}: must be positive")
+        if not 8 <= po.password_min_length <= 128:
+            raise ConfigError("portal.password_min_length: must be between 8 and 128")
+        if po.detail_cache_entries < 0:
+            raise ConfigError("portal.detail_cache_entries: must be >= 0")
         if self.cache.max_mb < 0:
             raise ConfigError("cache.max_mb: must be >= 0")
         if self.log.level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:

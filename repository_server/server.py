@@ -35,6 +35,8 @@ from .lodge.app import build_lodge_app
 from .lodge.service import LodgingService
 from .obs.access import NOTE, Note, access_logger_class
 from .obs.metrics import Metrics
+from .portal.app import Portal
+from .portal.auth import PortalAuth
 from .service_levels import ANONYMOUS, ServiceLevelCollector, ServiceLevels
 from .store import opened_store
 from .store.db import Store
@@ -183,6 +185,8 @@ class Repository:
         self.levels: ServiceLevels | None = None
         self.ldap: LdapService | None = None
         self.counting: ServiceLevels | None = None  # `levels` when service_levels.enabled
+        self.downloads: Downloads | None = None
+        self.portal: Portal | None = None  # its `auth.clock` is what tests move
         self._runners: list[web.AppRunner] = []
         self._servers: list[asyncio.AbstractServer] = []
         self._background: set[asyncio.Task[Any]] = set()
@@ -219,7 +223,7 @@ class Repository:
                     name = user.name if user else ANONYMOUS
                     mark = None if receipt_in_handler or levels is None else levels.receive(
                         cpm[0], cpm[1], name)
-                    request[NOTE] = Note(cpm[0], cpm[1], name, mark, user)
+                    request[NOTE] = Note(cpm[0], cpm[1], name, mark, user, started)
                 try:
                     response = await handler(request)
                 except web.HTTPException as exc:
@@ -277,7 +281,8 @@ class Repository:
 
             return wrapper
 
-        downloads = Downloads(self.catalog, self.config)
+        downloads = self.downloads
+        assert downloads is not None
         fast_paths = downloads.fast_paths()
         webservice = WebService(self.catalog, self.credentials, self.config, levels)
         ops = Ops(store, self.credentials, self.levels)
@@ -296,6 +301,11 @@ class Repository:
             if path in fast_paths:
                 wrapped = with_fast_path(path, operation, fast_paths[path], wrapped)
             add(method, path, wrapped)
+        if self.portal is not None:
+            self.portal.setup(app)
+            for method, path, counted, handler in self.portal.routes():
+                add(method, path, observed(path, handler, ("portal", counted) if counted
+                                           else None, receipt_in_handler=True))
         for method, path, handler in [*ops.routes(),
                                       ("GET", "/healthz", healthz), ("GET", "/readyz", readyz),
                                       ("GET", "/metrics", metrics_handler),
@@ -347,6 +357,13 @@ class Repository:
         if cfg.service_levels.enabled:
             self.counting = self.levels
             self.levels.start()
+        self.downloads = Downloads(self.catalog, cfg)
+        if cfg.portal.enabled:
+            auth = PortalAuth(self.store, cfg.portal)
+            self.portal = Portal(self.catalog, auth, self.downloads, self.counting, cfg.portal)
+            self.catalog.subscribe("portal-session", auth.session_ended)
+            self.catalog.subscribe("users", auth.user_changed)
+            self.catalog.subscribe("certs", self.portal.views.certificates_lodged)
         self.lodging = LodgingService(
             self.store, max_batch=cfg.lodge.max_batch, max_crl_bytes=cfg.lodge.max_crl_bytes,
             clock_skew=timedelta(seconds=cfg.lodge.clock_skew_seconds),

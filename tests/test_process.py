@@ -4,8 +4,10 @@ middle of a 50,000-certificate batch leaves all of it or none of it)."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -88,6 +90,30 @@ def start_demo(data: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], 
     return proc, lines, ready
 
 
+def sign_in_status(portal: str, username: str, password: str) -> tuple[int, str]:
+    """Sign in to the portal as a browser would (form, cookie, CSRF token): status, Location."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(portal)
+    conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=10)
+    try:
+        conn.request("GET", "/portal/sign-in")
+        resp = conn.getresponse()
+        form = resp.read().decode()
+        cookie = (resp.getheader("Set-Cookie") or "").split(";")[0]
+        found = re.search(r'name="csrf" value="([^"]+)"', form)
+        assert found and cookie, form[:300]
+        body = urllib.parse.urlencode({"csrf": found.group(1), "username": username,
+                                       "password": password})
+        conn.request("POST", "/portal/sign-in", body=body, headers={
+            "Cookie": cookie, "Content-Type": "application/x-www-form-urlencoded"})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status, resp.getheader("Location") or ""
+    finally:
+        conn.close()
+
+
 def test_demo_from_empty_data_dir(tmp_path: Path) -> None:
     data = tmp_path / "var"
     env, ports = ports_env()
@@ -110,6 +136,12 @@ def test_demo_from_empty_data_dir(tmp_path: Path) -> None:
         assert body[:1] == b"\x30"
         crls = json.loads(wait_http(f"http://127.0.0.1:{ports['http']}/crls"))
         assert len(crls) == 3
+        # the portal: its URL and a first password for demo-portal, to be changed at sign-in
+        portal = re.search(r"portal \(browser\)\s+(\S+)", text)
+        password = re.search(r"portal user demo-portal: initial portal password: (\S+)", text)
+        assert portal and password, text
+        assert sign_in_status(portal.group(1), "demo-portal", password.group(1)) == (
+            303, "/portal/password")
         assert postgres_running(data)
     finally:
         proc.send_signal(signal.SIGINT)

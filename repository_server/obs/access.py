@@ -25,10 +25,11 @@ if TYPE_CHECKING:
 class Note:
     """What one read request was, filled in as the handler learns it."""
 
-    __slots__ = ("audit_ref", "interface", "mark", "operation", "outcome", "principal", "user")
+    __slots__ = ("audit_ref", "interface", "mark", "operation", "outcome", "principal",
+                 "started", "user")
 
     def __init__(self, interface: str, operation: str, user: str, mark: Mark | None,
-                 principal: User | None = None) -> None:
+                 principal: User | None = None, started: float | None = None) -> None:
         self.interface = interface
         self.operation = operation
         self.user = user
@@ -36,6 +37,7 @@ class Note:
         self.audit_ref: str | None = None
         self.outcome: str | None = None
         self.mark = mark
+        self.started = started  # perf_counter() when the request came in (a later receipt's time)
 
 
 NOTE = web.RequestKey("smki", Note)

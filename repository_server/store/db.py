@@ -1,16 +1,17 @@
 """All SQL of the repository, behind one `Store` class over an asyncpg pool.
 
-Handlers and the lodging path call methods here and never build SQL themselves. Writes
-(`insert_*`, `set_status`, `audit`) are called only from `lodge/`. Every write that changes
-what readers see sends a NOTIFY on `smki_changes` inside its transaction, so caches on every
-process and node hear of it at commit time and never before.
+Handlers and the lodging path call methods here and never build SQL themselves. Writes of
+lodged objects (`insert_*`, `set_status`) are called only from `lodge/`; the portal writes
+only its own sign-in state (sessions, failure counts) and a user's own password change.
+Every write that changes what readers see sends a NOTIFY on `smki_changes` inside its
+transaction, so caches on every process and node hear of it at commit time and never before.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -136,6 +137,28 @@ class DocumentRow:
     sha256: bytes
     lodged_at: datetime
     body: bytes | None  # None in listings
+
+
+@dataclass(frozen=True, slots=True)
+class RevokedRow:
+    serial: str
+    revocation_date: datetime
+    reason: str | None
+    lodged: bool  # a certificate with this serial is in the repository
+
+
+@dataclass(frozen=True, slots=True)
+class PortalSessionRow:
+    user_name: str
+    role: str
+    must_change_password: bool
+    created_at: datetime
+    last_seen: datetime
+
+
+Failures = tuple[datetime, ...]
+# (recent failure times, locked until) -> the same after one more failure
+FailureRule = Callable[[Failures, datetime | None], tuple[Failures, datetime | None]]
 
 
 def _user_conflict(exc: asyncpg.UniqueViolationError, name: str) -> str:
@@ -587,7 +610,107 @@ class Store:
                 name, version)
         return DocumentRow(*r) if r else None
 
-    # -- users (operator commands write these; the servers only read them) -----------------
+    # -- certificates: what the portal shows beyond the cached entry -------------------------
+    async def certificate_record(self, sha256: bytes) -> dict[str, Any] | None:
+        """The stored facts a certificate page shows that the read model does not keep."""
+        r = await self.pool.fetchrow(
+            "SELECT lint, issuer_verified, trust_anchor, lodged_at, lodged_by FROM certificates"
+            " WHERE sha256 = $1", sha256)
+        return dict(r) if r else None
+
+    async def certificates_with_key_id(self, key_id: bytes) -> list[CertRow]:
+        """Certificates whose subject key id is `key_id` (a certificate's possible issuers),
+        CA certificates first."""
+        rows = await self.pool.fetch(
+            f"SELECT {_CERT_ROW_COLS} FROM certificates WHERE subject_key_id = $1"
+            " ORDER BY kind NOT IN ('root', 'ca'), id", key_id)
+        return [CertRow(*r) for r in rows]
+
+    async def revocation(self, serial: str, issuer_key_id: bytes) -> dict[str, Any] | None:
+        """The issuer's current CRL/ARL entry for this serial, if it is on it."""
+        r = await self.pool.fetchrow(
+            "SELECT c.kind, c.crl_number, c.this_update, r.revocation_date, r.reason"
+            " FROM revoked_entries r JOIN crls c ON c.id = r.crl_id"
+            " WHERE r.serial = $2 AND c.id = (SELECT id FROM crls WHERE issuer_key_id = $1"
+            " ORDER BY crl_number DESC LIMIT 1)", issuer_key_id, serial)
+        return {**dict(r), "crl_number": int(r["crl_number"])} if r else None
+
+    async def revoked_entries(self, crl_id: int, offset: int, limit: int) -> list[RevokedRow]:
+        rows = await self.pool.fetch(
+            "SELECT r.serial, r.revocation_date, r.reason,"
+            " EXISTS (SELECT 1 FROM certificates c WHERE c.serial = r.serial)"
+            " FROM revoked_entries r WHERE r.crl_id = $1 ORDER BY r.revocation_date, r.serial"
+            " OFFSET $2 LIMIT $3", crl_id, offset, limit)
+        return [RevokedRow(*r) for r in rows]
+
+    # -- portal sign-in state ----------------------------------------------------------------
+    async def portal_account(self, name: str) -> tuple[UserRow, Failures, datetime | None] | None:
+        """A user with their recent sign-in failures and lock, or None if there is no such user."""
+        r = await self.pool.fetchrow(
+            f"SELECT {', '.join('u.' + c for c in _USER_COLS.split(', '))},"
+            " coalesce(a.failures, '{}') AS failures, a.locked_until"
+            " FROM users u LEFT JOIN portal_accounts a ON a.user_name = u.name WHERE u.name = $1",
+            name)
+        if r is None:
+            return None
+        return _user_row(r), tuple(r["failures"]), r["locked_until"]
+
+    async def portal_record_failure(self, name: str, rule: FailureRule,
+                                    audit: dict[str, Any]) -> tuple[Failures, datetime | None]:
+        """Count one wrong password for an existing user: `rule` gets the stored state under a
+        row lock (so failures counted on several nodes at once all count) and returns the
+        new one, which is stored and returned."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("INSERT INTO portal_accounts (user_name) VALUES ($1)"
+                               " ON CONFLICT DO NOTHING", name)
+            r = await conn.fetchrow("SELECT failures, locked_until FROM portal_accounts"
+                                    " WHERE user_name = $1 FOR UPDATE", name)
+            failures, locked_until = rule(tuple(r["failures"]), r["locked_until"])
+            await conn.execute("UPDATE portal_accounts SET failures = $2, locked_until = $3"
+                               " WHERE user_name = $1", name, list(failures), locked_until)
+            await self._audit(conn, **audit)
+        return failures, locked_until
+
+    async def portal_start_session(self, token_sha256: bytes, name: str, now: datetime,
+                                   audit: dict[str, Any]) -> None:
+        """A successful sign-in: failures forgotten, a new session stored, audited."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("UPDATE portal_accounts SET failures = '{}', locked_until = NULL"
+                               " WHERE user_name = $1", name)
+            await conn.execute("INSERT INTO portal_sessions (token_sha256, user_name, created_at,"
+                               " last_seen) VALUES ($1, $2, $3, $3)", token_sha256, name, now)
+            await self._audit(conn, **audit)
+
+    async def portal_session(self, token_sha256: bytes) -> PortalSessionRow | None:
+        """A stored session of an enabled user."""
+        r = await self.pool.fetchrow(
+            "SELECT s.user_name, u.role, u.must_change_password, s.created_at, s.last_seen"
+            " FROM portal_sessions s JOIN users u ON u.name = s.user_name"
+            " WHERE s.token_sha256 = $1 AND NOT u.disabled", token_sha256)
+        return PortalSessionRow(*r) if r else None
+
+    async def portal_touch_session(self, token_sha256: bytes, now: datetime) -> None:
+        await self.pool.execute("UPDATE portal_sessions SET last_seen = greatest(last_seen, $2)"
+                                " WHERE token_sha256 = $1", token_sha256, now)
+
+    async def portal_end_session(self, token_sha256: bytes,
+                                 audit: dict[str, Any] | None = None) -> None:
+        """Sign-out or expiry: the session is deleted and every process drops its copy."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("DELETE FROM portal_sessions WHERE token_sha256 = $1", token_sha256)
+            if audit:
+                await self._audit(conn, **audit)
+            await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL,
+                               "portal-session:" + token_sha256.hex())
+
+    async def portal_purge_sessions(self, idle_before: datetime, created_before: datetime) -> int:
+        """Delete sessions past their idle or absolute expiry (they are refused anyway)."""
+        status = await self.pool.execute(
+            "DELETE FROM portal_sessions WHERE last_seen < $1 OR created_at < $2",
+            idle_before, created_before)
+        return int(status.split()[-1])
+
+    # -- users (operator commands write these; the portal only a user's own password) -------
     async def users(self) -> list[UserRow]:
         return [_user_row(r) for r in await self.pool.fetch(
             f"SELECT {_USER_COLS} FROM users ORDER BY name")]

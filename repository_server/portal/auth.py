@@ -1,0 +1,260 @@
+"""Portal sign-in, sessions and password changes over the store, on an injectable clock.
+
+Sessions live in PostgreSQL (`portal_sessions`), so a session started on one node is good on
+every node, and sign-out, a password change, an operator's `users reset` or `users disable`
+end it everywhere: the store deletes the rows (a trigger does, for the user changes) and
+sends NOTIFY, and each process drops its cached copy (`Catalog.subscribe`). Each process
+keeps the sessions it has seen, so a request normally costs no database round trip; the last
+use is written back at most every `_TOUCH` seconds, and a session that looks idle here is
+read again before it is refused (another node may have seen it used).
+
+Every sign-in attempt costs one scrypt, whether or not the user exists, is disabled or is
+locked, and they all get the same answer: the response tells an attacker nothing about
+which usernames exist. The audit says what really happened.
+
+The clock (`clock`, epoch seconds) is an attribute so that tests can move it (the lockout
+hour, session expiry) in a server they run in-process. There is deliberately no setting for
+it: a configuration key that moved the lockout clock would be a way to switch lockout off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import Any
+
+from ..auth import check_password, hash_password
+from ..config import Portal as PortalSettings
+from ..store.db import Store
+from . import security
+from .security import LockoutPolicy, SessionPolicy
+
+log = logging.getLogger(__name__)
+
+_TOUCH = timedelta(seconds=30)  # last use written back at most this often per session
+_CACHE_LIMIT = 50_000
+# Spent on unknown usernames so that they take as long as known ones.
+_DUMMY_HASH = hash_password("smki-portal-no-such-user")
+
+
+@dataclass(slots=True)
+class Session:
+    token: str
+    user: str
+    role: str
+    must_change_password: bool
+    created: datetime
+    last_seen: datetime
+    stored_last_seen: datetime  # what the store has
+
+
+@dataclass(frozen=True, slots=True)
+class SignIn:
+    """The result of a sign-in attempt: a session, or None with the (private) reason."""
+
+    session: Session | None
+    reason: str  # ok | unknown | wrong-password | locked | disabled | no-password | bad-input
+
+
+class PortalAuth:
+    def __init__(self, store: Store, settings: PortalSettings, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self.sessions = SessionPolicy(timedelta(seconds=settings.session_idle_seconds),
+                                      timedelta(seconds=settings.session_absolute_seconds))
+        self.lockout = LockoutPolicy(settings.lockout_failures,
+                                     timedelta(seconds=settings.lockout_window_seconds),
+                                     timedelta(seconds=settings.lockout_seconds))
+        self._cache: OrderedDict[bytes, Session] = OrderedDict()
+        self._background: set[asyncio.Task[None]] = set()
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), UTC)
+
+    # -- change notifications (Catalog.subscribe) ------------------------------------------
+    def session_ended(self, key: str) -> None:
+        """NOTIFY portal-session:<sha256 hex>; "" = notifications may have been missed."""
+        if not key:
+            self._cache.clear()
+            return
+        with contextlib.suppress(ValueError):
+            self._cache.pop(bytes.fromhex(key), None)
+
+    def user_changed(self, name: str) -> None:
+        """NOTIFY users:<name>: that user's sessions are read again (they may have ended)."""
+        if not name:
+            self._cache.clear()
+            return
+        for digest in [d for d, s in self._cache.items() if s.user == name]:
+            del self._cache[digest]
+
+    # -- sessions --------------------------------------------------------------------------
+    async def session(self, token: str | None) -> Session | None:
+        """The signed-in session a cookie names, or None (anonymous, unknown or expired)."""
+        if not security.well_formed(token) or not token or not token.startswith(
+                security.SESSION_PREFIX):
+            return None
+        digest = security.token_sha256(token)
+        now = self.now()
+        found = self._cache.get(digest)
+        if found is None or self.sessions.expired(found.created, found.last_seen, now):
+            found = await self._load(token, digest)
+            if found is None:
+                return None
+            reason = self.sessions.expired(found.created, found.last_seen, now)
+            if reason is not None:
+                self._cache.pop(digest, None)
+                await self.store.portal_end_session(digest, audit=self._audit(
+                    found.user, "portal.session-expired", "ok", {"reason": reason}))
+                return None
+        found.last_seen = max(found.last_seen, now)
+        if now - found.stored_last_seen >= _TOUCH:
+            found.stored_last_seen = now
+            self._spawn(self.store.portal_touch_session(digest, now))
+        return found
+
+    async def _load(self, token: str, digest: bytes) -> Session | None:
+        row = await self.store.portal_session(digest)
+        if row is None:
+            self._cache.pop(digest, None)
+            return None
+        cached = Session(token, row.user_name, row.role, row.must_change_password,
+                         row.created_at, row.last_seen, row.last_seen)
+        self._cache[digest] = cached
+        if len(self._cache) > _CACHE_LIMIT:
+            self._cache.popitem(last=False)
+        return cached
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        async def run() -> None:
+            try:
+                await coro
+            except Exception as exc:  # the next use writes it again
+                log.warning("portal: session bookkeeping failed: %s", exc)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def sign_out(self, session: Session, peer: str | None) -> None:
+        digest = security.token_sha256(session.token)
+        self._cache.pop(digest, None)
+        await self.store.portal_end_session(digest, audit=self._audit(
+            session.user, "portal.sign-out", "ok", peer=peer))
+
+    async def _purge(self) -> None:
+        """Delete the sessions past their expiry (refused anyway; this keeps the table small)."""
+        now = self.now()
+        await self.store.portal_purge_sessions(now - self.sessions.idle,
+                                               now - self.sessions.absolute)
+
+    # -- sign-in -----------------------------------------------------------------------------
+    @staticmethod
+    def _audit(user: str, action: str, outcome: str, detail: dict[str, object] | None = None,
+               *, peer: str | None = None, actor: str | None = None) -> dict[str, object]:
+        return {"actor": actor or f"portal:{user}", "action": action, "outcome": outcome,
+                "object": user, "peer": peer, "detail": detail or {}}
+
+    async def sign_in(self, username: str, password: str, peer: str | None) -> SignIn:
+        username = username.strip()
+        if not username or len(username) > security.MAX_USERNAME or not password or len(
+                password) > security.MAX_PASSWORD:
+            await asyncio.to_thread(check_password, "x", _DUMMY_HASH)
+            return SignIn(None, "bad-input")
+        account = await self.store.portal_account(username)
+        now = self.now()
+        if account is None:
+            await asyncio.to_thread(check_password, password, _DUMMY_HASH)
+            await self.store.audit(**self._audit(username, "portal.sign-in", "refused",
+                                                 {"reason": "unknown user"}, peer=peer,
+                                                 actor="unauthenticated"))
+            return SignIn(None, "unknown")
+        user, _failures, locked_until = account
+        good = await asyncio.to_thread(check_password, password,
+                                       user.password_hash or _DUMMY_HASH)
+        good = good and user.password_hash is not None
+        if self.lockout.locked(locked_until, now):
+            await self.store.audit(**self._audit(
+                user.name, "portal.sign-in", "refused",
+                {"reason": "locked", "locked_until": locked_until.isoformat() if locked_until
+                 else None}, peer=peer))
+            return SignIn(None, "locked")
+        if not good:
+            return await self._failed(user.name, now, peer)
+        if user.disabled:
+            await self.store.audit(**self._audit(user.name, "portal.sign-in", "refused",
+                                                 {"reason": "disabled"}, peer=peer))
+            return SignIn(None, "disabled")
+        session = await self._start(user.name, user.role, user.must_change_password, now,
+                                    self._audit(user.name, "portal.sign-in", "ok", peer=peer))
+        return SignIn(session, "ok")
+
+    async def _failed(self, name: str, now: datetime, peer: str | None) -> SignIn:
+        failures, locked_until = await self.store.portal_record_failure(
+            name, partial(self._rule, now=now),
+            self._audit(name, "portal.sign-in", "refused", {"reason": "wrong password"},
+                        peer=peer))
+        if locked_until is not None and not failures and locked_until > now:
+            log.warning("portal: user %s locked until %s after %d wrong passwords", name,
+                        locked_until.isoformat(), self.lockout.failures)
+            await self.store.audit(**self._audit(
+                name, "portal.lockout", "locked", {"until": locked_until.isoformat(),
+                                                   "failures": self.lockout.failures},
+                peer=peer))
+            return SignIn(None, "locked")
+        return SignIn(None, "wrong-password")
+
+    def _rule(self, failures: tuple[datetime, ...], locked_until: datetime | None, *,
+              now: datetime) -> tuple[tuple[datetime, ...], datetime | None]:
+        return self.lockout.after_failure(failures, locked_until, now)
+
+    async def _start(self, name: str, role: str, must_change: bool, now: datetime,
+                     audit: dict[str, object]) -> Session:
+        token = security.new_token(signed_in=True)
+        digest = security.token_sha256(token)
+        await self.store.portal_start_session(digest, name, now, audit)
+        session = Session(token, name, role, must_change, now, now, now)
+        self._cache[digest] = session
+        self._spawn(self._purge())  # sessions nobody came back to end here
+        return session
+
+    # -- password change ---------------------------------------------------------------------
+    async def change_password(self, session: Session, current: str, new: str, confirm: str,
+                              peer: str | None) -> tuple[Session | None, str | None]:
+        """(the new session, None) after a change, or (None, what is wrong). A wrong current
+        password counts towards the lockout like any other wrong password."""
+        problem = security.password_problem(new, confirm, current=current, username=session.user,
+                                            min_length=self.settings.password_min_length)
+        account = await self.store.portal_account(session.user)
+        if account is None:
+            return None, "Your account no longer exists."
+        user, _failures, locked_until = account
+        now = self.now()
+        good = len(current) <= security.MAX_PASSWORD and await asyncio.to_thread(
+            check_password, current, user.password_hash)
+        if self.lockout.locked(locked_until, now):
+            return None, "Your account is locked for now. Try again later."
+        if not good:
+            result = await self._failed(user.name, now, peer)
+            if result.reason == "locked":
+                return None, "Your account is locked for now. Try again later."
+            return None, "The current password is not right."
+        if problem is not None:
+            return None, problem
+        new_hash = await asyncio.to_thread(hash_password, new)
+        # The store ends every session of the user (trigger) and tells the other processes.
+        await self.store.update_user(user.name, actor=f"portal:{user.name}",
+                                     action="portal.password-change", password_hash=new_hash,
+                                     must_change_password=False)
+        self.user_changed(user.name)
+        return await self._start(user.name, user.role, False, now, self._audit(
+            user.name, "portal.sign-in", "ok", {"after": "password change"}, peer=peer)), None
