@@ -537,3 +537,32 @@ def _bad_requests(loaded: Running) -> None:
         bad = ldap3.Connection(ldap3.Server("127.0.0.1", port=loaded.repo.bound["ldap"].port),
                                user="tester", password="wrong", raise_exceptions=True)
         bad.bind()
+
+
+async def test_password_binds_follow_the_sec_lockout(loaded: Running) -> None:
+    """A portal password works as an LDAP bind; 5 wrong ones lock the account for LDAP and the
+    portal alike (one set of counters in PostgreSQL)."""
+    from repository_server.auth import hash_password
+
+    store = loaded.repo.store
+    assert store is not None
+    await add_user(loaded.repo, "pw-user", None)
+    password = "correct horse battery 9"
+    await store.pool.execute("UPDATE users SET password_hash = $2, must_change_password = false"
+                             " WHERE name = $1", "pw-user", hash_password(password))
+
+    def bind(secret: str) -> int:
+        conn = ldap3.Connection(ldap3.Server("127.0.0.1", port=loaded.repo.bound["ldap"].port),
+                                user="uid=pw-user,ou=Users,o=SMKI", password=secret,
+                                receive_timeout=10)
+        conn.bind()
+        code = int(conn.result["result"])
+        conn.unbind()
+        return code
+
+    assert await asyncio.to_thread(bind, password) == 0
+    for _ in range(5):
+        assert await asyncio.to_thread(bind, "wrong password") == 49
+    assert await asyncio.to_thread(bind, password) == 49  # locked now
+    account = await store.portal_account("pw-user")
+    assert account is not None and account[2] is not None  # locked_until, as the portal sees it

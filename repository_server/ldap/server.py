@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import itertools
 import logging
 import secrets
@@ -34,9 +35,12 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import partial
 
 from ..auth import User, api_key_sha256, check_password
 from ..config import Config
+from ..portal.security import LockoutPolicy
 from ..service_levels import ANONYMOUS, ServiceLevels
 from ..store.db import Store
 from . import codec, dn
@@ -160,6 +164,10 @@ class LdapService:
         directory.on_change(self.cache.clear)
         self.connections: set[LdapConnection] = set()
         self.ids = itertools.count(1)
+        portal = config.portal
+        self.lockout = LockoutPolicy(portal.lockout_failures,
+                                     timedelta(seconds=portal.lockout_window_seconds),
+                                     timedelta(seconds=portal.lockout_seconds))
         self.users_dn = f"{USERS_RDN},{directory.suffix}"
         self._nusers = dn.parse_normalised(self.users_dn)
         self._bases: dict[str, dn.DN] = {}
@@ -448,22 +456,39 @@ class LdapConnection(asyncio.Protocol):
         self._bound(mid, user, "simple")
 
     async def _check_secret(self, name: str, secret: bytes) -> User | None:
-        """The user, if `secret` is its API key or its portal password."""
+        """The user, if `secret` is its API key or its portal password. Passwords follow the
+        portal's SEC lockout (the same counters in PostgreSQL): a locked account is refused and
+        a wrong password counts as a failure; API keys are random secrets and do not."""
         try:
             text = secret.decode("utf-8")
         except UnicodeDecodeError:
             return None
-        row = await self.service.store.user(name)
-        if row is None or row.disabled:
+        account = await self.service.store.portal_account(name)
+        if account is None:
             return None
-        if row.api_key_sha256 is not None and api_key_sha256(text) == row.api_key_sha256:
+        row, _failures, locked_until = account
+        if row.disabled:
+            return None
+        if row.api_key_sha256 is not None and hmac.compare_digest(api_key_sha256(text),
+                                                                  row.api_key_sha256):
             return User(row.name, row.role)
-        if row.password_hash and not row.must_change_password:
-            ok = await asyncio.get_running_loop().run_in_executor(
-                None, check_password, text, row.password_hash)
-            if ok:
-                return User(row.name, row.role)
-        return None
+        if not row.password_hash:
+            return None
+        lockout = self.service.lockout
+        now = datetime.now(UTC)
+        if lockout.locked(locked_until, now):
+            return None
+        ok = await asyncio.get_running_loop().run_in_executor(
+            None, check_password, text, row.password_hash)
+        if not ok:
+            await self.service.store.portal_record_failure(
+                row.name, partial(lockout.after_failure, now=now),
+                {"actor": f"ldap:{row.name}", "action": "ldap.bind", "outcome": "refused",
+                 "object": row.name, "peer": self.peer, "detail": {"reason": "wrong password"}})
+            return None
+        if row.must_change_password:  # the first password is changed in the portal first
+            return None
+        return User(row.name, row.role)
 
     async def _bind_sasl(self, req: codec.BindRequest) -> None:
         mid = req.message_id
