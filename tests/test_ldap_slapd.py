@@ -245,10 +245,10 @@ SEARCHES: dict[str, Search] = {
         "cACertificate;binary", "certificateRevocationList;binary", "authorityRevocationList;binary")),
     "attrs-mixed-case": Search("{cert_dn}", "base", ANY, ("SMKISERIAL", "smkikeyusage", "cn")),
     "attrs-unknown": Search("{cert_dn}", "base", ANY, ("noSuchAttribute", "smkiKind")),
-    # operational attributes both define the same way; hasSubordinates of an empty unit
-    # (ou=Other here) differs: we say TRUE, slapd FALSE (slapd is right; see the report)
+    # operational attributes both define the same way (hasSubordinates of the empty ou=Other too)
     "attrs-star-operational": Search("{device_dn}", "sub", ANY, (
         "*", "structuralObjectClass", "entryDN", "subschemaSubentry", "hasSubordinates")),
+    "attrs-units-hassubordinates": Search("{suffix}", "one", ANY, ("hasSubordinates", "ou")),
     "types-only": Search("{cert_dn}", "base", ANY, (), types_only=True),
     "types-only-named": Search("{ca_dn}", "sub", ANY, ("cACertificate;binary", "cn"), types_only=True),
     # --- size limits: sizeLimitExceeded with exactly that many entries (which ones is not defined)

@@ -156,12 +156,19 @@ class Directory:
         _common(self.suffix, structural, True, attrs)
         return Entry(self.suffix, self.nsuffix, attrs)
 
-    def unit_entry(self, unit: str) -> Entry:
-        name, _ = UNITS[unit]
+    async def unit_entry(self, unit: str) -> Entry:
+        name, kind = UNITS[unit]
         entry_dn = f"ou={name},{self.suffix}"
         attrs: dict[str, list[bytes]] = {"objectclass": [b"top", b"organizationalUnit"],
                                          "ou": [name.encode()]}
-        _common(entry_dn, "organizationalUnit", True, attrs)
+        # hasSubordinates: one indexed row at most (migration 0004 indexes the "other" rows)
+        if unit == "cas":
+            children = bool(await self.ca_entries())
+        elif kind is not None:
+            children = bool(await self.store.subjects_page(kind, b"", 1))
+        else:
+            children = bool(await self.store.other_certificates_page(0, 1))
+        _common(entry_dn, "organizationalUnit", children, attrs)
         return Entry(entry_dn, ((("ou", unit),), *self.nsuffix), attrs)
 
     # -- CA entries ---------------------------------------------------------------------------
@@ -360,13 +367,13 @@ class Directory:
                 return
             for unit in UNITS:
                 if want("ou"):
-                    yield self.unit_entry(unit)
+                    yield await self.unit_entry(unit)
                 if scope == 2:
                     async for e in self._unit_contents(unit, 2, private, want):
                         yield e
         elif node.kind == "ou":
             if scope != 1 and want("ou"):
-                yield self.unit_entry(node.unit)
+                yield await self.unit_entry(node.unit)
             if scope != 0:
                 async for e in self._unit_contents(node.unit, scope, private, want):
                     yield e
