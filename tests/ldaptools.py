@@ -236,3 +236,22 @@ async def ldapsearch(url: str, base: str, scope: str, flt: str, attrs: list[str]
         if line.strip().startswith("Matched DN:"):
             matched = line.split(":", 1)[1].strip()
     return Answer(code, parse_ldif(out), matched, text)
+
+
+def split_frames(data: bytes) -> tuple[list[bytes], bytes]:
+    """LDAPMessage frames by their BER header (a small framer of the test's own), and the rest."""
+    frames = []
+    pos = 0
+    while pos + 2 <= len(data):
+        assert data[pos] == 0x30, f"response does not start with a SEQUENCE: {data[pos:pos + 16]!r}"
+        n, hdr = data[pos + 1], 2
+        if n & 0x80:
+            k = n & 0x7F
+            if pos + 2 + k > len(data):
+                break
+            n, hdr = int.from_bytes(data[pos + 2:pos + 2 + k], "big"), 2 + k
+        if pos + hdr + n > len(data):
+            break
+        frames.append(data[pos:pos + hdr + n])
+        pos += hdr + n
+    return frames, data[pos:]

@@ -566,3 +566,70 @@ async def test_password_binds_follow_the_sec_lockout(loaded: Running) -> None:
     assert await asyncio.to_thread(bind, password) == 49  # locked now
     account = await store.portal_account("pw-user")
     assert account is not None and account[2] is not None  # locked_until, as the portal sees it
+
+
+def _exchange(port: int, data: bytes, until_done: set[int], timeout: float = 10) -> list[Any]:
+    """Send raw PDUs; read (message id, response name, response) until every id in
+    `until_done` has its SearchResultDone (decoded by pyasn1 with ldap3's RFC 4511 spec)."""
+    from ldap3.protocol.rfc4511 import LDAPMessage
+    from pyasn1.codec.ber import decoder as ber_decoder
+
+    from .ldaptools import split_frames
+
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    s.sendall(data)
+    buf = b""
+    out: list[Any] = []
+    pending = set(until_done)
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+        frames, buf = split_frames(buf)
+        for frame in frames:
+            msg, _ = ber_decoder.decode(frame, asn1Spec=LDAPMessage())
+            name = msg["protocolOp"].getName()
+            mid = int(msg["messageID"])
+            out.append((mid, name, msg["protocolOp"][name]))
+            if name == "searchResDone":
+                pending.discard(mid)
+    s.close()
+    assert not pending, f"no SearchResultDone for {pending}"
+    return out
+
+
+async def test_busy_abandon_and_another_suffix(tmp_path: Path, pki: dict[str, Any],
+                                               fresh_db: str) -> None:
+    from .conftest import lodge_pki
+    from .ldaptools import search
+
+    repo = await start_repository(tmp_path, pki, fresh_db, ldap={
+        "open_reads": True, "max_outstanding": 1, "suffix": "dc=smki,dc=example"})
+    try:
+        running = Running(repo, pki)
+        await asyncio.to_thread(lodge_pki, running)
+        port = repo.bound["ldap"].port
+        everything = "(objectClass=*)"
+        # two searches pipelined in one write with max_outstanding = 1: the second is busy
+        out = await asyncio.to_thread(_exchange, port, search(1, "dc=smki,dc=example", everything)
+                                      + search(2, "dc=smki,dc=example", everything), {1, 2})
+        done = {mid: int(op["resultCode"]) for mid, name, op in out if name == "searchResDone"}
+        assert done == {1: 0, 2: 51}
+        entries = [op for mid, name, op in out if mid == 1 and name == "searchResEntry"]
+        assert str(entries[0]["object"]) == "dc=smki,dc=example"
+        assert any(str(e["object"]).startswith("smkiKeyId=") and
+                   str(e["object"]).endswith(",ou=CAs,dc=smki,dc=example") for e in entries)
+        # abandon: the abandoned search never answers; the next one does
+        abandon = codec.frame(5, b"\x50\x01\x04")  # AbandonRequest for message 4
+        out = await asyncio.to_thread(_exchange, port, search(4, "dc=smki,dc=example", everything)
+                                      + abandon + search(6, "ou=CAs,dc=smki,dc=example",
+                                                         "(objectClass=pkiCA)"), {6})
+        assert {mid for mid, _name, _op in out} == {6}
+        assert [int(op["resultCode"]) for _m, name, op in out if name == "searchResDone"] == [0]
+        # the old suffix is not ours any more
+        out = await asyncio.to_thread(_exchange, port, search(7, "o=SMKI", everything), {7})
+        assert [int(op["resultCode"]) for _m, name, op in out if name == "searchResDone"] == [32]
+    finally:
+        await repo.stop()

@@ -43,7 +43,7 @@ from repository_server.ldap import codec
 from repository_server.store.embedded import EmbeddedPostgres
 
 from .conftest import TEST_KEY, Running, create_database, running_repository
-from .ldaptools import SUFFIX, sample_requests, search
+from .ldaptools import SUFFIX, sample_requests, search, split_frames
 
 EXAMPLES = int(os.environ.get("SMKI_FUZZ_EXAMPLES", "200"))
 BOUND = 5.0  # seconds a connection may take to end after the client half-closes
@@ -118,25 +118,6 @@ def exchange(port: int, chunks: list[bytes], half_close: bool, bound: float = BO
                 break
             data += got
     return Outcome(bytes(data), closed, time.monotonic() - t0)
-
-
-def split_frames(data: bytes) -> tuple[list[bytes], bytes]:
-    """LDAPMessage frames by their BER header (a small framer of the test's own), and the rest."""
-    frames = []
-    pos = 0
-    while pos + 2 <= len(data):
-        assert data[pos] == 0x30, f"response does not start with a SEQUENCE: {data[pos:pos + 16]!r}"
-        n, hdr = data[pos + 1], 2
-        if n & 0x80:
-            k = n & 0x7F
-            if pos + 2 + k > len(data):
-                break
-            n, hdr = int.from_bytes(data[pos + 2:pos + 2 + k], "big"), 2 + k
-        if pos + hdr + n > len(data):
-            break
-        frames.append(data[pos:pos + hdr + n])
-        pos += hdr + n
-    return frames, data[pos:]
 
 
 def check(outcome: Outcome, half_close: bool) -> None:

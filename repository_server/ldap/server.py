@@ -360,7 +360,7 @@ class LdapConnection(asyncio.Protocol):
 
     def _dispatch(self, request: codec.Request, content: bytes, received: float) -> None:
         if isinstance(request, codec.AbandonRequest):
-            task = self.tasks.get(request.abandon_id)
+            task = self.tasks.pop(request.abandon_id, None)  # its slot is free at once
             if task is not None:
                 task.cancel()
             return
@@ -385,7 +385,7 @@ class LdapConnection(asyncio.Protocol):
                 else self.op_compare(request))
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks[mid] = task
-        task.add_done_callback(lambda _t: self.tasks.pop(mid, None))
+        task.add_done_callback(lambda t: self.tasks.pop(mid) if self.tasks.get(mid) is t else None)
 
     async def _serial_op(self, request: codec.Request) -> None:
         """A bind, extended operation, unbind or update: after the searches in flight."""
