@@ -606,7 +606,8 @@ async def test_busy_abandon_and_another_suffix(tmp_path: Path, pki: dict[str, An
     from .ldaptools import search
 
     repo = await start_repository(tmp_path, pki, fresh_db, ldap={
-        "open_reads": True, "max_outstanding": 1, "suffix": "dc=smki,dc=example"})
+        "open_reads": True, "max_outstanding": 1, "suffix": "dc=smki,dc=example"},
+        service_levels={"enabled": False})
     try:
         running = Running(repo, pki)
         await asyncio.to_thread(lodge_pki, running)
@@ -628,6 +629,13 @@ async def test_busy_abandon_and_another_suffix(tmp_path: Path, pki: dict[str, An
                                                          "(objectClass=pkiCA)"), {6})
         assert {mid for mid, _name, _op in out} == {6}
         assert [int(op["resultCode"]) for _m, name, op in out if name == "searchResDone"] == [0]
+        # a repeated search is answered from the response cache (CPM 8 counting off here)
+        assert repo.ldap is not None
+        hits = repo.ldap.cache.hits
+        for mid in (8, 9):
+            await asyncio.to_thread(_exchange, port, search(mid, "ou=CAs,dc=smki,dc=example",
+                                                            "(objectClass=pkiCA)"), {mid})
+        assert repo.ldap.cache.hits >= hits + 1
         # the old suffix is not ours any more
         out = await asyncio.to_thread(_exchange, port, search(7, "o=SMKI", everything), {7})
         assert [int(op["resultCode"]) for _m, name, op in out if name == "searchResDone"] == [32]

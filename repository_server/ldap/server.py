@@ -613,12 +613,13 @@ class LdapConnection(asyncio.Protocol):
         mid = req.message_id
         service = self.service
         levels = service.levels
-        counted = levels is not None and not (req.scope == 0 and req.base.strip().lower() in (
-            "", "cn=subschema"))
+        # Lodged material: everything but the root DSE and the subschema entry. Only such
+        # searches count for CPM 8 and go into the response cache.
+        lodged = not (req.scope == 0 and req.base.strip().lower() in ("", "cn=subschema"))
         mark = levels.receive("ldap", "search", self.user.name if self.user else ANONYMOUS,
-                              started=received) if counted and levels is not None else None
+                              started=received) if lodged and levels is not None else None
         try:
-            out = await self._search(req, content if counted else None)
+            out = await self._search(req, content if lodged else None)
         except asyncio.CancelledError:  # abandoned, or the connection went away
             raise
         except Exception as exc:
