@@ -33,8 +33,13 @@ load() {  # load NAME PORT WORKLOAD -> one JSON line (slapd: the harness's own s
 }
 
 row() {  # row LABEL JSON
-  python3 -c 'import json,sys; r=json.loads(sys.argv[2]); l=r["lat_us"]
-print(f"| {sys.argv[1]} | {r[\"label\"]} | {r[\"ops_per_s\"]:,.0f} | {l[\"p50\"]:,.0f} | {l[\"p99\"]:,.0f} | {sum(r[\"errors\"].values())} |")' "$1" "$2"
+  python3 - "$1" "$2" <<'PY'
+import json, sys
+r = json.loads(sys.argv[2])
+lat = r["lat_us"]
+print(f"| {sys.argv[1]} | {r['label']} | {r['ops_per_s']:,.0f} | {lat['p50']:,.0f} | "
+      f"{lat['p99']:,.0f} | {sum(r['errors'].values())} |")
+PY
 }
 
 start_ours() {  # start_ours N
