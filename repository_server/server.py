@@ -40,7 +40,8 @@ from .portal.auth import PortalAuth
 from .service_levels import ANONYMOUS, ServiceLevelCollector, ServiceLevels
 from .store import opened_store
 from .store.db import Store
-from .web.downloads import Downloads, FastHandler, error
+from .store.db import unavailable as store_unavailable
+from .web.downloads import RETRY_AFTER, Downloads, FastHandler, error, unavailable_response
 from .web.ops import Ops
 from .web.webservice import WebService, request_key
 
@@ -228,13 +229,14 @@ class Repository:
                     response = await handler(request)
                 except web.HTTPException as exc:
                     response = error(exc.status, exc.reason)
-                except (TimeoutError, OSError) as exc:
-                    log.warning("database unavailable for %s: %s", request.path, exc)
-                    response = error(503, "the repository store is unavailable; try again shortly")
-                    response.headers["Retry-After"] = "5"
-                except Exception:
-                    log.exception("internal error on %s %s", request.method, request.path)
-                    response = error(500, "internal error (logged on the server)")
+                except Exception as exc:
+                    if store_unavailable(exc):
+                        log.warning("store unavailable for %s: %s: %s", request.path,
+                                    type(exc).__name__, exc)
+                        response = unavailable_response()
+                    else:
+                        log.exception("internal error on %s %s", request.method, request.path)
+                        response = error(500, "internal error (logged on the server)")
                 stats.record(response.status, clock() - started)
                 return response
 
@@ -247,8 +249,12 @@ class Repository:
             try:
                 await store.ping()
             except Exception as exc:
-                return web.json_response({"status": "unavailable", "database": str(exc)},
-                                         status=503, headers={"Retry-After": "5"})
+                return web.json_response(
+                    {"status": "unavailable",
+                     "database": f"{type(exc).__name__}: {exc}".rstrip(": "),
+                     "serving": "CA certificates, current CRLs/ARLs and cached lookups from"
+                                " memory; everything else answers 503"},
+                    status=503, headers={"Retry-After": RETRY_AFTER})
             return web.json_response({"status": "ready"})
 
         async def metrics_handler(_request: web.Request) -> web.Response:
