@@ -62,6 +62,7 @@ class WebService:
         self.credentials = credentials
         self.open_reads = config.web.open_reads
         self.max_body = config.web.ws_max_body_bytes
+        self.body_timeout = config.web.body_timeout_seconds
         self.test_delay = config.web.test_delay_ms / 1000  # for load-test verification only
         self.refs = ws_xml.AuditReferences()
         self._headers = {"Content-Type": ws_xml.CONTENT_TYPE, "Cache-Control": "no-store"}
@@ -100,9 +101,15 @@ class WebService:
             body = content.read_nowait(-1)
         else:
             try:
-                body = await request.read()
+                async with asyncio.timeout(self.body_timeout):
+                    body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 body = b"\0" * (self.max_body + 1)
+            except TimeoutError:  # a slow or stalled sender does not keep a handler for ever
+                answer = self._error(note, root, 408, "request body not received within"
+                                     f" {self.body_timeout:g} seconds")
+                answer.force_close()
+                return note, answer
         if len(body) > self.max_body:
             return note, self._error(note, root, 401, "request body exceeds the limit of"
                                      f" {self.max_body} bytes")
