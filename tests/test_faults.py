@@ -522,3 +522,71 @@ async def test_slow_clients_are_bounded(tmp_path: Path, pki: dict[str, Any], fre
             assert status == 413, body[:200]
 
         await asyncio.to_thread(checks)
+
+
+# -- a write refused half-way (a full disk) ----------------------------------------------------
+async def test_which_errors_mean_the_store_is_unavailable() -> None:
+    import asyncpg
+
+    from repository_server.store.db import unavailable
+
+    for exc in (OSError("refused"), FileNotFoundError("no socket"), TimeoutError(),
+                asyncpg.exceptions.ConnectionDoesNotExistError("lost"),
+                asyncpg.AdminShutdownError("terminating"), asyncpg.CannotConnectNowError("starting"),
+                asyncpg.DiskFullError("no space"), asyncpg.TooManyConnectionsError("slots"),
+                asyncpg.InterfaceError("connection is closed")):
+        assert unavailable(exc), exc
+    for exc in (ValueError("x"), asyncpg.UniqueViolationError("dup"), asyncpg.DataError("bad"),
+                asyncpg.InterfaceError("cannot call Connection.fetch(): misuse")):
+        assert not unavailable(exc), exc
+
+
+DISK_FULL = """
+CREATE FUNCTION t_disk_full() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.serial = '{serial}' THEN
+    RAISE EXCEPTION 'could not extend file: No space left on device' USING ERRCODE = 'disk_full';
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER t_disk_full BEFORE INSERT ON certificates FOR EACH ROW EXECUTE FUNCTION t_disk_full();
+"""
+
+
+async def test_batch_refused_half_way_by_a_full_disk_stores_nothing(server: Running) -> None:
+    """PostgreSQL refusing a write half-way through a batch (as on a full disk): 503, not
+    acknowledged, and none of the batch is visible; lodged again once there is room: all."""
+    from repository_server.lodge.client import lodge_files
+
+    store = server.repo.store
+    assert store is not None
+    devices = server.objects("device")
+    paths = list(dict.fromkeys(server.path(d["path"]) for d in devices))
+    bundle = b"".join(p.read_bytes() for p in paths)
+
+    def lodge_issuers() -> None:
+        client = server.client()
+        try:
+            for kind, anchor in (("root", True), ("ca", False)):
+                files = list(dict.fromkeys(server.path(o["path"]) for o in server.objects(kind)))
+                assert lodge_files(client, files, trust_anchor=anchor, out=lambda _l: None) == 0
+        finally:
+            client.close()
+
+    def lodge_bundle() -> Any:
+        client = server.client()
+        try:
+            return client.certificates(bundle)
+        finally:
+            client.close()
+
+    await asyncio.to_thread(lodge_issuers)
+    await store.pool.execute(DISK_FULL.format(serial=devices[-1]["serial"]))
+    reply = await asyncio.to_thread(lodge_bundle)
+    assert reply.status == 503 and "not acknowledged" in reply.body["reason"], reply
+    count = "SELECT count(*) FROM certificates WHERE kind = 'device'"
+    assert await store.pool.fetchval(count) == 0
+    await store.pool.execute("DROP TRIGGER t_disk_full ON certificates")
+    reply = await asyncio.to_thread(lodge_bundle)
+    assert reply.status == 200 and reply.body["stored"] == len(devices)
+    assert await store.pool.fetchval(count) == len(devices)
