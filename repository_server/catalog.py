@@ -4,10 +4,17 @@ Certificates never change once lodged, so their responses (DER, ETag, Last-Modif
 built once and kept in a bounded LRU (`cache.max_mb`), preloaded newest-first at start. CRLs
 and documents do change (new versions), so the current ones are cached per issuer/name and
 dropped when PostgreSQL says so: every write sends NOTIFY `smki_changes` inside its
-transaction and this process LISTENs on a dedicated connection. If that connection is lost,
-everything mutable is dropped (we may have missed a notification) and it reconnects. The
-lodging path also invalidates directly after commit, so a read right after an acknowledged
-lodging in the same process never sees the old version.
+transaction and this process LISTENs on a dedicated connection. The lodging path also
+invalidates directly after commit, so a read right after an acknowledged lodging in the same
+process never sees the old version.
+
+Faults: if the LISTEN connection is lost (PostgreSQL stopped, restarting, unreachable; a
+stalled connection is noticed by a periodic ping), what is cached is *kept* and served: CA
+certificates, current CRLs/ARLs while their nextUpdate has not passed, cached certificates and
+EUI-64 lookups (`live` is false meanwhile). Nothing can be lodged while PostgreSQL is down,
+so they are still current. The connection is retried every `_RETRY_MAX` seconds at most; once
+it is back, everything mutable is dropped (a notification may have been missed) and read
+again, so a version lodged elsewhere is seen at most that long after PostgreSQL returns.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import time
 import typing
 from collections import OrderedDict
 from collections.abc import Callable
@@ -30,6 +38,9 @@ from .store.db import NOTIFY_CHANNEL, CertRow, CrlRow, DocumentRow, Store
 
 log = logging.getLogger(__name__)
 
+_RETRY_MAX = 2.0  # seconds between LISTEN reconnection attempts, at most
+_PING_SECONDS = 5.0  # the LISTEN connection is pinged when quiet this long ...
+_PING_TIMEOUT = 5.0  # ... and dropped (so reconnected) when the ping takes longer
 _ENTRY_OVERHEAD = 720  # bytes per cached certificate beyond its DER (objects, strings)
 _EUI_ENTRY_BYTES = 200  # one EUI-64 index entry (key, tuple)
 
@@ -123,6 +134,8 @@ class Catalog:
         self._listener: asyncpg.Connection | None = None
         self._listen_task: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()  # set once the first LISTEN is in place
+        self.live = False  # LISTEN in place: every change reaches us
+        self.lost_at: float | None = None  # loop time the LISTEN connection was lost
         self._preload_task: asyncio.Task[None] | None = None
         self.hits = 0
         self.misses = 0
@@ -187,12 +200,14 @@ class Catalog:
                  asyncio.get_running_loop().time() - started)
 
     async def _listen_forever(self) -> None:
-        delay = 0.5
+        delay = 0.25
+        loop = asyncio.get_running_loop()
         while True:
+            conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncpg.connect(self.store.dsn, timeout=10)
+                conn = await asyncpg.connect(self.store.dsn, timeout=self.store.connect_timeout)
                 self._listener = conn
-                lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                lost: asyncio.Future[None] = loop.create_future()
 
                 def on_lost(_conn: object, fut: asyncio.Future[None] = lost) -> None:
                     if not fut.done():
@@ -201,16 +216,40 @@ class Catalog:
                 conn.add_termination_listener(on_lost)
                 await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
                 self.invalidate_mutable()  # anything cached before LISTEN may be stale
+                self.live = True
+                if self.lost_at is not None:
+                    log.info("catalog LISTEN connection back after %.1f s",
+                             loop.time() - self.lost_at)
+                self.lost_at = None
                 self._listening.set()
-                delay = 0.5
-                await lost
+                delay = 0.25
+                await self._watch(conn, lost)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("catalog LISTEN connection failed: %s", exc)
-            self.invalidate_mutable()
+                if self.live or self.lost_at is None:
+                    log.warning("catalog LISTEN connection failed: %s: %s", type(exc).__name__, exc)
+            if conn is not None:
+                conn.terminate()
+            if self.live or self.lost_at is None:
+                # Keep what is cached: it is served while PostgreSQL is unreachable, and
+                # dropped when the connection is back (invalidate_mutable above).
+                log.warning("catalog LISTEN connection lost: serving what is cached until"
+                            " PostgreSQL is reachable again")
+                self.lost_at = loop.time()
+            self.live = False
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 10)
+            delay = min(delay * 2, _RETRY_MAX)
+
+    @staticmethod
+    async def _watch(conn: asyncpg.Connection, lost: asyncio.Future[None]) -> None:
+        """Until the connection is lost or stops answering: a connection through a stalled
+        network never reports its loss, and would silently stop delivering notifications."""
+        while True:
+            done, _ = await asyncio.wait((lost,), timeout=_PING_SECONDS)
+            if done:
+                return
+            await conn.fetchval("SELECT 1", timeout=_PING_TIMEOUT)
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         self.invalidate(payload)
@@ -392,6 +431,11 @@ class Catalog:
 
     async def current_crl(self, issuer_key_id: bytes) -> CrlEntry | None:
         entry = self._crls.get(issuer_key_id)
+        if entry is not None and not self.live and (
+                entry.next_update_ts is not None and entry.next_update_ts <= time.time()):
+            # Served from memory while PostgreSQL is unreachable, but only within its validity:
+            # past nextUpdate a newer one may have been issued (and the store says which).
+            entry = None
         if entry is None:
             row = await self.store.crl(issuer_key_id)
             if row is None:

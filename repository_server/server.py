@@ -40,7 +40,8 @@ from .portal.auth import PortalAuth
 from .service_levels import ANONYMOUS, ServiceLevelCollector, ServiceLevels
 from .store import opened_store
 from .store.db import Store
-from .web.downloads import Downloads, FastHandler, error
+from .store.db import unavailable as store_unavailable
+from .web.downloads import RETRY_AFTER, Downloads, FastHandler, error, unavailable_response
 from .web.ops import Ops
 from .web.webservice import WebService, request_key
 
@@ -173,6 +174,42 @@ class _TlsGate(asyncio.Protocol):
         pass
 
 
+_BUSY_BODY = (b'{"status": 503, "reason": "too many connections to this listener;'
+              b' try again shortly"}')
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+         b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
+         + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY)
+
+
+class _Busy(asyncio.Protocol):
+    """A connection beyond web.max_connections: answered 503 at once and closed, without
+    reading its request (the client may retry after a second)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tcp = typing.cast(asyncio.Transport, transport)
+        tcp.write(_BUSY)
+        tcp.close()
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+
+def _capped(handlers: web.Server, limit: int, metrics: Metrics,
+            listener: str) -> Callable[[], asyncio.Protocol]:
+    """aiohttp has no connection limit: this protocol factory is one. It counts the
+    connections aiohttp's server holds (TLS ones once their handshake is done; a handshake
+    is bounded by its own timeout)."""
+    refused = metrics.http.route(listener, "(too many connections)")
+
+    def factory() -> asyncio.Protocol:
+        if len(handlers.connections) >= limit:
+            refused.record(503, 0.0)
+            return _Busy()
+        return handlers()
+
+    return factory
+
+
 class Repository:
     def __init__(self, config: Config, *, metrics: Metrics | None = None) -> None:
         self.config = config
@@ -228,13 +265,14 @@ class Repository:
                     response = await handler(request)
                 except web.HTTPException as exc:
                     response = error(exc.status, exc.reason)
-                except (TimeoutError, OSError) as exc:
-                    log.warning("database unavailable for %s: %s", request.path, exc)
-                    response = error(503, "the repository store is unavailable; try again shortly")
-                    response.headers["Retry-After"] = "5"
-                except Exception:
-                    log.exception("internal error on %s %s", request.method, request.path)
-                    response = error(500, "internal error (logged on the server)")
+                except Exception as exc:
+                    if store_unavailable(exc):
+                        log.warning("store unavailable for %s: %s: %s", request.path,
+                                    type(exc).__name__, exc)
+                        response = unavailable_response()
+                    else:
+                        log.exception("internal error on %s %s", request.method, request.path)
+                        response = error(500, "internal error (logged on the server)")
                 stats.record(response.status, clock() - started)
                 return response
 
@@ -247,8 +285,12 @@ class Repository:
             try:
                 await store.ping()
             except Exception as exc:
-                return web.json_response({"status": "unavailable", "database": str(exc)},
-                                         status=503, headers={"Retry-After": "5"})
+                return web.json_response(
+                    {"status": "unavailable",
+                     "database": f"{type(exc).__name__}: {exc}".rstrip(": "),
+                     "serving": "CA certificates, current CRLs/ARLs and cached lookups from"
+                                " memory; everything else answers 503"},
+                    status=503, headers={"Retry-After": RETRY_AFTER})
             return web.json_response({"status": "ready"})
 
         async def metrics_handler(_request: web.Request) -> web.Response:
@@ -316,12 +358,21 @@ class Repository:
     async def _runner(self, app: web.Application, *, reads: bool = False) -> web.AppRunner:
         access = log.getChild("access")
         if reads:  # the access logger also ends each request's CPM 8 timing: always on
+            limits = self.config.web
+            # aiohttp (3.14) arms keepalive_timeout when a connection opens and again after
+            # each response, and partial data does not re-arm it: so it bounds both an idle
+            # connection and one that sends its request head too slowly (slowloris).
             runner = web.AppRunner(app, access_log=access, handler_cancellation=True,
                                    access_log_class=access_logger_class(
-                                       self.counting, self.config.log.access_log))
-        else:
+                                       self.counting, self.config.log.access_log),
+                                   keepalive_timeout=limits.idle_timeout_seconds,
+                                   max_line_size=limits.max_header_bytes,
+                                   max_field_size=limits.max_header_bytes,
+                                   max_headers=limits.max_headers)
+        else:  # the lodging listener: only the DCC gets past its TLS handshake
             runner = web.AppRunner(app, access_log=access if self.config.log.access_log
-                                   else None, handler_cancellation=True)
+                                   else None, handler_cancellation=True,
+                                   keepalive_timeout=self.config.web.idle_timeout_seconds)
         await runner.setup()
         self._runners.append(runner)
         return runner
@@ -374,11 +425,16 @@ class Repository:
             if addr is None:
                 continue
             runner = await self._runner(self._read_app(name), reads=True)
-            site = web.TCPSite(runner, addr.host, addr.port, ssl_context=ctx,
-                               reuse_address=True, reuse_port=cfg.listeners.reuse_port or None,
-                               backlog=1024)
-            await site.start()
-            self._record_bound(name, runner)
+            handlers = runner.server
+            assert handlers is not None
+            server = await loop.create_server(
+                _capped(handlers, cfg.web.max_connections, self.metrics, name),
+                addr.host, addr.port, ssl=ctx, reuse_address=True,
+                reuse_port=cfg.listeners.reuse_port or None, backlog=1024,
+                ssl_handshake_timeout=10 if ctx else None)
+            self._servers.append(server)
+            sock = server.sockets[0].getsockname()
+            self.bound[name] = HostPort(sock[0], sock[1])
         addr = cfg.listeners.address("lodge")
         if addr is not None and lodge_ctx is not None:
             runner = await self._runner(build_lodge_app(cfg, self.lodging))
@@ -414,11 +470,6 @@ class Repository:
             self._servers.append(server)
             sock = server.sockets[0].getsockname()
             self.bound[name] = HostPort(sock[0], sock[1])
-
-    def _record_bound(self, name: str, runner: web.AppRunner) -> None:
-        for site_addr in runner.addresses:
-            if isinstance(site_addr, tuple):
-                self.bound[name] = HostPort(site_addr[0], site_addr[1])
 
     async def stop(self) -> None:
         for server in self._servers:

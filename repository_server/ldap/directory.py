@@ -107,6 +107,7 @@ class Directory:
             raise ValueError("ldap.suffix: must not be empty")
         self._root_dse = root_dse
         self._cas: dict[bytes, Entry] | None = None
+        self._cas_until = float("inf")  # the earliest nextUpdate among their CRLs/ARLs
         self._cas_lock = asyncio.Lock()
         self._listeners: list[Callable[[], None]] = []
         for kind in ("certs", "status", "crl", "serials"):
@@ -172,15 +173,22 @@ class Directory:
         return Entry(entry_dn, ((("ou", unit),), *self.nsuffix), attrs)
 
     # -- CA entries ---------------------------------------------------------------------------
+    def _cas_usable(self) -> bool:
+        # Kept while PostgreSQL is unreachable (the catalog is not live), but not past the
+        # first nextUpdate of the CRLs/ARLs they hold: then the store must say what is current.
+        return self._cas is not None and (self.catalog.live or self.clock() < self._cas_until)
+
     async def ca_entries(self) -> dict[bytes, Entry]:
         cas = self._cas
-        if cas is not None:
+        if cas is not None and self._cas_usable():
             return cas
         async with self._cas_lock:
-            if self._cas is not None:
+            if self._cas is not None and self._cas_usable():
                 return self._cas
             rows = await self.store.ca_certificates()
             crls = {c.issuer_key_id: c for c in await self.store.current_crls()}
+            self._cas_until = min((c.next_update.timestamp() for c in crls.values()
+                                   if c.next_update is not None), default=float("inf"))
             built: dict[bytes, Entry] = {}
             by_key: dict[bytes, list[CertEntry]] = {}
             for row in rows:
@@ -222,8 +230,11 @@ class Directory:
             attrs["modifytimestamp"] = [_gt(crl.lodged_at.timestamp())]
         _common(entry_dn, "cRLDistributionPoint", False, attrs)
         certs_ids = tuple((c.serial, _issuer_ndn(c.issuer_name)) for c in certs)
+        # A cached answer holding a CRL is not kept past its nextUpdate (it may be served
+        # from memory while PostgreSQL is unreachable: then only within its validity).
+        until = crl.next_update.timestamp() if crl is not None and crl.next_update else float("inf")
         return Entry(entry_dn, ((("smkikeyid", key_hex),), (("ou", "cas"),), *self.nsuffix),
-                     attrs, certs_ids)
+                     attrs, certs_ids, valid_until=until)
 
     # -- device, organisation and other certificate entries ---------------------------------
     def unit_of(self, c: CertEntry) -> str:

@@ -424,6 +424,15 @@ class LdapConnection(asyncio.Protocol):
 
     # -- bind ----------------------------------------------------------------------------------------
     async def op_bind(self, req: codec.BindRequest) -> None:
+        try:
+            await self._bind(req)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the store is unavailable (users live there): unavailable (52)
+            code, message = _failure(exc, self.conn_id)
+            self.write(codec.bind_response(req.message_id, code, "", message))
+
+    async def _bind(self, req: codec.BindRequest) -> None:
         mid = req.message_id
         self.user = None
         self.private = self.service.settings.open_reads

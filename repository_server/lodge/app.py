@@ -14,6 +14,7 @@ from cryptography import x509
 from ..config import Config
 from ..pki.ids import IdentifierError, format_eui64, parse_eui64, parse_key_id, parse_serial
 from ..pki.profile import ParseError, parse_certificate
+from ..store.db import unavailable as store_unavailable
 from .batch import CertOptions
 from .service import Actor, LodgeError, LodgingService
 
@@ -107,6 +108,19 @@ def build_lodge_app(config: Config, service: LodgingService) -> web.Application:
             reason = f"request body exceeds the limit of {config.lodge.max_body_mb} MB"
             await audit(actor, request.path, reason, 413)
             return _error(413, reason)
+        except Exception as exc:
+            if not store_unavailable(exc):
+                raise
+            # Nothing is acknowledged. A transaction whose COMMIT was sent just before the
+            # connection died may still have been stored: lodging the same bytes again is a
+            # no-op then, so the DCC simply retries. (No audit entry: the store is down.)
+            log.warning("lodging by %s on %s: store unavailable: %s: %s", actor.name,
+                        request.path, type(exc).__name__, exc)
+            response = _error(503, "the repository store is unavailable: this lodging is not"
+                              " acknowledged; retry shortly (lodging the same again is a"
+                              " no-op)")
+            response.headers["Retry-After"] = "5"
+            return response
 
     async def certificates(request: web.Request) -> web.Response:
         q = request.query

@@ -12,6 +12,7 @@ Downloads reuse the download handlers (the same bytes and validators as /certifi
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -174,7 +175,13 @@ class Portal:
 
     async def _form(self, request: web.Request, token: str | None) -> dict[str, str] | None:
         """The POSTed fields, or None when the CSRF token is missing or wrong."""
-        data = await request.post()
+        timeout = self.downloads.config.web.body_timeout_seconds
+        try:
+            async with asyncio.timeout(timeout):  # a stalled sender does not hold a handler
+                data = await request.post()
+        except TimeoutError:
+            raise web.HTTPRequestTimeout(
+                reason=f"form not received within {timeout:g} seconds") from None
         fields = {k: v for k, v in data.items() if isinstance(v, str)}
         return fields if security.csrf_ok(token, fields.get("csrf")) else None
 

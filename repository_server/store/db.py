@@ -27,6 +27,23 @@ NOTIFY_CHANNEL = "smki_changes"
 _MIGRATION_LOCK = 0x534D4B49  # "SMKI": advisory lock id held while migrating
 
 
+def unavailable(exc: BaseException) -> bool:
+    """Whether an error means the store cannot be reached right now (PostgreSQL down,
+    restarting, or too slow: a timeout), as opposed to a bug or a refused statement. Readers
+    answer these with 503 and Retry-After, lodging acknowledges nothing."""
+    if isinstance(exc, OSError | TimeoutError):  # refused, reset, no socket; every timeout
+        return True
+    if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.OperatorInterventionError
+                  | asyncpg.InsufficientResourcesError):
+        # lost mid-statement; shutting down, starting, terminated, statement timeout;
+        # disk full, out of memory, no connection slot
+        return True
+    if isinstance(exc, asyncpg.InterfaceError) and not isinstance(exc, ValueError):
+        text = str(exc)
+        return "connection" in text or "pool" in text  # "connection is closed", ...
+    return False
+
+
 class ConflictError(Exception):
     """Another object already holds this identity (issuer + serial, or CRL number)."""
 
@@ -212,10 +229,45 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
                               schema="pg_catalog", format="binary")
 
 
+class BoundedPool:
+    """The asyncpg pool, with every wait bounded. asyncpg's `pool.fetch()` and
+    `pool.acquire()` wait for a free connection for ever, and a connection released without
+    a timeout is reset without one: through a stalled network either would hang a request.
+    Here acquiring (a free slot, or a new connection) and releasing (the reset) are bounded by
+    `acquire_timeout`, and each statement by the pool's `command_timeout`."""
+
+    def __init__(self, pool: asyncpg.Pool, acquire_timeout: float) -> None:
+        self.raw = pool
+        self.acquire_timeout = acquire_timeout
+
+    def acquire(self, *, timeout: float | None = None) -> Any:
+        return self.raw.acquire(timeout=timeout or self.acquire_timeout)
+
+    async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Any]:
+        async with self.acquire() as conn:
+            return list(await conn.fetch(query, *args, timeout=timeout))
+
+    async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Any:
+        async with self.acquire() as conn:
+            return await conn.fetchrow(query, *args, timeout=timeout)
+
+    async def fetchval(self, query: str, *args: Any, timeout: float | None = None) -> Any:
+        async with self.acquire() as conn:
+            return await conn.fetchval(query, *args, timeout=timeout)
+
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
+        async with self.acquire() as conn:
+            return str(await conn.execute(query, *args, timeout=timeout))
+
+    async def close(self) -> None:
+        await self.raw.close()
+
+
 class Store:
-    def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
-        self.pool = pool
+    def __init__(self, pool: asyncpg.Pool, dsn: str, *, connect_timeout: float = 10.0) -> None:
+        self.pool = BoundedPool(pool, connect_timeout)
         self.dsn = dsn
+        self.connect_timeout = connect_timeout  # also for the catalog's LISTEN connection
 
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 10,
@@ -225,7 +277,7 @@ class Store:
             dsn, min_size=min_size, max_size=max_size, command_timeout=command_timeout,
             timeout=connect_timeout, init=_init_connection,
         )
-        store = cls(pool, dsn)
+        store = cls(pool, dsn, connect_timeout=connect_timeout)
         if migrate:
             await store.migrate()
         return store

@@ -41,8 +41,19 @@ PKIX_CRL = "application/pkix-crl"
 PEM = "application/x-pem-file"
 
 
+RETRY_AFTER = "5"  # seconds: how soon a client may retry while the store is unavailable
+UNAVAILABLE = "the repository store is unavailable; try again shortly"
+
+
 def error(status: int, reason: str) -> web.Response:
     return web.json_response({"status": status, "reason": reason}, status=status)
+
+
+def unavailable_response() -> web.Response:
+    """503 with Retry-After: PostgreSQL cannot be reached and the answer is not in memory."""
+    response = error(503, UNAVAILABLE)
+    response.headers["Retry-After"] = RETRY_AFTER
+    return response
 
 
 def _pem(der: bytes) -> bytes:

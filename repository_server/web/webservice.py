@@ -13,6 +13,7 @@ current CRL/ARL, E if expired, else as lodged.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
@@ -24,8 +25,12 @@ from ..config import Config
 from ..obs.access import NOTE, Note
 from ..pki.ids import format_eui64
 from ..service_levels import ANONYMOUS, ServiceLevels
+from ..store.db import unavailable as store_unavailable
 from . import ws_xml
+from .downloads import RETRY_AFTER, UNAVAILABLE
 from .ws_xml import CertificateFields, WsError
+
+log = logging.getLogger(__name__)
 
 
 def request_key(request: web.BaseRequest) -> str | None:
@@ -57,6 +62,7 @@ class WebService:
         self.credentials = credentials
         self.open_reads = config.web.open_reads
         self.max_body = config.web.ws_max_body_bytes
+        self.body_timeout = config.web.body_timeout_seconds
         self.test_delay = config.web.test_delay_ms / 1000  # for load-test verification only
         self.refs = ws_xml.AuditReferences()
         self._headers = {"Content-Type": ws_xml.CONTENT_TYPE, "Cache-Control": "no-store"}
@@ -95,9 +101,15 @@ class WebService:
             body = content.read_nowait(-1)
         else:
             try:
-                body = await request.read()
+                async with asyncio.timeout(self.body_timeout):
+                    body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 body = b"\0" * (self.max_body + 1)
+            except TimeoutError:  # a slow or stalled sender does not keep a handler for ever
+                answer = self._error(note, root, 408, "request body not received within"
+                                     f" {self.body_timeout:g} seconds")
+                answer.force_close()
+                return note, answer
         if len(body) > self.max_body:
             return note, self._error(note, root, 401, "request body exceeds the limit of"
                                      f" {self.max_body} bytes")
@@ -121,9 +133,26 @@ class WebService:
         return CertificateFields(entry.serial, entry.eui_text, entry.kind == "device", status,
                                  entry.role, entry.usage, entry.manufacturing_flag)
 
+    def _unavailable(self, note: Note | None, root: str, exc: Exception) -> web.Response:
+        """The store cannot be reached and the answer is not in memory: 503 in the service's
+        own XML shape (DCC Boxed's client treats anything but 200/401/402 as an error, so
+        it never mistakes this for "not found"), with Retry-After."""
+        if not store_unavailable(exc):
+            raise exc
+        log.warning("store unavailable for %s: %s: %s", root, type(exc).__name__, exc)
+        response = self._error(note, root, 503, UNAVAILABLE)
+        response.headers["Retry-After"] = RETRY_AFTER
+        return response
+
     # -- handlers -------------------------------------------------------------------------
     async def search(self, request: web.Request) -> web.StreamResponse:
         root = ws_xml.SEARCH_RESPONSE
+        try:
+            return await self._search(request, root)
+        except Exception as exc:
+            return self._unavailable(request.get(NOTE), root, exc)
+
+    async def _search(self, request: web.Request, root: str) -> web.StreamResponse:
         note, body = await self._accept(request, root)
         if isinstance(body, web.Response):
             return body
@@ -143,6 +172,12 @@ class WebService:
 
     async def retrieve(self, request: web.Request) -> web.StreamResponse:
         root = ws_xml.DATA_RESPONSE
+        try:
+            return await self._retrieve(request, root)
+        except Exception as exc:
+            return self._unavailable(request.get(NOTE), root, exc)
+
+    async def _retrieve(self, request: web.Request, root: str) -> web.StreamResponse:
         note, body = await self._accept(request, root)
         if isinstance(body, web.Response):
             return body
