@@ -194,6 +194,20 @@ def _demo_text(repo: Any, pki_dir: Path, manifest: dict[str, Any], users: list[s
         lines.append(f"  curl -s {base}/metrics | grep smki_")
     if https:
         lines.append(f"  curl -s --cacert {tls_ca} {https}/readyz")
+    if "ldap" in repo.bound:
+        ldap_url = f"ldap://{repo.bound['ldap']}"
+        suffix = repo.config.ldap.suffix
+        bind = f"-D uid=dcc-boxed,ou=Users,{suffix} -w {DCC_BOXED_KEY}"
+        lines.append(f"  ldapsearch -x -H {ldap_url} -b ou=CAs,{suffix} '(objectClass=pkiCA)'"
+                     " cn smkiCrlNumber")
+        if crl:
+            lines.append(f"  curl -s 'ldap://{repo.bound['ldap']}/smkiKeyId={crl['issuer_key_id']},"
+                         f"ou=CAs,{suffix}?certificateRevocationList;binary?base'")
+        if device:
+            lines.append(f"  LDAPTLS_CACERT={tls_ca} ldapsearch -x -ZZ -H {ldap_url} {bind}"
+                         f" -b ou=Devices,{suffix} '(&(smkiEui64={device.get('eui64', '')})"
+                         f"(smkiKeyUsage={device.get('usage', 'DS')}))' smkiSerial smkiStatus")
+        lines.append(f"  ldapwhoami -x -H {ldap_url} {bind}")
     if lodge:
         lines.append(f"  curl -s --cacert {tls_ca} --cert {pki_dir / dcc['cert']} --key"
                      f" {pki_dir / dcc['key']} {lodge}/lodge/whoami")
