@@ -481,3 +481,17 @@ async def test_portal_lists_extracts_with_downloads(server: Running) -> None:
         assert got.status == 200 and got.body == path.read_bytes()
         assert got.headers["content-disposition"] == f'attachment; filename="{path.name}"'
         assert (await c.get("/portal/download/extracts/nothing.tar")).status == 404
+
+
+def test_tar_writer_keeps_no_member_list(tmp_path: Path) -> None:
+    """Memory stays flat whatever the store size: tarfile's own list of every member written
+    (100 MB at 200,000 certificates, measured) is emptied as it goes."""
+    from repository_server.extracts.writer import _Tar
+
+    tar = _Tar(tmp_path / "x.tar.gz", compress=True)
+    for i in range(1000):
+        tar.add(f"m/{i}", b"x" * 100, datetime.now(UTC))
+    assert tar.tar.members == []  # type: ignore[attr-defined]
+    size, _digest = tar.finish()
+    with tarfile.open(tmp_path / "x.tar.gz") as check:
+        assert len(check.getmembers()) == 1000 and size == (tmp_path / "x.tar.gz").stat().st_size

@@ -108,12 +108,7 @@ class _Tar:
         self.tar = tarfile.open(fileobj=target, mode="w|", format=tarfile.PAX_FORMAT)  # noqa: SIM115
 
     def add(self, name: str, data: bytes, mtime: datetime) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mtime = int(mtime.timestamp())
-        info.mode = 0o444
-        info.uname = info.gname = "smki"
-        self.tar.addfile(info, io.BytesIO(data))
+        self.add_file(name, io.BytesIO(data), len(data), mtime)
 
     def add_file(self, name: str, fh: IO[bytes], size: int, mtime: datetime) -> None:
         info = tarfile.TarInfo(name)
@@ -123,6 +118,9 @@ class _Tar:
         info.uname = info.gname = "smki"
         fh.seek(0)
         self.tar.addfile(info, fh)
+        # TarFile keeps every member's TarInfo (for getmembers()); a writer needs none of
+        # them, and at 10^8 certificates they would be tens of gigabytes.
+        self.tar.members.clear()  # type: ignore[attr-defined]  # (not in typeshed)
 
     def finish(self) -> tuple[int, str]:
         self.tar.close()
