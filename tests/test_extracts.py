@@ -283,6 +283,32 @@ async def test_crash_mid_way_leaves_nothing_visible(server: Running) -> None:
     assert read_extract(done.path)["manifest"]["counts"]["certificates"] == 0
 
 
+async def test_markers_wait_for_a_lodging_in_flight(server: Running) -> None:
+    """A lodging transaction holds the change lock shared: an extract's markers are taken only
+    once it has committed, so its ids cannot fall between two extracts."""
+    from repository_server.store import db
+
+    repo = server.repo
+    assert repo.store is not None
+    conn = await asyncpg.connect(repo.config.database.url)
+    try:
+        tx = conn.transaction()
+        await tx.start()
+        await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", db._CHANGE_LOCK)
+        await conn.execute("INSERT INTO documents (name, version, content_type, body, size,"
+                           " sha256, lodged_by) VALUES ('In-Flight', 1, 'text/plain', 'x', 1,"
+                           " '\\x00', 'test')")
+        markers = asyncio.ensure_future(repo.store.extract_markers())
+        await asyncio.sleep(0.5)
+        assert not markers.done()
+        await tx.commit()
+        got = await asyncio.wait_for(markers, 10)
+    finally:
+        await conn.close()
+    doc_id = await repo.store.pool.fetchval("SELECT id FROM documents WHERE name = 'In-Flight'")
+    assert got.document_id == doc_id
+
+
 def test_retention_rule() -> None:
     published = [(1, "full"), (2, "delta"), (3, "delta"), (4, "full"), (5, "delta"), (6, "full")]
     assert fmt.to_remove(published, 2) == [1, 2, 3]
