@@ -163,8 +163,10 @@ def _demo_text(repo: Any, pki_dir: Path, manifest: dict[str, Any], users: list[s
     dcc = manifest["dcc_client"]
     lines = ["", "smki-repository demo is up.", ""]
     portal = f"{http or https}/portal/" if repo.portal is not None and (http or https) else None
+    sftp = f"sftp://{repo.bound['sftp']}" if "sftp" in repo.bound else None
     for label, url in (("downloads (http)", http), ("downloads (https)", https),
-                       ("portal (browser)", portal), ("lodging (mutual TLS)", lodge)):
+                       ("portal (browser)", portal), ("lodging (mutual TLS)", lodge),
+                       ("extracts (sftp)", sftp)):
         if url:
             lines.append(f"  {label:22} {url}")
     lines += ["", f"API key of user dcc-boxed (DCC Boxed's client sends it): {DCC_BOXED_KEY}",
@@ -191,6 +193,8 @@ def _demo_text(repo: Any, pki_dir: Path, manifest: dict[str, Any], users: list[s
         lines.append(f"  curl -s {base}/documents")
         if doc:
             lines.append(f"  curl -sI {base}/documents/{doc['name']}")
+        lines.append(f"  curl -s '{base}/extracts?{key}'   # after a scheduled extract, or:"
+                     f" smki-repository extract full --data-dir {repo.config.data_dir}")
         lines.append(f"  curl -s {base}/metrics | grep smki_")
     if https:
         lines.append(f"  curl -s --cacert {tls_ca} {https}/readyz")
