@@ -138,6 +138,37 @@ async def users_apikey(store: Store, name: str, value: str | None = None) -> str
     return f"new API key of {name} (shown only now; the previous key no longer works): {key}"
 
 
+def parse_ssh_key(text: str) -> tuple[str, str]:
+    """One OpenSSH public key line -> (the line, its SHA256 fingerprint)."""
+    import asyncssh
+
+    try:
+        key = asyncssh.import_public_key(text.strip())
+    except (asyncssh.KeyImportError, ValueError) as exc:
+        raise AdminError(f"not an OpenSSH public key: {exc}") from None
+    line = key.export_public_key("openssh").decode().strip()
+    return line, key.get_fingerprint("sha256")
+
+
+async def users_sshkey(store: Store, name: str, add: str | None, clear: bool) -> str:
+    """Add a public key (a .pub file's contents) to a user's SFTP keys, or clear them."""
+    found = await store.user_ssh_keys(name)
+    if found is None:
+        raise AdminError(f"no user named {name!r}")
+    keys = found[1]
+    if clear:
+        await store.set_user_ssh_keys(name, [], actor=operator_name(), detail={"cleared": True})
+        return f"SFTP keys of {name} cleared"
+    if add is None:
+        raise AdminError("give --add FILE or --clear")
+    line, fingerprint = parse_ssh_key(add)
+    if line.split()[:2] in [k.split()[:2] for k in keys]:
+        return f"{name} already has the key {fingerprint}"
+    await store.set_user_ssh_keys(name, [*keys, line], actor=operator_name(),
+                                  detail={"added": fingerprint})
+    return f"SFTP key {fingerprint} added for {name} ({len(keys) + 1} in all)"
+
+
 def parse_bands(text: str) -> tuple[int, int, int, int]:
     try:
         parts = tuple(int(p) for p in text.split(","))

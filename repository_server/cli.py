@@ -76,7 +76,7 @@ async def _serve(config: Config, *, pid_file: str | None,
 
 def cmd_serve(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
-    listeners = {k: getattr(args, k) for k in ("http", "https", "lodge", "ldap", "ldaps")
+    listeners = {k: getattr(args, k) for k in ("http", "https", "lodge", "ldap", "ldaps", "sftp")
                  if getattr(args, k) is not None}
     if listeners:
         overrides["listeners"] = listeners
@@ -163,8 +163,10 @@ def _demo_text(repo: Any, pki_dir: Path, manifest: dict[str, Any], users: list[s
     dcc = manifest["dcc_client"]
     lines = ["", "smki-repository demo is up.", ""]
     portal = f"{http or https}/portal/" if repo.portal is not None and (http or https) else None
+    sftp = f"sftp://{repo.bound['sftp']}" if "sftp" in repo.bound else None
     for label, url in (("downloads (http)", http), ("downloads (https)", https),
-                       ("portal (browser)", portal), ("lodging (mutual TLS)", lodge)):
+                       ("portal (browser)", portal), ("lodging (mutual TLS)", lodge),
+                       ("extracts (sftp)", sftp)):
         if url:
             lines.append(f"  {label:22} {url}")
     lines += ["", f"API key of user dcc-boxed (DCC Boxed's client sends it): {DCC_BOXED_KEY}",
@@ -191,6 +193,8 @@ def _demo_text(repo: Any, pki_dir: Path, manifest: dict[str, Any], users: list[s
         lines.append(f"  curl -s {base}/documents")
         if doc:
             lines.append(f"  curl -sI {base}/documents/{doc['name']}")
+        lines.append(f"  curl -s '{base}/extracts?{key}'   # after a scheduled extract, or:"
+                     f" smki-repository extract full --data-dir {repo.config.data_dir}")
         lines.append(f"  curl -s {base}/metrics | grep smki_")
     if https:
         lines.append(f"  curl -s --cacert {tls_ca} {https}/readyz")
@@ -381,6 +385,16 @@ def cmd_users(args: argparse.Namespace) -> int:
         return _admin(args, lambda store, _c: admin.users_reset(store, args.name))
     if action == "apikey":
         return _admin(args, lambda store, _c: admin.users_apikey(store, args.name, args.set))
+    if action == "sshkey":
+        text = None
+        if args.add:
+            try:
+                text = Path(args.add).read_text()
+            except OSError as exc:
+                print(f"error: --add: {exc}", file=sys.stderr)
+                return 1
+        return _admin(args, lambda store, _c: admin.users_sshkey(store, args.name, text,
+                                                                  args.clear))
     return _admin(args, lambda store, _c: admin.users_forecast(
         store, args.name, args.per_day, args.bands, args.clear))
 
@@ -430,6 +444,28 @@ def cmd_export_ldif(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extract(args: argparse.Namespace) -> int:
+    """One extract now (waiting for a scheduled one in progress anywhere in the cluster)."""
+    from .extracts.writer import ExtractWriter
+
+    async def work(store: Any, config: Config) -> str:
+        ex = config.extracts
+        writer = ExtractWriter(store, config.path(ex.dir), compression=ex.compression,
+                               page_size=ex.page_size, retain_full=ex.retain_full)
+        async with store.extract_lock(wait=True):
+            done = await writer.produce(args.kind)
+        if args.json:
+            return json.dumps({"name": done.name, "kind": done.kind, "path": str(done.path),
+                               "size": done.size, "sha256": done.sha256, "counts": done.counts,
+                               "removed": done.removed}, indent=2)
+        lines = [f"{done.path}", f"  {done.kind}, {done.size} bytes, sha256 {done.sha256}",
+                 "  " + ", ".join(f"{k} {v}" for k, v in done.counts.items())]
+        lines += [f"  retention removed {name}" for name in done.removed]
+        return "\n".join(lines)
+
+    return _admin(args, work)
+
+
 def cmd_export_ldap_schema(args: argparse.Namespace) -> int:
     from .ldap.schema import openldap_schema
 
@@ -456,7 +492,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the server")
     _store_args(p)
-    for name in ("http", "https", "lodge", "ldap", "ldaps"):
+    for name in ("http", "https", "lodge", "ldap", "ldaps", "sftp"):
         p.add_argument(f"--{name}", metavar="HOST:PORT",
                        help=f"override listeners.{name} (empty string disables)")
     p.add_argument("--pid-file", metavar="FILE")
@@ -528,6 +564,11 @@ def parser() -> argparse.ArgumentParser:
                    help="percent of the day's requests in 00-07,07-08,08-20,20-24 (UK time);"
                         " default 25,25,25,25")
     q.add_argument("--clear", action="store_true", help="remove the forecast")
+    q = us.add_parser("sshkey", help="add an SFTP public key for a user, or clear its keys")
+    q.add_argument("name")
+    g = q.add_mutually_exclusive_group(required=True)
+    g.add_argument("--add", metavar="FILE", help="an OpenSSH public key file (e.g. id_ed25519.pub)")
+    g.add_argument("--clear", action="store_true", help="remove every key of the user")
     for q in us.choices.values():
         _store_args(q)
     p.set_defaults(func=cmd_users)
@@ -548,6 +589,12 @@ def parser() -> argparse.ArgumentParser:
     _store_args(p)
     p.add_argument("--out", metavar="FILE", help="output file (default: standard output)")
     p.set_defaults(func=cmd_export_ldif)
+
+    p = sub.add_parser("extract", help="produce a full or delta extract now")
+    p.add_argument("kind", choices=("full", "delta"))
+    p.add_argument("--json", action="store_true", help="describe it as JSON")
+    _store_args(p)
+    p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("export-ldap-schema",
                        help="write our LDAP attribute types and object classes as an OpenLDAP schema")

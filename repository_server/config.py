@@ -52,6 +52,7 @@ class Listeners:
     lodge: str = "127.0.0.1:8444"
     ldap: str = "127.0.0.1:3890"
     ldaps: str = "127.0.0.1:6360"
+    sftp: str = "127.0.0.1:2222"  # extract downloads over SFTP (read-only)
     # SO_REUSEPORT on the read listeners (http, https, ldap, ldaps): several server processes on
     # one node share each port and the kernel spreads connections over them.
     reuse_port: bool = False
@@ -155,6 +156,39 @@ class Portal:
     detail_cache_entries: int = 10_000  # decoded certificate pages kept per process
 
 
+WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+
+
+@dataclass(frozen=True)
+class Extracts:
+    """Full (weekly) and delta (daily) extracts of everything lodged (format in the README)."""
+
+    dir: str = "extracts"  # where they are published (relative: under data_dir)
+    schedule: bool = True  # produce them on the schedule below (one process per cluster)
+    full_weekday: str = "sunday"
+    full_time: str = "02:00"  # HH:MM, local time in `timezone`
+    delta_time: str = "02:00"  # daily; skipped when it falls on the full's tick
+    timezone: str = "Europe/London"
+    compression: str = "gzip"  # gzip | none
+    retain_full: int = 4  # full extracts kept; deltas older than the oldest kept full go too
+    page_size: int = 5000  # certificates read per query while streaming
+    check_seconds: float = 60.0  # how often the scheduler looks at the clock
+    # SFTP (listeners.sftp): the server's host key, made on first start when missing
+    sftp_host_key: str = "sftp/ssh_host_ed25519_key"
+    sftp_login_timeout_seconds: int = 60
+
+    def times(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(full HH, MM), (delta HH, MM); ConfigError names a malformed one."""
+        out = []
+        for key in ("full_time", "delta_time"):
+            text: str = getattr(self, key)
+            hh, sep, mm = text.partition(":")
+            if not (sep and hh.isdigit() and mm.isdigit() and int(hh) < 24 and int(mm) < 60):
+                raise ConfigError(f"extracts.{key}: expected HH:MM (24-hour), got {text!r}")
+            out.append((int(hh), int(mm)))
+        return out[0], out[1]
+
+
 @dataclass(frozen=True)
 class Cache:
     max_mb: int = 256  # hot-object cache per process (certificate responses)
@@ -178,6 +212,7 @@ class Config:
     ldap: Ldap = field(default_factory=Ldap)
     cache: Cache = field(default_factory=Cache)
     portal: Portal = field(default_factory=Portal)
+    extracts: Extracts = field(default_factory=Extracts)
     service_levels: ServiceLevelSettings = field(default_factory=ServiceLevelSettings)
     log: Log = field(default_factory=Log)
 
@@ -187,7 +222,7 @@ class Config:
         return p if p.is_absolute() else Path(self.data_dir).expanduser() / p
 
     def validate(self) -> Config:
-        for name in ("http", "https", "lodge", "ldap", "ldaps"):
+        for name in ("http", "https", "lodge", "ldap", "ldaps", "sftp"):
             self.listeners.address(name)
         if self.database.pool_min < 1 or self.database.pool_max < self.database.pool_min:
             raise ConfigError("database.pool_min/pool_max: need 1 <= pool_min <= pool_max")
@@ -237,12 +272,7 @@ class Config:
             raise ConfigError("service_levels.flush_seconds: must be positive")
         if sl.demand_threshold_percent <= 0:
             raise ConfigError("service_levels.demand_threshold_percent: must be positive")
-        try:
-            from zoneinfo import ZoneInfo
-
-            ZoneInfo(sl.timezone)
-        except (ValueError, KeyError, OSError):
-            raise ConfigError(f"service_levels.timezone: unknown time zone {sl.timezone!r}") from None
+        _check_zone(sl.timezone, "service_levels.timezone")
         po = self.portal
         for key in ("session_idle_seconds", "session_absolute_seconds", "lockout_failures",
                     "lockout_window_seconds", "lockout_seconds", "page_size"):
@@ -252,12 +282,34 @@ class Config:
             raise ConfigError("portal.password_min_length: must be between 8 and 128")
         if po.detail_cache_entries < 0:
             raise ConfigError("portal.detail_cache_entries: must be >= 0")
+        self._validate_extracts()
         if self.cache.max_mb < 0:
             raise ConfigError("cache.max_mb: must be >= 0")
         if self.log.level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError("log.level: one of DEBUG, INFO, WARNING, ERROR")
         return self
 
+
+    def _validate_extracts(self) -> None:
+        ex = self.extracts
+        if not ex.dir:
+            raise ConfigError("extracts.dir: must not be empty")
+        if ex.full_weekday.lower() not in WEEKDAYS:
+            raise ConfigError(f"extracts.full_weekday: one of {', '.join(WEEKDAYS)}")
+        ex.times()
+        if ex.compression not in ("gzip", "none"):
+            raise ConfigError("extracts.compression: gzip or none")
+        if ex.retain_full < 1:
+            raise ConfigError("extracts.retain_full: must be at least 1")
+        if not 1 <= ex.page_size <= 100_000:
+            raise ConfigError("extracts.page_size: must be between 1 and 100000")
+        if ex.check_seconds <= 0:
+            raise ConfigError("extracts.check_seconds: must be positive")
+        if not ex.sftp_host_key:
+            raise ConfigError("extracts.sftp_host_key: must not be empty")
+        if ex.sftp_login_timeout_seconds <= 0:
+            raise ConfigError("extracts.sftp_login_timeout_seconds: must be positive")
+        _check_zone(ex.timezone, "extracts.timezone")
 
     def _validate_ldap(self) -> None:
         from .ldap import dn
@@ -276,6 +328,15 @@ class Config:
                     "write_timeout_seconds"):
             if getattr(self.ldap, key) <= 0:
                 raise ConfigError(f"ldap.{key}: must be positive")
+
+
+def _check_zone(name: str, setting: str) -> None:
+    from zoneinfo import ZoneInfo
+
+    try:
+        ZoneInfo(name)
+    except (ValueError, KeyError, OSError):
+        raise ConfigError(f"{setting}: unknown time zone {name!r}") from None
 
 
 def _coerce(value: Any, target: Any, setting: str) -> Any:

@@ -28,6 +28,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .auth import Credentials, User
 from .catalog import Catalog
 from .config import Config, ConfigError, HostPort
+from .extracts.scheduler import ExtractScheduler
+from .extracts.sftp import SftpService
+from .extracts.writer import ExtractWriter
 from .ldap.codec import PAGED_RESULTS_OID, STARTTLS_OID
 from .ldap.directory import Directory
 from .ldap.server import WHOAMI_OID, LdapService
@@ -42,6 +45,7 @@ from .store import opened_store
 from .store.db import Store
 from .store.db import unavailable as store_unavailable
 from .web.downloads import RETRY_AFTER, Downloads, FastHandler, error, unavailable_response
+from .web.extracts import ExtractFiles
 from .web.ops import Ops
 from .web.webservice import WebService, request_key
 
@@ -224,6 +228,9 @@ class Repository:
         self.counting: ServiceLevels | None = None  # `levels` when service_levels.enabled
         self.downloads: Downloads | None = None
         self.portal: Portal | None = None  # its `auth.clock` is what tests move
+        self.extract_files: ExtractFiles | None = None
+        self.extract_scheduler: ExtractScheduler | None = None
+        self.sftp: SftpService | None = None
         self._runners: list[web.AppRunner] = []
         self._servers: list[asyncio.AbstractServer] = []
         self._background: set[asyncio.Task[Any]] = set()
@@ -343,6 +350,9 @@ class Repository:
             if path in fast_paths:
                 wrapped = with_fast_path(path, operation, fast_paths[path], wrapped)
             add(method, path, wrapped)
+        assert self.extract_files is not None
+        for method, path, operation, handler in self.extract_files.routes():
+            add(method, path, observed(path, handler, ("download", operation)))
         if self.portal is not None:
             self.portal.setup(app)
             for method, path, counted, handler in self.portal.routes():
@@ -409,9 +419,17 @@ class Repository:
             self.counting = self.levels
             self.levels.start()
         self.downloads = Downloads(self.catalog, cfg)
+        extracts_dir = cfg.path(cfg.extracts.dir)
+        self.extract_files = ExtractFiles(self.store, extracts_dir, open_reads=cfg.web.open_reads)
+        if cfg.extracts.schedule:
+            writer = ExtractWriter(self.store, extracts_dir, compression=cfg.extracts.compression,
+                                   page_size=cfg.extracts.page_size,
+                                   retain_full=cfg.extracts.retain_full)
+            self.extract_scheduler = ExtractScheduler(self.store, writer, cfg.extracts)
         if cfg.portal.enabled:
             auth = PortalAuth(self.store, cfg.portal)
-            self.portal = Portal(self.catalog, auth, self.downloads, self.counting, cfg.portal)
+            self.portal = Portal(self.catalog, auth, self.downloads, self.counting, cfg.portal,
+                                 self.extract_files)
             self.catalog.subscribe("portal-session", auth.session_ended)
             self.catalog.subscribe("users", auth.user_changed)
             self.catalog.subscribe("certs", self.portal.views.certificates_lodged)
@@ -448,6 +466,13 @@ class Repository:
             sock = server.sockets[0].getsockname()
             self.bound["lodge"] = HostPort(sock[0], sock[1])
         await self._start_ldap(ldap_ctx)
+        addr = cfg.listeners.address("sftp")
+        if addr is not None:
+            self.sftp = SftpService(cfg, self.store, extracts_dir)
+            host, port = await self.sftp.start(addr.host, addr.port)
+            self.bound["sftp"] = HostPort(host, port)
+        if self.extract_scheduler is not None:
+            self.extract_scheduler.start()
 
     async def _start_ldap(self, ctx: ssl.SSLContext | None) -> None:
         cfg = self.config
@@ -472,8 +497,12 @@ class Repository:
             self.bound[name] = HostPort(sock[0], sock[1])
 
     async def stop(self) -> None:
+        if self.extract_scheduler is not None:
+            await self.extract_scheduler.stop()
         for server in self._servers:
             server.close()
+        if self.sftp is not None:
+            await self.sftp.stop()
         if self.ldap is not None:
             await self.ldap.close_all()
         for runner in reversed(self._runners):

@@ -78,11 +78,12 @@ def make_config(data_dir: Path, pki: dict[str, Any], dsn: str, **over: Any) -> c
     overrides: dict[str, Any] = {
         "database": {"url": dsn},
         "listeners": {"http": "127.0.0.1:0", "https": "127.0.0.1:0", "lodge": "127.0.0.1:0",
-                      "ldap": "127.0.0.1:0", "ldaps": "127.0.0.1:0"},
+                      "ldap": "127.0.0.1:0", "ldaps": "127.0.0.1:0", "sftp": "127.0.0.1:0"},
         "tls": {"cert": str(pki_dir / pki["tls"]["cert"]), "key": str(pki_dir / pki["tls"]["key"])},
         "lodge": {"client_ca": str(pki_dir / pki["dcc_client"]["ca"]),
                   "client_subject": pki["dcc_client"]["subject"]},
         "log": {"access_log": False},
+        "extracts": {"schedule": False},  # tests produce extracts when they mean to
     }
     for section, values in over.items():
         overrides.setdefault(section, {}).update(values)

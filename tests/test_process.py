@@ -67,6 +67,7 @@ def ports_env() -> tuple[dict[str, str], dict[str, int]]:
         env[f"SMKI_LISTENERS__{name.upper()}"] = f"127.0.0.1:{port}"
     env["SMKI_LISTENERS__LDAP"] = ""
     env["SMKI_LISTENERS__LDAPS"] = ""
+    env["SMKI_LISTENERS__SFTP"] = ""
     return env, ports
 
 
@@ -172,6 +173,7 @@ https = ""
 lodge = "127.0.0.1:{ports['lodge']}"
 ldap = ""
 ldaps = ""
+sftp = ""
 [tls]
 cert = "{pki_dir / manifest['tls']['cert']}"
 key = "{pki_dir / manifest['tls']['key']}"

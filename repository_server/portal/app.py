@@ -32,6 +32,7 @@ from ..obs.access import NOTE
 from ..pki.ids import IdentifierError, format_key_id, parse_key_id, parse_serial
 from ..service_levels import ANONYMOUS, ServiceLevels
 from ..web.downloads import Downloads
+from ..web.extracts import ExtractFiles
 from . import security
 from .auth import PortalAuth, Session
 from .views import CertificateView, Views, cert_url, parse_query, when
@@ -71,13 +72,15 @@ def _static_files() -> dict[str, tuple[bytes, str, str]]:
 
 class Portal:
     def __init__(self, catalog: Catalog, auth: PortalAuth, downloads: Downloads,
-                 levels: ServiceLevels | None, settings: PortalSettings) -> None:
+                 levels: ServiceLevels | None, settings: PortalSettings,
+                 extract_files: ExtractFiles | None = None) -> None:
         self.catalog = catalog
         self.store = catalog.store
         self.auth = auth
         self.downloads = downloads
         self.levels = levels
         self.settings = settings
+        self.extract_files = extract_files
         self.views = Views(catalog, cache_entries=settings.detail_cache_entries)
         self.static = _static_files()
         self._bodies: OrderedDict[str, tuple[CertificateView, Markup]] = OrderedDict()
@@ -116,6 +119,8 @@ class Portal:
              signed(self.attachment(self.downloads.crl_version), "download-crl")),
             ("GET", "/portal/download/documents/{name}/{version}", "download-document",
              signed(self.attachment(self.downloads.document_version), "download-document")),
+            ("GET", "/portal/download/extracts/{name}", "download-extract",
+             signed(self.attachment(self.extract_download), "download-extract")),
         ]
 
     # -- rendering -------------------------------------------------------------------------
@@ -436,5 +441,17 @@ class Portal:
                                                      "items": items})
 
     async def extracts(self, request: web.Request) -> web.StreamResponse:
-        return self.page(request, "extracts.html", {"title": "Extracts", "nav": "extracts"})
+        rows = await self.extract_files.published() if self.extract_files else []
+        items = [{"name": r.name, "kind": r.kind, "published": when(r.published_at),
+                  "size": r.size, "sha256": r.sha256.hex().upper() if r.sha256 else "",
+                  "certificates": r.counts.get("certificates", 0),
+                  "crls": r.counts.get("crls", 0), "documents": r.counts.get("documents", 0),
+                  "url": f"/portal/download/extracts/{quote(r.name)}"} for r in rows]
+        return self.page(request, "extracts.html", {"title": "Extracts", "nav": "extracts",
+                                                    "items": items})
+
+    async def extract_download(self, request: web.Request) -> web.StreamResponse:
+        if self.extract_files is None:
+            raise web.HTTPNotFound(reason="extracts are not served here")
+        return await self.extract_files.download(request)
 

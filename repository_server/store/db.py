@@ -9,9 +9,10 @@ transaction, so caches on every process and node hear of it at commit time and n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -25,6 +26,13 @@ log = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "smki_changes"
 _MIGRATION_LOCK = 0x534D4B49  # "SMKI": advisory lock id held while migrating
+# Held shared by every transaction that lodges something (or changes a status), and
+# exclusively, for an instant, by an extract taking its markers: then no lodging is in
+# flight, so every id at or below the markers is committed and every later one is above
+# them (ids are drawn after the lock). Without it a batch drawing ids before another's but
+# committing after it could fall between two deltas.
+_CHANGE_LOCK = 0x534D4B43  # "SMKC"
+_EXTRACT_LOCK = 0x534D4B58  # "SMKX": one extract producer in the cluster (session lock)
 
 
 def unavailable(exc: BaseException) -> bool:
@@ -154,6 +162,45 @@ class DocumentRow:
     sha256: bytes
     lodged_at: datetime
     body: bytes | None  # None in listings
+
+
+@dataclass(frozen=True, slots=True)
+class ExtractMarkers:
+    """What an extract covers: certificates with id <= cert_id, status changes numbered
+    <= change, CRL versions with id <= crl_id, document versions with id <= document_id."""
+
+    cert_id: int = 0
+    change: int = 0
+    crl_id: int = 0
+    document_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ExtractRow:
+    id: int
+    name: str
+    kind: str  # full | delta
+    slot: str | None
+    state: str  # producing | published | failed | removed
+    started_at: datetime
+    published_at: datetime | None
+    previous_id: int | None
+    upto: ExtractMarkers
+    size: int | None
+    sha256: bytes | None
+    counts: dict[str, Any]
+
+
+_EXTRACT_COLS = ("id, name, kind, slot, state, started_at, published_at, previous_id,"
+                 " cert_id_upto, change_upto, crl_id_upto, document_id_upto, size, sha256, counts")
+
+
+def _extract_row(r: asyncpg.Record) -> ExtractRow:
+    return ExtractRow(r["id"], r["name"], r["kind"], r["slot"], r["state"], r["started_at"],
+                      r["published_at"], r["previous_id"],
+                      ExtractMarkers(r["cert_id_upto"], r["change_upto"], r["crl_id_upto"],
+                                     r["document_id_upto"]),
+                      r["size"], r["sha256"], r["counts"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,6 +470,7 @@ class Store:
         before it returns.
         """
         async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", _CHANGE_LOCK)
             # Every id this batch takes is above the sequence's value now (sequences are not
             # transactional), and at most its value after the insert: readers drop what they
             # cached for the EUI-64s lodged in that range (a superset of ours, harmlessly).
@@ -519,9 +567,11 @@ class Store:
     async def set_status(self, serial: str, issuer_key_id: bytes | None, status: str | None,
                          manufacturing_flag: bool | None, audit: dict[str, Any]) -> list[dict[str, Any]]:
         async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", _CHANGE_LOCK)
             rows = await conn.fetch(
                 "UPDATE certificates SET status = coalesce($3, status),"
-                " manufacturing_flag = coalesce($4, manufacturing_flag)"
+                " manufacturing_flag = coalesce($4, manufacturing_flag),"
+                " changed_seq = nextval('certificate_changes_seq')"
                 " WHERE serial = $1 AND ($2::bytea IS NULL OR issuer_key_id = $2)"
                 " RETURNING id, serial, issuer_key_id, status, manufacturing_flag, eui64",
                 serial, issuer_key_id, status, manufacturing_flag)
@@ -545,6 +595,7 @@ class Store:
         different CRLs cannot both pass the check)."""
         assert info.crl_number is not None
         async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", _CHANGE_LOCK)
             await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
                                "crl:" + issuer_key_id.hex())
             existing = await conn.fetchval("SELECT id FROM crls WHERE sha256 = $1", info.sha256)
@@ -619,6 +670,7 @@ class Store:
                               *, lodged_by: str, audit: dict[str, Any]) -> tuple[str, int]:
         """New version of a document, or ('identical', version) if the current one matches."""
         async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", _CHANGE_LOCK)
             await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
                                "doc:" + name)
             current = await conn.fetchrow(
@@ -816,6 +868,25 @@ class Store:
             await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, "users:" + name)
         return _user_row(r)
 
+    async def user_ssh_keys(self, name: str) -> tuple[UserRow, list[str]] | None:
+        """An enabled or disabled user with their SFTP public keys (OpenSSH lines)."""
+        r = await self.pool.fetchrow(f"SELECT {_USER_COLS}, ssh_keys FROM users WHERE name = $1",
+                                     name)
+        return (_user_row(r), list(r["ssh_keys"])) if r else None
+
+    async def set_user_ssh_keys(self, name: str, keys: Sequence[str], *, actor: str,
+                                detail: dict[str, Any]) -> bool:
+        """Replace a user's SFTP public keys (audited); False if there is no such user."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            status = await conn.execute(
+                "UPDATE users SET ssh_keys = $2, updated_at = now() WHERE name = $1",
+                name, list(keys))
+            if status.split()[-1] == "0":
+                return False
+            await self._audit(conn, actor=actor, action="users.sshkey", outcome="ok",
+                              object=name, detail=detail)
+        return True
+
     # -- service levels: CPM 8 and demand ---------------------------------------------------
     async def add_service_level_counts(self, cpm: Sequence[CpmRow],
                                        demand: Sequence[tuple[Any, str, int, int]]) -> None:
@@ -858,6 +929,113 @@ class Store:
             "SELECT user_name, band, requests FROM demand_counts WHERE day = $1"
             " ORDER BY user_name, band", day)
         return [(r[0], int(r[1]), int(r[2])) for r in rows]
+
+    # -- extracts (keyset pages: bounded memory whatever the store size) -------------------
+    @contextlib.asynccontextmanager
+    async def extract_lock(self, *, wait: bool) -> AsyncIterator[bool]:
+        """The cluster-wide extract producer lock, held on one connection for the duration:
+        yields whether it was obtained (always, with `wait`)."""
+        async with self.pool.acquire() as conn:
+            if wait:
+                await conn.execute("SELECT pg_advisory_lock($1)", _EXTRACT_LOCK)
+                got = True
+            else:
+                got = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", _EXTRACT_LOCK))
+            try:
+                yield got
+            finally:
+                if got:
+                    await conn.execute("SELECT pg_advisory_unlock($1)", _EXTRACT_LOCK)
+
+    async def extract_markers(self) -> ExtractMarkers:
+        """The highest ids and change number now, taken with no lodging in flight."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _CHANGE_LOCK)
+            r = await conn.fetchrow(
+                "SELECT (SELECT coalesce(max(id), 0) FROM certificates),"
+                " (SELECT coalesce(max(changed_seq), 0) FROM certificates),"
+                " (SELECT coalesce(max(id), 0) FROM crls),"
+                " (SELECT coalesce(max(id), 0) FROM documents)")
+        return ExtractMarkers(int(r[0]), int(r[1]), int(r[2]), int(r[3]))
+
+    async def extract_certificates_page(self, after_id: int, upto_id: int,
+                                        limit: int) -> list[CertRow]:
+        rows = await self.pool.fetch(
+            f"SELECT {_CERT_ROW_COLS} FROM certificates WHERE id > $1 AND id <= $2"
+            " ORDER BY id LIMIT $3", after_id, upto_id, limit)
+        return [CertRow(*r) for r in rows]
+
+    async def extract_changed_page(self, after_change: int, upto_change: int, id_upto: int,
+                                   limit: int) -> list[tuple[int, CertRow]]:
+        """Certificates with id <= id_upto whose status changed in (after, upto], by change."""
+        rows = await self.pool.fetch(
+            f"SELECT changed_seq, {_CERT_ROW_COLS} FROM certificates WHERE changed_seq > $1"
+            " AND changed_seq <= $2 AND id <= $3 ORDER BY changed_seq LIMIT $4",
+            after_change, upto_change, id_upto, limit)
+        return [(int(r[0]), CertRow(*r[1:])) for r in rows]
+
+    async def extract_crls_page(self, after_id: int, upto_id: int, limit: int) -> list[CrlRow]:
+        rows = await self.pool.fetch(
+            f"SELECT {self._CRL_COLS} FROM crls WHERE id > $1 AND id <= $2 ORDER BY id LIMIT $3",
+            after_id, upto_id, limit)
+        return [_crl_row(r) for r in rows]
+
+    async def extract_documents_page(self, after_id: int, upto_id: int,
+                                     limit: int) -> list[tuple[int, DocumentRow]]:
+        rows = await self.pool.fetch(
+            f"SELECT id, {self._DOC_COLS}, body FROM documents WHERE id > $1 AND id <= $2"
+            " ORDER BY id LIMIT $3", after_id, upto_id, limit)
+        return [(int(r[0]), DocumentRow(*r[1:])) for r in rows]
+
+    async def extract_next_id(self) -> int:
+        return int(await self.pool.fetchval("SELECT nextval('extracts_id_seq')"))
+
+    async def extract_begin(self, extract_id: int, name: str, kind: str, slot: str | None,
+                            previous_id: int | None, upto: ExtractMarkers) -> None:
+        await self.pool.execute(
+            "INSERT INTO extracts (id, name, kind, slot, previous_id, cert_id_upto, change_upto,"
+            " crl_id_upto, document_id_upto) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            extract_id, name, kind, slot, previous_id, upto.cert_id, upto.change, upto.crl_id,
+            upto.document_id)
+
+    async def extract_published(self, extract_id: int, size: int, sha256: bytes,
+                                counts: dict[str, Any]) -> None:
+        await self.pool.execute(
+            "UPDATE extracts SET state = 'published', published_at = now(), size = $2,"
+            " sha256 = $3, counts = $4::text::jsonb WHERE id = $1",
+            extract_id, size, sha256, json.dumps(counts))
+
+    async def extract_failed(self, extract_id: int | None = None) -> int:
+        """Mark one extract, or (None) every one still 'producing', as failed: called under
+        the producer lock, when none can really be in production."""
+        status = await self.pool.execute(
+            "UPDATE extracts SET state = 'failed' WHERE state = 'producing'"
+            " AND ($1::bigint IS NULL OR id = $1)", extract_id)
+        return int(status.split()[-1])
+
+    async def extract_removed(self, ids: Sequence[int]) -> None:
+        await self.pool.execute(
+            "UPDATE extracts SET state = 'removed', removed_at = now() WHERE id = ANY($1::bigint[])",
+            list(ids))
+
+    async def extracts(self, states: Sequence[str] = ("published",)) -> list[ExtractRow]:
+        """Extracts in these states, newest first."""
+        rows = await self.pool.fetch(
+            f"SELECT {_EXTRACT_COLS} FROM extracts WHERE state = ANY($1::text[]) ORDER BY id DESC",
+            list(states))
+        return [_extract_row(r) for r in rows]
+
+    async def extract_latest(self) -> ExtractRow | None:
+        """The newest extract produced (published, or published and since removed): where the
+        next delta starts."""
+        r = await self.pool.fetchrow(
+            f"SELECT {_EXTRACT_COLS} FROM extracts WHERE state IN ('published', 'removed')"
+            " ORDER BY id DESC LIMIT 1")
+        return _extract_row(r) if r else None
+
+    async def extract_slot_taken(self, slot: str) -> bool:
+        return bool(await self.pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM extracts WHERE slot = $1 AND state <> 'failed')", slot))
 
     # -- audit ---------------------------------------------------------------------------
     @staticmethod
