@@ -74,6 +74,88 @@ async def _serve(config: Config, *, pid_file: str | None,
     return 0
 
 
+def _supervise(args: argparse.Namespace, config: Config) -> int:
+    """`serve --workers N`: N server processes sharing every listener (SO_REUSEPORT), so one
+    node uses all its cores. Each is a whole server (own caches, LISTEN connection, CPM
+    counts, which it adds to the store itself); jobs that must run once per cluster (the
+    extract schedule) take a PostgreSQL advisory lock. The first worker starts the embedded
+    PostgreSQL (the others share it through its lease); a worker that dies is restarted,
+    SIGINT/SIGTERM stop them all."""
+    import subprocess
+
+    from .server import write_pid_file
+
+    workers = args.workers
+    for name in ("http", "https", "lodge", "ldap", "ldaps", "sftp"):
+        addr = config.listeners.address(name)
+        if addr is not None and addr.port == 0:
+            raise ConfigError(f"listeners.{name}: --workers needs fixed ports (not port 0)")
+    argv = [sys.executable, "-m", "repository_server", "serve"]
+    for flag in ("config", "data_dir", "http", "https", "lodge", "ldap", "ldaps", "sftp"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            argv += [f"--{flag.replace('_', '-')}", value]
+    env = {**os.environ, "SMKI_LISTENERS__REUSE_PORT": "true"}
+    run_dir = Path(config.data_dir).expanduser() / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stopping = False
+
+    def stop(_sig: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+    def spawn(i: int) -> subprocess.Popen[bytes]:
+        pid_file = run_dir / f"worker-{i}.pid"
+        pid_file.unlink(missing_ok=True)
+        proc = subprocess.Popen([*argv, "--pid-file", str(pid_file)], env=env)
+        deadline = time.monotonic() + 120
+        while not pid_file.exists():  # written once the worker listens
+            if proc.poll() is not None or time.monotonic() > deadline or stopping:
+                break
+            time.sleep(0.1)
+        log.info("worker %d: pid %d", i, proc.pid)
+        return proc
+
+    procs: dict[int, subprocess.Popen[bytes]] = {}
+    write_pid_file(args.pid_file)
+    try:
+        for i in range(workers):  # one after the other: the first starts PostgreSQL
+            procs[i] = spawn(i)
+            if procs[i].poll() is not None:
+                print(f"serve: worker {i} exited with {procs[i].returncode} at start",
+                      file=sys.stderr)
+                return 1
+        log.info("%d workers serving", workers)
+        restarts: list[float] = []
+        while not stopping:
+            time.sleep(0.5)
+            for i, proc in list(procs.items()):
+                if proc.poll() is not None and not stopping:
+                    now = time.monotonic()
+                    restarts = [t for t in restarts if now - t < 60] + [now]
+                    if len(restarts) > 5 * workers:
+                        print("serve: workers keep dying; giving up", file=sys.stderr)
+                        return 1
+                    log.warning("worker %d (pid %d) exited with %s; restarting", i, proc.pid,
+                                proc.returncode)
+                    procs[i] = spawn(i)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if args.pid_file:
+            Path(args.pid_file).unlink(missing_ok=True)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
     listeners = {k: getattr(args, k) for k in ("http", "https", "lodge", "ldap", "ldaps", "sftp")
@@ -82,6 +164,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         overrides["listeners"] = listeners
     config = _config(args, overrides)
     _setup_logging(config.log.level)
+    if not 1 <= args.workers <= 64:
+        raise ConfigError("--workers: must be between 1 and 64")
+    if args.workers > 1:
+        return _supervise(args, config)
     _install_loop()
     return asyncio.run(_serve(config, pid_file=args.pid_file))
 
@@ -496,6 +582,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", metavar="HOST:PORT",
                        help=f"override listeners.{name} (empty string disables)")
     p.add_argument("--pid-file", metavar="FILE")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="N server processes sharing every listener (SO_REUSEPORT; default 1)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="generate a test PKI, start everything, lodge the PKI")

@@ -53,8 +53,8 @@ class Listeners:
     ldap: str = "127.0.0.1:3890"
     ldaps: str = "127.0.0.1:6360"
     sftp: str = "127.0.0.1:2222"  # extract downloads over SFTP (read-only)
-    # SO_REUSEPORT on the read listeners (http, https, ldap, ldaps): several server processes on
-    # one node share each port and the kernel spreads connections over them.
+    # SO_REUSEPORT on every listener: several server processes on one node share each port and
+    # the kernel spreads connections over them (`serve --workers N` sets it).
     reuse_port: bool = False
 
     def address(self, name: str) -> HostPort | None:

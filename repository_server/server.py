@@ -461,7 +461,7 @@ class Repository:
             ctx = lodge_ctx
             server = await loop.create_server(
                 lambda: _TlsGate(factory, ctx, self._on_tls_refused), addr.host, addr.port,
-                reuse_address=True, backlog=128)
+                reuse_address=True, reuse_port=cfg.listeners.reuse_port or None, backlog=128)
             self._servers.append(server)
             sock = server.sockets[0].getsockname()
             self.bound["lodge"] = HostPort(sock[0], sock[1])
