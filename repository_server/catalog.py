@@ -135,6 +135,7 @@ class Catalog:
         self._listen_task: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()  # set once the first LISTEN is in place
         self.live = False  # LISTEN in place: every change reaches us
+        self._changes_seen: int | None = None  # newest status change known when LISTEN began
         self.lost_at: float | None = None  # loop time the LISTEN connection was lost
         self._preload_task: asyncio.Task[None] | None = None
         self.hits = 0
@@ -216,6 +217,15 @@ class Catalog:
                 conn.add_termination_listener(on_lost)
                 await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
                 self.invalidate_mutable()  # anything cached before LISTEN may be stale
+                # Status and flag changes made while we were not listening: forget those
+                # certificates (the cache keeps the others: certificate bytes never change).
+                self._changes_seen, changed = await self.store.certificate_changes_since(
+                    self._changes_seen)
+                for serial in changed:
+                    self._drop_cert(serial)
+                if changed:
+                    log.info("catalog: %d certificates changed while not listening: dropped",
+                             len(changed))
                 self.live = True
                 if self.lost_at is not None:
                     log.info("catalog LISTEN connection back after %.1f s",

@@ -174,3 +174,36 @@ async def test_a_lodging_on_one_node_is_served_by_another_within_a_second(
     finally:
         await node_b.stop()
         await node_a.stop()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_status_change_missed_while_not_listening_is_not_served(
+        tmp_path: Path, pki: dict[str, Any], fresh_db: str) -> None:
+    """Nothing cached outlives its source: a status change whose NOTIFY this process never
+    heard (its LISTEN connection was down) is caught up when LISTEN is back."""
+    repo = await start_repository(tmp_path, pki, fresh_db)
+    try:
+        running = Running(repo, pki)
+        await asyncio.to_thread(lodge_pki, running)
+        catalog, store = repo.catalog, repo.store
+        assert catalog is not None and store is not None
+        dev = running.objects("device")[0]
+        assert (await catalog.certificates(dev["serial"]))[0].lodged_status == "I"  # cached
+        for _ in range(100):
+            if catalog.live:
+                break
+            await asyncio.sleep(0.05)
+        listener = catalog._listener  # noqa: SLF001 - the test cuts the LISTEN connection
+        assert listener is not None
+        listener.terminate()
+        # the change happens while nobody listens in this process (its NOTIFY is lost here)
+        audit = {"actor": "test", "action": "lodge.status", "outcome": "ok", "object": dev["serial"]}
+        await store.set_status(dev["serial"], None, "N", None, audit)
+        for _ in range(200):  # LISTEN comes back by itself
+            await asyncio.sleep(0.05)
+            if catalog.live and catalog._listener is not listener:  # noqa: SLF001
+                break
+        assert catalog.live
+        assert (await catalog.certificates(dev["serial"]))[0].lodged_status == "N"
+    finally:
+        await repo.stop()

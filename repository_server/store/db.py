@@ -564,6 +564,19 @@ class Store:
             identical = sorted(identical + lost)
         return stored, identical
 
+    async def certificate_changes_since(self, seq: int | None) -> tuple[int, list[str]]:
+        """The newest status/flag change number, and the serials changed after `seq` (none when
+        `seq` is None): what a reader that missed notifications must forget."""
+        async with self.pool.acquire() as conn, conn.transaction(readonly=True,
+                                                                  isolation="repeatable_read"):
+            newest = int(await conn.fetchval(
+                "SELECT coalesce(max(changed_seq), 0) FROM certificates"))
+            if seq is None or seq >= newest:
+                return newest, []
+            rows = await conn.fetch(
+                "SELECT DISTINCT serial FROM certificates WHERE changed_seq > $1", seq)
+        return newest, [r[0] for r in rows]
+
     async def set_status(self, serial: str, issuer_key_id: bytes | None, status: str | None,
                          manufacturing_flag: bool | None, audit: dict[str, Any]) -> list[dict[str, Any]]:
         async with self.pool.acquire() as conn, conn.transaction():
