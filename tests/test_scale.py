@@ -193,7 +193,7 @@ async def test_a_status_change_missed_while_not_listening_is_not_served(
             if catalog.live:
                 break
             await asyncio.sleep(0.05)
-        listener = catalog._listener  # noqa: SLF001 - the test cuts the LISTEN connection
+        listener = catalog._listener  # the test cuts the LISTEN connection
         assert listener is not None
         listener.terminate()
         # the change happens while nobody listens in this process (its NOTIFY is lost here)
@@ -201,7 +201,7 @@ async def test_a_status_change_missed_while_not_listening_is_not_served(
         await store.set_status(dev["serial"], None, "N", None, audit)
         for _ in range(200):  # LISTEN comes back by itself
             await asyncio.sleep(0.05)
-            if catalog.live and catalog._listener is not listener:  # noqa: SLF001
+            if catalog.live and catalog._listener is not listener:
                 break
         assert catalog.live
         assert (await catalog.certificates(dev["serial"]))[0].lodged_status == "N"
