@@ -17,8 +17,6 @@ import contextlib
 import logging
 import posixpath
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +34,8 @@ from asyncssh import (
     SFTPPermissionDenied,
 )
 
-from ..auth import check_password, hash_password
 from ..config import Config
+from ..portal.auth import password_accepted
 from ..portal.security import LockoutPolicy
 from ..store.db import Store
 from . import format as fmt
@@ -133,27 +131,10 @@ class _Auth(asyncssh.SSHServer):
         return False
 
     async def validate_password(self, username: str, password: str) -> bool:
-        store = self.service.store
-        account = await store.portal_account(username)
-        if account is None:
-            # the same work for a user that does not exist: no enumeration by timing
-            await asyncio.get_running_loop().run_in_executor(
-                None, check_password, password, await self.service.dummy_hash())
-            return False
-        row, _failures, locked_until = account
-        lockout = self.service.lockout
-        now = datetime.now(UTC)
-        if row.disabled or not row.password_hash or lockout.locked(locked_until, now):
-            return False
-        ok = await asyncio.get_running_loop().run_in_executor(
-            None, check_password, password, row.password_hash)
-        if not ok:
-            await store.portal_record_failure(
-                row.name, partial(lockout.after_failure, now=now),
-                {"actor": f"sftp:{row.name}", "action": "sftp.login", "outcome": "refused",
-                 "object": row.name, "peer": self.peer, "detail": {"reason": "wrong password"}})
-            return False
-        return not row.must_change_password  # the first password is changed in the portal
+        service = self.service
+        return await password_accepted(
+            service.store, service.lockout, await service.store.portal_account(username),
+            password, actor="sftp", action="sftp.login", peer=self.peer)
 
 
 class SftpService:
@@ -161,18 +142,8 @@ class SftpService:
         self.config = config
         self.store = store
         self.directory = directory
-        portal = config.portal
-        self.lockout = LockoutPolicy(portal.lockout_failures,
-                                     timedelta(seconds=portal.lockout_window_seconds),
-                                     timedelta(seconds=portal.lockout_seconds))
-        self._dummy_hash: str | None = None
+        self.lockout = LockoutPolicy.from_settings(config.portal)
         self.server: asyncssh.SSHAcceptor | None = None
-
-    async def dummy_hash(self) -> str:
-        """A password hash nobody matches (made once, when first needed: scrypt costs)."""
-        if self._dummy_hash is None:
-            self._dummy_hash = await asyncio.to_thread(hash_password, "not anyone's password")
-        return self._dummy_hash
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         ex = self.config.extracts

@@ -35,14 +35,14 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from functools import partial
 
-from ..auth import User, api_key_sha256, check_password
+from ..auth import User, api_key_sha256
 from ..config import Config
+from ..portal.auth import password_accepted
 from ..portal.security import LockoutPolicy
 from ..service_levels import ANONYMOUS, ServiceLevels
 from ..store.db import Store
+from ..store.db import unavailable as store_unavailable
 from . import codec, dn
 from .codec import PAGED_RESULTS_OID, STARTTLS_OID, ProtocolError, ResultCode
 from .directory import Directory, DirectoryError, Node
@@ -164,10 +164,7 @@ class LdapService:
         directory.on_change(self.cache.clear)
         self.connections: set[LdapConnection] = set()
         self.ids = itertools.count(1)
-        portal = config.portal
-        self.lockout = LockoutPolicy(portal.lockout_failures,
-                                     timedelta(seconds=portal.lockout_window_seconds),
-                                     timedelta(seconds=portal.lockout_seconds))
+        self.lockout = LockoutPolicy.from_settings(config.portal)
         self.users_dn = f"{USERS_RDN},{directory.suffix}"
         self._nusers = dn.parse_normalised(self.users_dn)
         self._bases: dict[str, dn.DN] = {}
@@ -466,38 +463,24 @@ class LdapConnection(asyncio.Protocol):
 
     async def _check_secret(self, name: str, secret: bytes) -> User | None:
         """The user, if `secret` is its API key or its portal password. Passwords follow the
-        portal's SEC lockout (the same counters in PostgreSQL): a locked account is refused and
-        a wrong password counts as a failure; API keys are random secrets and do not."""
+        portal's SEC lockout (the same counters in PostgreSQL); API keys are random secrets
+        and are not counted."""
         try:
             text = secret.decode("utf-8")
         except UnicodeDecodeError:
             return None
-        account = await self.service.store.portal_account(name)
-        if account is None:
-            return None
-        row, _failures, locked_until = account
-        if row.disabled:
-            return None
-        if row.api_key_sha256 is not None and hmac.compare_digest(api_key_sha256(text),
-                                                                  row.api_key_sha256):
-            return User(row.name, row.role)
-        if not row.password_hash:
-            return None
-        lockout = self.service.lockout
-        now = datetime.now(UTC)
-        if lockout.locked(locked_until, now):
-            return None
-        ok = await asyncio.get_running_loop().run_in_executor(
-            None, check_password, text, row.password_hash)
-        if not ok:
-            await self.service.store.portal_record_failure(
-                row.name, partial(lockout.after_failure, now=now),
-                {"actor": f"ldap:{row.name}", "action": "ldap.bind", "outcome": "refused",
-                 "object": row.name, "peer": self.peer, "detail": {"reason": "wrong password"}})
-            return None
-        if row.must_change_password:  # the first password is changed in the portal first
-            return None
-        return User(row.name, row.role)
+        store = self.service.store
+        account = await store.portal_account(name)
+        if account is not None:
+            row = account[0]
+            if (not row.disabled and row.api_key_sha256 is not None
+                    and hmac.compare_digest(api_key_sha256(text), row.api_key_sha256)):
+                return User(row.name, row.role)
+        if await password_accepted(store, self.service.lockout, account, text, actor="ldap",
+                                   action="ldap.bind", peer=self.peer):
+            assert account is not None
+            return User(account[0].name, account[0].role)
+        return None
 
     async def _bind_sasl(self, req: codec.BindRequest) -> None:
         mid = req.message_id
@@ -784,7 +767,7 @@ def _close_later(gen: AsyncGenerator[Entry, None]) -> None:
 def _failure(exc: BaseException, conn_id: int) -> tuple[int, str]:
     if isinstance(exc, ProtocolError):
         return ResultCode.PROTOCOL_ERROR, exc.reason
-    if isinstance(exc, OSError | TimeoutError) or type(exc).__module__.startswith("asyncpg"):
+    if store_unavailable(exc):
         log.warning("ldap conn=%d: store unavailable: %s", conn_id, exc)
         return ResultCode.UNAVAILABLE, "the repository store is unavailable; try again shortly"
     log.error("ldap conn=%d: internal error", conn_id, exc_info=exc)

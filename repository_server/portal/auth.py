@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -32,7 +33,7 @@ from typing import Any
 
 from ..auth import check_password, hash_password
 from ..config import Portal as PortalSettings
-from ..store.db import Store
+from ..store.db import Failures, Store, UserRow
 from . import security
 from .security import LockoutPolicy, SessionPolicy
 
@@ -40,8 +41,40 @@ log = logging.getLogger(__name__)
 
 _TOUCH = timedelta(seconds=30)  # last use written back at most this often per session
 _CACHE_LIMIT = 50_000
-# Spent on unknown usernames so that they take as long as known ones.
-_DUMMY_HASH = hash_password("smki-portal-no-such-user")
+
+
+@functools.cache
+def dummy_hash() -> str:
+    """A hash nobody's password matches, checked for unknown usernames so that they take as
+    long as known ones (made once, when first needed: scrypt is not free at start-up)."""
+    return hash_password("smki-portal-no-such-user")
+
+
+Account = tuple[UserRow, Failures, datetime | None]
+
+
+async def password_accepted(store: Store, policy: LockoutPolicy, account: Account | None,
+                            password: str, *, actor: str, action: str, peer: str | None,
+                            now: datetime | None = None) -> bool:
+    """Whether `password` lets this account in over a non-portal interface (LDAP bind, SFTP):
+    its portal password, the account enabled, not locked, the first password already changed.
+    A wrong password counts towards the SEC lockout on the portal's counters; an unknown user
+    costs the same scrypt as a known one."""
+    if account is None:
+        await asyncio.to_thread(check_password, password, dummy_hash())
+        return False
+    row, _failures, locked_until = account
+    now = now or datetime.now(UTC)
+    if row.disabled or not row.password_hash or policy.locked(locked_until, now):
+        return False
+    if not await asyncio.to_thread(check_password, password, row.password_hash):
+        await store.portal_record_failure(
+            row.name, partial(policy.after_failure, now=now),
+            {"actor": f"{actor}:{row.name}", "action": action,
+             "outcome": "refused", "object": row.name, "peer": peer,
+             "detail": {"reason": "wrong password"}})
+        return False
+    return not row.must_change_password  # the first password is changed in the portal
 
 
 @dataclass(slots=True)
@@ -71,9 +104,7 @@ class PortalAuth:
         self.clock = clock
         self.sessions = SessionPolicy(timedelta(seconds=settings.session_idle_seconds),
                                       timedelta(seconds=settings.session_absolute_seconds))
-        self.lockout = LockoutPolicy(settings.lockout_failures,
-                                     timedelta(seconds=settings.lockout_window_seconds),
-                                     timedelta(seconds=settings.lockout_seconds))
+        self.lockout = LockoutPolicy.from_settings(settings)
         self._cache: OrderedDict[bytes, Session] = OrderedDict()
         self._background: set[asyncio.Task[None]] = set()
 
@@ -168,19 +199,19 @@ class PortalAuth:
         username = username.strip()
         if not username or len(username) > security.MAX_USERNAME or not password or len(
                 password) > security.MAX_PASSWORD:
-            await asyncio.to_thread(check_password, "x", _DUMMY_HASH)
+            await asyncio.to_thread(check_password, "x", dummy_hash())
             return SignIn(None, "bad-input")
         account = await self.store.portal_account(username)
         now = self.now()
         if account is None:
-            await asyncio.to_thread(check_password, password, _DUMMY_HASH)
+            await asyncio.to_thread(check_password, password, dummy_hash())
             await self.store.audit(**self._audit(username, "portal.sign-in", "refused",
                                                  {"reason": "unknown user"}, peer=peer,
                                                  actor="unauthenticated"))
             return SignIn(None, "unknown")
         user, _failures, locked_until = account
         good = await asyncio.to_thread(check_password, password,
-                                       user.password_hash or _DUMMY_HASH)
+                                       user.password_hash or dummy_hash())
         good = good and user.password_hash is not None
         if self.lockout.locked(locked_until, now):
             await self.store.audit(**self._audit(

@@ -20,6 +20,10 @@ import hmac
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..config import Portal as PortalSettings
 
 ANONYMOUS_PREFIX = "a."
 SESSION_PREFIX = "s."
@@ -72,6 +76,12 @@ class LockoutPolicy:
     failures: int
     window: timedelta
     lockout: timedelta
+
+    @classmethod
+    def from_settings(cls, settings: PortalSettings) -> LockoutPolicy:
+        """The SEC rule as configured (`[portal]`): one rule for portal, LDAP and SFTP."""
+        return cls(settings.lockout_failures, timedelta(seconds=settings.lockout_window_seconds),
+                   timedelta(seconds=settings.lockout_seconds))
 
     @staticmethod
     def locked(locked_until: datetime | None, now: datetime) -> bool:
