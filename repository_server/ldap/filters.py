@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from ..pki.ids import IdentifierError, parse_serial, serial_to_hex
 from . import codec
@@ -118,19 +119,15 @@ def _certificate_match(attr: AttributeType, assertion: bytes) -> Predicate:
     return by_serial_issuer
 
 
-def _equality(attr: AttributeType | None, value: bytes, rule: str | None = None) -> Predicate:
-    if attr is None:
-        return lambda _e: None
-    rule = rule or attr.equality
-    if rule in ("certificateExactMatch", "certificateListExactMatch"):
-        return _certificate_match(attr, value)
-    norm = equality_normaliser(attr) if rule == attr.equality else RULE_NORMALISERS.get(rule or "")
-    if norm is None:
-        return lambda _e: None
-    want = norm(value)
-    if want is None:
-        return lambda _e: None
-    key = attr.key
+def _undefined(_entry: Entry) -> Tri:
+    return None
+
+
+def _values_match(key: str, norm: Normaliser, test: Callable[[Any], bool], *,
+                  invalid_is_undefined: bool = False) -> Predicate:
+    """True if any value of the attribute, normalised, passes `test`; False if none does (or
+    the entry has no such attribute); Undefined when a value the rule cannot read was seen
+    and `invalid_is_undefined`."""
 
     def match(entry: Entry) -> Tri:
         values = entry.attrs.get(key)
@@ -139,78 +136,80 @@ def _equality(attr: AttributeType | None, value: bytes, rule: str | None = None)
         undefined = False
         for v in values:
             got = norm(v)
-            if got == want:
+            if got is None:
+                undefined = invalid_is_undefined
+            elif test(got):
                 return True
-            undefined = undefined or got is None
         return None if undefined else False
 
     return match
 
 
+def _equality(attr: AttributeType | None, value: bytes, rule: str | None = None) -> Predicate:
+    if attr is None:
+        return _undefined
+    rule = rule or attr.equality
+    if rule in ("certificateExactMatch", "certificateListExactMatch"):
+        return _certificate_match(attr, value)
+    norm = equality_normaliser(attr) if rule == attr.equality else RULE_NORMALISERS.get(rule or "")
+    want = norm(value) if norm is not None else None
+    if norm is None or want is None:
+        return _undefined
+    return _values_match(attr.key, norm, lambda got: got == want, invalid_is_undefined=True)
+
+
 def _ordering(attr: AttributeType | None, value: bytes, greater: bool) -> Predicate:
     if attr is None or attr.ordering is None:
-        return lambda _e: None
+        return _undefined
     norm = ORDERING_NORMALISERS[attr.ordering]
-    want = norm(value)
+    want: Any = norm(value)
     if want is None:
-        return lambda _e: None
-    key = attr.key
-
-    def match(entry: Entry) -> Tri:
-        values = entry.attrs.get(key)
-        if values is None:
-            return False
-        for v in values:
-            got = norm(v)
-            if got is not None and (got >= want if greater else got <= want):  # type: ignore[operator]
-                return True
-        return False
-
-    return match
+        return _undefined
+    return _values_match(attr.key, norm, (lambda got: got >= want) if greater
+                         else (lambda got: got <= want))
 
 
 def _substrings(f: codec.Substrings) -> Predicate:
     attr = _attr(f.attribute)
     if attr is None or attr.substr is None:
-        return lambda _e: None
-    norm: Normaliser = norm_case_exact if attr.substr == "caseExactSubstringsMatch" else norm_case_ignore
-    parts = [norm(p) for p in (f.initial or b"", *f.any, f.final or b"")]
-    if any(p is None for p in parts):
-        return lambda _e: None
-    initial = norm(f.initial) if f.initial is not None else None
-    final = norm(f.final) if f.final is not None else None
+        return _undefined
+    norm = norm_case_exact if attr.substr == "caseExactSubstringsMatch" else norm_case_ignore
+    initial = norm(f.initial) if f.initial is not None else ""
+    final = norm(f.final) if f.final is not None else ""
     anys = [norm(a) for a in f.any]
-    key = attr.key
+    if initial is None or final is None or None in anys:
+        return _undefined
+    pieces = [a for a in anys if a is not None]
 
-    def one(text: str) -> bool:
-        pos = 0
-        if initial is not None:
-            if not text.startswith(initial):  # type: ignore[arg-type]
-                return False
-            pos = len(initial)  # type: ignore[arg-type]
-        end = len(text)
-        if final is not None:
-            if len(text) - len(final) < pos or not text.endswith(final):  # type: ignore[arg-type]
-                return False
-            end = len(text) - len(final)  # type: ignore[arg-type]
-        for a in anys:
-            i = text.find(a, pos, end)  # type: ignore[arg-type]
+    def contains(text: str) -> bool:
+        if not text.startswith(initial) or len(text) - len(final) < len(initial):
+            return False
+        end = len(text) - len(final)
+        if not text.endswith(final):
+            return False
+        pos = len(initial)
+        for piece in pieces:
+            i = text.find(piece, pos, end)
             if i < 0:
                 return False
-            pos = i + len(a)  # type: ignore[arg-type]
+            pos = i + len(piece)
         return True
 
-    def match(entry: Entry) -> Tri:
-        values = entry.attrs.get(key)
-        if values is None:
-            return False
-        for v in values:
-            t = norm(v)
-            if isinstance(t, str) and one(t):
-                return True
-        return False
+    return _values_match(attr.key, norm, contains)
 
-    return match
+
+def _any_of(parts: list[Predicate]) -> Predicate:
+    def any_of(entry: Entry) -> Tri:
+        result: Tri = False
+        for p in parts:
+            r = p(entry)
+            if r:
+                return True
+            if r is None:
+                result = None
+        return result
+
+    return any_of
 
 
 def _extensible(f: codec.ExtensibleMatch) -> Predicate:
@@ -220,24 +219,14 @@ def _extensible(f: codec.ExtensibleMatch) -> Predicate:
             (n for n in MATCHING_RULES if n.lower() == f.matching_rule.lower()), None)
         if rule is None or (rule not in RULE_NORMALISERS and rule not in (
                 "certificateExactMatch", "certificateListExactMatch")):
-            return lambda _e: None  # an unknown or unsupported rule: Undefined
+            return _undefined  # an unknown or unsupported rule: Undefined
     if f.type is not None:
         attr = _attr(f.type)
         base = _equality(attr, f.value, rule)
         candidates: list[AttributeType] = [attr] if attr is not None else []
     else:  # any attribute the rule applies to
         candidates = [a for a in SCHEMA.attributes if a.equality == rule and not a.operational]
-        preds = [_equality(a, f.value, rule) for a in candidates]
-
-        def base(entry: Entry) -> Tri:
-            result: Tri = False
-            for p in preds:
-                r = p(entry)
-                if r:
-                    return True
-                if r is None:
-                    result = None
-            return result
+        base = _any_of([_equality(a, f.value, rule) for a in candidates])
 
     if not f.dn_attributes:
         return base
@@ -274,19 +263,7 @@ def compile_filter(f: codec.Filter) -> Predicate:
 
         return all_of
     if isinstance(f, codec.Or):
-        parts = [compile_filter(x) for x in f.filters]
-
-        def any_of(entry: Entry) -> Tri:
-            result: Tri = False
-            for p in parts:
-                r = p(entry)
-                if r:
-                    return True
-                if r is None:
-                    result = None
-            return result
-
-        return any_of
+        return _any_of([compile_filter(x) for x in f.filters])
     if isinstance(f, codec.Not):
         inner = compile_filter(f.filter)
 

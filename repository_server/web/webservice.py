@@ -146,9 +146,16 @@ class WebService:
 
     # -- handlers -------------------------------------------------------------------------
     async def search(self, request: web.Request) -> web.StreamResponse:
-        root = ws_xml.SEARCH_RESPONSE
+        return await self._guarded(request, ws_xml.SEARCH_RESPONSE, self._search)
+
+    async def retrieve(self, request: web.Request) -> web.StreamResponse:
+        return await self._guarded(request, ws_xml.DATA_RESPONSE, self._retrieve)
+
+    async def _guarded(self, request: web.Request, root: str, handler: Callable[
+            [web.Request, str], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        """A handler whose store errors become the service's own 503 (see `_unavailable`)."""
         try:
-            return await self._search(request, root)
+            return await handler(request, root)
         except Exception as exc:
             return self._unavailable(request.get(NOTE), root, exc)
 
@@ -169,13 +176,6 @@ class WebService:
         statuses = await self.catalog.statuses(entries, time.time())
         results = [self._fields(e, s) for e, s in zip(entries, statuses, strict=True)]
         return self._answer(note, 200, lambda ref: ws_xml.search_response(ref, results))
-
-    async def retrieve(self, request: web.Request) -> web.StreamResponse:
-        root = ws_xml.DATA_RESPONSE
-        try:
-            return await self._retrieve(request, root)
-        except Exception as exc:
-            return self._unavailable(request.get(NOTE), root, exc)
 
     async def _retrieve(self, request: web.Request, root: str) -> web.StreamResponse:
         note, body = await self._accept(request, root)
