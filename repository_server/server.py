@@ -504,7 +504,7 @@ class Repository:
         if self.sftp is not None:
             await self.sftp.stop()
         if self.ldap is not None:
-            await self.ldap.close_all()
+            self.ldap.close_all()
         for runner in reversed(self._runners):
             with contextlib.suppress(Exception):
                 await runner.cleanup()

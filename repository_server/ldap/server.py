@@ -46,7 +46,7 @@ from ..store.db import unavailable as store_unavailable
 from . import codec, dn
 from .codec import PAGED_RESULTS_OID, STARTTLS_OID, ProtocolError, ResultCode
 from .directory import Directory, DirectoryError, Node
-from .filters import Entry, compile_filter, plan
+from .filters import Entry, Plan, compile_filter, plan
 from .schema import SCHEMA, AttributeType
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ class LdapService:
             return parsed[0][0][1]
         return None
 
-    async def close_all(self) -> None:
+    def close_all(self) -> None:
         for conn in list(self.connections):
             conn.disconnect(ResultCode.UNAVAILABLE, "the server is shutting down")
 
@@ -588,17 +588,21 @@ class LdapConnection(asyncio.Protocol):
 
     async def _entry(self, name: str) -> Entry:
         try:
-            base = dn.parse_normalised(name)
+            base = self.service.base_dn(name)
         except dn.DNError as exc:
             raise DirectoryError(ResultCode.INVALID_DN_SYNTAX, f"invalid DN: {exc}") from None
-        directory = self.service.directory
-        node = await directory.resolve(base)
-        async for entry in directory.candidates(node, 0, plan(codec.Present("objectClass")),
-                                                self.private, base):
-            if not entry.public and not self.private:
-                raise DirectoryError(ResultCode.INSUFFICIENT_ACCESS_RIGHTS, _PRIVATE)
+        node = await self._readable(base)
+        async for entry in self.service.directory.candidates(node, 0, Plan(), self.private, base):
             return entry
         raise DirectoryError(ResultCode.NO_SUCH_OBJECT, "no such entry")
+
+    async def _readable(self, base: dn.DN) -> Node:
+        """The node a base names, if this connection may read it (device, organisation and
+        other certificate entries need a bound user unless ldap.open_reads)."""
+        node = await self.service.directory.resolve(base)
+        if node.kind in ("subject", "cert") and not self.private:
+            raise DirectoryError(ResultCode.INSUFFICIENT_ACCESS_RIGHTS, _PRIVATE)
+        return node
 
     # -- search --------------------------------------------------------------------------------------
     async def op_search(self, req: codec.SearchRequest, content: bytes | None, received: float) -> None:
@@ -636,7 +640,6 @@ class LdapConnection(asyncio.Protocol):
 
     async def _search(self, req: codec.SearchRequest, content: bytes | None) -> Outcome:
         settings = self.service.settings
-        directory = self.service.directory
         paging: tuple[int, bytes] | None = None
         for control in req.controls:
             if control.oid == PAGED_RESULTS_OID:
@@ -657,11 +660,9 @@ class LdapConnection(asyncio.Protocol):
         if paging is not None:
             return await self._paged_search(req, base, selection, paging, deadline)
         try:
-            node = await directory.resolve(base)
+            node = await self._readable(base)
         except DirectoryError as exc:
             return Outcome(exc.code, exc.message, exc.matched)
-        if node.kind in ("subject", "cert") and not self.private:
-            return Outcome(ResultCode.INSUFFICIENT_ACCESS_RIGHTS, _PRIVATE)
         # Entries are held back (and written with the done) while the answer is small enough
         # to be cached; beyond that they are written as found, pausing while the client lags.
         out = Outcome(ResultCode.SUCCESS, cache_until=float("inf") if content is not None else None)
@@ -720,11 +721,9 @@ class LdapConnection(asyncio.Protocol):
                 return Outcome(ResultCode.SUCCESS, controls=ended)
         else:
             try:
-                node = await self.service.directory.resolve(base)
+                node = await self._readable(base)
             except DirectoryError as exc:
                 return Outcome(exc.code, exc.message, exc.matched)
-            if node.kind in ("subject", "cert") and not self.private:
-                return Outcome(ResultCode.INSUFFICIENT_ACCESS_RIGHTS, _PRIVATE)
             if page_size == 0:
                 return Outcome(ResultCode.SUCCESS, controls=ended)
             matches = self._matches(req, node, base)
