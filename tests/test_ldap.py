@@ -640,3 +640,91 @@ async def test_busy_abandon_and_another_suffix(tmp_path: Path, pki: dict[str, An
         assert [int(op["resultCode"]) for _m, name, op in out if name == "searchResDone"] == [32]
     finally:
         await repo.stop()
+
+
+def _local_address() -> str | None:
+    """This machine's own non-loopback address (none leaves the machine: a UDP connect only
+    picks the route), or None when there is no such interface."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: nothing is sent
+            addr: str = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if addr.startswith("127.") else addr
+
+
+async def test_password_binds_from_afar_need_tls(tmp_path: Path, pki: dict[str, Any],
+                                                  fresh_db: str) -> None:
+    addr = _local_address()
+    if addr is None:
+        pytest.skip("no non-loopback interface on this machine")
+    repo = await start_repository(tmp_path, pki, fresh_db,
+                                  listeners={"ldap": f"{addr}:0"})
+    try:
+        await add_user(repo, "tester", TEST_KEY)
+        port = repo.bound["ldap"].port
+
+        def bind(tls: bool) -> int:
+            server = ldap3.Server(addr, port=port, tls=ldap3.Tls(
+                ca_certs_file=str(pki["dir"] / pki["tls"]["ca"]), validate=ssl.CERT_NONE))
+            conn = ldap3.Connection(server, user="tester", password=TEST_KEY, receive_timeout=10)
+            conn.open()
+            if tls:
+                assert conn.start_tls(), conn.result
+            conn.bind()
+            code = int(conn.result["result"])
+            conn.unbind()
+            return code
+
+        assert await asyncio.to_thread(bind, False) == 13  # confidentialityRequired
+        assert await asyncio.to_thread(bind, True) == 0
+    finally:
+        await repo.stop()
+
+
+async def test_time_limit_and_expiry_of_cached_answers(loaded: Running) -> None:
+    """A search slower than its time limit ends with timeLimitExceeded; a cached answer that
+    holds a certificate is not served past that certificate's notAfter."""
+    from .test_webservice import _org_cert
+
+    store = loaded.repo.store
+    assert store is not None
+
+    def search(base: str, flt: str, attrs: list[str], time_limit: int = 0) -> tuple[int, list[Any]]:
+        conn = ldap3_conn(loaded)
+        try:
+            conn.search(base, flt, attributes=attrs, time_limit=time_limit)
+            return int(conn.result["result"]), [e["attributes"] for e in conn.response
+                                                 if e["type"] == "searchResEntry"]
+        finally:
+            conn.unbind()
+
+    # the store held up for 2.5 s (a lock), the client's time limit 1 s
+    async with store.pool.acquire() as conn, conn.transaction():
+        await conn.execute("LOCK TABLE certificates IN ACCESS EXCLUSIVE MODE")
+        task = asyncio.ensure_future(asyncio.to_thread(
+            search, "o=SMKI", "(objectClass=smkiCertificate)", ["smkiSerial"], 1))
+        await asyncio.sleep(2.5)
+    code, _ = await task
+    assert code == 3  # timeLimitExceeded
+    # a certificate whose validity ends in 3 s: I while valid (the second answer is cached),
+    # E after, although nothing was lodged in between
+    eui = bytes.fromhex("90B3D51F30FFEE77")
+    cert = _org_cert(loaded, eui, not_after=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3))
+    client = loaded.client()
+    try:
+        pem_bytes = cert.public_bytes(serialization.Encoding.PEM)
+        assert (await asyncio.to_thread(client.certificates, pem_bytes)).status == 200
+    finally:
+        client.close()
+    args = ("ou=Organisations,o=SMKI",
+            "(&(objectClass=smkiCertificate)(smkiEui64=90-B3-D5-1F-30-FF-EE-77))", ["smkiStatus"])
+    hits = loaded.repo.ldap.cache.hits if loaded.repo.ldap else 0
+    for _ in range(2):
+        code, entries = await asyncio.to_thread(search, *args)
+        assert code == 0 and [e["smkiStatus"] for e in entries] == [["I"]]
+    assert loaded.repo.ldap is not None and loaded.repo.ldap.cache.hits == hits + 1
+    await asyncio.sleep(max(0.0, cert.not_valid_after_utc.timestamp() - time.time()) + 0.5)
+    code, entries = await asyncio.to_thread(search, *args)
+    assert code == 0 and [e["smkiStatus"] for e in entries] == [["E"]]
