@@ -139,6 +139,23 @@ class Running:
     def objects(self, kind: str) -> list[dict[str, Any]]:
         return [o for o in self.pki["objects"] if o["kind"] == kind]
 
+    def ca(self, name: str) -> tuple[Any, Any]:
+        """A test PKI CA by manifest name ("issuing-oca", "issuing-dca", ...): (cert, key)."""
+        from .pkitools import load_cert, load_key
+
+        obj = next(o for o in self.pki["objects"] if o.get("name") == name)
+        return load_cert(self.path(obj["path"])), load_key(self.path(obj["key"]))
+
+    def next_oca_crl(self, number: int, *serials: int) -> bytes:
+        """A new Organisation CRL (DER): the test PKI's, with `serials` revoked too."""
+        from cryptography import x509
+
+        from .pkitools import crl
+
+        oca, key = self.ca("issuing-oca")
+        current = x509.load_der_x509_crl(self.path(self.objects("crl")[0]["path"]).read_bytes())
+        return crl(oca, key, number, [e.serial_number for e in current] + list(serials))
+
 
 async def start_repository(data_dir: Path, pki: dict[str, Any], dsn: str,
                            **over: Any) -> Repository:
@@ -241,11 +258,12 @@ def http_get(url: str, headers: dict[str, str] | None = None, method: str = "GET
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
     if parts.scheme == "https":
         conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-            parts.hostname, parts.port, timeout=10, context=ssl.create_default_context(cafile=ca))
+            host, parts.port, timeout=10, context=ssl.create_default_context(cafile=ca))
     else:
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+        conn = http.client.HTTPConnection(host, parts.port, timeout=10)
     try:
         conn.request(method, parts.path + (f"?{parts.query}" if parts.query else ""), body=body,
                      headers=headers or {})

@@ -32,7 +32,7 @@ from repository_server.extracts.writer import ExtractWriter
 from repository_server.pki.ids import serial_to_hex
 
 from .conftest import TEST_KEY, Running, add_user, cli_env, http_get, run_process, smki_cli
-from .pkitools import crl, load_cert, load_key, pem
+from .pkitools import crl, load_cert, pem
 
 
 # -- the independent reader (what the README tells a relying party to do) ------------------
@@ -150,9 +150,7 @@ async def test_full_then_delta_round_trip(loaded: Running) -> None:
     # changes after the full: a new certificate, a status change, a CRL, a document version
     org = loaded.objects("organisation")[0]
     original = load_cert(loaded.path(org["path"]))
-    issuer_obj = next(o for o in loaded.pki["objects"] if o.get("name") == "issuing-oca")
-    issuer, issuer_key = load_cert(loaded.path(issuer_obj["path"])), load_key(
-        loaded.path(issuer_obj["key"]))
+    issuer, issuer_key = loaded.ca("issuing-oca")
     builder = (x509.CertificateBuilder().subject_name(original.subject)
                .issuer_name(issuer.subject).public_key(original.public_key())
                .serial_number(x509.random_serial_number())

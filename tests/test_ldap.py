@@ -27,7 +27,6 @@ from repository_server.pki.testpki import _device_builder
 
 from .conftest import TEST_KEY, Running, add_user, start_repository
 from .pkitools import client_cert, load_cert, load_key, write_pair
-from .pkitools import crl as make_crl
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -292,14 +291,9 @@ async def test_sasl_external_with_a_client_certificate(tmp_path: Path, pki: dict
 # -- paging, limits, lodging while running -------------------------------------------------------
 
 
-def _dca(running: Running) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    obj = next(o for o in running.pki["objects"] if o.get("name") == "issuing-dca")
-    return load_cert(running.path(obj["path"])), load_key(running.path(obj["key"]))
-
-
 def _devices(running: Running, count: int, first_eui: int) -> tuple[bytes, list[x509.Certificate]]:
     """`count` new device certificates (one per device), PEM bundle and the certificates."""
-    dca, dca_key = _dca(running)
+    dca, dca_key = running.ca("issuing-dca")
     aki = dca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
     key = ec.generate_private_key(ec.SECP256R1())
     certs = []
@@ -366,10 +360,7 @@ async def test_lodging_shows_at_once_new_crl_wins(loaded: Running) -> None:
     flt = f"(smkiEui64={eui})"
     _, out = await asyncio.to_thread(ldapsearch, loaded, *BIND, "-b", "ou=Devices,o=SMKI", flt, "1.1")
     assert dns(out) == []
-    oca_obj = next(o for o in loaded.pki["objects"] if o.get("name") == "issuing-oca")
-    oca, oca_key = load_cert(loaded.path(oca_obj["path"])), load_key(loaded.path(oca_obj["key"]))
-    current = x509.load_der_x509_crl(der_of(loaded, crl_obj))
-    new_crl = make_crl(oca, oca_key, 7, [e.serial_number for e in current] + [12345])
+    new_crl = loaded.next_oca_crl(7, 12345)
     client = loaded.client()
     try:
         assert (await asyncio.to_thread(client.certificates, pem)).status == 200

@@ -22,7 +22,7 @@ from cryptography.x509.oid import NameOID
 from repository_server.pki.ids import parse_eui64
 
 from .conftest import TEST_KEY, Running, add_user, http_get, start_repository
-from .pkitools import aki_for, load_cert, load_key, pem
+from .pkitools import aki_for, pem
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -335,9 +335,7 @@ async def test_open_reads(tmp_path: Path, pki: dict[str, Any], fresh_db: str) ->
 def _org_cert(running: Running, eui: bytes, *, not_after: dt.datetime,
               usage: str = "DS") -> x509.Certificate:
     """An organisation certificate in the GB profile, issued by the test PKI's issuing OCA."""
-    oca_obj = next(o for o in running.pki["objects"] if o.get("name") == "issuing-oca")
-    oca = load_cert(running.path(oca_obj["path"]))
-    oca_key = load_key(running.path(oca_obj["key"]))
+    oca, oca_key = running.ca("issuing-oca")
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([
         x509.NameAttribute(NameOID.COMMON_NAME, "TESTSTATUS"),
@@ -401,14 +399,7 @@ async def test_statuses_r_e_p_i_n(loaded: Running) -> None:
         assert got[revoked["serial"]] == "R"
         assert set(got.values()) <= {"R", "I"}
         # a new CRL that revokes one more: its status turns R once the CRL is lodged
-        from .pkitools import crl as make_crl
-
-        oca_obj = next(o for o in loaded.pki["objects"] if o.get("name") == "issuing-oca")
-        oca = load_cert(loaded.path(oca_obj["path"]))
-        oca_key = load_key(loaded.path(oca_obj["key"]))
-        current = x509.load_der_x509_crl(loaded.path(loaded.objects("crl")[0]["path"]).read_bytes())
-        serials = [e.serial_number for e in current] + [pending.serial_number]
-        reply = await asyncio.to_thread(client.crl, make_crl(oca, oca_key, 2, serials))
+        reply = await asyncio.to_thread(client.crl, loaded.next_oca_crl(2, pending.serial_number))
         assert reply.status == 200, reply.body
         expected[format(pending.serial_number, "X").rjust(32, "0")] = "R"
         assert await statuses() == expected
