@@ -151,7 +151,8 @@ def generate(
         )
     m = TESTPKI_LINE.search(p.stdout)
     manifest: dict[str, Any] = json.loads((out / "manifest.json").read_text())
-    certs = sum(1 for o in manifest["objects"] if o["kind"] in CERT_KINDS)
+    certs = manifest["counts"]["device_certificates"] + sum(
+        1 for o in manifest["objects"] if o["kind"] in CERT_KINDS)
     res = {
         "certificates": certs,
         "device_certificates": manifest["counts"]["device_certificates"],

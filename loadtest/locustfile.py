@@ -21,7 +21,9 @@ report is read before and after the run and the difference printed.
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import itertools
 import json
 import logging
 import os
@@ -90,16 +92,19 @@ class Data:
         self.pki_dir = Path(pki_dir)
         self.manifest = json.loads((self.pki_dir / "manifest.json").read_text())
         seen: set[tuple[str, str]] = set()
-        for o in self.manifest["objects"]:
-            if o.get("kind") not in ("device", "organisation") or "eui64" not in o:
-                continue
-            el = "CertificateSubjectAltName" if o["kind"] == "device" else "CertificateSubjectName"
-            eui = o["eui64"].lower()
-            if (el, eui) not in seen:
-                seen.add((el, eui))
-                self.subjects.append((el, eui))
-            self.known.add(eui.replace("-", ""))
-            self.serials.append(o["serial"])
+        # manifest format 2: device certificates are rows of devices/index.csv
+        with open(self.pki_dir / self.manifest["devices"]["index"], newline="") as f:
+            devices = ({"kind": "device", **row} for row in csv.DictReader(f))
+            for o in itertools.chain(self.manifest["objects"], devices):
+                if o.get("kind") not in ("device", "organisation") or "eui64" not in o:
+                    continue
+                el = "CertificateSubjectAltName" if o["kind"] == "device" else "CertificateSubjectName"
+                eui = o["eui64"].lower()
+                if (el, eui) not in seen:
+                    seen.add((el, eui))
+                    self.subjects.append((el, eui))
+                self.known.add(eui.replace("-", ""))
+                self.serials.append(o["serial"])
         if not self.subjects:
             raise SystemExit(f"{self.pki_dir}/manifest.json: no device or organisation certificates")
 

@@ -173,12 +173,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _ensure_testpki(pki_dir: Path, devices: int, organisations: int) -> dict[str, Any]:
-    from .pki.testpki import TestPkiParams, generate
+    from .pki.testpki import TestPkiParams, generate, load_manifest
 
-    manifest_path = pki_dir / "manifest.json"
-    if manifest_path.exists():
-        manifest: dict[str, Any] = json.loads(manifest_path.read_text())
-        return manifest
+    if (pki_dir / "manifest.json").exists():
+        try:
+            return load_manifest(pki_dir)
+        except ValueError as exc:
+            raise ConfigError(f"{exc}; remove {pki_dir} and run demo again") from exc
     print(f"generating a test PKI in {pki_dir} ({devices} devices, {organisations}"
           " organisation certificates)", file=sys.stderr)
     pki_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -195,6 +196,8 @@ def lodge_manifest(client: Any, pki_dir: Path, manifest: dict[str, Any],
     failures = 0
 
     def files(kind: str) -> list[Path]:
+        if kind == "device":
+            return [pki_dir / p for p in manifest["devices"]["bundles"]]
         seen: dict[str, None] = {}
         for obj in objects:
             if obj["kind"] == kind:
@@ -237,9 +240,10 @@ async def _demo_users(repo: Any) -> list[str]:
 
 def _demo_text(repo: Any, pki_dir: Path, manifest: dict[str, Any], users: list[str]) -> str:
     from .admin import DCC_BOXED_KEY
+    from .pki.testpki import device_objects
 
     objs = manifest["objects"]
-    device = next((o for o in objs if o["kind"] == "device"), None)
+    device = next(device_objects(pki_dir, manifest), None)
     crl = next((o for o in objs if o["kind"] == "crl"), None)
     doc = next((o for o in objs if o["kind"] == "document"), None)
     http = f"http://{repo.bound['http']}" if "http" in repo.bound else None
@@ -357,8 +361,8 @@ def cmd_testpki(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - started
-    certs = sum(1 for o in manifest["objects"]
-                if o["kind"] in ("root", "ca", "organisation", "device"))
+    certs = manifest["counts"]["device_certificates"] + sum(
+        1 for o in manifest["objects"] if o["kind"] in ("root", "ca", "organisation"))
     print(f"wrote {certs:,} certificates to {out} in {elapsed:.1f} s"
           f" ({certs / elapsed:,.0f} certificates/s); manifest: {out / 'manifest.json'}")
     return 0

@@ -42,10 +42,11 @@ def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def pki(session_dir: Path) -> dict[str, Any]:
     """A small test PKI: 10 devices, 24 organisation certificates."""
-    from repository_server.pki.testpki import TestPkiParams, generate
+    from repository_server.pki.testpki import TestPkiParams, generate, load_manifest
 
     out = session_dir / "pki"
-    manifest = generate(out, TestPkiParams(devices=10, organisations=24, workers=2, seed=7))
+    generate(out, TestPkiParams(devices=10, organisations=24, workers=2, seed=7))
+    manifest = load_manifest(out, devices=True)  # objects include the 20 device certificates
     manifest["dir"] = out
     return manifest
 

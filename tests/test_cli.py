@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import pytest
 
 from repository_server.config import ConfigError, load
+from repository_server.pki.testpki import load_manifest
 
 from .conftest import cli_env, smki_cli
 
@@ -55,7 +55,7 @@ def test_testpki_import_and_lodge_cli(tmp_path: Path) -> None:
     res = run("testpki", "--devices", "30", "--organisations", "12", "--out", str(out))
     assert res.returncode == 0, res.stderr
     assert "certificates/s" in res.stdout
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = load_manifest(out, devices=True)
     again = run("testpki", "--out", str(out))
     assert again.returncode == 2 and "already" in again.stderr
     # operator bulk import of the whole PKI (roots become trust anchors), then idempotent

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from repository_server.lodge.client import LodgeClient
-from repository_server.pki.testpki import TestPkiParams, generate
+from repository_server.pki.testpki import TestPkiParams, generate, load_manifest
 
 from .conftest import cli_env, smki_cli
 
@@ -124,7 +124,7 @@ def test_demo_from_empty_data_dir(tmp_path: Path) -> None:
         text = "".join(lines)
         assert "lodging the test PKI through the mutual-TLS lodging API" in text
         assert "refusal" not in text
-        manifest = json.loads((data / "pki" / "manifest.json").read_text())
+        manifest = load_manifest(data / "pki", devices=True)
         # every copy-paste curl command it printed works
         commands = [ln.strip() for ln in lines if ln.strip().startswith("curl ")]
         assert len(commands) >= 6

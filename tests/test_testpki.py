@@ -26,8 +26,10 @@ from repository_server.pki.testpki import (
     ORGANISATION_ROLES,
     TestPkiParams,
     device_eui64,
+    device_objects,
     generate,
     key_identifier,
+    load_manifest,
     organisation_eui64,
 )
 
@@ -41,8 +43,8 @@ KIND_ORDER = ["root", "ca", "organisation", "device", "crl", "document"]
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("pki") / "testpki"
-    manifest = generate(out, PARAMS)
-    return out, manifest
+    generate(out, PARAMS)
+    return out, load_manifest(out, devices=True)
 
 
 def _cert(path: Path) -> x509.Certificate:
@@ -143,13 +145,19 @@ def _shape(cert: x509.Certificate) -> dict[str, Any]:
 # --- layout and manifest -----------------------------------------------------------------------
 def test_layout_and_manifest(pki: tuple[Path, dict[str, Any]]) -> None:
     out, manifest = pki
-    assert json.loads((out / "manifest.json").read_text()) == manifest
-    assert manifest["format"] == 1
+    on_file = json.loads((out / "manifest.json").read_text())
+    # manifest.json lists all but the device certificates, which are rows of the index
+    assert on_file["objects"] == [o for o in manifest["objects"] if o["kind"] != "device"]
+    assert on_file["devices"] == {"index": "devices/index.csv",
+                                  "bundles": ["devices/devices-0001.pem"]}
+    assert (out / "devices/index.csv").read_text().splitlines()[0] == (
+        "serial,eui64,usage,subject_key_id,issuer_key_id,path,index")
+    assert manifest["format"] == 2
     assert manifest["generated_at"].endswith("Z")
     assert manifest["params"]["devices"] == 10 and manifest["params"]["seed"] == PARAMS.seed
 
     # the manifest names every file there is, and every file it names is there
-    named = {"manifest.json"}
+    named = {"manifest.json", "devices/index.csv"}
     for obj in manifest["objects"]:
         named.update(obj[k] for k in ("path", "pem", "key") if k in obj)
     named.update(v for k, v in manifest["dcc_client"].items() if "subject" not in k)
@@ -527,14 +535,16 @@ def _identity(manifest: dict[str, Any]) -> list[tuple[Any, ...]]:
 
 def test_same_seed_same_identifiers(tmp_path: Path) -> None:
     params = TestPkiParams(devices=12, organisations=6, workers=1, seed=99)
-    one = generate(tmp_path / "one", params)
-    two = generate(tmp_path / "two", TestPkiParams(devices=12, organisations=6, workers=2, seed=99))
+    generate(tmp_path / "one", params)
+    generate(tmp_path / "two", TestPkiParams(devices=12, organisations=6, workers=2, seed=99))
+    one, two = (load_manifest(tmp_path / n, devices=True) for n in ("one", "two"))
     assert _identity(one) == _identity(two)
     # keys are fresh each run
     assert [o.get("subject_key_id") for o in one["objects"]] != [
         o.get("subject_key_id") for o in two["objects"]
     ]
-    other = generate(tmp_path / "other", TestPkiParams(devices=12, organisations=6, seed=100))
+    generate(tmp_path / "other", TestPkiParams(devices=12, organisations=6, seed=100))
+    other = load_manifest(tmp_path / "other", devices=True)
     assert {o.get("serial") for o in one["objects"]} & {
         o.get("serial") for o in other["objects"]
     } == {None}
@@ -556,7 +566,7 @@ def test_bundles_roll_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
     monkeypatch.setattr(testpki, "BUNDLE_MAX", 7)
     manifest = generate(tmp_path / "pki", TestPkiParams(devices=10, organisations=0, workers=2))
-    devices = [o for o in manifest["objects"] if o["kind"] == "device"]
+    devices = list(device_objects(tmp_path / "pki", manifest))
     assert [(o["path"][-8:], o["index"]) for o in devices[6:8]] == [
         ("0001.pem", 6),
         ("0002.pem", 0),

@@ -19,10 +19,11 @@ reported and skipped.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,23 @@ class ImportReport:
     @property
     def rate(self) -> float:
         return (self.stored + self.identical) / self.seconds if self.seconds else 0.0
+
+
+_PEM_MARK = b"-----BEGIN CERTIFICATE-----"
+
+
+def _count_pem_certificates(name: str) -> int:
+    """How many PEM certificates a file holds, read 16 MiB at a time (0 if unreadable)."""
+    count, tail = 0, b""
+    try:
+        with open(name, "rb") as fh:
+            while block := fh.read(1 << 24):
+                # tail is shorter than the marker: no marker is counted twice
+                count += (tail + block).count(_PEM_MARK)
+                tail = block[-(len(_PEM_MARK) - 1):]
+    except OSError:
+        return 0
+    return count
 
 
 def walk(root: Path) -> Iterator[Path]:
@@ -90,7 +108,6 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
     executor = service.executor()
     deferred: list[tuple[str, bytes]] = []
     done_files = 0
-    total = len(cert_files)
 
     async def write(chunk: ImportChunk) -> None:
         nonlocal done_files
@@ -123,12 +140,12 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
         if progress:
             progress("import", done_files, total)
 
-    async def run(items: list[tuple[str, bytes | None]], defer: bool) -> None:
+    async def run(items: Iterable[tuple[str, bytes | None]], defer: bool) -> None:
         pending: deque[asyncio.Future[ImportChunk]] = deque()
-        for start in range(0, len(items), CHUNK):
+        it = iter(items)
+        while part := list(itertools.islice(it, CHUNK)):
             # the issuer map is copied at submission, so the worker sees the CAs known so far
-            pending.append(loop.run_in_executor(executor, import_chunk,
-                                                items[start:start + CHUNK],
+            pending.append(loop.run_in_executor(executor, import_chunk, part,
                                                 {k: list(v) for k, v in issuers.items()},
                                                 opts, defer))
             if len(pending) >= IN_FLIGHT:
@@ -136,26 +153,36 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
         while pending:
             await write(await pending.popleft())
 
-    items: list[tuple[str, bytes | None]] = []
+    def items() -> Iterator[tuple[str, bytes | None]]:
+        """Every certificate to import, streamed: a big PEM bundle (devices come 50,000 to a
+        file) is split here so that every worker gets a share, one bundle in memory at a
+        time; small files are read by the workers themselves."""
+        for name in cert_files:
+            if name not in big:
+                yield name, None
+                continue
+            try:
+                with open(name, "rb") as fh:
+                    ders = load_pem_or_der_certificates(fh.read())
+            except (OSError, ParseError) as exc:
+                report.refused.append(f"{name}: {exc}")
+                continue
+            yield from ((f"{name}[{i}]", der) for i, der in enumerate(ders))
+
+    # Count first (PEM markers, read in blocks), so that progress shows a true total.
+    big: set[str] = set()
+    total = 0
     for name in cert_files:
-        # A big PEM bundle (devices come 50,000 to a file) is split here so that every
-        # worker gets a share; small files are read by the workers themselves.
         try:
-            big = os.path.getsize(name) > BUNDLE_SPLIT_BYTES
+            is_big = os.path.getsize(name) > BUNDLE_SPLIT_BYTES
         except OSError:
-            big = False
-        if not big:
-            items.append((name, None))
-            continue
-        try:
-            with open(name, "rb") as fh:
-                ders = load_pem_or_der_certificates(fh.read())
-        except (OSError, ParseError) as exc:
-            report.refused.append(f"{name}: {exc}")
-            continue
-        items.extend((f"{name}[{i}]", der) for i, der in enumerate(ders))
-    total = len(items)
-    await run(items, True)
+            is_big = False
+        if is_big:
+            big.add(name)
+            total += max(1, _count_pem_certificates(name))
+        else:
+            total += 1
+    await run(items(), True)
     # Held-back certificates: their CA may have arrived since; repeat while that helps.
     previous = -1
     while deferred and len(deferred) != previous:

@@ -13,6 +13,7 @@ import json
 import mimetypes
 import ssl
 import sys
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -126,23 +127,45 @@ def pem_chunks(ders: list[bytes], size: int) -> Iterator[bytes]:
 
 
 class Progress:
-    """A one-line progress display on a terminal; plain lines otherwise."""
+    """A one-line progress display on a terminal; otherwise (a log, a pipe) a plain line at
+    the start, every `every` seconds and at the end. Both show the rate and, while going,
+    the time left."""
 
-    def __init__(self, stream: TextIO = sys.stderr) -> None:
+    def __init__(self, stream: TextIO = sys.stderr, every: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.stream = stream
         self.tty = stream.isatty()
+        self.every = every
+        self.clock = clock
+        self._started: dict[str, tuple[float, int]] = {}
+        self._last_line = 0.0
+
+    def _rate(self, label: str, done: int, total: int, now: float) -> str:
+        t0, d0 = self._started.setdefault(label, (now, done))
+        elapsed = now - t0
+        if elapsed < 1 or done <= d0:
+            return ""
+        rate = (done - d0) / elapsed
+        text = f" {rate:,.0f}/s, {elapsed:,.0f} s"
+        if done < total:
+            text += f", about {(total - done) / rate:,.0f} s left"
+        return text
 
     def __call__(self, label: str, done: int, total: int) -> None:
+        now = self.clock()
+        rate = self._rate(label, done, total, now)
         if self.tty:
             width = 30
             filled = int(width * done / total) if total else width
             self.stream.write(f"\r{label}: [{'#' * filled}{'.' * (width - filled)}]"
-                              f" {done:,}/{total:,}")
+                              f" {done:,}/{total:,}{rate}\033[K")
             if done >= total:
                 self.stream.write("\n")
             self.stream.flush()
-        elif done >= total or done == 0:
-            self.stream.write(f"{label}: {done:,}/{total:,}\n")
+        elif done >= total or done == 0 or now - self._last_line >= self.every:
+            self._last_line = now
+            self.stream.write(f"{label}: {done:,}/{total:,}{rate}\n")
+            self.stream.flush()
 
 
 def lodge_files(client: LodgeClient, files: list[Path], *, name: str | None = None,

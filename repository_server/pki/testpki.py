@@ -4,7 +4,9 @@ certificates (plus a retired OCA revoked on the ARL), organisation certificates 
 remote party role with their private keys, device certificates written as PEM bundles of
 up to 50,000 (the lodging unit), the Organisation CRL and the ARLs, a few SMKI documents,
 the DCC lodging client certificates (the right one and a wrong-identity one) and the
-server TLS certificate, all described by ``manifest.json``. Output mirrors the real ZAZ1 /
+server TLS certificate, all described by ``manifest.json`` (the device certificates, which
+may number millions, one row each in ``devices/index.csv``, written as they are made so that
+memory stays flat). Output mirrors the real ZAZ1 /
 RTDS certificates in ``shared/realdata`` (extension order and criticality, subject string
 types, policy and hwType OIDs, 8-byte RFC 5280 method 2 key identifiers). EUI-64s and
 serials are deterministic for a seed; keys and signatures are fresh each run. Device
@@ -16,6 +18,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import contextlib
+import csv
 import datetime as dt
 import hashlib
 import ipaddress
@@ -27,7 +30,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -49,8 +52,10 @@ __all__ = [
     "ORGANISATION_ROLES",
     "TestPkiParams",
     "device_eui64",
+    "device_objects",
     "generate",
     "key_identifier",
+    "load_manifest",
     "organisation_eui64",
 ]
 
@@ -78,6 +83,7 @@ _ROLE_SHORT_NAMES = {
 ROLE_ROOT = 0
 ROLE_ISSUING = 7
 
+MANIFEST_FORMAT = 2  # 2: device certificates listed in devices/index.csv, not in objects
 BUNDLE_MAX = 50_000  # certificates per device PEM bundle (the lodging batch limit)
 DEVICE_NOT_AFTER = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC)
 _DEVICE_EUI_PREFIX = bytes.fromhex("00DB12")  # + 40 bits
@@ -631,6 +637,11 @@ def generate(
     return manifest
 
 
+DEVICE_INDEX = "devices/index.csv"
+DEVICE_INDEX_COLUMNS = ("serial", "eui64", "usage", "subject_key_id", "issuer_key_id", "path",
+                        "index")
+
+
 def _devices(
     root: Path,
     params: TestPkiParams,
@@ -638,49 +649,74 @@ def _devices(
     dca: _Issued,
     not_before: dt.datetime,
     progress: ProgressFn,
-) -> tuple[list[dict[str, Any]], int, float]:
+) -> tuple[int, list[str], float]:
     """Make every device certificate into ``devices/devices-NNNN.pem`` bundles of up to
-    BUNDLE_MAX; return their manifest objects, the bundle count and the seconds taken."""
+    BUNDLE_MAX, described one row each in ``devices/index.csv`` (streamed: memory stays
+    flat whatever the count); return the certificate count, the bundle paths and the
+    seconds taken."""
     total = 2 * params.devices
     progress("devices", 0, total)
     started = time.perf_counter()
     initargs = (_private_pem(dca.key), _der(dca.cert), seed, not_before.timestamp())
     issuer_key_id = dca.key_id.hex().upper()
-    objects: list[dict[str, Any]] = []
-    bundle_no = 0
+    bundles: list[str] = []
     bundle: list[bytes] = []
+    written = 0
 
     def flush() -> None:
         if bundle:
-            _write(root / "devices" / f"devices-{bundle_no:04d}.pem", b"".join(bundle))
+            _write(root / bundles[-1], b"".join(bundle))
             bundle.clear()
 
     chunks = _chunks(params.devices, params.workers)
     results = _run_device_chunks(chunks, params.workers, initargs)
-    with contextlib.closing(results):  # stop the pool now if anything below fails
+    with contextlib.closing(results), open(root / DEVICE_INDEX, "x", encoding="ascii",
+                                           newline="") as index:
+        out = csv.writer(index, lineterminator="\n")
+        out.writerow(DEVICE_INDEX_COLUMNS)
         for pems, metas in results:
+            rows = []
             for pem, (serial_hex, ski_hex, eui_text, usage_name) in zip(pems, metas, strict=True):
                 if not bundle:
-                    bundle_no += 1
-                objects.append(
-                    {
-                        "kind": "device",
-                        "path": f"devices/devices-{bundle_no:04d}.pem",
-                        "index": len(bundle),
-                        "serial": serial_hex,
-                        "issuer_key_id": issuer_key_id,
-                        "subject_key_id": ski_hex,
-                        "eui64": eui_text,
-                        "usage": usage_name,
-                        "revoked": False,
-                    }
-                )
+                    bundles.append(f"devices/devices-{len(bundles) + 1:04d}.pem")
+                rows.append((serial_hex, eui_text, usage_name, ski_hex, issuer_key_id,
+                             bundles[-1], len(bundle)))
                 bundle.append(pem)
                 if len(bundle) == BUNDLE_MAX:
                     flush()
-            progress("devices", len(objects), total)
+            out.writerows(rows)
+            written += len(rows)
+            progress("devices", written, total)
     flush()
-    return objects, bundle_no, time.perf_counter() - started
+    return written, bundles, time.perf_counter() - started
+
+
+def device_objects(pki_dir: Path, manifest: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The device certificates of a test PKI, streamed from its ``devices/index.csv``, as
+    manifest objects (kind, path, index, serial, issuer_key_id, subject_key_id, eui64,
+    usage, revoked)."""
+    with open(Path(pki_dir) / manifest["devices"]["index"], encoding="ascii", newline="") as f:
+        for row in csv.DictReader(f):
+            yield {"kind": "device", "path": row["path"], "index": int(row["index"]),
+                   "serial": row["serial"], "issuer_key_id": row["issuer_key_id"],
+                   "subject_key_id": row["subject_key_id"], "eui64": row["eui64"],
+                   "usage": row["usage"], "revoked": False}
+
+
+def load_manifest(pki_dir: Path, *, devices: bool = False) -> dict[str, Any]:
+    """Read ``manifest.json``; with ``devices``, its ``objects`` also hold every device
+    certificate (from the index, in lodging order: after the organisations). Only for
+    small PKIs: a national-scale one has millions (use ``device_objects``)."""
+    manifest: dict[str, Any] = json.loads((Path(pki_dir) / "manifest.json").read_text())
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{pki_dir}/manifest.json: format {manifest.get('format')!r}, this"
+                         f" version reads format {MANIFEST_FORMAT} (generate it again)")
+    if devices:
+        objects = manifest["objects"]
+        at = next((i for i, o in enumerate(objects) if o["kind"] in ("crl", "arl", "document")),
+                  len(objects))
+        manifest["objects"] = [*objects[:at], *device_objects(pki_dir, manifest), *objects[at:]]
+    return manifest
 
 
 def _generate_into(root: Path, params: TestPkiParams, progress: ProgressFn) -> dict[str, Any]:
@@ -795,9 +831,8 @@ def _generate_into(root: Path, params: TestPkiParams, progress: ProgressFn) -> d
 
     # devices ----------------------------------------------------------------------------------
     dca = cas["issuing-dca"]
-    device_objects, bundles, device_seconds = _devices(root, params, seed, dca, yesterday, progress)
-    objects += device_objects
-    total_device_certs = len(device_objects)
+    total_device_certs, bundles, device_seconds = _devices(root, params, seed, dca, yesterday,
+                                                           progress)
 
     # CRL and ARLs ----------------------------------------------------------------------------
     progress("crl", 0, 3)
@@ -878,7 +913,7 @@ def _generate_into(root: Path, params: TestPkiParams, progress: ProgressFn) -> d
     progress("tls", 2, 2)
 
     manifest: dict[str, Any] = {
-        "format": 1,
+        "format": MANIFEST_FORMAT,
         "generated_at": generated_at,
         "params": {**asdict(params), "seed": seed},
         "counts": {
@@ -886,7 +921,7 @@ def _generate_into(root: Path, params: TestPkiParams, progress: ProgressFn) -> d
             "organisations": m,
             "devices": params.devices,
             "device_certificates": total_device_certs,
-            "device_bundles": bundles,
+            "device_bundles": len(bundles),
             "revoked_organisations": len(org_entries),
         },
         "timings": {
@@ -899,6 +934,7 @@ def _generate_into(root: Path, params: TestPkiParams, progress: ProgressFn) -> d
         "dcc_client": dcc_client,
         "tls": tls,
         "objects": objects,
+        "devices": {"index": DEVICE_INDEX, "bundles": bundles},
     }
     progress("manifest", 0, 1)
     with open(root / "manifest.json", "x", encoding="utf-8") as f:
