@@ -541,7 +541,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     async def work(store: Any, config: Config) -> str:
         ex = config.extracts
         writer = ExtractWriter(store, config.path(ex.dir), compression=ex.compression,
-                               page_size=ex.page_size, retain_full=ex.retain_full)
+                               page_size=ex.page_size, retain_full=ex.retain_full,
+                               progress=_progress())
         async with store.extract_lock(wait=True):
             done = await writer.produce(args.kind)
         if args.json:

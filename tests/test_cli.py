@@ -185,3 +185,28 @@ async def test_batch_over_the_limit_is_refused(tmp_path: Path, pki: dict[str, An
         assert reply.status == 413 and "exceeds the limit of 5" in reply.body["reason"]
     finally:
         await repo.stop()
+
+
+def test_progress_lines_when_not_a_terminal() -> None:
+    """Long work (testpki, import, extract at millions) shows a line every 10 s in a log,
+    with the rate and the time left, plus the first and the last."""
+    import io
+
+    from repository_server.lodge.client import Progress
+
+    now = [0.0]
+    out = io.StringIO()
+    progress = Progress(out, every=10, clock=lambda: now[0])
+    progress("devices", 0, 1000)
+    for step in range(1, 11):
+        now[0] = step * 3.0
+        progress("devices", step * 90, 1000)
+    now[0] = 40.0
+    progress("devices", 1000, 1000)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "devices: 0/1,000"
+    # at 12 s (360 done, 30/s) and at 24 s (720 done): one line per 10 s, not per call
+    assert lines[1] == "devices: 360/1,000 30/s, 12 s, about 21 s left"
+    assert lines[2].startswith("devices: 720/1,000 30/s, 24 s")
+    assert lines[-1] == "devices: 1,000/1,000 25/s, 40 s"
+    assert len(lines) == 4

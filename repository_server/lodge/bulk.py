@@ -49,6 +49,7 @@ class ImportReport:
     unverified: int = 0
     crls: int = 0
     seconds: float = 0.0
+    held_back_peak: int = 0  # most certificates held in memory at once awaiting an issuer
 
     @property
     def rate(self) -> float:
@@ -107,6 +108,7 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
     loop = asyncio.get_running_loop()
     executor = service.executor()
     deferred: list[tuple[str, bytes]] = []
+    issuers_grew = False
     done_files = 0
 
     async def write(chunk: ImportChunk) -> None:
@@ -115,10 +117,13 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
         for line in chunk.skipped:
             report.skipped.append(line)
             note(f"skipped {line}")
+        nonlocal issuers_grew
         deferred.extend(chunk.deferred)
+        report.held_back_peak = max(report.held_back_peak, len(deferred))
         report.unverified += chunk.unverified
         for issuer in chunk.new_issuers:  # later submissions can verify against them
             issuers.setdefault(issuer.subject_dn, []).append(issuer)
+            issuers_grew = True
         if chunk.records:
             try:
                 stored, identical, changes = await service.store.insert_certificates(
@@ -136,7 +141,7 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
                 report.identical += len(identical)
                 for payload in changes:
                     service.on_change(payload)
-        done_files += chunk.files
+        done_files += chunk.files - len(chunk.deferred)  # held-back ones count when settled
         if progress:
             progress("import", done_files, total)
 
@@ -154,10 +159,20 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
             await write(await pending.popleft())
 
     def items() -> Iterator[tuple[str, bytes | None]]:
-        """Every certificate to import, streamed: a big PEM bundle (devices come 50,000 to a
-        file) is split here so that every worker gets a share, one bundle in memory at a
-        time; small files are read by the workers themselves."""
-        for name in cert_files:
+        """Every certificate to import, streamed: small files first (CAs come one to a file;
+        the workers read those themselves), then each big PEM bundle (devices come 50,000
+        to a file), split here so that every worker gets a share, one bundle in memory at a
+        time. Certificates held back for want of an issuer go round again as soon as a new
+        issuer has been stored, not at the end: a CA that sorts after its own issuer
+        (issuing-dca.der before root-dca.der) would otherwise hold back every certificate
+        it issued, all in memory (measured: 10,000,000 devices, 6 GB and one wasted pass)."""
+        nonlocal issuers_grew
+        for name in [n for n in cert_files if n not in big] + [n for n in cert_files if n in big]:
+            if issuers_grew and deferred:
+                issuers_grew = False
+                retry = list(deferred)
+                deferred.clear()
+                yield from retry
             if name not in big:
                 yield name, None
                 continue
@@ -189,7 +204,6 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
         previous = len(deferred)
         retry: list[tuple[str, bytes | None]] = list(deferred)
         deferred.clear()
-        done_files -= len(retry)
         await run(retry, True)
     if deferred:  # no issuer anywhere: the lodging path decides (non-CA issuers, unverified)
         retry_ders = list(deferred)
@@ -212,6 +226,9 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
             report.identical += batch.identical
             report.unverified += sum(1 for r in results
                                      if "issuer-unverified" in r.get("findings", []))
+            done_files += len(part)
+            if progress:
+                progress("import", done_files, total)
     for path in crl_files:
         try:
             result = await service.lodge_crl(path.read_bytes(), actor)
