@@ -8,7 +8,7 @@ write path at millions, memory per process, one process against two, and the ext
     bench/scale.py extract --devices 5000000      # a full extract of the big store (timed)
 
 Everything lives under --work (default /tmp/smki-scale): `pki-N/` (the test PKI), `data-N/`
-(a data directory with its own embedded PostgreSQL), `view-N/` (the store's device
+(a data directory with its own embedded PostgreSQL), `view-N/data/` (the store's device
 certificates in the shared harness's dataset layout, so its load generators can ask for
 them), and results go to bench/results/scale-<what>-<date>.{md,json}.
 
@@ -50,7 +50,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BENCH = Path(os.environ.get("BENCH", ROOT.parent / "shared" / "bench"))
 sys.path.insert(0, str(BENCH))
-import bench as harness  # noqa: E402  (the shared harness: run_wrk)
+import queries  # noqa: E402  (the harness's request spellings)
+
+import bench as harness  # noqa: E402  (the shared harness: run_wrk, ws_devices_file)
 
 PY = os.environ.get("BENCH_PY", "/tmp/benchvenv/bin/python")
 API_KEY = "bench-api-key-2026"
@@ -128,10 +130,19 @@ def cmd_prepare(a: argparse.Namespace) -> int:
                         "--config", str(HERE / "bench.toml"), "--data-dir", str(data)],
                        env=clean_env(), check=True, capture_output=True)
     res["data_mb"] = du_mb(data)
-    build_view(pki, manifest, work / f"view-{n}", a.sample)
-    (work / f"prepare-{n}.json").write_text(json.dumps(res, indent=1))
+    build_view(pki, manifest, view_dir(work, n), a.sample)
+    out = work / f"prepare-{n}.json"
+    if out.exists():  # a later run (data already there) keeps the first run's timings
+        res = {**json.loads(out.read_text()), **res}
+    out.write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
     return 0
+
+
+def view_dir(work: Path, n: int) -> Path:
+    """The harness keeps request files in the dataset's sibling `reqs/`, named by workload
+    only: each store's view gets a folder of its own so that they never mix."""
+    return work / f"view-{n}" / "data"
 
 
 def build_view(pki: Path, manifest: dict[str, Any], view: Path, sample: int) -> None:
@@ -252,13 +263,15 @@ def http_paths(view: Path) -> Path:
     return out
 
 
-def load(scenario: str, server: Server, view: Path, conns: int, a: argparse.Namespace,
-         seed: int) -> dict[str, Any]:
+def load(scenario: str, server: Server, view: Path, conns: int,
+         a: argparse.Namespace) -> dict[str, Any]:
     if scenario == "ldap-device":
         cmd = [PY, str(BENCH / "ldapload.py"), "--data", str(view), "--targets",
                str(HERE / "smki-target.json"), "--target", "smki-repository", "--port",
                str(server.ldap), "--workload", "device", "-c", str(conns), "-t",
-               str(a.duration), "-w", str(a.warmup), "--cpu", LOADGEN_CPU, "--seed", str(seed)]
+               str(a.duration), "-w", str(a.warmup), "--cpu", LOADGEN_CPU]
+        # one shuffled request list per store (built once, cached by the harness); the C
+        # engine starts each run at a random point of it
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.duration + 600)
         try:
             r: dict[str, Any] = json.loads(p.stdout.strip().splitlines()[-1])
@@ -266,10 +279,15 @@ def load(scenario: str, server: Server, view: Path, conns: int, a: argparse.Name
             return {"error": p.stderr[-800:]}
         r["error_total"] = sum(r.get("errors", {}).values())
         return r
-    paths = str(http_paths(view))
+    ws = None
+    if scenario == "ws-search-retrieve":  # DCC Boxed's client: search a device, retrieve both
+        paths = harness.ws_devices_file(str(view))
+        ws = dict(queries.WS_DEFAULTS, apikey=API_KEY)
+    else:
+        paths = str(http_paths(view))
     if a.warmup > 0:
-        harness.run_wrk(server.http, paths, conns, int(a.warmup), LOADGEN_CPU)
-    r = harness.run_wrk(server.http, paths, conns, int(a.duration), LOADGEN_CPU)
+        harness.run_wrk(server.http, paths, conns, int(a.warmup), LOADGEN_CPU, 1, ws)
+    r = harness.run_wrk(server.http, paths, conns, int(a.duration), LOADGEN_CPU, 1, ws)
     return dict(r)
 
 
@@ -313,7 +331,7 @@ def cmd_lookups(a: argparse.Namespace) -> int:
     for rep in range(1, a.reps + 1):
         for mode in modes:
             for size in (sizes if rep % 2 else sizes[::-1]):  # alternate which size goes first
-                view = work / f"view-{size}"
+                view = view_dir(work, size)
                 server = Server(work / f"data-{size}", work, mode=mode)
                 try:
                     res["memory"].append({"size": size, "mode": mode, "rep": rep,
@@ -321,7 +339,7 @@ def cmd_lookups(a: argparse.Namespace) -> int:
                                           "after_start": server.rss_mb()})
                     for sc in scenarios:
                         for c in conns:
-                            r = load(sc, server, view, c, a, seed=rep * 1000 + c)
+                            r = load(sc, server, view, c, a)
                             r.update(size=size, mode=mode, scenario=sc, conns=c, rep=rep)
                             res["cells"].append(r)
                             cells.setdefault((mode, size, sc, c), []).append(r)
@@ -366,7 +384,7 @@ def cmd_lookups(a: argparse.Namespace) -> int:
 # -- workers --------------------------------------------------------------------------------
 def cmd_workers(a: argparse.Namespace) -> int:
     work = Path(a.work)
-    view = work / f"view-{a.size}"
+    view = view_dir(work, a.size)
     conns = [int(c) for c in a.conns.split(",")]
     scenarios = a.scenarios.split(",")
     res: dict[str, Any] = {"machine": machine(), "method": vars(a), "cells": []}
@@ -378,7 +396,7 @@ def cmd_workers(a: argparse.Namespace) -> int:
             try:
                 for sc in scenarios:
                     for c in conns:
-                        r = load(sc, server, view, c, a, seed=rep * 1000 + c)
+                        r = load(sc, server, view, c, a)
                         r.update(workers=n, scenario=sc, conns=c, rep=rep)
                         res["cells"].append(r)
                         cells.setdefault((n, sc, c), []).append(r)
