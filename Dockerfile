@@ -8,7 +8,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
 
 RUN apt-get update && apt-get install -y --no-install-recommends curl openssl \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --create-home --home-dir /var/lib/smki --uid 10001 smki
+    && useradd --system --create-home --home-dir /var/lib/smki --uid 10001 smki \
+    && install -d -o smki -g smki /pki /var/lib/smki/extracts
+# /pki (a test PKI) and the extracts directory are owned by smki so that a named volume
+# mounted there starts writable by it (docker-compose.yml shares both between containers)
 
 WORKDIR /opt/smki-repository
 COPY pyproject.toml README.md ./

@@ -13,6 +13,9 @@ User classes (each request is reported to Locust with its own response time and 
 * LodgerUser: mutual-TLS lodging of a small batch of new device certificates signed by the
   test PKI's Issuing DCA; only with --dcc-cert, --dcc-key and --tls-ca.
 
+With --extra-hosts URL[,URL...] (nodes of one cluster, sharing one store), WebServiceUser and
+DownloadUser users are spread round-robin over --host and those URLs, one node per user.
+
 At the end the verdict (loadtest/verdict.py) gives the share of requests answered within
 --trt per user class, per interface and in total; the exit status is 1 below --minimum
 (or below --target with --fail-below-target). With --operator-key the server's own CPM 8
@@ -64,6 +67,9 @@ def _options(parser: Any) -> None:
                    help="a relying party's API key")
     g.add_argument("--operator-key", default="", help="an operator's API key: read the server's"
                    " CPM 8 report before and after the run")
+    g.add_argument("--extra-hosts", default="", metavar="URL[,URL...]",
+                   help="more nodes serving the same store: users are spread round-robin over"
+                        " --host and these base URLs (WebServiceUser, DownloadUser)")
     g.add_argument("--pki-dir", default="var/pki", help="the target's test PKI (manifest.json)")
     g.add_argument("--unknown-share", type=float, default=0.05,
                    help="share of searches for EUI-64s the repository does not hold (402)")
@@ -209,7 +215,34 @@ class _Tagged:
         return {"user_class": type(self).__name__}
 
 
-class WebServiceUser(_Tagged, FastHttpUser):  # type: ignore[misc]
+HOST_TURN = itertools.count()
+
+
+def user_host(env: Environment, host: str | None) -> str | None:
+    """The base URL of the next user: --host, or with --extra-hosts each of --host and those
+    in turn. A worker starts its turn at its own index, so that two workers running one user
+    each load two nodes."""
+    o = _opts(env)
+    extra = [h.strip() for h in (o.extra_hosts if o is not None else "").split(",") if h.strip()]
+    if not extra or not host:
+        return host
+    hosts = [host, *extra]
+    start = max(0, getattr(env.runner, "worker_index", 0) or 0)
+    return hosts[(start + next(HOST_TURN)) % len(hosts)]
+
+
+class _OnNode:
+    """A user that talks to one node for its whole life (see user_host): like a real client,
+    it keeps its connections to that node."""
+
+    host: str | None
+
+    def __init__(self, environment: Environment) -> None:
+        self.host = user_host(environment, self.host)
+        super().__init__(environment)  # type: ignore[call-arg]  # the HTTP client takes self.host
+
+
+class WebServiceUser(_Tagged, _OnNode, FastHttpUser):  # type: ignore[misc]
     weight = 6
     wait_time = between(1, 2)
     concurrency = 10
@@ -256,7 +289,7 @@ class WebServiceUser(_Tagged, FastHttpUser):  # type: ignore[misc]
                 r.failure(f"serial {serial}: {r.status_code}")
 
 
-class DownloadUser(_Tagged, FastHttpUser):  # type: ignore[misc]
+class DownloadUser(_Tagged, _OnNode, FastHttpUser):  # type: ignore[misc]
     weight = 4
     wait_time = between(1, 2)
 
