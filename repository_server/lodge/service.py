@@ -160,7 +160,10 @@ class LodgingService:
 
     def close(self) -> None:
         if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            # wait: an idle pool stops at once; not waiting left its management thread
+            # writing to closed pipes at interpreter exit ("OSError: Bad file descriptor"
+            # printed after `import`)
+            self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
 
     async def _refuse(self, actor: Actor, action: str, status: int, reason: str,
