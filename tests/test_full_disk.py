@@ -18,9 +18,19 @@ from typing import Any
 import pytest
 
 from repository_server.extracts import format as fmt
+from repository_server.pki.testpki import TestPkiParams, device_objects, generate, load_manifest
 
-from .conftest import TEST_KEY, cli_env, http_get, run_process, running_repository, smki_cli
+from .conftest import (
+    TEST_KEY,
+    Running,
+    cli_env,
+    http_get,
+    run_process,
+    running_repository,
+    smki_cli,
+)
 from .test_extracts import read_extract
+from .test_faults import eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -53,6 +63,11 @@ def resize(path: Path, size: str) -> None:
 def free_bytes(path: Path) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
+
+
+def used_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
 async def get(url: str) -> tuple[int, dict[str, str], bytes]:
@@ -113,3 +128,124 @@ async def test_extract_onto_a_full_disk_publishes_nothing(tmp_path: Path, pki: d
                                                   if o["kind"] in ("root", "ca", "organisation",
                                                                    "device")])
     assert not _mounted(tmp_path / "disk")
+
+
+# -- PostgreSQL on a full disk while lodging ---------------------------------------------------
+@pytest.fixture(scope="module")
+def big_pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """20,000 devices: one PEM bundle of 40,000 certificates (25 MB)."""
+    out = tmp_path_factory.mktemp("full-disk") / "pki"
+    generate(out, TestPkiParams(devices=20_000, organisations=0, workers=2, seed=13))
+    manifest = load_manifest(out)  # (without the device certificates: they are in the bundle)
+    manifest["dir"] = out
+    return manifest
+
+
+def _lodge_small(running: Running) -> int:
+    """The CAs, CRLs/ARLs and documents (every refusal counted)."""
+    from repository_server.cli import lodge_manifest
+
+    small = {**running.pki, "devices": {**running.pki["devices"], "bundles": []}}
+    client = running.client()
+    try:
+        failures: int = lodge_manifest(client, running.pki_dir, small, out=lambda _l: None)
+        return failures
+    finally:
+        client.close()
+
+
+def _lodge_bundle(running: Running, bundle: bytes) -> Any:
+    from repository_server.lodge.client import LodgeClient
+
+    cert, key = running.client_cert
+    client = LodgeClient(running.lodge_url, cert, key, running.tls_ca, timeout=90)  # no hang
+    try:
+        return client.certificates(bundle)
+    finally:
+        client.close()
+
+
+async def _counts(running: Running) -> dict[str, int]:
+    store = running.repo.store
+    assert store is not None
+    return {table: await store.pool.fetchval(f"SELECT count(*) FROM {table}")
+            for table in ("certificates", "crls", "documents")}
+
+
+async def _ready(running: Running) -> bool:
+    try:
+        return (await get(f"{running.http}/readyz"))[0] == 200
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize(("headroom_mb", "crash"), [(6, False), (24, True)],
+                         ids=["write-refused", "wal-panic"])
+async def test_postgresql_on_a_full_disk_while_lodging(tmp_path: Path, big_pki: dict[str, Any],
+                                                       headroom_mb: int, crash: bool) -> None:
+    """The repository's own embedded PostgreSQL with its data directory on a tmpfs left
+    `headroom_mb` MB free, then a 40,000-certificate bundle lodged. With 6 MB a data file
+    cannot grow: PostgreSQL refuses the write (disk_full) and stays up. With 24 MB the
+    batch's WAL needs a new 16 MB segment: PostgreSQL PANICs, its crash recovery cannot write
+    WAL either and it stops. Either way the lodging is answered 503 (not acknowledged),
+    nothing of it is stored, and everything acknowledged before is still there; once the disk
+    is grown the repository recovers with no restart and the bundle is stored whole."""
+    data = tmp_path / "data"
+    bundle = (big_pki["dir"] / big_pki["devices"]["bundles"][0]).read_bytes()
+    assert bundle.count(b"-----BEGIN CERTIFICATE-----") == 40_000
+    with tmpfs(data / "pgdata", "128m") as pgdata:
+        async with running_repository(data, big_pki, "") as running:  # "": embedded, in data/
+            assert await asyncio.to_thread(_lodge_small, running) == 0  # acknowledged
+            before = await _counts(running)
+            assert before == {"certificates": 5, "crls": 3, "documents": 3}, before
+            resize(pgdata, f"{used_bytes(pgdata) // 2**20 + headroom_mb}m")
+
+            reply = await asyncio.to_thread(_lodge_bundle, running, bundle)
+            assert reply.status == 503, reply
+            assert "not acknowledged" in reply.body["reason"], reply.body
+            log = pgdata / "server.log"
+            if crash:
+                # PANIC:  could not write to file "pg_wal/xlogtemp.N": No space left on device
+                # ... FATAL:  could not write to file "pg_wal/xlogtemp.M": ... (crash recovery)
+                # ... LOG:  shutting down due to startup process failure
+                await eventually(lambda: _contains(log, "shutting down due to startup process"
+                                                   " failure"), 20, "PostgreSQL stops")
+                text = log.read_text()
+                assert 'PANIC:  could not write to file "pg_wal/xlogtemp' in text, text[-3000:]
+                # not ready while it is down, and not started again while the disk is full
+                await eventually(lambda: _not(_ready(running)), 10, "readyz 503")
+                await asyncio.sleep(5)  # the supervisor tries every 2 s, and fails: no room
+                assert not await _ready(running)
+                assert log.read_text().count("shutting down due to startup process failure") >= 2
+            else:
+                # ERROR:  could not extend file "base/...": No space left on device
+                text = log.read_text()
+                assert "could not extend file" in text and "No space left on device" in text
+                assert "PANIC" not in text, text[-3000:]
+                assert await _ready(running)  # reads are served as before
+                assert await _counts(running) == before
+
+            resize(pgdata, "256m")
+            took = await eventually(lambda: _ready(running), 30, "ready again")
+            assert await _counts(running) == before  # nothing of the batch; nothing lost
+            reply = await asyncio.to_thread(_lodge_bundle, running, bundle)
+            assert reply.status == 200 and reply.body["stored"] == 40_000, reply.body
+            after = await _counts(running)
+            assert after == {**before, "certificates": before["certificates"] + 40_000}
+            assert await asyncio.to_thread(_lodge_small, running) == 0  # identical: no-ops
+            assert await _counts(running) == after
+            print(f"ready again {took:.1f} s after the disk was grown")
+            # reads: a CA certificate, and the last device certificate of the bundle
+            devices = list(device_objects(big_pki["dir"], big_pki))
+            for serial in (running.objects("root")[0]["serial"], devices[-1]["serial"]):
+                status, _, der = await get(f"{running.http}/certificates/{serial}")
+                assert status == 200 and der[:1] == b"\x30", (status, der[:200])
+    assert not _mounted(data / "pgdata")
+
+
+async def _contains(path: Path, text: str) -> bool:
+    return text in path.read_text(errors="replace")
+
+
+async def _not(check: Any) -> bool:
+    return not await check
