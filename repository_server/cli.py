@@ -536,6 +536,7 @@ def cmd_export_ldif(args: argparse.Namespace) -> int:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     """One extract now (waiting for a scheduled one in progress anywhere in the cluster)."""
+    from .admin import AdminError
     from .extracts.writer import ExtractWriter
 
     async def work(store: Any, config: Config) -> str:
@@ -544,7 +545,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
                                page_size=ex.page_size, retain_full=ex.retain_full,
                                progress=_progress())
         async with store.extract_lock(wait=True):
-            done = await writer.produce(args.kind)
+            try:
+                done = await writer.produce(args.kind)
+            except OSError as exc:  # a full disk, above all: one line, not a traceback
+                raise AdminError(f"extract failed, nothing was published: {exc}"
+                                 f" (extracts.dir {writer.directory})") from exc
         if args.json:
             return json.dumps({"name": done.name, "kind": done.kind, "path": str(done.path),
                                "size": done.size, "sha256": done.sha256, "counts": done.counts,

@@ -407,7 +407,7 @@ class Repository:
         # LDAPS needs the server certificate; plain LDAP offers StartTLS when there is one.
         ldap_ctx = (ldap_tls_context(cfg) if cfg.listeners.ldaps or (
             cfg.listeners.ldap and cfg.path(cfg.tls.cert).is_file()) else None)
-        self.store = await self._resources.enter_async_context(opened_store(cfg))
+        self.store = await self._resources.enter_async_context(opened_store(cfg, supervise=True))
         self.catalog = Catalog(self.store, cache_bytes=cfg.cache.max_mb * 1024 * 1024)
         self.credentials = Credentials(self.store)
         await self.credentials.load()

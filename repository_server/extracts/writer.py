@@ -132,8 +132,13 @@ class _Tar:
         return self.sink.size, self.sink.sha256.hexdigest()
 
     def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            self.raw.close()
+        """After a failure (often a full disk): close every layer, ignoring their errors.
+        Closing only the file left tarfile's and gzip's finalisers to write to it later
+        ("Exception ignored in ... I/O operation on closed file" on stderr)."""
+        for close in (self.tar.close, self.gz.close if self.gz else None, self.raw.close):
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    close()
 
 
 T = TypeVar("T")
@@ -227,7 +232,8 @@ class ExtractWriter:
             raise
         finally:
             for spool in spools:
-                spool.file.close()
+                with contextlib.suppress(OSError):  # (a full disk fails the flush: no matter)
+                    spool.file.close()
         await self.store.extract_published(extract_id, size, bytes.fromhex(digest), counts)
         log.info("published extract %s (%s bytes, %s)", name, size, counts)
         removed = await self.apply_retention()

@@ -114,8 +114,12 @@ def build_lodge_app(config: Config, service: LodgingService) -> web.Application:
             # Nothing is acknowledged. A transaction whose COMMIT was sent just before the
             # connection died may still have been stored: lodging the same bytes again is a
             # no-op then, so the DCC simply retries. (No audit entry: the store is down.)
-            log.warning("lodging by %s on %s: store unavailable: %s: %s", actor.name,
-                        request.path, type(exc).__name__, exc)
+            first: BaseException = exc  # (a ROLLBACK on a lost connection hides the cause)
+            while (earlier := first.__cause__ or first.__context__) is not None:
+                first = earlier
+            log.warning("lodging by %s on %s: store unavailable: %s: %s%s", actor.name,
+                        request.path, type(exc).__name__, exc,
+                        f" (after {type(first).__name__}: {first})" if first is not exc else "")
             response = _error(503, "the repository store is unavailable: this lodging is not"
                               " acknowledged; retry shortly (lodging the same again is a"
                               " no-op)")

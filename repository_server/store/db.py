@@ -9,6 +9,7 @@ transaction, so caches on every process and node hear of it at commit time and n
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -276,6 +277,43 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
                               schema="pg_catalog", format="binary")
 
 
+async def _copy_records(conn: asyncpg.Connection, table: str, records: Sequence[tuple[Any, ...]],
+                        columns: Sequence[str], timeout: float) -> None:
+    """`conn.copy_records_to_table`, ended when the connection is lost or after `timeout`.
+    asyncpg (0.32) waits for the socket to drain with no bound: a backend that dies in the
+    middle of a COPY (PostgreSQL's PANIC on a full disk) or a stalled network would hold the
+    lodging request (and its connection) for ever instead of answering 503. A COPY cut short
+    takes its connection with it (the pool opens another): its protocol state is unknown."""
+    lost = asyncio.get_running_loop().create_future()
+
+    def on_lost(_conn: Any) -> None:
+        if not lost.done():
+            lost.set_result(None)
+
+    conn.add_termination_listener(on_lost)
+    copy = asyncio.ensure_future(conn.copy_records_to_table(table, records=records,
+                                                            columns=columns))
+    copy.add_done_callback(lambda task: task.cancelled() or task.exception())  # read, always
+    try:
+        await asyncio.wait((copy, lost), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        cut = not copy.done()
+        if cut:
+            copy.cancel()
+            await asyncio.wait((copy,))  # (asyncpg ends the COPY at once, without waiting)
+        # (a lost connection has left the pool already: its proxy then raises InterfaceError)
+        with contextlib.suppress(asyncpg.InterfaceError):
+            conn.remove_termination_listener(on_lost)
+            if cut:
+                conn.terminate()
+    if lost.done():  # (whatever the COPY says then, its transaction cannot commit)
+        raise asyncpg.ConnectionDoesNotExistError(f"connection lost during COPY to {table}")
+    if not cut:
+        copy.result()  # its own error, if any
+        return
+    raise TimeoutError(f"COPY to {table} took longer than {timeout} s")
+
+
 class BoundedPool:
     """The asyncpg pool, with every wait bounded. asyncpg's `pool.fetch()` and
     `pool.acquire()` wait for a free connection for ever, and a connection released without
@@ -311,10 +349,12 @@ class BoundedPool:
 
 
 class Store:
-    def __init__(self, pool: asyncpg.Pool, dsn: str, *, connect_timeout: float = 10.0) -> None:
+    def __init__(self, pool: asyncpg.Pool, dsn: str, *, connect_timeout: float = 10.0,
+                 command_timeout: float = 30.0) -> None:
         self.pool = BoundedPool(pool, connect_timeout)
         self.dsn = dsn
         self.connect_timeout = connect_timeout  # also for the catalog's LISTEN connection
+        self.command_timeout = command_timeout  # (the pool's too: here for COPY, see _copy_records)
 
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 10,
@@ -324,7 +364,7 @@ class Store:
             dsn, min_size=min_size, max_size=max_size, command_timeout=command_timeout,
             timeout=connect_timeout, init=_init_connection,
         )
-        store = cls(pool, dsn, connect_timeout=connect_timeout)
+        store = cls(pool, dsn, connect_timeout=connect_timeout, command_timeout=command_timeout)
         if migrate:
             await store.migrate()
         return store
@@ -483,12 +523,12 @@ class Store:
             direct_cols = [c for c in _CERT_COLUMNS if c != "idx"] + ["lodged_by"]
             try:
                 async with conn.transaction():
-                    await conn.copy_records_to_table(
-                        "certificates", records=[(*r[1:], lodged_by) for r in records],
-                        columns=direct_cols)
+                    await _copy_records(conn, "certificates", [(*r[1:], lodged_by) for r in records],
+                                        direct_cols, self.command_timeout)
                 stored, identical = list(range(len(records))), list[int]()
             except asyncpg.UniqueViolationError:
-                stored, identical = await self._insert_general(conn, records, lodged_by)
+                stored, identical = await self._insert_general(conn, records, lodged_by,
+                                                               self.command_timeout)
             # A serial now stored under two issuers: caches holding it must learn of the
             # sibling (rare: serials are random 16 octets). One index probe per serial,
             # whatever plan PostgreSQL caches for this prepared statement (`serial = ANY($1)`
@@ -511,7 +551,7 @@ class Store:
 
     @staticmethod
     async def _insert_general(conn: asyncpg.Connection, records: Sequence[tuple[Any, ...]],
-                              lodged_by: str) -> tuple[list[int], list[int]]:
+                              lodged_by: str, timeout: float) -> tuple[list[int], list[int]]:
         """Through a temporary table: conflicts refused, identical bytes and in-batch
         duplicates reported as identical. Returns (indexes stored, indexes identical)."""
         await conn.execute(
@@ -519,7 +559,7 @@ class Store:
             " idx integer NOT NULL) ON COMMIT DROP")
         await conn.execute("ALTER TABLE incoming DROP COLUMN id, DROP COLUMN lodged_at,"
                            " DROP COLUMN lodged_by")
-        await conn.copy_records_to_table("incoming", records=records, columns=_CERT_COLUMNS)
+        await _copy_records(conn, "incoming", records, _CERT_COLUMNS, timeout)
         await conn.execute("ANALYZE incoming")
         conflicts = await conn.fetch(
             "SELECT i.idx FROM incoming i JOIN certificates c"
@@ -631,10 +671,10 @@ class Store:
                 info.crl_number, info.this_update, info.next_update, info.sha256, info.der,
                 len(info.revoked), json.dumps(lint), lodged_by)
             if info.revoked:
-                await conn.copy_records_to_table(
-                    "revoked_entries",
-                    records=[(crl_id, e.serial, e.revocation_date, e.reason) for e in info.revoked],
-                    columns=("crl_id", "serial", "revocation_date", "reason"))
+                await _copy_records(
+                    conn, "revoked_entries",
+                    [(crl_id, e.serial, e.revocation_date, e.reason) for e in info.revoked],
+                    ("crl_id", "serial", "revocation_date", "reason"), self.command_timeout)
             await self._audit(conn, **audit)
             await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL,
                                "crl:" + issuer_key_id.hex())

@@ -7,10 +7,16 @@ one to release stops PostgreSQL, so Ctrl-C leaves no orphan. Leases of dead proc
 server killed with SIGKILL) are pruned, so a restart adopts the still-running PostgreSQL and
 stops it properly later. PostgreSQL refuses to run as root: as root we run it as the system
 user `pgserver` (created on demand, as the pgserver package itself does).
+
+PostgreSQL restarts itself after a backend crashes, but when that crash recovery fails too
+(a PANIC on a full disk: the recovery cannot write WAL either) the postmaster exits. A server
+holding a lease therefore looks every few seconds (`supervise`) and starts it again, so the
+repository recovers by itself once there is room.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
@@ -228,6 +234,34 @@ class EmbeddedPostgres:
             (self.leases / str(os.getpid())).touch()
             self._held = True
         return self.dsn
+
+    def revive(self) -> bool:
+        """Start PostgreSQL again if it is not running while this process holds a lease (it
+        stopped by itself: failed crash recovery, or killed); True if it was started."""
+        if not self._held or self.is_running():
+            return False
+        with self._locked():  # (then again: another process may have started it meanwhile)
+            if not self._held or self.is_running():
+                return False
+            self._start()
+            return True
+
+    async def supervise(self, interval: float = 2.0) -> None:
+        """Until cancelled: `revive` every `interval` seconds. A failed start (the disk still
+        full) is tried again; logged the first time and then once a minute."""
+        failures = 0
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if await asyncio.to_thread(self.revive):
+                    log.warning("embedded PostgreSQL had stopped: started it again (after %d"
+                                " failed attempts)", failures)
+                failures = 0
+            except (EmbeddedError, OSError, subprocess.SubprocessError) as exc:
+                failures += 1
+                if failures == 1 or failures % max(1, round(60 / interval)) == 0:
+                    log.error("embedded PostgreSQL has stopped and does not start again (attempt"
+                              " %d, one every %.0f s): %s", failures, interval, exc)
 
     def release(self) -> None:
         """Drop this process's lease; stop PostgreSQL when no other process uses it."""
