@@ -313,6 +313,17 @@ def write_report(name: str, res: dict[str, Any], table: list[str]) -> None:
     log(f"written bench/results/scale-{name}-{stamp}.{{md,json}}")
 
 
+def method(a: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(a).items() if k != "fn"}
+
+
+def checkpoint(name: str, res: dict[str, Any]) -> None:
+    """Every cell as it is measured: a failure later loses nothing."""
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"scale-{name}-partial.json").write_text(json.dumps(res, indent=1))
+
+
 def machine() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "kernel": os.uname().release,
             "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
@@ -326,7 +337,7 @@ def cmd_lookups(a: argparse.Namespace) -> int:
     conns = [int(c) for c in a.conns.split(",")]
     scenarios = a.scenarios.split(",")
     modes = a.modes.split(",")
-    res: dict[str, Any] = {"machine": machine(), "method": vars(a), "cells": [], "memory": []}
+    res: dict[str, Any] = {"machine": machine(), "method": method(a), "cells": [], "memory": []}
     cells: dict[tuple[str, int, str, int], list[dict[str, Any]]] = {}
     for rep in range(1, a.reps + 1):
         for mode in modes:
@@ -342,6 +353,7 @@ def cmd_lookups(a: argparse.Namespace) -> int:
                             r = load(sc, server, view, c, a)
                             r.update(size=size, mode=mode, scenario=sc, conns=c, rep=rep)
                             res["cells"].append(r)
+                            checkpoint("lookups", res)
                             cells.setdefault((mode, size, sc, c), []).append(r)
                             log(f"rep {rep} {mode} {size:,} {sc} c={c}: "
                                 f"{r.get('ops_per_s')} ops/s p99 "
@@ -387,21 +399,24 @@ def cmd_workers(a: argparse.Namespace) -> int:
     view = view_dir(work, a.size)
     conns = [int(c) for c in a.conns.split(",")]
     scenarios = a.scenarios.split(",")
-    res: dict[str, Any] = {"machine": machine(), "method": vars(a), "cells": []}
+    res: dict[str, Any] = {"machine": machine(), "method": method(a), "cells": [], "memory": []}
     cells: dict[tuple[int, str, int], list[dict[str, Any]]] = {}
     for rep in range(1, a.reps + 1):
         for n in ((1, 2) if rep % 2 else (2, 1)):
             # not pinned: two processes are there to use both cores (the generator is on CPU 1)
             server = Server(work / f"data-{a.size}", work, workers=n, cpu=None)
             try:
+                res["memory"].append({"workers": n, "rep": rep, "after_start": server.rss_mb()})
                 for sc in scenarios:
                     for c in conns:
                         r = load(sc, server, view, c, a)
                         r.update(workers=n, scenario=sc, conns=c, rep=rep)
                         res["cells"].append(r)
+                        checkpoint("workers", res)
                         cells.setdefault((n, sc, c), []).append(r)
                         log(f"rep {rep} workers {n} {sc} c={c}: {r.get('ops_per_s')} ops/s p99"
                             f" {r.get('lat_us', {}).get('p99')} µs")
+                res["memory"][-1]["after_load"] = server.rss_mb()
             finally:
                 server.stop()
     table = ["| scenario | conns | workers | ops/s (median) | min–max | p50 µs | p99 µs |"
