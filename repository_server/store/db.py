@@ -335,6 +335,34 @@ async def _reset_connection(_conn: asyncpg.Connection) -> None:
     terminate the connection if the unlock itself fails."""
 
 
+class _Acquired:
+    """`async with pool.acquire() as conn`: a turn at the gate, then a connection, the whole
+    wait bounded by `timeout`; the turn is given back with the connection."""
+
+    def __init__(self, pool: BoundedPool, timeout: float) -> None:
+        self.pool = pool
+        self.timeout = timeout
+        self.inner: Any = None
+
+    async def __aenter__(self) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        async with asyncio.timeout(self.timeout):
+            await self.pool.gate.acquire()
+        try:
+            self.inner = self.pool.raw.acquire(timeout=max(0.001, deadline - loop.time()))
+            return await self.inner.__aenter__()
+        except BaseException:
+            self.pool.gate.release()
+            raise
+
+    async def __aexit__(self, *exc: Any) -> None:
+        try:
+            await self.inner.__aexit__(*exc)
+        finally:
+            self.pool.gate.release()
+
+
 class BoundedPool:
     """The asyncpg pool, with every wait bounded. asyncpg's `pool.fetch()` and
     `pool.acquire()` wait for a free connection for ever, and a connection released without
@@ -345,9 +373,15 @@ class BoundedPool:
     def __init__(self, pool: asyncpg.Pool, acquire_timeout: float) -> None:
         self.raw = pool
         self.acquire_timeout = acquire_timeout
+        # First come, first served. asyncpg's pool hands a released connection to whoever
+        # asks next, and a waiter woken for it finds it taken and queues again at the back:
+        # with 64 clients on 10 connections, p99 went from 7 ms (16 clients) to 683 ms.
+        # asyncio.Semaphore serves waiters in order, and only as many tasks as there are
+        # connections ever reach the pool.
+        self.gate = asyncio.Semaphore(pool.get_max_size())
 
-    def acquire(self, *, timeout: float | None = None) -> Any:
-        return self.raw.acquire(timeout=timeout or self.acquire_timeout)
+    def acquire(self, *, timeout: float | None = None) -> _Acquired:
+        return _Acquired(self, timeout or self.acquire_timeout)
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Any]:
         async with self.acquire() as conn:
