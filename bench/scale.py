@@ -330,6 +330,29 @@ def machine() -> dict[str, Any]:
             "loadavg_before": os.getloadavg()}
 
 
+def measure(server: Server, name: str, res: dict[str, Any],
+            cells: dict[tuple[Any, ...], list[dict[str, Any]]], a: argparse.Namespace,
+            view: Path, key: tuple[Any, ...], rep: int, labels: dict[str, Any]) -> None:
+    """Every scenario at every concurrency against one started server, then stop it: each
+    cell goes into res (saved at once) and into cells under key + (scenario, conns); the
+    server's memory after the start and after the load goes into res["memory"]."""
+    try:
+        res["memory"].append({**labels, "rep": rep, "after_start": server.rss_mb()})
+        for sc in a.scenarios.split(","):
+            for c in (int(c) for c in a.conns.split(",")):
+                r = load(sc, server, view, c, a)
+                r.update(labels, scenario=sc, conns=c, rep=rep)
+                res["cells"].append(r)
+                checkpoint(name, res)
+                cells.setdefault((*key, sc, c), []).append(r)
+                log(f"rep {rep} {' '.join(str(v) for v in labels.values())} {sc} c={c}:"
+                    f" {r.get('ops_per_s')} ops/s p99 {r.get('lat_us', {}).get('p99')} µs"
+                    f" err {r.get('error_total')}")
+        res["memory"][-1]["after_load"] = server.rss_mb()
+    finally:
+        server.stop()
+
+
 # -- lookups --------------------------------------------------------------------------------
 def cmd_lookups(a: argparse.Namespace) -> int:
     work = Path(a.work)
@@ -338,29 +361,15 @@ def cmd_lookups(a: argparse.Namespace) -> int:
     scenarios = a.scenarios.split(",")
     modes = a.modes.split(",")
     res: dict[str, Any] = {"machine": machine(), "method": method(a), "cells": [], "memory": []}
-    cells: dict[tuple[str, int, str, int], list[dict[str, Any]]] = {}
+    cells: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for rep in range(1, a.reps + 1):
         for mode in modes:
             for size in (sizes if rep % 2 else sizes[::-1]):  # alternate which size goes first
                 view = view_dir(work, size)
                 server = Server(work / f"data-{size}", work, mode=mode)
-                try:
-                    res["memory"].append({"size": size, "mode": mode, "rep": rep,
-                                          "ready_s": server.ready_s,
-                                          "after_start": server.rss_mb()})
-                    for sc in scenarios:
-                        for c in conns:
-                            r = load(sc, server, view, c, a)
-                            r.update(size=size, mode=mode, scenario=sc, conns=c, rep=rep)
-                            res["cells"].append(r)
-                            checkpoint("lookups", res)
-                            cells.setdefault((mode, size, sc, c), []).append(r)
-                            log(f"rep {rep} {mode} {size:,} {sc} c={c}: "
-                                f"{r.get('ops_per_s')} ops/s p99 "
-                                f"{r.get('lat_us', {}).get('p99')} µs err {r.get('error_total')}")
-                    res["memory"][-1]["after_load"] = server.rss_mb()
-                finally:
-                    server.stop()
+                measure(server, "lookups", res, cells, a, view, (mode, size), rep,
+                        {"mode": mode, "size": size})
+                res["memory"][-1]["ready_s"] = server.ready_s
     table = ["| mode | scenario | conns | devices | ops/s (median) | min–max | p50 µs | p99 µs |"
              " p99 ÷ p99 at smallest | errors |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     res["summary"] = []
@@ -400,25 +409,12 @@ def cmd_workers(a: argparse.Namespace) -> int:
     conns = [int(c) for c in a.conns.split(",")]
     scenarios = a.scenarios.split(",")
     res: dict[str, Any] = {"machine": machine(), "method": method(a), "cells": [], "memory": []}
-    cells: dict[tuple[int, str, int], list[dict[str, Any]]] = {}
+    cells: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for rep in range(1, a.reps + 1):
         for n in ((1, 2) if rep % 2 else (2, 1)):
             # not pinned: two processes are there to use both cores (the generator is on CPU 1)
             server = Server(work / f"data-{a.size}", work, workers=n, cpu=None)
-            try:
-                res["memory"].append({"workers": n, "rep": rep, "after_start": server.rss_mb()})
-                for sc in scenarios:
-                    for c in conns:
-                        r = load(sc, server, view, c, a)
-                        r.update(workers=n, scenario=sc, conns=c, rep=rep)
-                        res["cells"].append(r)
-                        checkpoint("workers", res)
-                        cells.setdefault((n, sc, c), []).append(r)
-                        log(f"rep {rep} workers {n} {sc} c={c}: {r.get('ops_per_s')} ops/s p99"
-                            f" {r.get('lat_us', {}).get('p99')} µs")
-                res["memory"][-1]["after_load"] = server.rss_mb()
-            finally:
-                server.stop()
+            measure(server, "workers", res, cells, a, view, (n,), rep, {"workers": n})
     table = ["| scenario | conns | workers | ops/s (median) | min–max | p50 µs | p99 µs |"
              " × workers 1 | errors |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     res["summary"] = []
