@@ -171,7 +171,7 @@ class ExtractWriter:
                  progress: Callable[[str, int, int], None] | None = None) -> None:
         self.store = store
         # (stage, done, total): certificates by id position in the extract's id range
-        self.progress = progress
+        self.progress = progress or (lambda _stage, _done, _total: None)
         self.directory = directory
         self.compress = compression == "gzip"
         self.page_size = page_size
@@ -276,16 +276,13 @@ class ExtractWriter:
                 docs.add(fmt.document_record(row))
 
         span = max(0, upto.cert_id - since.cert_id)
-        if self.progress:
-            self.progress("extract certificates (by id)", 0, span)
+        self.progress("extract certificates (by id)", 0, span)
         async for cert_rows in _pages(lambda after: store.extract_certificates_page(
                 after, upto.cert_id, size), lambda row: row.id, since.cert_id):
             await asyncio.to_thread(put_certs, cert_rows, "new")
             counts["certificates_new"] += len(cert_rows)
-            if self.progress:
-                self.progress("extract certificates (by id)", cert_rows[-1].id - since.cert_id,
-                              span)
-        if self.progress and span:
+            self.progress("extract certificates (by id)", cert_rows[-1].id - since.cert_id, span)
+        if span:
             self.progress("extract certificates (by id)", span, span)
         if kind == "delta":
             async for changed in _pages(lambda after: store.extract_changed_page(

@@ -112,12 +112,11 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
     done_files = 0
 
     async def write(chunk: ImportChunk) -> None:
-        nonlocal done_files
+        nonlocal done_files, issuers_grew
         report.refused.extend(chunk.refused)
         for line in chunk.skipped:
             report.skipped.append(line)
             note(f"skipped {line}")
-        nonlocal issuers_grew
         deferred.extend(chunk.deferred)
         report.held_back_peak = max(report.held_back_peak, len(deferred))
         report.unverified += chunk.unverified

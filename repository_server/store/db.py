@@ -367,7 +367,8 @@ class BoundedPool:
     """The asyncpg pool, with every wait bounded. asyncpg's `pool.fetch()` and
     `pool.acquire()` wait for a free connection for ever, and a connection released without
     a timeout is reset without one: through a stalled network either would hang a request.
-    Here acquiring (a free slot, or a new connection) and releasing (the reset) are bounded by
+    Here acquiring (a turn, a free slot, or a new connection) and releasing (asyncpg rolls
+    back a transaction left open; no reset query, see `_reset_connection`) are bounded by
     `acquire_timeout`, and each statement by the pool's `command_timeout`."""
 
     def __init__(self, pool: asyncpg.Pool, acquire_timeout: float) -> None:
@@ -582,8 +583,7 @@ class Store:
                                         direct_cols, self.command_timeout)
                 stored, identical = list(range(len(records))), list[int]()
             except asyncpg.UniqueViolationError:
-                stored, identical = await self._insert_general(conn, records, lodged_by,
-                                                               self.command_timeout)
+                stored, identical = await self._insert_general(conn, records, lodged_by)
             # A serial now stored under two issuers: caches holding it must learn of the
             # sibling (rare: serials are random 16 octets). One index probe per serial,
             # whatever plan PostgreSQL caches for this prepared statement (`serial = ANY($1)`
@@ -604,9 +604,8 @@ class Store:
                 await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, payload)
         return stored, identical, changes
 
-    @staticmethod
-    async def _insert_general(conn: asyncpg.Connection, records: Sequence[tuple[Any, ...]],
-                              lodged_by: str, timeout: float) -> tuple[list[int], list[int]]:
+    async def _insert_general(self, conn: asyncpg.Connection, records: Sequence[tuple[Any, ...]],
+                              lodged_by: str) -> tuple[list[int], list[int]]:
         """Through a temporary table: conflicts refused, identical bytes and in-batch
         duplicates reported as identical. Returns (indexes stored, indexes identical)."""
         await conn.execute(
@@ -614,7 +613,7 @@ class Store:
             " idx integer NOT NULL) ON COMMIT DROP")
         await conn.execute("ALTER TABLE incoming DROP COLUMN id, DROP COLUMN lodged_at,"
                            " DROP COLUMN lodged_by")
-        await _copy_records(conn, "incoming", records, _CERT_COLUMNS, timeout)
+        await _copy_records(conn, "incoming", records, _CERT_COLUMNS, self.command_timeout)
         await conn.execute("ANALYZE incoming")
         conflicts = await conn.fetch(
             "SELECT i.idx FROM incoming i JOIN certificates c"
