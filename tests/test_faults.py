@@ -590,3 +590,28 @@ async def test_batch_refused_half_way_by_a_full_disk_stores_nothing(server: Runn
     reply = await asyncio.to_thread(lodge_bundle)
     assert reply.status == 200 and reply.body["stored"] == len(devices)
     assert await store.pool.fetchval(count) == len(devices)
+
+
+async def test_pool_serves_waiters_first_come_first_served(fresh_db: str) -> None:
+    """Eight clients, each asking three times in a row, on two connections: every client
+    has its first turn before any client has its second (README, Faults and limits). With
+    asyncpg's own hand-over a client that releases and asks again at once takes the
+    connection back ahead of the woken waiters (p99 683 ms at 64 clients on 10)."""
+    from repository_server.store.db import Store
+
+    store = await Store.connect(fresh_db, min_size=2, max_size=2)
+    turns: list[int] = []
+
+    async def client(i: int) -> None:
+        for _turn in range(3):
+            async with store.pool.acquire() as conn:
+                turns.append(i)
+                await conn.fetchval("SELECT 1")
+
+    try:
+        await asyncio.gather(*(client(i) for i in range(8)))
+    finally:
+        await store.close()
+    assert len(turns) == 24
+    assert sorted(turns[:8]) == list(range(8)), turns
+    assert sorted(turns[8:16]) == list(range(8)), turns
