@@ -12,7 +12,12 @@
 # SMKI_BIN: the smki-repository executable. Default: $RUN_DIR/.venv/bin/smki-repository if it
 # exists, else smki-repository on PATH.
 # SMKI_CONFIG: the TOML settings (default: bench.toml next to this script).
-# SMKI_READY_TIMEOUT: seconds to wait for the certificate cache preload (default 600).
+# SMKI_READY_TIMEOUT: seconds to wait for readiness (default 1800).
+#
+# Variant `before` (load before | start before | stop before, bench/compare-target.json): an
+# earlier version of the server, SMKI_BEFORE_BIN (e.g. a `git worktree` of an older commit with
+# its own venv), with its own data in $BENCH_WORK/smki-before and bench-before.toml, measured
+# side by side with the current one.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 : "${BENCH_WORK:=/tmp/smki-bench}"
@@ -21,7 +26,11 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 : "${HTTP_PORT:=8083}"
 : "${LDAP_PORT:=3890}"
 : "${BENCH:=$HERE/../../shared/bench}"
+VARIANT=${2:-}
 BIN=${SMKI_BIN:-}
+if [ "$VARIANT" = before ]; then
+  BIN=${SMKI_BEFORE_BIN:?set SMKI_BEFORE_BIN to the earlier version\'s smki-repository}
+fi
 if [ -z "$BIN" ]; then
   if [ -n "${RUN_DIR:-}" ] && [ -x "$RUN_DIR/.venv/bin/smki-repository" ]; then
     BIN=$RUN_DIR/.venv/bin/smki-repository
@@ -31,13 +40,16 @@ if [ -z "$BIN" ]; then
 fi
 CONFIG=${SMKI_CONFIG:-$HERE/bench.toml}
 W=$BENCH_WORK/smki-repository
+if [ "$VARIANT" = before ]; then
+  CONFIG=$HERE/bench-before.toml
+  W=$BENCH_WORK/smki-before
+fi
 DATA_DIR=$W/data
 # `start nocpm` / `stop nocpm`: a second server on the same data (its own port, pid file and
 # log: the harness keeps every target running for the whole run).
-VARIANT=${2:-}
 PIDFILE=$W/server${VARIANT:+-$VARIANT}.pid
 LOG=$W/server${VARIANT:+-$VARIANT}.log
-READY_TIMEOUT=${SMKI_READY_TIMEOUT:-600}
+READY_TIMEOUT=${SMKI_READY_TIMEOUT:-1800}
 # The server reads every SMKI_<SECTION>__<KEY> variable as a setting and refuses unknown ones
 # ("configuration error: bin: unknown setting"): drop them all (ours included) before running it.
 for v in $(compgen -e | grep '^SMKI_' || true); do unset "$v"; done
@@ -76,6 +88,12 @@ case "${1:-}" in
     fi
     "$BIN" users add bench --api-key "$BENCH_API_KEY" --config "$CONFIG" --data-dir "$DATA_DIR" \
       </dev/null >"$W/users.log" 2>&1 || { cat "$W/users.log" >&2; exit 1; }
+    if [ "$VARIANT" != before ]; then
+      # the node's read replica, built now rather than at the first start (timed here)
+      "$BIN" replica rebuild --config "$CONFIG" --data-dir "$DATA_DIR" </dev/null \
+        >"$W/replica.log" 2>&1 || { tail -n 20 "$W/replica.log" >&2; exit 1; }
+      tail -n 1 "$W/replica.log"
+    fi
     echo "user bench added with the targets file's API key"
     ;;
   start)

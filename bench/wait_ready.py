@@ -1,5 +1,10 @@
 #!/usr/bin/env python3
-"""Wait until a started smki-repository has preloaded its certificate cache (stdlib only).
+"""Wait until a started smki-repository is ready to be measured (stdlib only).
+
+Since the read replica: ready means /readyz answers 200 with the replica caught up
+(`replica.behind_changes` 0): the server serves everything from it, nothing is preloaded.
+Earlier versions (a per-process cache preloaded from PostgreSQL, no "replica" in /readyz) are
+waited for as follows, so the previous read path can be measured beside the new one:
 
 The server answers as soon as its listeners are up, while the cache preload still runs in the
 background (it reads every certificate from PostgreSQL, newest first, and fills the cache in
@@ -30,6 +35,29 @@ import urllib.request
 GAUGE = re.compile(r"^smki_cache_certificates\s+([0-9.eE+]+)\s*$", re.M)
 DONE = re.compile(r"cache preloaded with (\d+) certificates in ([0-9.]+) s")
 FAILED = "certificate cache preload failed"
+
+
+def replica_ready(port: int) -> str | None:
+    """"applied N" once /readyz says the replica is ready and caught up; "" for a server
+    without a replica (an earlier version); None while not ready."""
+    import json
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+            body = json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            return None if "replica" in json.loads(exc.read()) else ""
+        except ValueError:
+            return None
+    except (OSError, ValueError):
+        return None
+    replica = body.get("replica")
+    if replica is None:
+        return ""
+    if body.get("status") != "ready" or replica.get("behind_changes"):
+        return None
+    return f"applied {replica.get('applied')}"
 
 
 def gauge(port: int) -> int | None:
@@ -79,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     last, last_change = None, t0
     while True:
         now = time.monotonic()
-        n = gauge(a.port)
+        state = replica_ready(a.port)
+        if state:
+            print(f"ready: the read replica is caught up ({state}) after {now - t0:.1f} s")
+            return 0
+        n = gauge(a.port) if state == "" else None
         if n is not None and n != last:
             last, last_change = n, now
         if a.expect and n is not None and n >= a.expect:

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -499,9 +500,94 @@ def cmd_report(args: argparse.Namespace) -> int:
         store, config.service_levels, args.day, args.json))
 
 
+@contextlib.asynccontextmanager
+async def opened_replica(config: Config, store: Any,
+                         progress: Callable[[int, int], None] | None = None
+                         ) -> AsyncIterator[Any]:
+    """This node's read replica (built if missing, caught up with the store), as the catalog
+    the read interfaces use: what `serve` would answer with."""
+    from .catalog import Catalog
+    from .replica.env import Replica
+    from .replica.feed import Feeder
+
+    replica = Replica(config.path(config.replica.path),
+                      map_size=config.replica.map_size_gb * 1024**3)
+    feeder = Feeder(replica, dsn=store.dsn, feed_dsn=config.database.replica_url,
+                    connect_timeout=config.database.connect_timeout)
+    try:
+        await feeder.ensure(progress)
+        await feeder.catch_up()
+        catalog = Catalog(store, replica)
+        catalog.ready = True
+        yield catalog
+    finally:
+        await feeder.close()
+        replica.close()
+
+
+def cmd_replica(args: argparse.Namespace) -> int:
+    """`replica status|verify|rebuild`: this node's read replica against the store."""
+    from .replica.env import Replica, ReplicaUnavailable
+    from .replica.feed import Feeder, lag, verify
+    from .store import opened_store
+
+    config = _config(args)
+    _setup_logging(config.log.level)
+    path = config.path(config.replica.path)
+
+    async def run() -> int:
+        async with opened_store(config, max_size=2) as store:
+            replica = Replica(path, map_size=config.replica.map_size_gb * 1024**3)
+            feeder = Feeder(replica, dsn=store.dsn, feed_dsn=config.database.replica_url,
+                            connect_timeout=config.database.connect_timeout)
+            bar = _progress()
+            try:
+                if args.action == "rebuild":
+                    started = time.perf_counter()
+                    written = await feeder.build(lambda done, total: bar("replica", done, total))
+                    took = time.perf_counter() - started
+                    print(f"replica rebuilt at {path}: {written:,} certificates in {took:.1f} s"
+                          f" ({written / took if took else 0:,.0f}/s), {replica.size_bytes() / 1e6:,.0f}"
+                          " MB; running servers reopen it within a second")
+                    return 0
+                if not replica.exists():
+                    print(f"error: no replica at {path} (a server builds it when it starts, or"
+                          " run `smki-repository replica rebuild`)", file=sys.stderr)
+                    return 1
+                try:
+                    replica.open()
+                    state = lag(replica)
+                except ReplicaUnavailable as exc:
+                    print(f"error: {exc}; run `smki-repository replica rebuild`", file=sys.stderr)
+                    return 1
+                if args.action == "status":
+                    state.update(path=str(path), bytes=replica.size_bytes(), **replica.counts())
+                    print(json.dumps(state, indent=2))
+                    return 0
+                if not args.no_catch_up:
+                    await feeder.catch_up()
+                async with store.pool.acquire() as conn:
+                    report = await verify(replica, conn)
+                if report.ok:
+                    print(f"replica at {path} equals the store (change {report.store_applied},"
+                          f" {replica.counts()['certs']:,} certificates)")
+                    return 0
+                print(f"replica at {path} differs from the store:")
+                for line in report.differences[:100]:
+                    print(f"  {line}")
+                if len(report.differences) > 100:
+                    print(f"  ... and {len(report.differences) - 100} more")
+                print("run `smki-repository replica rebuild` to rebuild it", file=sys.stderr)
+                return 1
+            finally:
+                await feeder.close()
+                replica.close()
+
+    return asyncio.run(run())
+
+
 def cmd_export_ldif(args: argparse.Namespace) -> int:
     """The directory as LDIF, streamed a page at a time (bounded memory)."""
-    from .catalog import Catalog
     from .ldap.directory import Directory
     from .ldap.ldif import entry_ldif
     from .store import opened_store
@@ -512,9 +598,9 @@ def cmd_export_ldif(args: argparse.Namespace) -> int:
 
     async def run(out: Any) -> int:
         count = 0
-        async with opened_store(config, max_size=2) as store:
-            directory = Directory(Catalog(store, cache_bytes=0), store, suffix=config.ldap.suffix,
-                                  root_dse={})
+        async with opened_store(config, max_size=2) as store, \
+                opened_replica(config, store) as catalog:
+            directory = Directory(catalog, store, suffix=config.ldap.suffix, root_dse={})
             async for entry in directory.all_entries():
                 out.write(entry_ldif(entry))
                 count += 1
@@ -682,6 +768,15 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     _store_args(q)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("replica", help="this node's read replica: status, verify, rebuild")
+    p.add_argument("action", choices=("status", "verify", "rebuild"),
+                   help="status: how far behind, sizes; verify: compare with the store (counts"
+                        " and a digest per id range); rebuild: build anew from the store")
+    p.add_argument("--no-catch-up", action="store_true",
+                   help="verify: compare as it is, without applying pending changes first")
+    _store_args(p)
+    p.set_defaults(func=cmd_replica)
 
     p = sub.add_parser("export-ldif", help="write the LDAP directory as LDIF (e.g. to load slapd)")
     _store_args(p)

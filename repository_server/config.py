@@ -69,6 +69,9 @@ class Database:
     pool_max: int = 10
     command_timeout: float = 30.0  # seconds for one statement
     connect_timeout: float = 10.0
+    # A PostgreSQL streaming replica of `url` that this node's read replica is fed from (rows
+    # only: lodging and accounts always use `url`); empty = feed from `url`.
+    replica_url: str = ""
 
 
 @dataclass(frozen=True)
@@ -190,9 +193,13 @@ class Extracts:
 
 
 @dataclass(frozen=True)
-class Cache:
-    max_mb: int = 256  # hot-object cache per process (certificate responses)
-    preload: bool = True  # fill the cache from the store at start, newest first
+class Replica:
+    """The node-local read replica (memory-mapped LMDB) every read interface serves from."""
+
+    path: str = "replica"  # a directory (relative: under data_dir)
+    map_size_gb: int = 256  # address space reserved for it (the file grows as needed)
+    poll_seconds: float = 0.5  # the feeder looks for changes this often (and on NOTIFY)
+    max_lag_seconds: float = 30.0  # /readyz says 503 when the oldest change not applied is older
 
 
 @dataclass(frozen=True)
@@ -210,7 +217,7 @@ class Config:
     lodge: Lodge = field(default_factory=Lodge)
     web: Web = field(default_factory=Web)
     ldap: Ldap = field(default_factory=Ldap)
-    cache: Cache = field(default_factory=Cache)
+    replica: Replica = field(default_factory=Replica)
     portal: Portal = field(default_factory=Portal)
     extracts: Extracts = field(default_factory=Extracts)
     service_levels: ServiceLevelSettings = field(default_factory=ServiceLevelSettings)
@@ -283,8 +290,15 @@ class Config:
         if po.detail_cache_entries < 0:
             raise ConfigError("portal.detail_cache_entries: must be >= 0")
         self._validate_extracts()
-        if self.cache.max_mb < 0:
-            raise ConfigError("cache.max_mb: must be >= 0")
+        if not 1 <= self.replica.map_size_gb <= 65536:
+            raise ConfigError("replica.map_size_gb: must be between 1 and 65536")
+        if not 0.05 <= self.replica.poll_seconds <= 60:
+            raise ConfigError("replica.poll_seconds: must be between 0.05 and 60")
+        if self.replica.max_lag_seconds <= 0:
+            raise ConfigError("replica.max_lag_seconds: must be positive")
+        if self.database.replica_url and not self.database.replica_url.startswith(
+                ("postgres://", "postgresql://")):
+            raise ConfigError("database.replica_url: must start with postgresql:// (or be empty)")
         if self.log.level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError("log.level: one of DEBUG, INFO, WARNING, ERROR")
         return self

@@ -40,6 +40,8 @@ from .obs.access import NOTE, Note, access_logger_class
 from .obs.metrics import Metrics
 from .portal.app import Portal
 from .portal.auth import PortalAuth
+from .replica.env import Replica, ReplicaUnavailable
+from .replica.feed import Feeder, lag
 from .service_levels import ANONYMOUS, ServiceLevelCollector, ServiceLevels
 from .store import opened_store
 from .store.db import Store
@@ -221,6 +223,10 @@ class Repository:
         self._resources = contextlib.AsyncExitStack()  # the store (and embedded PostgreSQL)
         self.store: Store | None = None
         self.catalog: Catalog | None = None
+        self.replica: Replica | None = None
+        self.feeder: Feeder | None = None
+        self._replica_task: asyncio.Task[None] | None = None
+        self._replica_ready = asyncio.Event()
         self.lodging: LodgingService | None = None
         self.credentials: Credentials | None = None
         self.levels: ServiceLevels | None = None
@@ -288,22 +294,48 @@ class Repository:
         async def healthz(_request: web.Request) -> web.Response:
             return web.json_response({"status": "ok"})
 
+        max_lag = self.config.replica.max_lag_seconds
+        replica = self.replica
+        assert replica is not None
+
         async def readyz(_request: web.Request) -> web.Response:
+            """Ready = the read interfaces can answer from this node's replica, and it is
+            not further behind the store than replica.max_lag_seconds. The database may be
+            down meanwhile (reads are served; lodging answers 503): said in the body."""
+            body: dict[str, Any] = {"status": "ready"}
             try:
                 await store.ping()
+                body["database"] = "ok"
             except Exception as exc:
-                return web.json_response(
-                    {"status": "unavailable",
-                     "database": f"{type(exc).__name__}: {exc}".rstrip(": "),
-                     "serving": "CA certificates, current CRLs/ARLs and cached lookups from"
-                                " memory; everything else answers 503"},
-                    status=503, headers={"Retry-After": RETRY_AFTER})
-            return web.json_response({"status": "ready"})
+                body["database"] = f"unavailable: {type(exc).__name__}: {exc}".rstrip(": ")
+                body["lodging"] = "unavailable until the database is back"
+            try:
+                body["replica"] = lag(replica)
+            except ReplicaUnavailable as exc:
+                body["replica"] = {"error": str(exc)}
+            if not catalog.ready:
+                body["status"] = "unavailable"
+                body["reason"] = "the read replica is being built"
+                building = self.feeder.building if self.feeder else None
+                if building:
+                    body["replica"]["building"] = {"done": building[0], "total": building[1]}
+            elif body["replica"].get("behind_seconds", 0) > max_lag:
+                body["status"] = "unavailable"
+                body["reason"] = (f"the read replica is more than {max_lag:g} s behind the"
+                                  " store")
+            elif body["database"] != "ok":
+                body["status"] = "degraded"
+            if body["status"] == "unavailable":
+                return web.json_response(body, status=503, headers={"Retry-After": RETRY_AFTER})
+            return web.json_response(body)
 
         async def metrics_handler(_request: web.Request) -> web.Response:
-            metrics.cache_entries.set(catalog.cached_certificates)
-            metrics.cache_lookups.labels("hit").set(catalog.hits)
-            metrics.cache_lookups.labels("miss").set(catalog.misses)
+            with contextlib.suppress(ReplicaUnavailable):
+                state = lag(replica)
+                metrics.replica_applied.set(state["applied"])
+                metrics.replica_behind.set(state["behind_changes"])
+                metrics.replica_behind_seconds.set(state["behind_seconds"])
+                metrics.replica_bytes.set(replica.size_bytes())
             return web.Response(body=generate_latest(metrics.registry),
                                 headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -398,6 +430,60 @@ class Repository:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    # -- the read replica -----------------------------------------------------------------
+    async def _keep_replica(self) -> None:
+        """Forever: make this node's replica usable, then keep it so. The process holding the
+        feeder lock builds it when needed and follows the change log; the others wait for it
+        and reopen it when a rebuild swaps the files."""
+        feeder, replica, catalog = self.feeder, self.replica, self.catalog
+        assert feeder is not None and replica is not None and catalog is not None
+        follow: asyncio.Task[None] | None = None
+        last_note = 0.0
+
+        def progress(done: int, total: int) -> None:
+            nonlocal last_note
+            now = time.monotonic()
+            if now - last_note >= 10 or done == total:
+                last_note = now
+                log.info("read replica: building, %d of %d certificates", done, total)
+
+        try:
+            while True:
+                try:
+                    if replica.env is not None and replica.replaced():
+                        log.info("read replica: rebuilt by another process; reopening")
+                        replica.open()
+                    if not catalog.ready:
+                        if feeder.take_feeder_role():
+                            await feeder.ensure(progress)
+                        else:
+                            if not feeder.source:
+                                assert self.store is not None
+                                async with self.store.pool.acquire() as conn:
+                                    from .store import feed as feed_sql
+
+                                    feeder.source = await feed_sql.identity(conn)
+                            why = await asyncio.to_thread(feeder.usable, feeder.source)
+                            if why:
+                                raise ReplicaUnavailable(f"waiting for this node's feeder: {why}")
+                        catalog.ready = True
+                        self._replica_ready.set()
+                        log.info("read replica ready at change %d (%s)", replica.applied(),
+                                 "this process feeds it" if feeder.is_feeder
+                                 else "fed by another process")
+                    if follow is None and feeder.take_feeder_role():
+                        follow = asyncio.create_task(feeder.follow(), name="replica-feed")
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("read replica not ready: %s: %s", type(exc).__name__, exc)
+                await asyncio.sleep(1.0)
+        finally:
+            if follow is not None:
+                follow.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await follow
+
     # -- life cycle -----------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.config
@@ -408,11 +494,22 @@ class Repository:
         ldap_ctx = (ldap_tls_context(cfg) if cfg.listeners.ldaps or (
             cfg.listeners.ldap and cfg.path(cfg.tls.cert).is_file()) else None)
         self.store = await self._resources.enter_async_context(opened_store(cfg, supervise=True))
-        self.catalog = Catalog(self.store, cache_bytes=cfg.cache.max_mb * 1024 * 1024)
+        self.replica = Replica(cfg.path(cfg.replica.path),
+                               map_size=cfg.replica.map_size_gb * 1024**3)
+        self.feeder = Feeder(self.replica, dsn=self.store.dsn, feed_dsn=cfg.database.replica_url,
+                             connect_timeout=cfg.database.connect_timeout,
+                             command_timeout=cfg.database.command_timeout,
+                             poll_seconds=cfg.replica.poll_seconds)
+        self.catalog = Catalog(self.store, self.replica)
+        self.catalog.sync_to = self.feeder.catch_up
+        for kind in ("certs", "status", "crl", "doc", "serials"):
+            self.catalog.subscribe(kind, self.feeder.wake)
         self.credentials = Credentials(self.store)
         await self.credentials.load()
         self.catalog.subscribe("users", self.credentials.changed)
-        await self.catalog.start(preload=cfg.cache.preload)
+        await self.catalog.start()
+        self._replica_task = asyncio.create_task(self._keep_replica(), name="replica")
+        await self._replica_ready.wait()
         self.levels = ServiceLevels(cfg.service_levels, self.store)
         self.metrics.registry.register(ServiceLevelCollector(self.levels))
         if cfg.service_levels.enabled:
@@ -436,7 +533,8 @@ class Repository:
         self.lodging = LodgingService(
             self.store, max_batch=cfg.lodge.max_batch, max_crl_bytes=cfg.lodge.max_crl_bytes,
             clock_skew=timedelta(seconds=cfg.lodge.clock_skew_seconds),
-            parse_workers=cfg.lodge.parse_workers, on_change=self.catalog.invalidate)
+            parse_workers=cfg.lodge.parse_workers, on_change=self.catalog.invalidate,
+            after_commit=self.catalog.synced)
         loop = asyncio.get_running_loop()
         for name, ctx in (("http", None), ("https", https_ctx)):
             addr = cfg.listeners.address(name)
@@ -519,6 +617,14 @@ class Repository:
             await self.levels.stop()  # the last counts reach the store before it closes
         if self.catalog:
             await self.catalog.stop()
+        if self._replica_task is not None:
+            self._replica_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._replica_task
+        if self.feeder is not None:
+            await self.feeder.close()
+        if self.replica is not None:
+            self.replica.close()
         await self._resources.aclose()  # the pool, then the embedded PostgreSQL's lease
 
 

@@ -404,7 +404,7 @@ async def boxed(loaded: Running) -> Running:
     await add_user(loaded.repo, "dcc-boxed", BOXED_API_KEY)
     if not REALDATA.is_dir():  # a checkout without ../shared: the test PKI part still runs
         return loaded
-    service = LodgingService(loaded.repo.store)
+    service = LodgingService(loaded.repo.store, after_commit=loaded.repo.catalog.synced)
     try:
         report = await import_directory(service, REALDATA, Actor("operator:test"),
                                         allow_unverified_issuer=True, note=lambda _line: None)

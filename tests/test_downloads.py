@@ -204,7 +204,7 @@ async def test_every_realdata_certificate_imports_and_downloads_byte_identical(
     from repository_server.lodge.service import LodgingService
 
     assert server.repo.store is not None
-    service = LodgingService(server.repo.store)
+    service = LodgingService(server.repo.store, after_commit=server.repo.catalog.synced)
     notes: list[str] = []
     report = await import_directory(service, REALDATA, Actor("operator:test"),
                                     allow_unverified_issuer=True, note=notes.append)
@@ -314,7 +314,7 @@ async def test_import_of_bundles_holds_back_little(server: Running, tmp_path: Pa
     pki = tmp_path / "pki"
     generate(pki, TestPkiParams(devices=2000, organisations=2, workers=2, seed=41))
     assert server.repo.store is not None
-    service = LodgingService(server.repo.store)
+    service = LodgingService(server.repo.store, after_commit=server.repo.catalog.synced)
     seen: list[tuple[int, int]] = []
     try:
         report = await bulk.import_directory(

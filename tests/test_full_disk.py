@@ -179,6 +179,15 @@ async def _ready(running: Running) -> bool:
         return False
 
 
+async def _database_ok(running: Running) -> bool:
+    """What /readyz says of the database (reads stay ready: they come from the replica)."""
+    try:
+        status, _, body = await get(f"{running.http}/readyz")
+    except OSError:
+        return False
+    return status == 200 and json.loads(body).get("database") == "ok"
+
+
 @pytest.mark.parametrize(("headroom_mb", "crash"), [(6, False), (24, True)],
                          ids=["write-refused", "wal-panic"])
 async def test_postgresql_on_a_full_disk_while_lodging(tmp_path: Path, big_pki: dict[str, Any],
@@ -212,10 +221,12 @@ async def test_postgresql_on_a_full_disk_while_lodging(tmp_path: Path, big_pki: 
                                                    " failure"), 20, "PostgreSQL stops")
                 text = log.read_text()
                 assert 'PANIC:  could not write to file "pg_wal/xlogtemp' in text, text[-3000:]
-                # not ready while it is down, and not started again while the disk is full
-                await eventually(lambda: _not(_ready(running)), 10, "readyz 503")
+                # reads stay ready (served from the replica); readiness says the database is
+                # down, and it is not started again while the disk is full
+                await eventually(lambda: _not(_database_ok(running)), 10, "database down")
+                assert await _ready(running)
                 await asyncio.sleep(5)  # the supervisor tries every 2 s, and fails: no room
-                assert not await _ready(running)
+                assert not await _database_ok(running)
                 assert log.read_text().count("shutting down due to startup process failure") >= 2
             else:
                 # ERROR:  could not extend file "base/...": No space left on device
@@ -226,7 +237,7 @@ async def test_postgresql_on_a_full_disk_while_lodging(tmp_path: Path, big_pki: 
                 assert await _counts(running) == before
 
             resize(pgdata, "256m")
-            took = await eventually(lambda: _ready(running), 30, "ready again")
+            took = await eventually(lambda: _database_ok(running), 30, "ready again")
             assert await _counts(running) == before  # nothing of the batch; nothing lost
             reply = await asyncio.to_thread(_lodge_bundle, running, bundle)
             assert reply.status == 200 and reply.body["stored"] == 40_000, reply.body

@@ -478,7 +478,7 @@ async def test_realdata_certificate_pages(server: Running) -> None:
     from repository_server.lodge.service import Actor, LodgingService
 
     assert server.repo.store is not None
-    service = LodgingService(server.repo.store)
+    service = LodgingService(server.repo.store, after_commit=server.repo.catalog.synced)
     report = await import_directory(service, REALDATA / "duis-templates", Actor("operator:test"),
                                     allow_unverified_issuer=True, note=lambda _n: None)
     service.close()

@@ -25,7 +25,7 @@ async def test_cpm_fast_and_slow_requests_survive_a_restart(tmp_path: Path, pki:
     """TRT 0.3 s; 6 fast retrieves; 3 retrieves held up by a table lock for ~0.8 s (the cache
     is off, so each reads PostgreSQL): 9 received, 6 within TRT. After a restart (new process
     state, same database) the report is the same, from the CLI too."""
-    over = {"service_levels": {"trt_seconds": 0.3, "flush_seconds": 0.2}, "cache": {"max_mb": 0}}
+    over = {"service_levels": {"trt_seconds": 0.3, "flush_seconds": 0.2}}
     repo = await start_repository(tmp_path, pki, fresh_db, **over)
     running = Running(repo, pki)
     try:

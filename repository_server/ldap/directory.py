@@ -1,4 +1,4 @@
-"""The directory: our layout (DIT) over the catalog and the store.
+"""The directory: our layout (DIT) over the node's read replica.
 
 ```
 <suffix>                                  organization (o=SMKI by default)
@@ -16,7 +16,8 @@
 plus the root DSE ("") and the subschema entry (``cn=Subschema``). Nothing is materialised:
 a search resolves its base, then reads candidates through the cheapest index the filter
 allows (:func:`filters.plan`), and walks a subtree a page at a time in (EUI-64, id) order
-when it has to, so memory stays bounded whatever the store holds. Entries of devices,
+when it has to (the replica's subject index is in that order), so memory stays bounded
+whatever the store holds. Nothing here reads PostgreSQL. Entries of devices,
 organisations and other certificates are ``public=False``: the server shows them only to
 bound users unless ``ldap.open_reads`` is set.
 """
@@ -30,9 +31,10 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from ..catalog import Catalog, CertEntry, cert_entry
+from ..catalog import Catalog, CertEntry
 from ..pki.ids import IdentifierError, format_key_id, parse_eui64, parse_key_id, parse_serial
-from ..store.db import CrlRow, Store
+from ..replica.records import CrlRecord
+from ..store.db import Store
 from . import dn
 from .codec import ResultCode
 from .filters import Entry, Plan
@@ -99,6 +101,7 @@ class Directory:
     def __init__(self, catalog: Catalog, store: Store, *, suffix: str,
                  root_dse: dict[str, list[bytes]], clock: Callable[[], float] = time.time) -> None:
         self.catalog = catalog
+        self.replica = catalog.replica
         self.store = store
         self.clock = clock
         self.suffix = suffix
@@ -110,18 +113,26 @@ class Directory:
         self._cas_until = float("inf")  # the earliest nextUpdate among their CRLs/ARLs
         self._cas_lock = asyncio.Lock()
         self._listeners: list[Callable[[], None]] = []
-        for kind in ("certs", "status", "crl", "serials"):
-            catalog.subscribe(kind, self._changed)
+        self._version = -1  # the replica's applied change the CA entries were built at
 
     # -- change notification ------------------------------------------------------------
     def on_change(self, callback: Callable[[], None]) -> None:
         """Call `callback()` whenever something lodged may change an answer."""
         self._listeners.append(callback)
 
-    def _changed(self, _key: str) -> None:
-        self._cas = None
-        for callback in self._listeners:
-            callback()
+    def check_version(self) -> None:
+        """Drop what was built from an older state of the replica (a change was applied,
+        by this process or another of the node's): the CA entries and the listeners' caches
+        of answers. Called before each search: one read of the replica's meta."""
+        try:
+            version = self.catalog.version()
+        except OSError:  # the replica cannot be read: the search itself will say so
+            return
+        if version != self._version:
+            self._version = version
+            self._cas = None
+            for callback in self._listeners:
+                callback()
 
     # -- fixed entries ----------------------------------------------------------------------
     def root_dse(self) -> Entry:
@@ -163,18 +174,19 @@ class Directory:
         attrs: dict[str, list[bytes]] = {"objectclass": [b"top", b"organizationalUnit"],
                                          "ou": [name.encode()]}
         # hasSubordinates: one indexed row at most (migration 0004 indexes the "other" rows)
+        self.catalog._check_ready()
         if unit == "cas":
             children = bool(await self.ca_entries())
         elif kind is not None:
-            children = bool(await self.store.subjects_page(kind, b"", 1))
+            children = self.replica.has_subjects(kind == "device")
         else:
-            children = bool(await self.store.other_certificates_page(0, 1))
+            children = self.replica.has_other()
         _common(entry_dn, "organizationalUnit", children, attrs)
         return Entry(entry_dn, ((("ou", unit),), *self.nsuffix), attrs)
 
     # -- CA entries ---------------------------------------------------------------------------
     def _cas_usable(self) -> bool:
-        # Kept while PostgreSQL is unreachable (the catalog is not live), but not past the
+        # Kept while the replica is not being fed (PostgreSQL unreachable), but not past the
         # first nextUpdate of the CRLs/ARLs they hold: then the store must say what is current.
         return self._cas is not None and (self.catalog.live or self.clock() < self._cas_until)
 
@@ -185,21 +197,25 @@ class Directory:
         async with self._cas_lock:
             if self._cas is not None and self._cas_usable():
                 return self._cas
-            rows = await self.store.ca_certificates()
-            crls = {c.issuer_key_id: c for c in await self.store.current_crls()}
+            self.catalog._check_ready()
+            rows = self.replica.ca_certificates()
+            crls = {c.issuer_key_id: c for c in self.replica.current_crls()}
             self._cas_until = min((c.next_update.timestamp() for c in crls.values()
                                    if c.next_update is not None), default=float("inf"))
             built: dict[bytes, Entry] = {}
             by_key: dict[bytes, list[CertEntry]] = {}
             for row in rows:
                 assert row.subject_key_id is not None
-                by_key.setdefault(row.subject_key_id, []).append(cert_entry(row))
+                by_key.setdefault(row.subject_key_id, []).append(row)
             for key_id, certs in by_key.items():
                 built[key_id] = self._ca_entry(key_id, certs, crls.get(key_id))
             self._cas = built
+            if not self._cas_usable():
+                raise DirectoryError(ResultCode.UNAVAILABLE, "a CRL/ARL is past its nextUpdate and"
+                                     " the store cannot be reached to say which is current")
             return built
 
-    def _ca_entry(self, key_id: bytes, certs: list[CertEntry], crl: CrlRow | None) -> Entry:
+    def _ca_entry(self, key_id: bytes, certs: list[CertEntry], crl: CrlRecord | None) -> Entry:
         key_hex = format_key_id(key_id)
         entry_dn = f"smkiKeyId={key_hex},ou=CAs,{self.suffix}"
         cn = _common_name(certs[-1].subject_name) or key_hex
@@ -212,7 +228,7 @@ class Directory:
             "smkinotbefore": _distinct(_gt(c.not_before_ts).decode() for c in certs),
             "smkinotafter": _distinct(_gt(c.not_after_ts).decode() for c in certs),
             "smkisubjectkeyid": [key_hex.encode()],
-            "smkisha256": _distinct(c.etag.strip('"') for c in certs),
+            "smkisha256": _distinct(c.sha_hex for c in certs),
             "smkisubject": _distinct(c.subject_name for c in certs if c.subject_name),
             "smkiissuer": _distinct(c.issuer_name for c in certs if c.issuer_name),
             "cacertificate": [c.der for c in certs],
@@ -272,7 +288,7 @@ class Directory:
             "smkimanufacturingflag": [b"TRUE" if c.manufacturing_flag else b"FALSE"],
             "smkinotbefore": [_gt(c.not_before_ts)],
             "smkinotafter": [_gt(c.not_after_ts)],
-            "smkisha256": [c.etag.strip('"').encode()],
+            "smkisha256": [c.sha_hex.encode()],
             "usercertificate": [c.der],
             "createtimestamp": [_gt(c.modified_ts)],
         }
@@ -418,8 +434,8 @@ class Directory:
                 return
             after = 0
             while True:
-                rows = await self.store.other_certificates_page(after, PAGE_ROWS)
-                for e in await self._certificate_entries([cert_entry(r) for r in rows]):
+                rows = self.replica.other_certificates_page(after, PAGE_ROWS)
+                for e in await self._certificate_entries(rows):
                     yield e
                 if len(rows) < PAGE_ROWS:
                     return
@@ -431,7 +447,7 @@ class Directory:
                 return
             after_eui = b""
             while True:
-                euis = await self.store.subjects_page(kind, after_eui, PAGE_ROWS)
+                euis = self.replica.subjects_page(kind == "device", after_eui, PAGE_ROWS)
                 for eui in euis:
                     yield self.subject_entry(unit, _eui(eui))
                 if len(euis) < PAGE_ROWS:
@@ -440,8 +456,9 @@ class Directory:
         after_eui, after_id = b"", 0
         last = b""
         while True:
-            rows = await self.store.subject_certificates_page(kind, after_eui, after_id, PAGE_ROWS)
-            entries = await self._certificate_entries([cert_entry(r) for r in rows])
+            rows = self.replica.subject_certificates_page(kind == "device", after_eui, after_id,
+                                                          PAGE_ROWS)
+            entries = await self._certificate_entries(rows)
             for row, e in zip(rows, entries, strict=True):
                 assert row.eui64 is not None
                 if row.eui64 != last:
@@ -464,8 +481,7 @@ class Directory:
         out: list[Entry] = []
         cas = await self.ca_entries()
         if plan.sha256 is not None:
-            rows = await self.store.certificates_by_sha256(plan.sha256)
-            certs = [cert_entry(r) for r in rows]
+            certs = self.replica.by_sha256(plan.sha256)
             want_sha = plan.sha256.hex().encode()
             out += [e for e in cas.values() if want_sha in e.attrs["smkisha256"]]
         elif plan.serial is not None:
@@ -486,8 +502,7 @@ class Directory:
             if plan.key_id in cas:
                 out.append(cas[plan.key_id])
             if private:
-                rows = await self.store.certificates_by_subject_key_id(plan.key_id)
-                certs = [cert_entry(r) for r in rows]
+                certs = self.replica.by_subject_key_id(plan.key_id)
         certs = [c for c in certs if self.unit_of(c) != "cas" and (private or c.public)]
         out += await self._certificate_entries(certs)
         return out

@@ -320,6 +320,8 @@ class LdapConnection(asyncio.Protocol):
         except ProtocolError as exc:
             self._protocol_error(exc)
             return
+        if frames:
+            self.service.directory.check_version()  # a change applied: older answers go
         cache = self.service.cache.maps[self.private]
         for content in frames:
             if cache and not self.pending and self.serial is None:

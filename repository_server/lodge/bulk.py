@@ -125,7 +125,7 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
             issuers_grew = True
         if chunk.records:
             try:
-                stored, identical, changes = await service.store.insert_certificates(
+                stored, identical, changes, seq = await service.store.insert_certificates(
                     chunk.records, lodged_by=actor.name, audit=actor.audit(
                         "import.certificates", "ok", f"import {root}",
                         {"count": len(chunk.records), "first_serial": chunk.serials[0],
@@ -140,6 +140,7 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
                 report.identical += len(identical)
                 for payload in changes:
                     service.on_change(payload)
+                await service.committed(seq)
         done_files += chunk.files - len(chunk.deferred)  # held-back ones count when settled
         if progress:
             progress("import", done_files, total)

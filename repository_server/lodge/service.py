@@ -21,7 +21,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -50,6 +50,7 @@ from .batch import (
 log = logging.getLogger(__name__)
 
 DOCUMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+_SYNC_SECONDS = 30.0  # a lodging waits this long at most for its node's replica
 _CHUNK = 2000  # certificates per worker task
 _IN_PROCESS_MAX = 256  # smaller batches are parsed in-process (no IPC round trip)
 
@@ -147,7 +148,8 @@ class LodgingService:
     def __init__(self, store: Store, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  max_batch: int = 50_000, max_crl_bytes: int = 16 * 1024 * 1024,
                  clock_skew: timedelta = timedelta(minutes=5), parse_workers: int = 0,
-                 on_change: Callable[[str], None] | None = None) -> None:
+                 on_change: Callable[[str], None] | None = None,
+                 after_commit: Callable[[int], Awaitable[None]] | None = None) -> None:
         self.store = store
         self.clock = clock
         self.max_batch = max_batch
@@ -157,6 +159,19 @@ class LodgingService:
         self._workers = parse_workers or os.cpu_count() or 1
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
         self.on_change = on_change or (lambda _payload: None)
+        self._after_commit = after_commit
+
+    async def committed(self, seq: int) -> None:
+        """Before a lodging is acknowledged: this node's read replica has it (read-your-
+        writes). It is already durable in the store, so a replica that cannot catch up now
+        (it will, from the change log) does not turn the acknowledgement into an error."""
+        if not seq or self._after_commit is None:
+            return
+        try:
+            await asyncio.wait_for(self._after_commit(seq), _SYNC_SECONDS)
+        except Exception as exc:
+            log.warning("change %d is stored but not yet in this node's read replica: %s: %s",
+                        seq, type(exc).__name__, exc)
 
     def close(self) -> None:
         if self._executor is not None:
@@ -302,7 +317,7 @@ class LodgingService:
         if not records:
             return BatchResult(results, 0, 0)
         try:
-            stored, identical, changes = await self.store.insert_certificates(
+            stored, identical, changes, seq = await self.store.insert_certificates(
                 records, lodged_by=actor.name, audit=actor.audit(action, "ok", obj, {
                     "count": len(records), "first_serial": pending[0]["serial"],
                     "last_serial": pending[-1]["serial"], **detail}))
@@ -317,6 +332,7 @@ class LodgingService:
                                      results=results, outcome="conflict") from None
         for payload in changes:
             self.on_change(payload)
+        await self.committed(seq)
         for i in stored:
             pending[i]["outcome"] = "stored"
         for i in identical:
@@ -369,7 +385,7 @@ class LodgingService:
             raise await self._refuse(actor, action, 400,
                                      "give status and/or manufacturing_flag", serial)
         try:
-            rows = await self.store.set_status(
+            rows, seq = await self.store.set_status(
                 serial, issuer_key_id, status, manufacturing_flag,
                 actor.audit(action, "ok", serial, {"status": status,
                                                    "manufacturing_flag": manufacturing_flag}))
@@ -381,6 +397,7 @@ class LodgingService:
         row = rows[0]
         eui = row["eui64"]
         self.on_change(f"status:{row['serial']}:{eui.hex() if eui else ''}")
+        await self.committed(seq)
         return {"serial": row["serial"], "status": row["status"],
                 "manufacturing_flag": row["manufacturing_flag"],
                 "issuer_key_id": format_key_id(row["issuer_key_id"] or b"")}
@@ -422,7 +439,7 @@ class LodgingService:
         kind = "arl" if issuer.root else "crl"
         lint = [{"code": f.code, "message": f.message} for f in info.findings]
         try:
-            outcome, previous = await self.store.insert_crl(
+            outcome, previous, seq = await self.store.insert_crl(
                 info, kind=kind, issuer_key_id=key_id, issuer_cert_id=issuer.id,
                 lodged_by=actor.name, lint=lint,
                 audit=actor.audit(action, "ok", obj, {"sha256": info.sha256.hex(),
@@ -431,6 +448,7 @@ class LodgingService:
             raise await self._refuse(actor, action, 409, str(exc), obj,
                                      outcome="conflict") from None
         self.on_change("crl:" + key_id.hex())
+        await self.committed(seq)
         return {"outcome": outcome, "kind": kind, "issuer": info.issuer_name,
                 "issuer_key_id": format_key_id(key_id), "crl_number": info.crl_number,
                 "previous_crl_number": previous, "revoked": len(info.revoked),
@@ -450,11 +468,12 @@ class LodgingService:
             raise await self._refuse(actor, action, 400, "document body is empty", name)
         content_type = content_type.strip() or "application/octet-stream"
         sha = hashlib.sha256(body).digest()
-        outcome, version = await self.store.insert_document(
+        outcome, version, seq = await self.store.insert_document(
             name, content_type, body, sha, lodged_by=actor.name,
             audit=actor.audit(action, "ok", name, {"sha256": sha.hex(), "size": len(body),
                                                    "content_type": content_type}))
         self.on_change("doc:" + name)
+        await self.committed(seq)
         return {"outcome": outcome, "name": name, "version": version,
                 "content_type": content_type, "size": len(body), "sha256": sha.hex(),
                 "url": f"/documents/{name}/{version}"}

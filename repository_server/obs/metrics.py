@@ -68,9 +68,14 @@ class Metrics:
         self.tls_refused = Counter(
             "smki_lodge_tls_refused", "Lodging connections refused during the TLS handshake",
             registry=self.registry)
-        self.cache_entries = Gauge(
-            "smki_cache_certificates", "Certificates held in the response cache",
-            registry=self.registry)
-        self.cache_lookups = Gauge(
-            "smki_cache_lookups", "Certificate lookups since start, by result (hit, miss)",
-            ["result"], registry=self.registry)
+        self.replica_applied = Gauge(
+            "smki_replica_applied", "The last change (sequence number) in this node's read"
+            " replica", registry=self.registry)
+        self.replica_behind = Gauge(
+            "smki_replica_behind_changes", "Changes committed in the store and not yet in this"
+            " node's read replica", registry=self.registry)
+        self.replica_behind_seconds = Gauge(
+            "smki_replica_behind_seconds", "Age of the oldest change not yet in this node's"
+            " read replica (0: caught up)", registry=self.registry)
+        self.replica_bytes = Gauge(
+            "smki_replica_bytes", "Size of this node's read replica file", registry=self.registry)

@@ -376,7 +376,7 @@ class Portal:
         return body
 
     async def crls(self, request: web.Request) -> web.StreamResponse:
-        rows = await self.store.current_crls()
+        rows = await self.catalog.reads.current_crls()
         now = self.auth.now()
         items = [{"kind": "ARL" if r.kind == "arl" else "CRL", "issuer": r.issuer_name,
                   "key": format_key_id(r.issuer_key_id), "number": r.crl_number,
@@ -408,9 +408,9 @@ class Portal:
         size = self.settings.page_size
         pages = max(1, -(-row.revoked_count // size))
         page = min(max(page, 1), pages)
-        revoked = await self.store.revoked_entries(row.id, (page - 1) * size, size)
-        versions = await self.store.crl_versions(key)
-        issuers = await self.store.certificates_with_key_id(key)
+        revoked = await self.catalog.reads.revoked_entries(row.id, (page - 1) * size, size)
+        versions = await self.catalog.reads.crl_versions(key)
+        issuers = await self.catalog.reads.certificates_with_key_id(key)
         now = self.auth.now()
         kind = "ARL" if row.kind == "arl" else "CRL"
         current = versions[0][0] if versions else row.crl_number
@@ -430,8 +430,8 @@ class Portal:
 
     async def documents(self, request: web.Request) -> web.StreamResponse:
         items = []
-        for doc in await self.store.documents():
-            versions = await self.store.document_versions(doc.name)
+        for doc in await self.catalog.reads.documents():
+            versions = await self.catalog.reads.document_versions(doc.name)
             items.append({"name": doc.name, "versions": [
                 {"version": v.version, "lodged": when(v.lodged_at), "type": v.content_type,
                  "size": v.size, "sha256": v.sha256.hex().upper(),

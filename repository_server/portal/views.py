@@ -174,7 +174,7 @@ class Views:
             info = parse_certificate(entry.der)
         except ParseError as exc:  # stored certificates parsed when lodged; be safe anyway
             raise ValueError(str(exc)) from exc
-        record = await self.store.certificate_record(bytes.fromhex(entry.etag.strip('"'))) or {}
+        record = await self.catalog.reads.certificate_record(bytes.fromhex(entry.etag.strip('"'))) or {}
         chain, complete = await self._chain(entry, info.self_signed)
         summary = self.summary(entry)
         fields = (
@@ -232,7 +232,7 @@ class Views:
                 links.append(ChainLink("the issuer is not identified (no authority key"
                                        " identifier)", None, None, ""))
                 return tuple(links), False
-            rows = await self.store.certificates_with_key_id(key)
+            rows = await self.catalog.reads.certificates_with_key_id(key)
             issuers = [r for r in rows if '"' + r.sha256.hex() + '"' not in seen]
             if not issuers:
                 links.append(ChainLink(f"issuer with key identifier {format_key_id(key)} is not"
@@ -259,7 +259,7 @@ class Views:
         out: dict[str, Any] = {"code": status, "name": STATUS_NAMES.get(status, status),
                                "crl_url": None}
         if status == "R" and entry.issuer_key_id is not None:
-            found = await self.store.revocation(entry.serial, entry.issuer_key_id)
+            found = await self.catalog.reads.revocation(entry.serial, entry.issuer_key_id)
             if found:
                 kind = "ARL" if found["kind"] == "arl" else "CRL"
                 reason = found["reason"] or "no reason given"

@@ -33,6 +33,9 @@ _MIGRATION_LOCK = 0x534D4B49  # "SMKI": advisory lock id held while migrating
 # them (ids are drawn after the lock). Without it a batch drawing ids before another's but
 # committing after it could fall between two deltas.
 _CHANGE_LOCK = 0x534D4B43  # "SMKC"
+# Held from a writer's change-log row to its commit (see migration 0006): change numbers
+# commit in order, with no gaps.
+_FEED_LOCK = 0x534D4B46  # "SMKF"
 _EXTRACT_LOCK = 0x534D4B58  # "SMKX": one extract producer in the cluster (session lock)
 
 
@@ -224,6 +227,19 @@ class PortalSessionRow:
 Failures = tuple[datetime, ...]
 # (recent failure times, locked until) -> the same after one more failure
 FailureRule = Callable[[Failures, datetime | None], tuple[Failures, datetime | None]]
+
+
+async def _record_change(conn: asyncpg.Connection, kind: str, *, lo: int | None = None,
+                         hi: int | None = None, xact: bool = False,
+                         ids: Sequence[int] | None = None) -> int:
+    """Append to the change log (the replica feed), last thing before commit. Returns the
+    change's sequence number."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", _FEED_LOCK)
+    return int(await conn.fetchval(
+        "INSERT INTO changes (seq, kind, lo, hi, xact, ids)"
+        " SELECT coalesce(max(seq), 0) + 1, $1, $2, $3,"
+        " CASE WHEN $4 THEN txid_current() END, $5::bigint[] FROM changes RETURNING seq",
+        kind, lo, hi, xact, list(ids) if ids is not None else None))
 
 
 def _user_conflict(exc: asyncpg.UniqueViolationError, name: str) -> str:
@@ -556,10 +572,11 @@ class Store:
     # -- certificates: writes (lodge/ only) ----------------------------------------------
     async def insert_certificates(
         self, records: Sequence[tuple[Any, ...]], *, lodged_by: str, audit: dict[str, Any],
-    ) -> tuple[list[int], list[int], list[str]]:
+    ) -> tuple[list[int], list[int], list[str], int]:
         """Store a batch atomically. Returns (indexes stored, indexes already present,
         change notifications sent: "serials:..." for serials now shared with another issuer's
-        certificate, "certs:LO:HI" for the id range the new rows fall in).
+        certificate, "certs:LO:HI" for the id range the new rows fall in, the change-log
+        sequence number: 0 when nothing was stored).
 
         Raises ConflictError (and stores nothing) when a record has the issuer and serial
         of a different stored certificate. Committed (and so durable: synchronous_commit)
@@ -595,14 +612,16 @@ class Store:
                 list({records[i][serial_col] for i in stored}))] if stored else []
             await self._audit(conn, **audit)
             changes = []
+            seq = 0
             if shared:
                 changes.append("serials:" + ",".join(shared))
             if stored:
                 id_ceiling = int(await conn.fetchval("SELECT last_value FROM certificates_id_seq"))
                 changes.append(f"certs:{id_floor}:{id_ceiling}")
+                seq = await _record_change(conn, "certs", lo=id_floor, hi=id_ceiling, xact=True)
             for payload in changes:
                 await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, payload)
-        return stored, identical, changes
+        return stored, identical, changes, seq
 
     async def _insert_general(self, conn: asyncpg.Connection, records: Sequence[tuple[Any, ...]],
                               lodged_by: str) -> tuple[list[int], list[int]]:
@@ -672,7 +691,11 @@ class Store:
         return newest, [r[0] for r in rows]
 
     async def set_status(self, serial: str, issuer_key_id: bytes | None, status: str | None,
-                         manufacturing_flag: bool | None, audit: dict[str, Any]) -> list[dict[str, Any]]:
+                         manufacturing_flag: bool | None, audit: dict[str, Any]
+                         ) -> tuple[list[dict[str, Any]], int]:
+        """Change a certificate's lodged status and/or flag. Returns the rows changed (one,
+        or none if there is no such certificate) and the change-log sequence number."""
+        seq = 0
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", _CHANGE_LOCK)
             rows = await conn.fetch(
@@ -685,17 +708,19 @@ class Store:
             if len(rows) == 1:
                 await self._audit(conn, **audit)
                 eui = rows[0]["eui64"]
+                seq = await _record_change(conn, "status", ids=[rows[0]["id"]])
                 await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL,
                                    f"status:{serial}:{eui.hex() if eui else ''}")
             elif len(rows) > 1:
                 raise ConflictError("serial is not unique: give the issuer key id")
-            return [dict(r) for r in rows]
+            return [dict(r) for r in rows], seq
 
     # -- CRLs ---------------------------------------------------------------------------
     async def insert_crl(self, info: CrlInfo, *, kind: str, issuer_key_id: bytes,
                          issuer_cert_id: int, lodged_by: str, audit: dict[str, Any],
-                         lint: list[dict[str, str]]) -> tuple[str, int | None]:
-        """Store a CRL version. Returns ('stored'|'identical', stored_max_before).
+                         lint: list[dict[str, str]]) -> tuple[str, int | None, int]:
+        """Store a CRL version. Returns ('stored'|'identical', stored_max_before, change-log
+        sequence number or 0).
 
         Raises ConflictError when the CRL number is not strictly greater than the stored one
         for this issuer (checked under a per-issuer advisory lock, so two lodgings of
@@ -711,7 +736,7 @@ class Store:
             current_int = int(current) if current is not None else None
             if existing is not None:
                 await self._audit(conn, **{**audit, "outcome": "noop"})
-                return "identical", current_int
+                return "identical", current_int, 0
             if current_int is not None and info.crl_number <= current_int:
                 raise ConflictError(
                     f"CRL number {info.crl_number} is not greater than the stored"
@@ -730,9 +755,10 @@ class Store:
                     [(crl_id, e.serial, e.revocation_date, e.reason) for e in info.revoked],
                     ("crl_id", "serial", "revocation_date", "reason"), self.command_timeout)
             await self._audit(conn, **audit)
+            seq = await _record_change(conn, "crl", ids=[crl_id])
             await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL,
                                "crl:" + issuer_key_id.hex())
-        return "stored", current_int
+        return "stored", current_int, seq
 
     _CRL_COLS = ("id, kind, issuer_key_id, issuer_name, crl_number, this_update, next_update,"
                  " sha256, der, revoked_count, lodged_at")
@@ -774,8 +800,9 @@ class Store:
 
     # -- documents -------------------------------------------------------------------------
     async def insert_document(self, name: str, content_type: str, body: bytes, sha256: bytes,
-                              *, lodged_by: str, audit: dict[str, Any]) -> tuple[str, int]:
-        """New version of a document, or ('identical', version) if the current one matches."""
+                              *, lodged_by: str, audit: dict[str, Any]) -> tuple[str, int, int]:
+        """New version of a document, or ('identical', version) if the current one matches;
+        then the change-log sequence number (0 if identical)."""
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", _CHANGE_LOCK)
             await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
@@ -785,16 +812,17 @@ class Store:
                 " ORDER BY version DESC LIMIT 1", name)
             if current and current["sha256"] == sha256 and current["content_type"] == content_type:
                 await self._audit(conn, **{**audit, "outcome": "noop"})
-                return "identical", int(current["version"])
+                return "identical", int(current["version"]), 0
             version = int(current["version"]) + 1 if current else 1
-            await conn.execute(
+            doc_id = await conn.fetchval(
                 "INSERT INTO documents (name, version, content_type, body, size, sha256, lodged_by)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
                 name, version, content_type, body, len(body), sha256, lodged_by)
             await self._audit(conn, **{**audit, "detail": {**audit.get("detail", {}),
                                                            "version": version}})
+            seq = await _record_change(conn, "doc", ids=[doc_id])
             await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, "doc:" + name)
-        return "stored", version
+        return "stored", version, seq
 
     _DOC_COLS = "name, version, content_type, size, sha256, lodged_at"
 

@@ -30,7 +30,7 @@ from ..catalog import Catalog, CertEntry, CrlEntry, DocEntry, http_date
 from ..config import Config
 from ..obs.access import NOTE, Note
 from ..pki.ids import IdentifierError, format_key_id, parse_key_id, parse_serial
-from ..store.db import DocumentRow
+from ..replica.records import DocRecord
 from .http_cache import not_modified
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -216,7 +216,7 @@ class Downloads:
         return self._crl_response(request, entry, current=False)
 
     async def crl_list(self, request: web.Request) -> web.StreamResponse:
-        rows = await self.catalog.store.current_crls()
+        rows = await self.catalog.reads.current_crls()
         now = datetime.now(UTC)
         return web.json_response([
             {
@@ -240,7 +240,7 @@ class Downloads:
             key = self._crl_key(request, suffix=False)
         except IdentifierError as exc:
             return error(400, str(exc))
-        versions = await self.catalog.store.crl_versions(key)
+        versions = await self.catalog.reads.crl_versions(key)
         if not versions:
             return error(404, f"no CRL or ARL from issuer key id {format_key_id(key)}")
         hexkey = format_key_id(key)
@@ -285,20 +285,20 @@ class Downloads:
         return self._doc_response(request, entry, current=False)
 
     @staticmethod
-    def _doc_json(row: DocumentRow) -> dict[str, object]:
+    def _doc_json(row: DocRecord) -> dict[str, object]:
         return {"name": row.name, "version": row.version, "content_type": row.content_type,
                 "size": row.size, "sha256": row.sha256.hex(),
                 "lodged_at": row.lodged_at.isoformat(),
                 "url": f"/documents/{row.name}/{row.version}"}
 
     async def document_list(self, request: web.Request) -> web.StreamResponse:
-        rows = await self.catalog.store.documents()
+        rows = await self.catalog.reads.documents()
         return web.json_response([self._doc_json(r) for r in rows],
                                  headers={"Cache-Control": "no-cache"})
 
     async def document_versions(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
-        rows = await self.catalog.store.document_versions(name)
+        rows = await self.catalog.reads.document_versions(name)
         if not rows:
             return error(404, f"no document named {name!r}")
         return web.json_response([self._doc_json(r) for r in rows],

@@ -1,0 +1,318 @@
+"""The replica's byte layout: keys and packed values, pure (no I/O, no LMDB).
+
+Every value starts with a fixed `struct` head followed by length-prefixed fields, so decoding
+is one `unpack_from` and a few slices, and a damaged value raises `RecordError` (never
+anything worse). Times are integer microseconds since the epoch (UTC): exact, and
+9999-12-31 still fits in 64 bits. What the read interfaces send is stored ready-made: the
+DER, the hex SHA-256 (ETag and LDAP), the HTTP Last-Modified date and the written EUI-64.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+FORMAT = 1  # bump when a layout below changes: a replica of another format is rebuilt
+
+KINDS = ("root", "ca", "organisation", "device", "other")
+USAGES = (None, "DS", "KA", "CA")
+_KIND_INDEX = {k: i for i, k in enumerate(KINDS)}
+_USAGE_INDEX = {u: i for i, u in enumerate(USAGES)}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class RecordError(ValueError):
+    """A stored value that does not decode: the replica is damaged (rebuild it)."""
+
+
+def to_us(when: datetime) -> int:
+    delta = when - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def from_us(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def http_date(when: datetime) -> str:
+    return format_datetime(when.astimezone(UTC), usegmt=True)
+
+
+def id_key(n: int) -> bytes:
+    return n.to_bytes(8, "big")
+
+
+def key_id(b: bytes) -> int:
+    return int.from_bytes(b, "big")
+
+
+def subject_key(device: bool, eui64: bytes) -> bytes:
+    """Index key of a device's or organisation's certificates: (kind, EUI-64) so a walk of
+    the index is the LDAP directory's (EUI-64, id) order within each unit."""
+    return (b"d" if device else b"o") + eui64
+
+
+def crl_key(issuer_key_id: bytes, number: int) -> bytes:
+    """CRL versions of one issuer sort by number: the last key under the prefix is current."""
+    return crl_prefix(issuer_key_id) + number.to_bytes(21, "big")
+
+
+def crl_prefix(issuer_key_id: bytes) -> bytes:
+    return bytes((len(issuer_key_id),)) + issuer_key_id
+
+
+def doc_key(name: str, version: int) -> bytes:
+    return name.encode() + b"\x00" + version.to_bytes(4, "big")
+
+
+# -- certificates ------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class CertRecord:
+    """One stored certificate as the read interfaces use it."""
+
+    id: int
+    serial: str
+    issuer_key_id: bytes | None
+    der: bytes
+    sha256: bytes
+    sha_hex: str  # lower-case hex of sha256 (ETag, LDAP smkiSha256)
+    lodged_us: int
+    last_modified: str  # HTTP date of the lodging
+    kind: str  # root, ca, organisation, device, other
+    eui64: bytes | None
+    eui_text: str  # 00-DB-12-... (written form), "" if none
+    role: int | None
+    usage: str | None  # DS, KA, CA
+    lodged_status: str  # P, I, N as lodged (R and E are worked out when answering)
+    manufacturing_flag: bool
+    not_before_us: int
+    not_after_us: int
+    subject_key_id: bytes | None
+    subject_name: str
+    issuer_name: str
+
+    @property
+    def public(self) -> bool:
+        """CA certificates are readable without credentials (SPEC: relying parties must
+        always reach what they need to check revocation)."""
+        return self.kind in ("root", "ca")
+
+    @property
+    def etag(self) -> str:
+        return '"' + self.sha_hex + '"'
+
+    @property
+    def modified_ts(self) -> float:
+        return float(self.lodged_us // 1_000_000)
+
+    @property
+    def not_after_ts(self) -> float:
+        return self.not_after_us / 1e6
+
+    @property
+    def not_before_ts(self) -> float:
+        return self.not_before_us / 1e6
+
+    @property
+    def lodged_at(self) -> datetime:
+        return from_us(self.lodged_us)
+
+
+# lodged_us, not_before_us, not_after_us, sha256, kind, status, flag, role (-1 none), usage,
+# lengths: serial, issuer key id, subject key id, eui, subject name, issuer name, der
+_CERT = struct.Struct(">qqq32sBcBhBBBBBHHI")
+_LAST_MODIFIED_LEN = 29  # "Sun, 06 Nov 1994 08:49:37 GMT"
+
+
+def _eui_text(eui: bytes) -> str:
+    return "-".join(f"{b:02X}" for b in eui)
+
+
+def pack_cert(*, serial: str, issuer_key_id: bytes | None, der: bytes, sha256: bytes,
+              lodged_at: datetime, kind: str, eui64: bytes | None, role: int | None,
+              usage: str | None, status: str, manufacturing_flag: bool, not_before: datetime,
+              not_after: datetime, subject_key_id: bytes | None, subject_name: str,
+              issuer_name: str) -> bytes:
+    s = serial.encode()
+    ik = issuer_key_id or b""
+    sk = subject_key_id or b""
+    eui = eui64 if eui64 is not None and len(eui64) == 8 else b""
+    sn = subject_name.encode()
+    isn = issuer_name.encode()
+    lm = http_date(lodged_at).encode()
+    if len(lm) != _LAST_MODIFIED_LEN:
+        raise RecordError(f"lodged_at out of range: {lodged_at}")
+    head = _CERT.pack(to_us(lodged_at), to_us(not_before), to_us(not_after), sha256,
+                      _KIND_INDEX[kind], status.encode(), 1 if manufacturing_flag else 0,
+                      -1 if role is None else role, _USAGE_INDEX[usage], len(s), len(ik),
+                      len(sk), len(eui), len(sn), len(isn), len(der))
+    return b"".join((head, s, ik, sk, eui, sn, isn, lm, der))
+
+
+def unpack_cert(cert_id: int, value: bytes) -> CertRecord:
+    try:
+        (lodged, nb, na, sha, kind, status, flag, role, usage, ls, lik, lsk, le, lsn, lisn,
+         lder) = _CERT.unpack_from(value)
+        p = _CERT.size
+        serial = value[p:p + ls].decode()
+        p += ls
+        ik = value[p:p + lik]
+        p += lik
+        sk = value[p:p + lsk]
+        p += lsk
+        eui = value[p:p + le]
+        p += le
+        sn = value[p:p + lsn].decode()
+        p += lsn
+        isn = value[p:p + lisn].decode()
+        p += lisn
+        lm = value[p:p + _LAST_MODIFIED_LEN].decode("ascii")
+        p += _LAST_MODIFIED_LEN
+        der = value[p:p + lder]
+        if len(der) != lder or p + lder != len(value):
+            raise RecordError("certificate record: wrong length")
+        return CertRecord(cert_id, serial, ik or None, der, sha, sha.hex(), lodged, lm,
+                          KINDS[kind], eui or None, _eui_text(eui) if eui else "",
+                          None if role < 0 else role, USAGES[usage], status.decode("ascii"),
+                          bool(flag), nb, na, sk or None, sn, isn)
+    except (struct.error, IndexError, UnicodeDecodeError) as exc:
+        raise RecordError(f"certificate record {cert_id}: {exc}") from exc
+
+
+def with_status(value: bytes, status: str, manufacturing_flag: bool) -> bytes:
+    """The same record with a new lodged status and ManufacturingFlag."""
+    head = list(_CERT.unpack_from(value))
+    head[5] = status.encode()
+    head[6] = 1 if manufacturing_flag else 0
+    return _CERT.pack(*head) + value[_CERT.size:]
+
+
+def unit_of(kind: str, eui64: bytes | None, subject_key_id: bytes | None) -> str:
+    """Which organisational unit of the LDAP directory a certificate belongs to."""
+    if kind in ("device", "organisation") and eui64 is not None and len(eui64) == 8:
+        return "devices" if kind == "device" else "organisations"
+    if kind in ("root", "ca") and subject_key_id:
+        return "cas"
+    return "other"
+
+
+# -- CRLs --------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class CrlRecord:
+    id: int
+    kind: str  # crl | arl
+    issuer_key_id: bytes
+    issuer_name: str
+    crl_number: int
+    this_update: datetime
+    next_update: datetime | None
+    sha256: bytes
+    der: bytes
+    revoked_count: int
+    lodged_at: datetime
+
+
+# id, kind, this_update, next_update (-1 none), lodged, revoked count, sha256, lengths:
+# issuer key id, issuer name, der
+_CRL = struct.Struct(">qcqqqI32sBHI")
+_NONE_US = -(2**63)
+
+
+def pack_crl(r: CrlRecord) -> bytes:
+    ik = r.issuer_key_id
+    name = r.issuer_name.encode()
+    head = _CRL.pack(r.id, b"a" if r.kind == "arl" else b"c", to_us(r.this_update),
+                     to_us(r.next_update) if r.next_update is not None else _NONE_US,
+                     to_us(r.lodged_at), r.revoked_count, r.sha256, len(ik), len(name),
+                     len(r.der))
+    return b"".join((head, ik, name, r.der))
+
+
+def unpack_crl(key: bytes, value: bytes) -> CrlRecord:
+    try:
+        crl_id, kind, this, nxt, lodged, count, sha, lik, ln, lder = _CRL.unpack_from(value)
+        p = _CRL.size
+        ik = value[p:p + lik]
+        p += lik
+        name = value[p:p + ln].decode()
+        p += ln
+        der = value[p:p + lder]
+        if p + lder != len(value) or len(key) < 22:
+            raise RecordError("CRL record: wrong length")
+        return CrlRecord(crl_id, "arl" if kind == b"a" else "crl", ik, name,
+                         int.from_bytes(key[-21:], "big"), from_us(this),
+                         None if nxt == _NONE_US else from_us(nxt), sha, der, count,
+                         from_us(lodged))
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise RecordError(f"CRL record: {exc}") from exc
+
+
+# revoked entry of one CRL version: key = crl id + serial; value = date, reason
+_REVOKED = struct.Struct(">q")
+
+
+def revoked_key(crl_id: int, serial: str) -> bytes:
+    return id_key(crl_id) + serial.encode()
+
+
+def pack_revoked(revocation_date: datetime, reason: str | None) -> bytes:
+    return _REVOKED.pack(to_us(revocation_date)) + (b"" if reason is None else
+                                                    b"\x01" + reason.encode())
+
+
+def unpack_revoked(value: bytes) -> tuple[datetime, str | None]:
+    try:
+        (when,) = _REVOKED.unpack_from(value)
+        rest = value[_REVOKED.size:]
+        return from_us(when), rest[1:].decode() if rest else None
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise RecordError(f"revoked entry: {exc}") from exc
+
+
+# current CRL/ARL of an issuer: key = issuer key id; value = crl id + its record key
+def pack_current(crl_id: int, number: int) -> bytes:
+    return id_key(crl_id) + number.to_bytes(21, "big")
+
+
+def unpack_current(value: bytes) -> tuple[int, int]:
+    if len(value) != 29:
+        raise RecordError("current CRL pointer: wrong length")
+    return key_id(value[:8]), int.from_bytes(value[8:], "big")
+
+
+# -- documents ---------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class DocRecord:
+    id: int
+    name: str
+    version: int
+    content_type: str
+    size: int
+    sha256: bytes
+    lodged_at: datetime
+    body: bytes
+
+
+_DOC = struct.Struct(">qqq32sH")
+
+
+def pack_doc(r: DocRecord) -> bytes:
+    ct = r.content_type.encode()
+    return _DOC.pack(r.id, r.size, to_us(r.lodged_at), r.sha256, len(ct)) + ct + r.body
+
+
+def unpack_doc(key: bytes, value: bytes) -> DocRecord:
+    try:
+        doc_id, size, lodged, sha, lct = _DOC.unpack_from(value)
+        name, version = key[:-5], key[-4:]
+        p = _DOC.size
+        ct = value[p:p + lct].decode()
+        body = value[p + lct:]
+        if len(body) != size or len(key) < 6 or key[-5] != 0:
+            raise RecordError("document record: wrong length")
+        return DocRecord(doc_id, name.decode(), int.from_bytes(version, "big"), ct, size, sha,
+                         from_us(lodged), body)
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise RecordError(f"document record: {exc}") from exc
