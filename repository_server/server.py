@@ -233,6 +233,7 @@ class Repository:
         self.ldap: LdapService | None = None
         self.counting: ServiceLevels | None = None  # `levels` when service_levels.enabled
         self.downloads: Downloads | None = None
+        self.webservices: list[WebService] = []  # one per read listener
         self.portal: Portal | None = None  # its `auth.clock` is what tests move
         self.extract_files: ExtractFiles | None = None
         self.extract_scheduler: ExtractScheduler | None = None
@@ -366,6 +367,7 @@ class Repository:
         assert downloads is not None
         fast_paths = downloads.fast_paths()
         webservice = WebService(self.catalog, self.credentials, self.config, levels)
+        self.webservices.append(webservice)
         ops = Ops(store, self.credentials, self.levels)
         app = web.Application(client_max_size=self.config.web.client_max_size_kb * 1024)
 
