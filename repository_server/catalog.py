@@ -104,12 +104,18 @@ class Catalog:
 
     @property
     def live(self) -> bool:
-        """The replica is being kept current (its feeder's heartbeat is recent)."""
+        """The replica is being kept current: its feeder saw the primary's change log within
+        the last few seconds, and has applied it (or it is only seconds old)."""
         try:
             meta = self.replica.meta()
         except ReplicaUnavailable:
             return False
-        return self.ready and time.time() - meta.checked_us / 1e6 < _LIVE_SECONDS
+        now = time.time()
+        if not self.ready or now - meta.checked_us / 1e6 >= _LIVE_SECONDS:
+            return False  # the feeder has not looked at the primary lately
+        # and what it saw is applied, or only just committed (a feed that stalls is not live)
+        return (meta.head <= meta.applied or not meta.pending_since_us
+                or now - meta.pending_since_us / 1e6 < _LIVE_SECONDS)
 
     def version(self) -> int:
         """The replica's applied change number (caches of answers are keyed by it)."""
@@ -209,6 +215,18 @@ class Catalog:
         """Every certificate of a device (device=True) or organisation, oldest first."""
         self._check_ready()
         return self.replica.by_eui(eui64, device)
+
+    async def certificates_now(self, serial: str, now: float
+                               ) -> tuple[tuple[CertEntry, ...], list[str]]:
+        """The certificates with this serial and their statuses now (one replica read)."""
+        self._check_ready()
+        return self.replica.certificates_now(serial, now)
+
+    async def by_eui_now(self, eui64: bytes, device: bool, now: float
+                         ) -> tuple[tuple[CertEntry, ...], list[str]]:
+        """A subject's certificates and their statuses now (one replica read)."""
+        self._check_ready()
+        return self.replica.by_eui_now(eui64, device, now)
 
     # -- status ------------------------------------------------------------------------------
     def cached_status(self, entry: CertEntry, now: float) -> str | None:

@@ -129,6 +129,8 @@ class Ldap:
     idle_timeout_seconds: int = 300
     write_timeout_seconds: int = 30  # a client that reads nothing this long is disconnected
     response_cache_mb: int = 64  # pre-encoded answers to repeated searches, per process
+    # searches by EUI-64 answered the short way (ldap/fastpath.py); false: all the general way
+    fast_path: bool = True
 
 
 @dataclass(frozen=True)

@@ -299,3 +299,72 @@ async def test_feeder_killed_mid_batch_never_shows_part_of_a_lodging(
             proc.terminate()
             await asyncio.to_thread(proc.wait, 30)
         await node_a.stop()
+
+
+async def test_a_node_fed_from_a_lagging_replica_url_says_how_far_behind(
+        tmp_path: Path, pki: dict[str, Any], embedded: Any) -> None:
+    """`database.replica_url`: node B reads its feed through a TCP proxy (standing in for a
+    streaming replica), node A lodges on the primary. While the proxy stalls, B keeps serving
+    what it has, /readyz reports the lag in changes and seconds and turns 503 past
+    replica.max_lag_seconds; when the feed flows again B catches up by itself."""
+    from urllib.parse import urlsplit
+
+    from .conftest import create_database
+    from .test_faults import PgProxy
+
+    direct = await create_database(embedded)
+    dbname = urlsplit(direct).path.lstrip("/")
+    proxy = PgProxy(embedded.socket_dir / ".s.PGSQL.5432")
+    port = await proxy.start()
+    feed_url = f"postgresql://postgres@127.0.0.1:{port}/{dbname}"
+    node_a = await start_repository(tmp_path / "a", pki, direct)
+    node_b = await start_repository(
+        tmp_path / "b", pki, direct, database={"replica_url": feed_url, "command_timeout": 3.0},
+        replica={"max_lag_seconds": 1.0, "poll_seconds": 0.1})
+    try:
+        a = Running(node_a, pki)
+        await add_user(node_a, "tester", TEST_KEY)
+        await node_b.credentials.load()  # type: ignore[union-attr]
+        await asyncio.to_thread(lodge_pki, a)
+        await _caught_up(node_b)
+        b_http = f"http://127.0.0.1:{node_b.bound['http'].port}"
+        serial = a.objects("device")[0]["serial"]
+        assert (await asyncio.to_thread(_get, f"{b_http}/certificates/{serial}"))[0] == 200
+
+        proxy.stall()
+        client = a.client()
+        try:
+            pem, certs = _devices(a, 3, 900_000)
+            assert (await asyncio.to_thread(client.certificates, pem)).status == 200
+        finally:
+            client.close()
+        new_serial = format(certs[0].serial_number, "X")
+        deadline = time.monotonic() + 10
+        while True:
+            status, _headers, body = await asyncio.to_thread(http_get, f"{b_http}/readyz")
+            import json
+
+            ready = json.loads(body)
+            if status == 503:
+                break
+            assert time.monotonic() < deadline, ready
+            await asyncio.sleep(0.2)
+        assert ready["replica"]["behind_changes"] >= 1
+        assert ready["replica"]["behind_seconds"] > 1.0
+        assert "behind" in ready["reason"]
+        # what B has is still served; the new certificate is not there yet
+        assert (await asyncio.to_thread(_get, f"{b_http}/certificates/{serial}"))[0] == 200
+        assert (await asyncio.to_thread(_get, f"{b_http}/certificates/{new_serial}"))[0] == 404
+    finally:
+        proxy.drop()
+        proxy.resume()
+    try:
+        await _caught_up(node_b, 30)
+        assert (await asyncio.to_thread(_get, f"{b_http}/certificates/{new_serial}"))[0] == 200
+        status, _headers, body = await asyncio.to_thread(http_get, f"{b_http}/readyz")
+        assert status == 200, body
+        await _verify(node_b)
+    finally:
+        await node_b.stop()
+        await node_a.stop()
+        await proxy.close()

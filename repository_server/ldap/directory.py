@@ -87,6 +87,42 @@ def _common(entry_dn: str, structural: str, children: bool, attrs: dict[str, lis
     attrs["subschemasubentry"] = [SUBSCHEMA_DN.encode()]
 
 
+def _opt(value: str | None) -> list[bytes] | None:
+    return [value.encode()] if value else None
+
+
+_CertAttr = Callable[[CertEntry, str, str], list[bytes] | None]
+# A certificate entry's attributes, in the order its entry lists them (key, build(cert, status,
+# entry DN) -> values, or None when the certificate has no such value).
+_CERT_ATTRS: tuple[tuple[str, _CertAttr], ...] = (
+    ("objectclass", lambda c, s, d: [b"top", b"smkiCertificate", b"pkiUser"]),
+    ("smkiserial", lambda c, s, d: [c.serial.encode()]),
+    ("smkikind", lambda c, s, d: [c.kind.encode()]),
+    ("smkistatus", lambda c, s, d: [s.encode()]),
+    ("smkimanufacturingflag", lambda c, s, d: [b"TRUE" if c.manufacturing_flag else b"FALSE"]),
+    ("smkinotbefore", lambda c, s, d: [_gt(c.not_before_ts)]),
+    ("smkinotafter", lambda c, s, d: [_gt(c.not_after_ts)]),
+    ("smkisha256", lambda c, s, d: [c.sha_hex.encode()]),
+    ("usercertificate", lambda c, s, d: [c.der]),
+    ("createtimestamp", lambda c, s, d: [_gt(c.modified_ts)]),
+    ("smkisubject", lambda c, s, d: _opt(c.subject_name)),  # a device's subject is empty
+    ("smkiissuer", lambda c, s, d: _opt(c.issuer_name)),
+    ("smkieui64", lambda c, s, d: _opt(c.eui_text)),
+    ("smkikeyusage", lambda c, s, d: _opt(c.usage)),
+    ("smkirole", lambda c, s, d: None if c.role is None else [str(c.role).encode()]),
+    ("smkiissuerkeyid", lambda c, s, d: _opt(format_key_id(c.issuer_key_id)
+                                             if c.issuer_key_id else None)),
+    ("smkisubjectkeyid", lambda c, s, d: _opt(format_key_id(c.subject_key_id)
+                                              if c.subject_key_id else None)),
+    # operational (as _common writes them)
+    ("structuralobjectclass", lambda c, s, d: [b"smkiCertificate"]),
+    ("hassubordinates", lambda c, s, d: [b"FALSE"]),
+    ("entrydn", lambda c, s, d: [d.encode()]),
+    ("subschemasubentry", lambda c, s, d: [SUBSCHEMA_DN.encode()]),
+)
+CERT_ATTR_KEYS = frozenset(key for key, _ in _CERT_ATTRS)
+
+
 @dataclass(frozen=True, slots=True)
 class Node:
     """A resolved base DN."""
@@ -188,7 +224,7 @@ class Directory:
     def _cas_usable(self) -> bool:
         # Kept while the replica is not being fed (PostgreSQL unreachable), but not past the
         # first nextUpdate of the CRLs/ARLs they hold: then the store must say what is current.
-        return self._cas is not None and (self.catalog.live or self.clock() < self._cas_until)
+        return self._cas is not None and (self.clock() < self._cas_until or self.catalog.live)
 
     async def ca_entries(self) -> dict[bytes, Entry]:
         cas = self._cas
@@ -270,7 +306,11 @@ class Directory:
         return Entry(entry_dn, ((("smkieui64", eui_text),), (("ou", unit),), *self.nsuffix),
                      attrs, public=False)
 
-    def certificate_entry(self, c: CertEntry, status: str) -> Entry:
+    def certificate_entry(self, c: CertEntry, status: str,
+                          keys: frozenset[str] | None = None) -> Entry:
+        """A certificate's entry; with `keys`, only those attributes (the same values in the
+        same order as the whole entry: what a search needs to evaluate its filter and
+        answer, see ldap/fastpath.py)."""
         unit = self.unit_of(c)
         name, _ = UNITS[unit]
         if unit == "other":
@@ -280,38 +320,19 @@ class Directory:
             entry_dn = f"smkiSerial={c.serial},smkiEui64={c.eui_text},ou={name},{self.suffix}"
             ndn = ((("smkiserial", c.serial),), (("smkieui64", c.eui_text),), (("ou", unit),),
                    *self.nsuffix)
-        attrs: dict[str, list[bytes]] = {
-            "objectclass": [b"top", b"smkiCertificate", b"pkiUser"],
-            "smkiserial": [c.serial.encode()],
-            "smkikind": [c.kind.encode()],
-            "smkistatus": [status.encode()],
-            "smkimanufacturingflag": [b"TRUE" if c.manufacturing_flag else b"FALSE"],
-            "smkinotbefore": [_gt(c.not_before_ts)],
-            "smkinotafter": [_gt(c.not_after_ts)],
-            "smkisha256": [c.sha_hex.encode()],
-            "usercertificate": [c.der],
-            "createtimestamp": [_gt(c.modified_ts)],
-        }
-        if c.subject_name:  # a device certificate's subject is empty
-            attrs["smkisubject"] = [c.subject_name.encode()]
-        if c.issuer_name:
-            attrs["smkiissuer"] = [c.issuer_name.encode()]
-        if c.eui_text:
-            attrs["smkieui64"] = [c.eui_text.encode()]
-        if c.usage:
-            attrs["smkikeyusage"] = [c.usage.encode()]
-        if c.role is not None:
-            attrs["smkirole"] = [str(c.role).encode()]
-        if c.issuer_key_id:
-            attrs["smkiissuerkeyid"] = [format_key_id(c.issuer_key_id).encode()]
-        if c.subject_key_id:
-            attrs["smkisubjectkeyid"] = [format_key_id(c.subject_key_id).encode()]
-        _common(entry_dn, "smkiCertificate", False, attrs)
+        attrs: dict[str, list[bytes]] = {}
+        for key, build in _CERT_ATTRS:
+            if keys is None or key in keys:
+                values = build(c, status, entry_dn)
+                if values is not None:
+                    attrs[key] = values
         return Entry(entry_dn, ndn, attrs, ((c.serial, _issuer_ndn(c.issuer_name)),), public=False,
                      valid_until=c.not_after_ts if status not in ("E", "R") else float("inf"))
 
-    async def _certificate_entries(self, certs: Sequence[CertEntry]) -> list[Entry]:
-        statuses = await self.catalog.statuses(certs, self.clock())
+    async def _certificate_entries(self, certs: Sequence[CertEntry],
+                                   statuses: Sequence[str] | None = None) -> list[Entry]:
+        if statuses is None:
+            statuses = await self.catalog.statuses(certs, self.clock())
         return [self.certificate_entry(c, s) for c, s in zip(certs, statuses, strict=True)]
 
     # -- base resolution -----------------------------------------------------------------------
@@ -479,6 +500,18 @@ class Directory:
         """Candidates through an index: by SHA-256, serial, EUI-64 or key id."""
         certs: list[CertEntry] = []
         out: list[Entry] = []
+        if plan.eui is not None:  # the hot path (a device's or organisation's certificates)
+            eui = plan.eui_bytes or parse_eui64(plan.eui)
+            if private:
+                for unit in ("devices", "organisations"):
+                    if not self._relevant(unit, base):
+                        continue
+                    found, statuses = await self.catalog.by_eui_now(eui, unit == "devices",
+                                                                    self.clock())
+                    if found:
+                        out.append(self.subject_entry(unit, plan.eui))
+                        out += await self._certificate_entries(found, statuses)
+            return out
         cas = await self.ca_entries()
         if plan.sha256 is not None:
             certs = self.replica.by_sha256(plan.sha256)
@@ -488,16 +521,6 @@ class Directory:
             certs = [*await self.catalog.certificates(plan.serial)]
             want_serial = plan.serial.encode()
             out += [e for e in cas.values() if want_serial in e.attrs["smkiserial"]]
-        elif plan.eui is not None:
-            eui = parse_eui64(plan.eui)
-            if private:
-                for unit in ("devices", "organisations"):
-                    if not self._relevant(unit, base):
-                        continue
-                    found = await self.catalog.by_eui(eui, unit == "devices")
-                    if found:
-                        out.append(self.subject_entry(unit, plan.eui))
-                        certs += found
         elif plan.key_id is not None:
             if plan.key_id in cas:
                 out.append(cas[plan.key_id])

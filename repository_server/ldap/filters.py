@@ -302,6 +302,7 @@ class Plan:
     key_id: bytes | None = None  # smkiKeyId / smkiSubjectKeyId
     sha256: bytes | None = None
     classes: frozenset[str] | None = None  # objectClass values required (lower-case)
+    eui_bytes: bytes | None = None  # the EUI-64 of `eui`
 
     @property
     def indexed(self) -> bool:
@@ -319,7 +320,7 @@ def _conjuncts(f: codec.Filter) -> Iterable[codec.Filter]:
 
 def plan(f: codec.Filter) -> Plan:
     eui = serial = None
-    key_id = sha256 = None
+    key_id = sha256 = eui_bytes = None
     classes: set[str] = set()
     for item in _conjuncts(f):
         attr_name: str | None = None
@@ -343,7 +344,7 @@ def plan(f: codec.Filter) -> Plan:
         elif attr.key == "smkieui64":
             v = norm(value) if norm else None
             if isinstance(v, bytes) and len(v) == 8:
-                eui = "-".join(f"{b:02X}" for b in v)
+                eui, eui_bytes = v.hex("-").upper(), v
         elif attr.key == "smkiserial":
             v = norm(value) if norm else None
             if isinstance(v, str) and re.fullmatch(r"-?[0-9A-F]+", v):
@@ -360,4 +361,4 @@ def plan(f: codec.Filter) -> Plan:
             parsed = parse_certificate_assertion(value)
             if parsed is not None:
                 serial = parsed.serial
-    return Plan(eui, serial, key_id, sha256, frozenset(classes) or None)
+    return Plan(eui, serial, key_id, sha256, frozenset(classes) or None, eui_bytes)

@@ -111,7 +111,8 @@ class Feeder:
         self.poll_seconds = poll_seconds
         self._lock = asyncio.Lock()  # one catch-up at a time in this process
         self._wake = asyncio.Event()
-        self._conn: asyncpg.Connection | None = None
+        self._conn: asyncpg.Connection | None = None  # the feed: rows and changes
+        self._beat: asyncpg.Connection | None = None  # the heartbeat: the primary's head
         self._feeder_lock: int | None = None  # fd holding <path>.feeder.lock
         self.is_feeder = False
         self.source = ""  # the repository's identity, once read
@@ -128,10 +129,11 @@ class Feeder:
         return conn
 
     async def close(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._conn.close(), 2)
-            self._conn = None
+        for conn in (self._conn, self._beat):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.close(), 2)
+        self._conn = self._beat = None
         if self._feeder_lock is not None:
             os.close(self._feeder_lock)
             self._feeder_lock = None
@@ -331,46 +333,72 @@ class Feeder:
         return applied
 
     async def heartbeat(self) -> None:
-        """Record the head of the change log and when it was seen (readiness, lag)."""
-        conn = await self._connection()
+        """Record the head of the change log on the primary and when it was seen, and since
+        when the oldest change not yet applied is waiting (readiness, lag). Read from the
+        primary on a connection of its own, so a feed that stalls (a lagging or unreachable
+        streaming replica) shows as a growing lag instead of hiding it."""
+        conn = self._beat
+        if conn is None or conn.is_closed():
+            conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout,
+                                         command_timeout=self.command_timeout)
+            self._beat = conn
         head = await sql.head(conn)
         applied = self.replica.applied()
         pending = await sql.change_time(conn, applied + 1) if head > applied else None
 
         def write() -> None:
             with self.replica.write() as w:
-                w.set_meta(head=head, checked=_us_now(),
+                w.set_meta(head=max(head, w.meta().applied), checked=_us_now(),
                            pending_since=rec.to_us(pending) if pending else 0)
 
         await asyncio.to_thread(write)
 
-    # -- following ---------------------------------------------------------------------------
-    async def follow(self, on_error: Callable[[str], None] | None = None) -> None:
-        """Forever (the node's feeder): catch up on every wake-up and every poll."""
-        delay = 0.25
+    async def _beat_forever(self) -> None:
         while True:
             try:
-                self._wake.clear()
-                await self.catch_up()
                 await self.heartbeat()
-                self.last_error = ""
-                delay = 0.25
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                text = f"{type(exc).__name__}: {exc}"
-                if text != self.last_error:
-                    log.warning("read replica feed: %s (retrying)", text)
-                    if on_error is not None:
-                        on_error(text)
-                self.last_error = text
-                if self._conn is not None:
-                    self._conn.terminate()
-                    self._conn = None
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                log.debug("read replica heartbeat: %s: %s", type(exc).__name__, exc)
+                if self._beat is not None:
+                    self._beat.terminate()
+                    self._beat = None
+            await asyncio.sleep(self.poll_seconds)
+
+    # -- following ---------------------------------------------------------------------------
+    async def follow(self, on_error: Callable[[str], None] | None = None) -> None:
+        """Forever (the node's feeder): catch up on every wake-up and every poll; a heartbeat
+        beside it."""
+        delay = 0.25
+        beat = asyncio.create_task(self._beat_forever(), name="replica-heartbeat")
+        try:
+            while True:
+                try:
+                    self._wake.clear()
+                    await self.catch_up()
+                    self.last_error = ""
+                    delay = 0.25
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    text = f"{type(exc).__name__}: {exc}"
+                    if text != self.last_error:
+                        log.warning("read replica feed: %s (retrying)", text)
+                        if on_error is not None:
+                            on_error(text)
+                    self.last_error = text
+                    if self._conn is not None:
+                        self._conn.terminate()
+                        self._conn = None
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+        finally:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await beat
 
 
 # -- verify ------------------------------------------------------------------------------------

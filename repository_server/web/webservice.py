@@ -167,13 +167,11 @@ class WebService:
             wanted = ws_xml.parse_search(body)
         except WsError as exc:
             return self._error(note, root, exc.status, exc.message)
-        entries = self.catalog.cached_by_eui(wanted.eui64, wanted.device)
-        if entries is None:
-            entries = await self.catalog.by_eui(wanted.eui64, wanted.device)
+        entries, statuses = await self.catalog.by_eui_now(wanted.eui64, wanted.device,
+                                                          time.time())
         if not entries:
             return self._error(note, root, 402, f"no certificates found for {wanted.field}"
                                f" {format_eui64(wanted.eui64)}")
-        statuses = await self.catalog.statuses(entries, time.time())
         results = [self._fields(e, s) for e, s in zip(entries, statuses, strict=True)]
         return self._answer(note, 200, lambda ref: ws_xml.search_response(ref, results))
 
@@ -185,22 +183,20 @@ class WebService:
             serial = ws_xml.parse_retrieve(body)
         except WsError as exc:
             return self._error(note, root, exc.status, exc.message)
-        entries = self.catalog.cached_certificates_for(serial)
-        if entries is None:
-            entries = await self.catalog.certificates(serial)
+        entries, statuses = await self.catalog.certificates_now(serial, time.time())
         if not entries:
             return self._error(note, root, 402, f"no certificate with serial {serial}")
         # The service describes device and organisation certificates (its answer has no
         # shape for a CA certificate: DCC Boxed's client fails on one); CA certificates are
         # downloads. Serials are unique in the GB SMKI (16 random octets); should two issuers
         # ever share one, the first lodged answers, as documented in the README.
-        described = [e for e in entries if e.kind in ("device", "organisation")]
+        described = [(e, s) for e, s in zip(entries, statuses, strict=True)
+                     if e.kind in ("device", "organisation")]
         if not described:
             return self._error(note, root, 402, f"serial {serial} is a {entries[0].kind}"
                                " certificate, not a device or organisation certificate: download"
                                f" it from /certificates/{serial}")
-        entry = described[0]
-        (status,) = await self.catalog.statuses((entry,), time.time())
+        entry, status = described[0]
         fields = self._fields(entry, status)
         return self._answer(note, 200,
                             lambda ref: ws_xml.retrieve_response(ref, fields, entry.der))

@@ -1,0 +1,119 @@
+"""ldap/fastpath.py answers searches by EUI-64 the short way: it must answer exactly as the
+general path does. Two servers on one store, one with `ldap.fast_path` off, are asked the same
+few hundred searches (bases, scopes, filters, attribute lists, bound and anonymous, valid and
+invalid values); every answer must be the same bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import socket
+from pathlib import Path
+from typing import Any
+
+import ldap3
+import pytest
+from ldap3.operation.bind import bind_operation
+from ldap3.operation.search import search_operation
+
+from .conftest import TEST_KEY, Running, add_user, lodge_pki, start_repository
+from .ldaptools import pdu, split_frames
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+def _answer(port: int, bind: bytes | None, request: bytes) -> tuple[bytes, int]:
+    """The raw bytes of every response to `request` (message id 2) up to its done, and how
+    many entries they hold."""
+    from ldap3.protocol.rfc4511 import LDAPMessage
+    from pyasn1.codec.ber import decoder as ber_decoder
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall((bind or b"") + request)
+        buf = b""
+        out = b""
+        entries = 0
+        while True:
+            chunk = s.recv(65536)
+            assert chunk, "connection closed before the search was done"
+            buf += chunk
+            frames, buf = split_frames(buf)
+            for frame in frames:
+                msg, _ = ber_decoder.decode(frame, asn1Spec=LDAPMessage())
+                if int(msg["messageID"]) != 2:
+                    continue
+                out += frame
+                name = msg["protocolOp"].getName()
+                entries += name == "searchResEntry"
+                if name == "searchResDone":
+                    return out, entries
+
+
+def _requests(euis: list[str], serial: str) -> list[bytes]:
+    rng = random.Random(7)
+    spellings = []
+    for e in euis:
+        h = e.replace("-", "")
+        spellings += [e, e.lower(), h, h.lower(), e.replace("-", ":")]
+    spellings += ["00-DB-12", "ZZ-DB-12-34-56-78-90-A4", "", "00-db-12-34-56-78-90-a4-ff"]
+    extra = ["", "(smkiKeyUsage=KA)", "(smkiKeyUsage=ka)", "(smkiKeyUsage=DS)",
+             "(smkiKeyUsage=XX)", "(objectClass=smkiCertificate)",
+             "(objectClass=smkiSubjectEntry)", "(objectClass=top)", "(smkiStatus=I)",
+             "(smkiStatus=R)", "(smkiKind=device)", "(smkiKind=organisation)", "(smkiRole=*)",
+             "(smkiKeyUsage=*)", f"(smkiSerial={serial})", "(smkiManufacturingFlag=FALSE)",
+             "(cn=x)", "(smkiKeyUsage;binary=KA)", "(smkiNotAfter>=20300101000000Z)",
+             "(!(smkiKeyUsage=KA))", "(|(smkiKeyUsage=KA)(smkiKeyUsage=DS))"]
+    bases = ["ou=Devices,o=SMKI", "ou=Organisations,o=SMKI", "OU=devices, O=smki", "o=SMKI",
+             "ou=CAs,o=SMKI"]
+    attr_lists = [[], ["userCertificate;binary"], ["userCertificate"], ["smkiSerial", "smkiStatus"],
+                  ["*"], ["+"], ["1.1"], ["cn", "smkiKeyUsage"], ["*", "+"], ["entryDN"],
+                  ["smkiSubject", "smkiIssuerKeyId", "createTimestamp"]]
+    out = []
+    for eui, more in itertools.product(spellings, extra):
+        flt = f"(smkiEui64={eui})" if not more else f"(&(smkiEui64={eui}){more})"
+        if rng.random() < 0.5 and more:
+            flt = f"(&{more}(smkiEui64={eui}))"
+        base = rng.choice(bases)
+        scope = rng.choice((ldap3.BASE, ldap3.LEVEL, ldap3.SUBTREE, ldap3.SUBTREE))
+        attrs = rng.choice(attr_lists)
+        types_only = rng.random() < 0.1
+        size = rng.choice((0, 0, 0, 1))
+        req = search_operation(base, flt, scope, ldap3.DEREF_NEVER, attrs, size, 0, types_only,
+                               True, True)
+        out.append(pdu(2, "searchRequest", req))
+    return out
+
+
+async def test_the_short_way_answers_exactly_as_the_general_way(
+        tmp_path: Path, pki: dict[str, Any], fresh_db: str) -> None:
+    fast = await start_repository(tmp_path / "fast", pki, fresh_db)
+    slow = await start_repository(tmp_path / "slow", pki, fresh_db, ldap={"fast_path": False})
+    try:
+        assert fast.ldap is not None and fast.ldap.fast is not None
+        assert slow.ldap is not None and slow.ldap.fast is None
+        await add_user(fast, "tester", TEST_KEY)
+        await slow.credentials.load()  # type: ignore[union-attr]
+        running = Running(fast, pki)
+        await asyncio.to_thread(lodge_pki, running)
+        await slow.catalog.synced(fast.replica.applied())  # type: ignore[union-attr]
+        devices = running.objects("device")
+        orgs = running.objects("organisation")
+        euis = sorted({d["eui64"] for d in devices[:3]} | {o["eui64"] for o in orgs[:2]
+                                                           if o.get("eui64")})
+        requests = _requests(euis, devices[0]["serial"])
+        bind = pdu(1, "bindRequest", bind_operation(3, ldap3.SIMPLE, "uid=tester,ou=Users,o=SMKI",
+                                                    TEST_KEY))
+        fast_port, slow_port = fast.bound["ldap"].port, slow.bound["ldap"].port
+        with_entries = 0
+        for request in requests:
+            for b in (bind, None):
+                got = await asyncio.to_thread(_answer, fast_port, b, request)
+                want = await asyncio.to_thread(_answer, slow_port, b, request)
+                assert got == want, (request.hex(), b is not None)
+                with_entries += got[1] > 0
+        assert len(requests) >= 200 and with_entries > 50
+        assert fast.ldap.fast.answered > 60  # the short way answered many of them
+    finally:
+        await slow.stop()
+        await fast.stop()
