@@ -201,6 +201,13 @@ class Catalog:
             return None
         return self.replica.certificates(serial)
 
+    def download(self, serial: str) -> tuple[bytes, str, str, bool] | None:
+        """(DER, ETag, Last-Modified, public) when exactly one certificate has this serial;
+        None otherwise or while the replica is not ready (the full handler says which)."""
+        if not self.ready:
+            return None
+        return self.replica.download(serial)
+
     async def certificates(self, serial: str) -> tuple[CertEntry, ...]:
         """Every stored certificate with this canonical serial (usually one)."""
         self._check_ready()

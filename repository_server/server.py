@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import ssl
@@ -573,6 +574,10 @@ class Repository:
             self.bound["sftp"] = HostPort(host, port)
         if self.extract_scheduler is not None:
             self.extract_scheduler.start()
+        # Everything allocated so far lives as long as the process: out of the cyclic GC's
+        # reach, so full collections do not walk it in the middle of requests.
+        gc.collect()
+        gc.freeze()
 
     async def _start_ldap(self, ctx: ssl.SSLContext | None) -> None:
         cfg = self.config

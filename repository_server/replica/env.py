@@ -10,7 +10,7 @@ whole or not at all. Sub-databases:
 meta      key -> value            format, source (repository id), applied, head, checked, ...
 certs     id -> CertRecord        (records.pack_cert)
 extra     id -> JSON              lint, issuer_verified, trust_anchor, lodged_by (portal)
-serial    serial -> id ...        (dupsort: every certificate with that serial, oldest first)
+serial    serial -> ids           (8 bytes each: every certificate with it, oldest first)
 subject   d|o + EUI-64 -> id ...  (dupsort; walked in (EUI-64, id) order by the LDAP directory)
 sha256    sha256 -> id
 skid      subject key id -> id ...(dupsort)
@@ -43,7 +43,7 @@ from .records import CertRecord, CrlRecord, DocRecord, RecordError
 
 _DBS = ("meta", "certs", "extra", "serial", "subject", "sha256", "skid", "cas", "other", "crls",
         "crlid", "current", "revoked", "docs")
-_DUPSORT = ("serial", "subject", "skid")
+_DUPSORT = ("subject", "skid")
 
 
 class ReplicaUnavailable(ConnectionError):
@@ -193,10 +193,29 @@ class Replica:
                 return []
             return list(cur.iternext_dup())
 
+    def _serial_ids(self, txn: Any, serial: str) -> list[bytes]:
+        ids = txn.get(serial.encode(), db=self._db["serial"])
+        if not ids:
+            return []
+        return [ids[i:i + 8] for i in range(0, len(ids), 8)]
+
+    def download(self, serial: str) -> tuple[bytes, str, str, bool] | None:
+        """What a certificate download by serial sends: (DER, ETag, Last-Modified, public),
+        with the least decoding (the hottest HTTP path); None unless exactly one
+        certificate has this serial."""
+        with self._read() as txn:
+            ids = txn.get(serial.encode(), db=self._db["serial"])
+            if ids is None or len(ids) != 8:
+                return None
+            value = txn.get(ids, db=self._db["certs"])
+        if value is None:
+            return None
+        return rec.unpack_download(value)
+
     def certificates(self, serial: str) -> tuple[CertRecord, ...]:
         """Every certificate with this canonical serial (usually one), oldest first."""
         with self._read() as txn:
-            return tuple(self._cert(txn, i) for i in self._dups(txn, "serial", serial.encode()))
+            return tuple(self._cert(txn, i) for i in self._serial_ids(txn, serial))
 
     def by_eui(self, eui64: bytes, device: bool) -> tuple[CertRecord, ...]:
         with self._read() as txn:
@@ -313,7 +332,7 @@ class Replica:
                          ) -> tuple[tuple[CertRecord, ...], list[str]]:
         """`certificates` and their `statuses`, in one read transaction."""
         with self._read() as txn:
-            found = tuple(self._cert(txn, i) for i in self._dups(txn, "serial", serial.encode()))
+            found = tuple(self._cert(txn, i) for i in self._serial_ids(txn, serial))
             return found, self._statuses(txn, found, now)
 
     def by_eui_now(self, eui64: bytes, device: bool, now: float
@@ -480,7 +499,9 @@ class Writer:
         if not put(key, value, db=self.db["certs"], overwrite=False, append=append):
             return False
         put(key, extra, db=self.db["extra"], append=append)
-        put(serial.encode(), key, db=self.db["serial"])
+        serial_key = serial.encode()
+        siblings = self.txn.get(serial_key, db=self.db["serial"])
+        put(serial_key, key if siblings is None else siblings + key, db=self.db["serial"])
         unit = rec.unit_of(kind, eui64, subject_key_id)
         if unit in ("devices", "organisations"):
             assert eui64 is not None

@@ -43,11 +43,22 @@ _CHANGES = 100  # change-log rows read per snapshot while catching up
 Progress = Callable[[int, int], None]  # (done, total)
 
 
+_EXTRAS: dict[tuple[str, bool, bool, str], bytes] = {}
+
+
 def _extra(r: Any) -> bytes:
-    return json.dumps({"lint": json.loads(r["lint"] or "[]"),
-                       "issuer_verified": r["issuer_verified"],
-                       "trust_anchor": r["trust_anchor"],
-                       "lodged_by": r["lodged_by"]}, separators=(",", ":")).encode()
+    """The portal's extras of a certificate, as JSON (memoised: most certificates of a
+    lodging share all four)."""
+    key = (r["lint"] or "[]", r["issuer_verified"], r["trust_anchor"], r["lodged_by"])
+    found = _EXTRAS.get(key)
+    if found is None:
+        found = json.dumps({"lint": json.loads(key[0]), "issuer_verified": key[1],
+                            "trust_anchor": key[2], "lodged_by": key[3]},
+                           separators=(",", ":")).encode()
+        if len(_EXTRAS) >= 4096:
+            _EXTRAS.clear()
+        _EXTRAS[key] = found
+    return found
 
 
 def put_certificates(w: Writer, rows: Sequence[Any], *, append: bool = False) -> int:

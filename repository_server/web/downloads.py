@@ -103,7 +103,7 @@ class Downloads:
 
     def certificate_cached(self, request: web.Request, user: User | None) -> web.Response | None:
         """The common case, answered without a coroutine, parsing or negotiation: the serial
-        is spelt canonically, is in the cache and unique, the client may read it and wants DER
+        is spelt canonically, is in the replica and unique, the client may read it and wants DER
         unconditionally. None sends the request to `certificate` (see BENCHMARKS.md)."""
         raw = request.raw_path
         if "?" in raw and ("?apikey=" not in raw or "&" in raw):  # other parameters
@@ -112,14 +112,14 @@ class Downloads:
         if ("If-None-Match" in headers or "If-Modified-Since" in headers
                 or PEM in headers.get("Accept", "")):
             return None
-        cached = self.catalog.cached_certificates_for(request.match_info["serial"])
-        if cached is None or len(cached) != 1:
+        found = self.catalog.download(request.match_info["serial"])
+        if found is None:
             return None
-        entry = cached[0]
-        if user is None and not entry.public and not self.open_reads:
+        der, etag, last_modified, public = found
+        if user is None and not public and not self.open_reads:
             return None
-        return web.Response(body=entry.der, headers={
-            **self._cert_static, "ETag": entry.etag, "Last-Modified": entry.last_modified})
+        return web.Response(body=der, headers={
+            **self._cert_static, "ETag": etag, "Last-Modified": last_modified})
 
     async def certificate(self, request: web.Request) -> web.StreamResponse:
         raw = request.match_info["serial"]
