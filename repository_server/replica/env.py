@@ -492,13 +492,21 @@ class Writer:
 
     def put_cert(self, cert_id: int, value: bytes, *, serial: str, eui64: bytes | None,
                  kind: str, sha256: bytes, subject_key_id: bytes | None, extra: bytes,
-                 append: bool = False) -> bool:
-        """Store one certificate and its index entries; False if it was there already."""
+                 append: bool = False, indexes: bool = True) -> bool:
+        """Store one certificate and its index entries (`indexes`; a build appends them
+        afterwards, sorted: `append_index`); False if it was there already."""
         put = self.txn.put
         key = rec.id_key(cert_id)
         if not put(key, value, db=self.db["certs"], overwrite=False, append=append):
             return False
         put(key, extra, db=self.db["extra"], append=append)
+        if not indexes:
+            unit = rec.unit_of(kind, eui64, subject_key_id)
+            if unit == "cas":
+                put(key, b"", db=self.db["cas"])
+            elif unit == "other":
+                put(key, b"", db=self.db["other"], append=append)
+            return True
         serial_key = serial.encode()
         siblings = self.txn.get(serial_key, db=self.db["serial"])
         put(serial_key, key if siblings is None else siblings + key, db=self.db["serial"])
@@ -514,6 +522,15 @@ class Writer:
         if subject_key_id:
             put(subject_key_id, key, db=self.db["skid"])
         return True
+
+    def append_index(self, name: str, items: list[tuple[bytes, bytes]]) -> None:
+        """Append (key, value) pairs in key order (then value order, for a dupsort index) to
+        an index being built: no comparisons, no page splits, full pages."""
+        if items:
+            with self.txn.cursor(db=self.db[name]) as cur:
+                _consumed, added = cur.putmulti(items, append=True)
+            if added != len(items):
+                raise ValueError(f"index {name}: {len(items) - added} entries out of order")
 
     def set_status(self, cert_id: int, status: str, manufacturing_flag: bool) -> bool:
         key = rec.id_key(cert_id)

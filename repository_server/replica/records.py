@@ -142,24 +142,38 @@ def _eui_text(eui: bytes) -> str:
 
 
 def pack_cert(*, serial: str, issuer_key_id: bytes | None, der: bytes, sha256: bytes,
-              lodged_at: datetime, kind: str, eui64: bytes | None, role: int | None,
-              usage: str | None, status: str, manufacturing_flag: bool, not_before: datetime,
-              not_after: datetime, subject_key_id: bytes | None, subject_name: str,
+              lodged_us: int, kind: str, eui64: bytes | None, role: int | None,
+              usage: str | None, status: str, manufacturing_flag: bool, not_before_us: int,
+              not_after_us: int, subject_key_id: bytes | None, subject_name: str,
               issuer_name: str) -> bytes:
+    """A certificate record (times in microseconds since the epoch, as the feed reads them)."""
     s = serial.encode()
     ik = issuer_key_id or b""
     sk = subject_key_id or b""
     eui = eui64 if eui64 is not None and len(eui64) == 8 else b""
     sn = subject_name.encode()
     isn = issuer_name.encode()
-    lm = http_date(lodged_at).encode()
-    if len(lm) != _LAST_MODIFIED_LEN:
-        raise RecordError(f"lodged_at out of range: {lodged_at}")
-    head = _CERT.pack(to_us(lodged_at), to_us(not_before), to_us(not_after), sha256,
+    lm = _http_date_us(lodged_us)
+    head = _CERT.pack(lodged_us, not_before_us, not_after_us, sha256,
                       _KIND_INDEX[kind], status.encode(), 1 if manufacturing_flag else 0,
                       -1 if role is None else role, _USAGE_INDEX[usage], len(s), len(ik),
                       len(sk), len(eui), len(sn), len(isn), len(der))
     return b"".join((head, s, ik, sk, eui, sn, isn, lm, der))
+
+
+_LM_BY_US: dict[int, bytes] = {}
+
+
+def _http_date_us(us: int) -> bytes:
+    found = _LM_BY_US.get(us)
+    if found is None:
+        found = http_date(from_us(us)).encode()
+        if len(found) != _LAST_MODIFIED_LEN:
+            raise RecordError(f"lodging time out of range: {us}")
+        if len(_LM_BY_US) >= 4096:
+            _LM_BY_US.clear()
+        _LM_BY_US[us] = found
+    return found
 
 
 def unpack_cert(cert_id: int, value: bytes) -> CertRecord:
