@@ -459,6 +459,7 @@ class Repository:
                     if not catalog.ready:
                         if feeder.take_feeder_role():
                             await feeder.ensure(progress)
+                            await feeder.catch_up()  # a restarted node: what it missed
                         else:
                             if not feeder.source:
                                 assert self.store is not None

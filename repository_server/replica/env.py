@@ -11,7 +11,8 @@ meta      key -> value            format, source (repository id), applied, head,
 certs     id -> CertRecord        (records.pack_cert)
 extra     id -> JSON              lint, issuer_verified, trust_anchor, lodged_by (portal)
 serial    serial -> ids           (8 bytes each: every certificate with it, oldest first)
-subject   d|o + EUI-64 -> id ...  (dupsort; walked in (EUI-64, id) order by the LDAP directory)
+subject   d|o + EUI-64 -> ids     (8 bytes each, oldest first; walked in (EUI-64, id) order
+                                    by the LDAP directory)
 sha256    sha256 -> id
 skid      subject key id -> id ...(dupsort)
 cas       id -> ""                root and issuing CA certificates with a key id
@@ -30,6 +31,7 @@ import contextlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -43,7 +45,7 @@ from .records import CertRecord, CrlRecord, DocRecord, RecordError
 
 _DBS = ("meta", "certs", "extra", "serial", "subject", "sha256", "skid", "cas", "other", "crls",
         "crlid", "current", "revoked", "docs")
-_DUPSORT = ("subject", "skid")
+_DUPSORT = ("skid",)
 
 
 class ReplicaUnavailable(ConnectionError):
@@ -114,6 +116,7 @@ class Replica:
         self.env: Any = None
         self._db: dict[str, Any] = {}
         self._inode: int | None = None
+        self._retired: list[tuple[Any, float]] = []
 
     # -- opening ---------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -139,11 +142,22 @@ class Replica:
         old = self.env
         self.env, self._db = env, dbs
         self._inode = self._current_inode()
+        # A replaced environment may still be in use by a thread (a catch-up or heartbeat
+        # that began before the swap): closed only a minute later.
+        now = time.monotonic()
+        for retired, since in list(self._retired):
+            if now - since > 60:
+                self._retired.remove((retired, since))
+                with contextlib.suppress(Exception):
+                    retired.close()
         if old is not None:
-            with contextlib.suppress(Exception):
-                old.close()
+            self._retired.append((old, now))
 
     def close(self) -> None:
+        for retired, _ in self._retired:
+            with contextlib.suppress(Exception):
+                retired.close()
+        self._retired.clear()
         if self.env is not None:
             self.env.close()
             self.env = None
@@ -193,6 +207,21 @@ class Replica:
                 return []
             return list(cur.iternext_dup())
 
+    def _ids(self, txn: Any, ids: bytes | None) -> tuple[CertRecord, ...]:
+        """The certificates an index value names (8-byte ids, concatenated)."""
+        if not ids:
+            return ()
+        get, certs, unpack = txn.get, self._db["certs"], rec.unpack_cert
+        out = []
+        for i in range(0, len(ids), 8):
+            key = ids[i:i + 8]
+            value = get(key, db=certs)
+            if value is None:
+                raise ReplicaUnavailable(f"replica damaged: index names certificate"
+                                         f" {rec.key_id(key)} that is not there (rebuild it)")
+            out.append(unpack(rec.key_id(key), value))
+        return tuple(out)
+
     def _serial_ids(self, txn: Any, serial: str) -> list[bytes]:
         ids = txn.get(serial.encode(), db=self._db["serial"])
         if not ids:
@@ -219,8 +248,7 @@ class Replica:
 
     def by_eui(self, eui64: bytes, device: bool) -> tuple[CertRecord, ...]:
         with self._read() as txn:
-            return tuple(self._cert(txn, i)
-                         for i in self._dups(txn, "subject", rec.subject_key(device, eui64)))
+            return self._ids(txn, txn.get(rec.subject_key(device, eui64), db=self._db["subject"]))
 
     def by_sha256(self, sha256: bytes) -> list[CertRecord]:
         with self._read() as txn:
@@ -252,12 +280,16 @@ class Replica:
             start = prefix + after_eui
             if not cur.set_range(start):
                 return out
-            for key, value in cur:
+            for key, ids in cur:
                 if not key.startswith(prefix) or len(out) >= limit:
                     break
-                if key == start and rec.key_id(value) <= after_id:
-                    continue
-                out.append(self._cert(txn, value))
+                for i in range(0, len(ids), 8):
+                    cert_id = ids[i:i + 8]
+                    if key == start and rec.key_id(cert_id) <= after_id:
+                        continue
+                    if len(out) >= limit:
+                        break
+                    out.append(self._cert(txn, cert_id))
         return out
 
     def subjects_page(self, device: bool, after_eui: bytes, limit: int) -> list[bytes]:
@@ -273,7 +305,7 @@ class Replica:
                     break
                 if key != start or not after_eui:
                     out.append(key[1:])
-                ok = cur.next_nodup()
+                ok = cur.next()
         return out
 
     def other_certificates_page(self, after_id: int, limit: int) -> list[CertRecord]:
@@ -332,15 +364,15 @@ class Replica:
                          ) -> tuple[tuple[CertRecord, ...], list[str]]:
         """`certificates` and their `statuses`, in one read transaction."""
         with self._read() as txn:
-            found = tuple(self._cert(txn, i) for i in self._serial_ids(txn, serial))
+            found = self._ids(txn, txn.get(serial.encode(), db=self._db["serial"]))
             return found, self._statuses(txn, found, now)
 
     def by_eui_now(self, eui64: bytes, device: bool, now: float
                    ) -> tuple[tuple[CertRecord, ...], list[str]]:
         """`by_eui` and their `statuses`, in one read transaction."""
         with self._read() as txn:
-            found = tuple(self._cert(txn, i)
-                          for i in self._dups(txn, "subject", rec.subject_key(device, eui64)))
+            found = self._ids(txn, txn.get(rec.subject_key(device, eui64),
+                                           db=self._db["subject"]))
             return found, self._statuses(txn, found, now)
 
     # -- CRLs --------------------------------------------------------------------------------
@@ -513,7 +545,9 @@ class Writer:
         unit = rec.unit_of(kind, eui64, subject_key_id)
         if unit in ("devices", "organisations"):
             assert eui64 is not None
-            put(rec.subject_key(unit == "devices", eui64), key, db=self.db["subject"])
+            subject = rec.subject_key(unit == "devices", eui64)
+            siblings = self.txn.get(subject, db=self.db["subject"])
+            put(subject, key if siblings is None else siblings + key, db=self.db["subject"])
         elif unit == "cas":
             put(key, b"", db=self.db["cas"])
         else:

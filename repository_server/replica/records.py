@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
-FORMAT = 2  # bump when a layout below changes: a replica of another format is rebuilt
+FORMAT = 3  # bump when a layout below changes: a replica of another format is rebuilt
 
 KINDS = ("root", "ca", "organisation", "device", "other")
 USAGES = (None, "DS", "KA", "CA")
@@ -202,7 +202,7 @@ def unpack_cert(cert_id: int, value: bytes) -> CertRecord:
                           KINDS[kind], eui or None, _eui_text(eui) if eui else "",
                           None if role < 0 else role, USAGES[usage], status.decode("ascii"),
                           bool(flag), nb, na, sk or None, sn, isn)
-    except (struct.error, IndexError, UnicodeDecodeError) as exc:
+    except (struct.error, IndexError, UnicodeDecodeError, OverflowError) as exc:
         raise RecordError(f"certificate record {cert_id}: {exc}") from exc
 
 
@@ -220,7 +220,7 @@ def unpack_download(value: bytes) -> tuple[bytes, str, str, bool]:
         if len(der) != head[15]:
             raise RecordError("certificate record: wrong length")
         return der, '"' + head[3].hex() + '"', lm, _KIND_PUBLIC[head[4]]
-    except (struct.error, IndexError, UnicodeDecodeError) as exc:
+    except (struct.error, IndexError, UnicodeDecodeError, OverflowError) as exc:
         raise RecordError(f"certificate record: {exc}") from exc
 
 
@@ -288,7 +288,7 @@ def unpack_crl(key: bytes, value: bytes) -> CrlRecord:
                          int.from_bytes(key[-21:], "big"), from_us(this),
                          None if nxt == _NONE_US else from_us(nxt), sha, der, count,
                          from_us(lodged))
-    except (struct.error, UnicodeDecodeError) as exc:
+    except (struct.error, UnicodeDecodeError, OverflowError, ValueError) as exc:
         raise RecordError(f"CRL record: {exc}") from exc
 
 
@@ -310,7 +310,7 @@ def unpack_revoked(value: bytes) -> tuple[datetime, str | None]:
         (when,) = _REVOKED.unpack_from(value)
         rest = value[_REVOKED.size:]
         return from_us(when), rest[1:].decode() if rest else None
-    except (struct.error, UnicodeDecodeError) as exc:
+    except (struct.error, UnicodeDecodeError, OverflowError, ValueError) as exc:
         raise RecordError(f"revoked entry: {exc}") from exc
 
 
@@ -357,5 +357,5 @@ def unpack_doc(key: bytes, value: bytes) -> DocRecord:
             raise RecordError("document record: wrong length")
         return DocRecord(doc_id, name.decode(), int.from_bytes(version, "big"), ct, size, sha,
                          from_us(lodged), body)
-    except (struct.error, UnicodeDecodeError) as exc:
+    except (struct.error, UnicodeDecodeError, OverflowError, ValueError) as exc:
         raise RecordError(f"document record: {exc}") from exc

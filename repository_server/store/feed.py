@@ -93,8 +93,9 @@ INDEX_QUERIES = {
     "serial": "SELECT convert_to(serial, 'UTF8'), string_agg(int8send(id), ''::bytea ORDER BY id)"
               " FROM certificates GROUP BY serial ORDER BY serial COLLATE \"C\"",
     "subject": "SELECT CASE kind WHEN 'device' THEN '\\x64'::bytea ELSE '\\x6f'::bytea END || eui64,"
-               " int8send(id) FROM certificates WHERE kind IN ('device', 'organisation')"
-               " AND length(eui64) = 8 ORDER BY kind, eui64, id",
+               " string_agg(int8send(id), ''::bytea ORDER BY id) FROM certificates"
+               " WHERE kind IN ('device', 'organisation') AND length(eui64) = 8"
+               " GROUP BY kind, eui64 ORDER BY kind, eui64",
     "sha256": "SELECT sha256, int8send(id) FROM certificates ORDER BY sha256",
     "skid": "SELECT subject_key_id, int8send(id) FROM certificates"
             " WHERE length(subject_key_id) > 0 ORDER BY subject_key_id, id",
