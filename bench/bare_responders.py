@@ -25,7 +25,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -140,15 +139,18 @@ def run(argv: list[str]) -> int:
              for kind in ("http", "ldap")]
     rows = []
     try:
-        time.sleep(2)
+        for port in (HTTP_PORT, LDAP_PORT):  # until both listen
+            subprocess.run([str(HARNESS / "wait_port.sh"), str(port)], check=True)
         paths = work / "bare.paths"
         paths.write_text("".join(f"/certificates/{i:032X}\n" for i in range(1000)))
         for c in [int(x) for x in a.conns.split(",")]:
             out = subprocess.run(
-                ["taskset", "-c", "1", "wrk", "-t1", f"-c{c}", f"-d{a.duration}s", "-s",
+                ["taskset", "-c", "1", "wrk", "-t1", f"-c{c}", f"-d{int(a.duration)}s", "-s",
                  str(HARNESS / "wrk" / "paths.lua"), f"http://127.0.0.1:{HTTP_PORT}", "--",
                  str(paths)], capture_output=True, text=True).stdout
-            line = next(ln for ln in out.splitlines() if ln.startswith("JSON "))
+            line = next((ln for ln in out.splitlines() if ln.startswith("JSON ")), None)
+            if line is None:
+                raise SystemExit(f"wrk gave no result:\n{out}")
             res = json.loads(line[5:])
             rows.append({"what": "bare aiohttp+uvloop GET", "conns": c,
                          "ops_per_s": round(res["requests"] / (res["duration_us"] / 1e6)),

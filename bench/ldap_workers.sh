@@ -49,7 +49,7 @@ start_ours() {  # start_ours N
        </dev/null >"$W/w$i.log" 2>&1 &)
   done
   for i in $(seq "$1"); do
-    for _ in $(seq 600); do grep -q "cache preloaded" "$W/w$i.log" 2>/dev/null && break; sleep 0.5; done
+    for _ in $(seq 600); do grep -q "read replica ready" "$W/w$i.log" 2>/dev/null && break; sleep 0.5; done
   done
 }
 

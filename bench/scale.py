@@ -239,9 +239,14 @@ class Server:
                 continue
             rss = re.search(r"VmRSS:\s+(\d+)", status)
             hwm = re.search(r"VmHWM:\s+(\d+)", status)
+            anon = re.search(r"RssAnon:\s+(\d+)", status)
+            file = re.search(r"RssFile:\s+(\d+)", status)
             if rss and hwm:
                 res[f"{pid}"] = int(rss.group(1)) // 1024
                 res[f"{pid}_peak"] = int(hwm.group(1)) // 1024
+            if anon and file:  # private memory vs pages of shared files (the replica's mmap)
+                res[f"{pid}_anon"] = int(anon.group(1)) // 1024
+                res[f"{pid}_file"] = int(file.group(1)) // 1024
         return res
 
     def stop(self) -> None:

@@ -368,3 +368,54 @@ async def test_a_node_fed_from_a_lagging_replica_url_says_how_far_behind(
         await node_b.stop()
         await node_a.stop()
         await proxy.close()
+
+
+async def test_replica_commands_status_verify_rebuild(
+        tmp_path: Path, pki: dict[str, Any], fresh_db: str) -> None:
+    """`replica status`, `replica verify` (equal; then a replica altered behind the feed's back:
+    the differing id range is named, exit 1) and `replica rebuild` (equal again), as an
+    operator runs them against the node's data directory."""
+    import json
+
+    from .conftest import run_process, smki_cli
+
+    repo = await start_repository(tmp_path, pki, fresh_db)
+    try:
+        await asyncio.to_thread(lodge_pki, Running(repo, pki))
+        await _caught_up(repo)
+    finally:
+        await repo.stop()
+    env = {**cli_env(), "SMKI_DATABASE__URL": fresh_db}
+    cli = [*smki_cli(), "replica"]
+    where = ["--data-dir", str(tmp_path)]
+    code, out, err = await run_process(*cli, "status", *where, timeout=60, env=env)
+    assert code == 0, err
+    state = json.loads(out)
+    assert state["behind_changes"] == 0 and state["certs"] > 0 and state["bytes"] > 0
+    code, out, err = await run_process(*cli, "verify", *where, timeout=60, env=env)
+    assert code == 0 and b"equals the store" in out, (out, err)
+
+    # a status changed in the replica only (as a lost write would leave it)
+    replica = Replica(tmp_path / "replica", map_size=1 << 30)
+    replica.open()
+    try:
+        some = next(iter(replica.ca_certificates()))
+        with replica.write() as w:
+            assert w.set_status(some.id, "N" if some.lodged_status != "N" else "P", False)
+    finally:
+        replica.close()
+    code, out, err = await run_process(*cli, "verify", "--no-catch-up", *where, timeout=60,
+                                       env=env)
+    assert code == 1 and b"differs from the store" in out and b"certificates with ids 0-99999" \
+        in out and b"same count, different contents" in out, (out, err)
+    assert b"replica rebuild" in err
+    code, out, err = await run_process(*cli, "rebuild", *where, timeout=120, env=env)
+    assert code == 0 and b"replica rebuilt" in out, (out, err)
+    code, out, err = await run_process(*cli, "verify", *where, timeout=60, env=env)
+    assert code == 0, (out, err)
+    # no replica at all: a clear error, not a traceback
+    import shutil
+
+    shutil.rmtree(tmp_path / "replica")
+    code, out, err = await run_process(*cli, "verify", *where, timeout=60, env=env)
+    assert code == 1 and b"no replica at" in err and b"Traceback" not in err

@@ -169,6 +169,13 @@ class LodgingService:
             return
         try:
             await asyncio.wait_for(self._after_commit(seq), _SYNC_SECONDS)
+        except Exception as exc:  # e.g. the feed's connection broke: once more
+            log.info("change %d: catching up the read replica again after %s: %s", seq,
+                     type(exc).__name__, exc)
+        else:
+            return
+        try:
+            await asyncio.wait_for(self._after_commit(seq), _SYNC_SECONDS)
         except Exception as exc:
             log.warning("change %d is stored but not yet in this node's read replica: %s: %s",
                         seq, type(exc).__name__, exc)

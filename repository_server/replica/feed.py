@@ -312,17 +312,27 @@ class Feeder:
         """Apply every change committed so far (or at least up to `upto`); returns the
         replica's applied sequence number."""
         async with self._lock:
-            applied = self.replica.applied()
-            if upto is not None and applied >= upto:
+            try:
+                return await self._catch_up(upto)
+            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError):
+                # a connection that died since its last use: once more on a new one
+                if self._conn is not None:
+                    self._conn.terminate()
+                    self._conn = None
+                return await self._catch_up(upto)
+
+    async def _catch_up(self, upto: int | None) -> int:
+        applied = self.replica.applied()
+        if upto is not None and applied >= upto:
+            return applied
+        conn = await self._connection()
+        while True:
+            batch = await self._read_batch(conn, applied)
+            if not batch.changes:
                 return applied
-            conn = await self._connection()
-            while True:
-                batch = await self._read_batch(conn, applied)
-                if not batch.changes:
-                    return applied
-                applied = await asyncio.to_thread(self._apply, batch)
-                if len(batch.changes) < _CHANGES and (upto is None or applied >= upto):
-                    return applied
+            applied = await asyncio.to_thread(self._apply, batch)
+            if len(batch.changes) < _CHANGES and (upto is None or applied >= upto):
+                return applied
 
     async def _read_batch(self, conn: asyncpg.Connection, applied: int) -> _Batch:
         batch = _Batch([], {}, {}, {}, {})
@@ -426,9 +436,10 @@ class Feeder:
                         if on_error is not None:
                             on_error(text)
                     self.last_error = text
-                    if self._conn is not None:
-                        self._conn.terminate()
-                        self._conn = None
+                    async with self._lock:  # not under a catch-up a lodging is waiting on
+                        if self._conn is not None:
+                            self._conn.terminate()
+                            self._conn = None
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
         finally:

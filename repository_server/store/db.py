@@ -1,4 +1,5 @@
-"""All SQL of the repository, behind one `Store` class over an asyncpg pool.
+"""All SQL of the repository, behind one `Store` class over an asyncpg pool (and, for the
+read replica's feed, `store/feed.py`).
 
 Handlers and the lodging path call methods here and never build SQL themselves. Writes of
 lodged objects (`insert_*`, `set_status`) are called only from `lodge/`; the portal writes
@@ -13,7 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -22,6 +23,7 @@ from typing import Any
 import asyncpg
 
 from ..pki.model import CertInfo, CrlInfo
+from ..replica.records import CrlRecord
 
 log = logging.getLogger(__name__)
 
@@ -142,19 +144,7 @@ class IssuerRow:
     der: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class CrlRow:
-    id: int
-    kind: str
-    issuer_key_id: bytes
-    issuer_name: str
-    crl_number: int
-    this_update: datetime
-    next_update: datetime | None
-    sha256: bytes
-    der: bytes
-    revoked_count: int
-    lodged_at: datetime
+CrlRow = CrlRecord  # one CRL version (the replica keeps the same fields)
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,14 +195,6 @@ def _extract_row(r: asyncpg.Record) -> ExtractRow:
                       ExtractMarkers(r["cert_id_upto"], r["change_upto"], r["crl_id_upto"],
                                      r["document_id_upto"]),
                       r["size"], r["sha256"], r["counts"])
-
-
-@dataclass(frozen=True, slots=True)
-class RevokedRow:
-    serial: str
-    revocation_date: datetime
-    reason: str | None
-    lodged: bool  # a certificate with this serial is in the repository
 
 
 @dataclass(frozen=True, slots=True)
@@ -483,73 +465,7 @@ class Store:
             f"SELECT {_CERT_ROW_COLS} FROM certificates WHERE serial = $1 ORDER BY id", serial)
         return [CertRow(*r) for r in rows]
 
-    async def certificates_by_eui(self, eui64: bytes, kinds: Sequence[str]) -> list[CertRow]:
-        """Every certificate of one device or organisation (oldest first)."""
-        rows = await self.pool.fetch(
-            f"SELECT {_CERT_ROW_COLS} FROM certificates WHERE eui64 = $1 AND kind = ANY($2::text[])"
-            " ORDER BY id", eui64, list(kinds))
-        return [CertRow(*r) for r in rows]
-
-    async def euis_lodged_between(self, after_id: int, upto_id: int) -> list[bytes]:
-        """EUI-64s of the certificates with after_id < id <= upto_id (cache invalidation)."""
-        rows = await self.pool.fetch(
-            "SELECT DISTINCT eui64 FROM certificates WHERE id > $1 AND id <= $2"
-            " AND eui64 IS NOT NULL", after_id, upto_id)
-        return [r[0] for r in rows]
-
-    async def iter_recent_certificates(self) -> AsyncGenerator[CertRow, None]:
-        """Newest first (cache preload; the caller stops when its budget is spent)."""
-        async with self.pool.acquire() as conn, conn.transaction(readonly=True):
-            cursor = conn.cursor(
-                f"SELECT {_CERT_ROW_COLS} FROM certificates ORDER BY id DESC", prefetch=5000)
-            async for r in cursor:
-                yield CertRow(*r)
-
-    # -- the LDAP directory's reads (keyset pages: bounded memory whatever the store size) ---
-    _OTHER = ("(kind = 'other' OR (kind IN ('device', 'organisation') AND eui64 IS NULL)"
-              " OR (kind IN ('root', 'ca') AND subject_key_id IS NULL))")
-
-    async def ca_certificates(self) -> list[CertRow]:
-        """Every root and issuing CA certificate (a handful), oldest first."""
-        rows = await self.pool.fetch(
-            f"SELECT {_CERT_ROW_COLS} FROM certificates WHERE kind IN ('root', 'ca')"
-            " AND subject_key_id IS NOT NULL ORDER BY id")
-        return [CertRow(*r) for r in rows]
-
-    async def certificates_by_sha256(self, sha256: bytes) -> list[CertRow]:
-        rows = await self.pool.fetch(
-            f"SELECT {_CERT_ROW_COLS} FROM certificates WHERE sha256 = $1", sha256)
-        return [CertRow(*r) for r in rows]
-
-    async def certificates_by_subject_key_id(self, key_id: bytes) -> list[CertRow]:
-        rows = await self.pool.fetch(
-            f"SELECT {_CERT_ROW_COLS} FROM certificates WHERE subject_key_id = $1 ORDER BY id",
-            key_id)
-        return [CertRow(*r) for r in rows]
-
-    async def subject_certificates_page(self, kind: str, after_eui: bytes, after_id: int,
-                                        limit: int) -> list[CertRow]:
-        """Certificates of devices or organisations in (EUI-64, id) order, after a position."""
-        rows = await self.pool.fetch(
-            f"SELECT {_CERT_ROW_COLS} FROM certificates WHERE kind = $1 AND eui64 IS NOT NULL"
-            " AND (eui64, id) > ($2, $3) ORDER BY eui64, id LIMIT $4",
-            kind, after_eui, after_id, limit)
-        return [CertRow(*r) for r in rows]
-
-    async def subjects_page(self, kind: str, after_eui: bytes, limit: int) -> list[bytes]:
-        """Distinct EUI-64s of devices or organisations, in order, after a position."""
-        rows = await self.pool.fetch(
-            "SELECT DISTINCT eui64 FROM certificates WHERE kind = $1 AND eui64 IS NOT NULL"
-            " AND eui64 > $2 ORDER BY eui64 LIMIT $3", kind, after_eui, limit)
-        return [r[0] for r in rows]
-
-    async def other_certificates_page(self, after_id: int, limit: int) -> list[CertRow]:
-        """Certificates that are neither a CA key's nor a device's or organisation's."""
-        rows = await self.pool.fetch(
-            f"SELECT {_CERT_ROW_COLS} FROM certificates WHERE {self._OTHER} AND id > $1"
-            " ORDER BY id LIMIT $2", after_id, limit)
-        return [CertRow(*r) for r in rows]
-
+    # (every other read of what is lodged goes through the node's replica: store/feed.py)
     async def certificate_count(self) -> int:
         return int(await self.pool.fetchval("SELECT count(*) FROM certificates"))
 
@@ -677,19 +593,6 @@ class Store:
             identical = sorted(identical + lost)
         return stored, identical
 
-    async def certificate_changes_since(self, seq: int | None) -> tuple[int, list[str]]:
-        """The newest status/flag change number, and the serials changed after `seq` (none when
-        `seq` is None): what a reader that missed notifications must forget."""
-        async with self.pool.acquire() as conn, conn.transaction(readonly=True,
-                                                                  isolation="repeatable_read"):
-            newest = int(await conn.fetchval(
-                "SELECT coalesce(max(changed_seq), 0) FROM certificates"))
-            if seq is None or seq >= newest:
-                return newest, []
-            rows = await conn.fetch(
-                "SELECT DISTINCT serial FROM certificates WHERE changed_seq > $1", seq)
-        return newest, [r[0] for r in rows]
-
     async def set_status(self, serial: str, issuer_key_id: bytes | None, status: str | None,
                          manufacturing_flag: bool | None, audit: dict[str, Any]
                          ) -> tuple[list[dict[str, Any]], int]:
@@ -763,41 +666,6 @@ class Store:
     _CRL_COLS = ("id, kind, issuer_key_id, issuer_name, crl_number, this_update, next_update,"
                  " sha256, der, revoked_count, lodged_at")
 
-    async def current_crls(self) -> list[CrlRow]:
-        rows = await self.pool.fetch(
-            f"SELECT DISTINCT ON (issuer_key_id) {self._CRL_COLS} FROM crls"
-            " ORDER BY issuer_key_id, crl_number DESC")
-        return [_crl_row(r) for r in rows]
-
-    async def crl(self, issuer_key_id: bytes, number: int | None = None) -> CrlRow | None:
-        if number is None:
-            r = await self.pool.fetchrow(
-                f"SELECT {self._CRL_COLS} FROM crls WHERE issuer_key_id = $1"
-                " ORDER BY crl_number DESC LIMIT 1", issuer_key_id)
-        else:
-            r = await self.pool.fetchrow(
-                f"SELECT {self._CRL_COLS} FROM crls WHERE issuer_key_id = $1 AND crl_number = $2",
-                issuer_key_id, number)
-        return _crl_row(r) if r else None
-
-    async def current_revoked_serials(self, issuer_key_id: bytes) -> frozenset[str] | None:
-        """Serials on the issuer's current CRL/ARL; None when it has lodged none."""
-        async with self.pool.acquire() as conn, conn.transaction(readonly=True,
-                                                                  isolation="repeatable_read"):
-            crl_id = await conn.fetchval(
-                "SELECT id FROM crls WHERE issuer_key_id = $1 ORDER BY crl_number DESC LIMIT 1",
-                issuer_key_id)
-            if crl_id is None:
-                return None
-            rows = await conn.fetch("SELECT serial FROM revoked_entries WHERE crl_id = $1", crl_id)
-        return frozenset(r[0] for r in rows)
-
-    async def crl_versions(self, issuer_key_id: bytes) -> list[tuple[int, datetime, datetime | None]]:
-        rows = await self.pool.fetch(
-            "SELECT crl_number, this_update, next_update FROM crls WHERE issuer_key_id = $1"
-            " ORDER BY crl_number DESC", issuer_key_id)
-        return [(int(r[0]), r[1], r[2]) for r in rows]
-
     # -- documents -------------------------------------------------------------------------
     async def insert_document(self, name: str, content_type: str, body: bytes, sha256: bytes,
                               *, lodged_by: str, audit: dict[str, Any]) -> tuple[str, int, int]:
@@ -826,62 +694,7 @@ class Store:
 
     _DOC_COLS = "name, version, content_type, size, sha256, lodged_at"
 
-    async def documents(self) -> list[DocumentRow]:
-        rows = await self.pool.fetch(
-            f"SELECT DISTINCT ON (name) {self._DOC_COLS}, NULL FROM documents"
-            " ORDER BY name, version DESC")
-        return [DocumentRow(*r) for r in rows]
-
-    async def document_versions(self, name: str) -> list[DocumentRow]:
-        rows = await self.pool.fetch(
-            f"SELECT {self._DOC_COLS}, NULL FROM documents WHERE name = $1 ORDER BY version DESC",
-            name)
-        return [DocumentRow(*r) for r in rows]
-
-    async def document(self, name: str, version: int | None = None) -> DocumentRow | None:
-        if version is None:
-            r = await self.pool.fetchrow(
-                f"SELECT {self._DOC_COLS}, body FROM documents WHERE name = $1"
-                " ORDER BY version DESC LIMIT 1", name)
-        else:
-            r = await self.pool.fetchrow(
-                f"SELECT {self._DOC_COLS}, body FROM documents WHERE name = $1 AND version = $2",
-                name, version)
-        return DocumentRow(*r) if r else None
-
     # -- certificates: what the portal shows beyond the cached entry -------------------------
-    async def certificate_record(self, sha256: bytes) -> dict[str, Any] | None:
-        """The stored facts a certificate page shows that the read model does not keep."""
-        r = await self.pool.fetchrow(
-            "SELECT lint, issuer_verified, trust_anchor, lodged_at, lodged_by FROM certificates"
-            " WHERE sha256 = $1", sha256)
-        return dict(r) if r else None
-
-    async def certificates_with_key_id(self, key_id: bytes) -> list[CertRow]:
-        """Certificates whose subject key id is `key_id` (a certificate's possible issuers),
-        CA certificates first."""
-        rows = await self.pool.fetch(
-            f"SELECT {_CERT_ROW_COLS} FROM certificates WHERE subject_key_id = $1"
-            " ORDER BY kind NOT IN ('root', 'ca'), id", key_id)
-        return [CertRow(*r) for r in rows]
-
-    async def revocation(self, serial: str, issuer_key_id: bytes) -> dict[str, Any] | None:
-        """The issuer's current CRL/ARL entry for this serial, if it is on it."""
-        r = await self.pool.fetchrow(
-            "SELECT c.kind, c.crl_number, c.this_update, r.revocation_date, r.reason"
-            " FROM revoked_entries r JOIN crls c ON c.id = r.crl_id"
-            " WHERE r.serial = $2 AND c.id = (SELECT id FROM crls WHERE issuer_key_id = $1"
-            " ORDER BY crl_number DESC LIMIT 1)", issuer_key_id, serial)
-        return {**dict(r), "crl_number": int(r["crl_number"])} if r else None
-
-    async def revoked_entries(self, crl_id: int, offset: int, limit: int) -> list[RevokedRow]:
-        rows = await self.pool.fetch(
-            "SELECT r.serial, r.revocation_date, r.reason,"
-            " EXISTS (SELECT 1 FROM certificates c WHERE c.serial = r.serial)"
-            " FROM revoked_entries r WHERE r.crl_id = $1 ORDER BY r.revocation_date, r.serial"
-            " OFFSET $2 LIMIT $3", crl_id, offset, limit)
-        return [RevokedRow(*r) for r in rows]
-
     # -- portal sign-in state ----------------------------------------------------------------
     async def portal_account(self, name: str) -> tuple[UserRow, Failures, datetime | None] | None:
         """A user with their recent sign-in failures and lock, or None if there is no such user."""
