@@ -77,10 +77,11 @@ async def _serve(config: Config, *, pid_file: str | None,
 
 def _supervise(args: argparse.Namespace, config: Config) -> int:
     """`serve --workers N`: N server processes sharing every listener (SO_REUSEPORT), so one
-    node uses all its cores. Each is a whole server (own caches, LISTEN connection, CPM
-    counts, which it adds to the store itself); jobs that must run once per cluster (the
-    extract schedule) take a PostgreSQL advisory lock. The first worker starts the embedded
-    PostgreSQL (the others share it through its lease); a worker that dies is restarted,
+    node uses all its cores. Each is a whole server (own LISTEN connection and CPM counts,
+    which it adds to the store itself) reading the node's one read replica, which one of
+    them feeds; jobs that must run once per cluster (the extract schedule) take a PostgreSQL
+    advisory lock. The first worker starts the embedded PostgreSQL (the others share it
+    through its lease) and builds the replica if needed; a worker that dies is restarted,
     SIGINT/SIGTERM stop them all."""
     import subprocess
 
