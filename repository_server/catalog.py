@@ -22,7 +22,7 @@ import time
 import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 import asyncpg
 
@@ -66,11 +66,9 @@ def _etag(digest: bytes) -> str:
 
 
 class Catalog:
-    def __init__(self, store: Store, replica: Replica, *,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+    def __init__(self, store: Store, replica: Replica) -> None:
         self.store = store
         self.replica = replica
-        self.clock = clock
         self.ready = False  # the replica is open and complete (set by the server)
         # Applies changes up to a sequence number to this node's replica (the feeder's
         # catch_up): a lodging is acknowledged only once its own node serves it.
@@ -81,8 +79,6 @@ class Catalog:
         self._listen_task: asyncio.Task[None] | None = None
         self.listening = False  # LISTEN in place
         self.lost_at: float | None = None  # loop time the LISTEN connection was lost
-        self._version = -1  # the replica's applied change when caches were last checked
-        self._version_checked = 0.0
         self.reads = ReplicaReads(self)
 
     # -- life cycle ---------------------------------------------------------------------
@@ -194,13 +190,6 @@ class Catalog:
                 callback("")
 
     # -- certificates ---------------------------------------------------------------------
-    def cached_certificates_for(self, serial: str) -> tuple[CertEntry, ...] | None:
-        """The certificates for an exactly canonical serial, without a coroutine (the
-        replica is memory: no I/O to wait for); None while the replica is not ready."""
-        if not self.ready:
-            return None
-        return self.replica.certificates(serial)
-
     def download(self, serial: str) -> tuple[bytes, str, str, bool] | None:
         """(DER, ETag, Last-Modified, public) when exactly one certificate has this serial;
         None otherwise or while the replica is not ready (the full handler says which)."""
@@ -212,11 +201,6 @@ class Catalog:
         """Every stored certificate with this canonical serial (usually one)."""
         self._check_ready()
         return self.replica.certificates(serial)
-
-    def cached_by_eui(self, eui64: bytes, device: bool) -> tuple[CertEntry, ...] | None:
-        if not self.ready:
-            return None
-        return self.replica.by_eui(eui64, device)
 
     async def by_eui(self, eui64: bytes, device: bool) -> tuple[CertEntry, ...]:
         """Every certificate of a device (device=True) or organisation, oldest first."""
@@ -236,11 +220,6 @@ class Catalog:
         return self.replica.by_eui_now(eui64, device, now)
 
     # -- status ------------------------------------------------------------------------------
-    def cached_status(self, entry: CertEntry, now: float) -> str | None:
-        """The status a relying party sees now: R if on the issuer's current CRL/ARL, E if
-        past notAfter, else the lodged P/I/N."""
-        return self.replica.statuses((entry,), now)[0]
-
     async def statuses(self, entries: typing.Sequence[CertEntry], now: float) -> list[str]:
         self._check_ready()
         return self.replica.statuses(entries, now)

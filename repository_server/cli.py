@@ -508,13 +508,10 @@ async def opened_replica(config: Config, store: Any,
     """This node's read replica (built if missing, caught up with the store), as the catalog
     the read interfaces use: what `serve` would answer with."""
     from .catalog import Catalog
-    from .replica.env import Replica
     from .replica.feed import Feeder
 
-    replica = Replica(config.path(config.replica.path),
-                      map_size=config.replica.map_size_gb * 1024**3)
-    feeder = Feeder(replica, dsn=store.dsn, feed_dsn=config.database.replica_url,
-                    connect_timeout=config.database.connect_timeout)
+    feeder = Feeder.for_node(config, store.dsn)
+    replica = feeder.replica
     try:
         await feeder.ensure(progress)
         await feeder.catch_up()
@@ -528,7 +525,7 @@ async def opened_replica(config: Config, store: Any,
 
 def cmd_replica(args: argparse.Namespace) -> int:
     """`replica status|verify|rebuild`: this node's read replica against the store."""
-    from .replica.env import Replica, ReplicaUnavailable
+    from .replica.env import ReplicaUnavailable
     from .replica.feed import Feeder, lag, verify
     from .store import opened_store
 
@@ -538,9 +535,8 @@ def cmd_replica(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with opened_store(config, max_size=2) as store:
-            replica = Replica(path, map_size=config.replica.map_size_gb * 1024**3)
-            feeder = Feeder(replica, dsn=store.dsn, feed_dsn=config.database.replica_url,
-                            connect_timeout=config.database.connect_timeout)
+            feeder = Feeder.for_node(config, store.dsn)
+            replica = feeder.replica
             bar = _progress()
             try:
                 if args.action == "rebuild":

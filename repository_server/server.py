@@ -498,12 +498,8 @@ class Repository:
         ldap_ctx = (ldap_tls_context(cfg) if cfg.listeners.ldaps or (
             cfg.listeners.ldap and cfg.path(cfg.tls.cert).is_file()) else None)
         self.store = await self._resources.enter_async_context(opened_store(cfg, supervise=True))
-        self.replica = Replica(cfg.path(cfg.replica.path),
-                               map_size=cfg.replica.map_size_gb * 1024**3)
-        self.feeder = Feeder(self.replica, dsn=self.store.dsn, feed_dsn=cfg.database.replica_url,
-                             connect_timeout=cfg.database.connect_timeout,
-                             command_timeout=cfg.database.command_timeout,
-                             poll_seconds=cfg.replica.poll_seconds)
+        self.feeder = Feeder.for_node(cfg, self.store.dsn)
+        self.replica = self.feeder.replica
         self.catalog = Catalog(self.store, self.replica)
         self.catalog.sync_to = self.feeder.catch_up
         for kind in ("certs", "status", "crl", "doc", "serials"):

@@ -419,3 +419,4 @@ async def test_replica_commands_status_verify_rebuild(
     shutil.rmtree(tmp_path / "replica")
     code, out, err = await run_process(*cli, "verify", *where, timeout=60, env=env)
     assert code == 1 and b"no replica at" in err and b"Traceback" not in err
+

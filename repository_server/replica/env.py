@@ -201,6 +201,15 @@ class Replica:
                                      f" {rec.key_id(id_bytes)} that is not there (rebuild it)")
         return rec.unpack_cert(rec.key_id(id_bytes), value)
 
+    def _prefixed(self, txn: Any, db: str, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) of every entry whose key starts with `prefix`, in key order."""
+        with txn.cursor(db=self._db[db]) as cur:
+            if cur.set_range(prefix):
+                for key, value in cur:
+                    if not key.startswith(prefix):
+                        return
+                    yield key, value
+
     def _dups(self, txn: Any, db: str, key: bytes) -> list[bytes]:
         with txn.cursor(db=self._db[db]) as cur:
             if not cur.set_key(key):
@@ -211,16 +220,7 @@ class Replica:
         """The certificates an index value names (8-byte ids, concatenated)."""
         if not ids:
             return ()
-        get, certs, unpack = txn.get, self._db["certs"], rec.unpack_cert
-        out = []
-        for i in range(0, len(ids), 8):
-            key = ids[i:i + 8]
-            value = get(key, db=certs)
-            if value is None:
-                raise ReplicaUnavailable(f"replica damaged: index names certificate"
-                                         f" {rec.key_id(key)} that is not there (rebuild it)")
-            out.append(unpack(rec.key_id(key), value))
-        return tuple(out)
+        return tuple(self._cert(txn, ids[i:i + 8]) for i in range(0, len(ids), 8))
 
     def _serial_ids(self, txn: Any, serial: str) -> list[bytes]:
         ids = txn.get(serial.encode(), db=self._db["serial"])
@@ -401,14 +401,9 @@ class Replica:
 
     def crl_versions(self, issuer_key_id: bytes) -> list[CrlRecord]:
         """Every version of an issuer's CRL/ARL, newest first."""
-        prefix = rec.crl_prefix(issuer_key_id)
-        out = []
-        with self._read() as txn, txn.cursor(db=self._db["crls"]) as cur:
-            if cur.set_range(prefix):
-                for key, value in cur:
-                    if not key.startswith(prefix) or len(key) != len(prefix) + 21:
-                        break
-                    out.append(rec.unpack_crl(key, value))
+        with self._read() as txn:  # (the prefix holds the key id's length: no other issuer)
+            out = [rec.unpack_crl(key, value) for key, value
+                   in self._prefixed(txn, "crls", rec.crl_prefix(issuer_key_id))]
         return out[::-1]
 
     def current_crls(self) -> list[CrlRecord]:
@@ -438,13 +433,9 @@ class Replica:
     def revoked_entries(self, crl_id: int, offset: int, limit: int) -> list[RevokedEntry]:
         """One CRL version's entries by (revocation date, serial), a page at a time."""
         prefix = rec.id_key(crl_id)
-        found = []
-        with self._read() as txn, txn.cursor(db=self._db["revoked"]) as cur:
-            if cur.set_range(prefix):
-                for key, value in cur:
-                    if not key.startswith(prefix):
-                        break
-                    found.append((*rec.unpack_revoked(value), key[8:].decode()))
+        with self._read() as txn:
+            found = [(*rec.unpack_revoked(value), key[8:].decode())
+                     for key, value in self._prefixed(txn, "revoked", prefix)]
             found.sort(key=lambda e: (e[0], e[2]))
             serial_db = self._db["serial"]
             return [RevokedEntry(s, when, reason, txn.get(s.encode(), db=serial_db) is not None)
@@ -452,14 +443,8 @@ class Replica:
 
     # -- documents ---------------------------------------------------------------------------
     def _docs(self, prefix: bytes = b"") -> list[DocRecord]:
-        out = []
-        with self._read() as txn, txn.cursor(db=self._db["docs"]) as cur:
-            if cur.set_range(prefix):
-                for key, value in cur:
-                    if not key.startswith(prefix):
-                        break
-                    out.append(rec.unpack_doc(key, value))
-        return out
+        with self._read() as txn:
+            return [rec.unpack_doc(key, value) for key, value in self._prefixed(txn, "docs", prefix)]
 
     def documents(self) -> list[DocRecord]:
         """The current version of every document, by name."""

@@ -28,13 +28,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
 from ..store import feed as sql
 from . import records as rec
 from .env import Replica, ReplicaUnavailable, Writer, remove
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +133,17 @@ class Feeder:
         self.source = ""  # the repository's identity, once read
         self.last_error = ""
         self.building: tuple[int, int] | None = None  # (done, total) while building
+
+    @classmethod
+    def for_node(cls, config: Config, dsn: str) -> Feeder:
+        """The node's replica (`replica.*`) and its feeder, as configured: the server and
+        the operator commands build them alike."""
+        replica = Replica(config.path(config.replica.path),
+                          map_size=config.replica.map_size_gb * 1024**3)
+        return cls(replica, dsn=dsn, feed_dsn=config.database.replica_url,
+                   connect_timeout=config.database.connect_timeout,
+                   command_timeout=config.database.command_timeout,
+                   poll_seconds=config.replica.poll_seconds)
 
     # -- connections -----------------------------------------------------------------------
     async def _connection(self) -> asyncpg.Connection:
@@ -236,7 +250,7 @@ class Feeder:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             source = await sql.identity(conn)
             head = await sql.head(conn)
-            total, _ = await sql.certificate_ids(conn)
+            total = await sql.certificate_count(conn)
             self.building = (0, total)
             done = 0
 
@@ -413,7 +427,7 @@ class Feeder:
             await asyncio.sleep(self.poll_seconds)
 
     # -- following ---------------------------------------------------------------------------
-    async def follow(self, on_error: Callable[[str], None] | None = None) -> None:
+    async def follow(self) -> None:
         """Forever (the node's feeder): catch up on every wake-up and every poll; a heartbeat
         beside it."""
         delay = 0.25
@@ -433,8 +447,6 @@ class Feeder:
                     text = f"{type(exc).__name__}: {exc}"
                     if text != self.last_error:
                         log.warning("read replica feed: %s (retrying)", text)
-                        if on_error is not None:
-                            on_error(text)
                     self.last_error = text
                     async with self._lock:  # not under a catch-up a lodging is waiting on
                         if self._conn is not None:

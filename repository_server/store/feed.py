@@ -102,10 +102,9 @@ INDEX_QUERIES = {
 }
 
 
-async def certificate_ids(conn: asyncpg.Connection) -> tuple[int, int]:
-    """(count, highest id): for progress."""
-    row = await conn.fetchrow("SELECT count(*), coalesce(max(id), 0) FROM certificates")
-    return int(row[0]), int(row[1])
+async def certificate_count(conn: asyncpg.Connection) -> int:
+    """For a build's progress."""
+    return int(await conn.fetchval("SELECT count(*) FROM certificates"))
 
 
 async def crls(conn: asyncpg.Connection, ids: Sequence[int] | None = None) -> list[asyncpg.Record]:
