@@ -51,6 +51,48 @@ def dummy_hash() -> str:
 
 
 Account = tuple[UserRow, Failures, datetime | None]
+_IN_FLIGHT: set[asyncio.Task[str]] = set()  # attempts whose caller may have gone away
+
+
+async def attempt_password(store: Store, policy: LockoutPolicy, user: UserRow, password: str,
+                           now: datetime, *, failure_audit: dict[str, object],
+                           success_audit: dict[str, object] | None = None,
+                           session: bytes | None = None) -> str:
+    """One password attempt under the SEC lockout, the same on every interface and node:
+    "ok" (right, and the account unlocked when that was recorded: failures forgotten, the
+    session `session` stored, `success_audit` written), "wrong" (counted), "lockout" (wrong,
+    and this failure locked the account) or "locked" (refused, not counted: locked, or as many
+    attempts in flight as the limit allows, or locked by others while this one was checked).
+
+    The attempt is registered in the store before its password is checked, so a burst of
+    attempts gets at most `policy.failures` checks, and it runs to the end in a task of its
+    own: a caller that goes away (a client hanging up) cannot make a checked password
+    uncounted."""
+    task = asyncio.get_running_loop().create_task(_attempt(
+        store, policy, user, password, now, failure_audit, success_audit, session))
+    _IN_FLIGHT.add(task)
+    task.add_done_callback(_IN_FLIGHT.discard)
+    return await asyncio.shield(task)
+
+
+async def _attempt(store: Store, policy: LockoutPolicy, user: UserRow, password: str,
+                   now: datetime, failure_audit: dict[str, object],
+                   success_audit: dict[str, object] | None, session: bytes | None) -> str:
+    attempt = await store.sign_in_begin(user.name, partial(policy.may_try, now=now),
+                                        partial(policy.after_failure, now=now))
+    if attempt is None:  # costs a check all the same: the answer's timing tells nothing
+        await asyncio.to_thread(check_password, password, dummy_hash())
+        return "locked"
+    good = user.password_hash is not None and await asyncio.to_thread(
+        check_password, password, user.password_hash)
+    if not good:
+        _f, _l, locked_now = await store.sign_in_failed(
+            user.name, attempt, partial(policy.after_failure, now=now), failure_audit)
+        return "lockout" if locked_now else "wrong"
+    accepted = await store.sign_in_succeeded(
+        user.name, attempt, partial(policy.locked, now=now), success_audit,
+        session=(session, now) if session is not None else None)
+    return "ok" if accepted else "locked"
 
 
 async def password_accepted(store: Store, policy: LockoutPolicy, account: Account | None,
@@ -58,23 +100,23 @@ async def password_accepted(store: Store, policy: LockoutPolicy, account: Accoun
                             now: datetime | None = None) -> bool:
     """Whether `password` lets this account in over a non-portal interface (LDAP bind, SFTP):
     its portal password, the account enabled, not locked, the first password already changed.
-    A wrong password counts towards the SEC lockout on the portal's counters; an unknown user
-    costs the same scrypt as a known one."""
+    A wrong password counts towards the SEC lockout on the portal's counters
+    (`attempt_password`); an unknown user costs the same scrypt as a known one."""
     if account is None:
         await asyncio.to_thread(check_password, password, dummy_hash())
         return False
-    row, _failures, locked_until = account
-    now = now or datetime.now(UTC)
-    if row.disabled or not row.password_hash or policy.locked(locked_until, now):
+    row = account[0]
+    if row.disabled or not row.password_hash:
         return False
-    if not await asyncio.to_thread(check_password, password, row.password_hash):
-        await store.portal_record_failure(
-            row.name, partial(policy.after_failure, now=now),
-            {"actor": f"{actor}:{row.name}", "action": action,
-             "outcome": "refused", "object": row.name, "peer": peer,
-             "detail": {"reason": "wrong password"}})
-        return False
-    return not row.must_change_password  # the first password is changed in the portal
+    outcome = await attempt_password(
+        store, policy, row, password, now or datetime.now(UTC),
+        failure_audit={"actor": f"{actor}:{row.name}", "action": action, "outcome": "refused",
+                       "object": row.name, "peer": peer,
+                       "detail": {"reason": "wrong password"}})
+    if outcome == "lockout":
+        log.warning("%s: user %s locked after %d wrong passwords", actor, row.name,
+                    policy.failures)
+    return outcome == "ok" and not row.must_change_password  # changed in the portal first
 
 
 @dataclass(slots=True)
@@ -209,44 +251,42 @@ class PortalAuth:
                                                  {"reason": "unknown user"}, peer=peer,
                                                  actor="unauthenticated"))
             return SignIn(None, "unknown")
-        user, _failures, locked_until = account
-        good = await asyncio.to_thread(check_password, password,
-                                       user.password_hash or dummy_hash())
-        good = good and user.password_hash is not None
-        if self.lockout.locked(locked_until, now):
-            await self.store.audit(**self._audit(
-                user.name, "portal.sign-in", "refused",
-                {"reason": "locked", "locked_until": locked_until.isoformat() if locked_until
-                 else None}, peer=peer))
-            return SignIn(None, "locked")
-        if not good:
-            return await self._failed(user.name, now, peer)
-        if user.disabled:
+        user = account[0]
+        refusal = "disabled" if user.disabled else None
+        token = security.new_token(signed_in=True)
+        digest = security.token_sha256(token)
+        outcome = await attempt_password(
+            self.store, self.lockout, user, password, now,
+            failure_audit=self._audit(user.name, "portal.sign-in", "refused",
+                                      {"reason": "wrong password"}, peer=peer),
+            success_audit=self._audit(user.name, "portal.sign-in", "refused" if refusal else "ok",
+                                      {"reason": refusal} if refusal else None, peer=peer),
+            session=None if refusal else digest)
+        if outcome == "locked":
             await self.store.audit(**self._audit(user.name, "portal.sign-in", "refused",
-                                                 {"reason": "disabled"}, peer=peer))
-            return SignIn(None, "disabled")
-        session = await self._start(user.name, user.role, user.must_change_password, now,
-                                    self._audit(user.name, "portal.sign-in", "ok", peer=peer))
+                                                 {"reason": "locked"}, peer=peer))
+            return SignIn(None, "locked")
+        if outcome != "ok":
+            return await self._failed(user.name, outcome, peer)
+        if refusal:
+            return SignIn(None, refusal)
+        session = Session(token, user.name, user.role, user.must_change_password, now, now, now)
+        self._remember(digest, session)
         return SignIn(session, "ok")
 
-    async def _failed(self, name: str, now: datetime, peer: str | None) -> SignIn:
-        failures, locked_until = await self.store.portal_record_failure(
-            name, partial(self._rule, now=now),
-            self._audit(name, "portal.sign-in", "refused", {"reason": "wrong password"},
-                        peer=peer))
-        if locked_until is not None and not failures and locked_until > now:
-            log.warning("portal: user %s locked until %s after %d wrong passwords", name,
-                        locked_until.isoformat(), self.lockout.failures)
+    async def _failed(self, name: str, outcome: str, peer: str | None) -> SignIn:
+        if outcome == "lockout":
+            log.warning("portal: user %s locked after %d wrong passwords", name,
+                        self.lockout.failures)
             await self.store.audit(**self._audit(
-                name, "portal.lockout", "locked", {"until": locked_until.isoformat(),
-                                                   "failures": self.lockout.failures},
+                name, "portal.lockout", "locked", {"failures": self.lockout.failures},
                 peer=peer))
             return SignIn(None, "locked")
         return SignIn(None, "wrong-password")
 
-    def _rule(self, failures: tuple[datetime, ...], locked_until: datetime | None, *,
-              now: datetime) -> tuple[tuple[datetime, ...], datetime | None]:
-        return self.lockout.after_failure(failures, locked_until, now)
+    def _remember(self, digest: bytes, session: Session) -> None:
+        self._cache[digest] = session
+        self._spawn(self._purge())  # sessions nobody came back to end here
 
     async def _start(self, name: str, role: str, must_change: bool, now: datetime,
                      audit: dict[str, object]) -> Session:
@@ -254,8 +294,7 @@ class PortalAuth:
         digest = security.token_sha256(token)
         await self.store.portal_start_session(digest, name, now, audit)
         session = Session(token, name, role, must_change, now, now, now)
-        self._cache[digest] = session
-        self._spawn(self._purge())  # sessions nobody came back to end here
+        self._remember(digest, session)
         return session
 
     # -- password change ---------------------------------------------------------------------
@@ -268,16 +307,17 @@ class PortalAuth:
         account = await self.store.portal_account(session.user)
         if account is None:
             return None, "Your account no longer exists."
-        user, _failures, locked_until = account
+        user = account[0]
         now = self.now()
-        good = len(current) <= security.MAX_PASSWORD and await asyncio.to_thread(
-            check_password, current, user.password_hash)
-        if self.lockout.locked(locked_until, now):
+        outcome = "wrong" if len(current) > security.MAX_PASSWORD else await attempt_password(
+            self.store, self.lockout, user, current, now,
+            failure_audit=self._audit(user.name, "portal.password-change", "refused",
+                                      {"reason": "wrong password"}, peer=peer))
+        if outcome in ("locked", "lockout"):
+            if outcome == "lockout":
+                await self._failed(user.name, outcome, peer)
             return None, "Your account is locked for now. Try again later."
-        if not good:
-            result = await self._failed(user.name, now, peer)
-            if result.reason == "locked":
-                return None, "Your account is locked for now. Try again later."
+        if outcome != "ok":
             return None, "The current password is not right."
         if problem is not None:
             return None, problem

@@ -11,6 +11,10 @@ password rules and safe redirects. `portal.auth` applies them to the store and t
 * Lockout (SEC): `failures` wrong passwords within `window` seconds lock the account for
   `lockout` seconds; the failures that caused a lock are then forgotten, as are all of them
   after a successful sign-in. Attempts while locked are refused without being counted.
+  Under concurrency (`may_try`): an attempt may have its password checked only while the
+  recent failures plus the attempts already in flight are below `failures`, so a burst of
+  attempts, on any number of nodes, gets at most `failures` passwords checked; a right
+  password is accepted only if the account is still unlocked when its success is recorded.
 """
 
 from __future__ import annotations
@@ -86,6 +90,16 @@ class LockoutPolicy:
     @staticmethod
     def locked(locked_until: datetime | None, now: datetime) -> bool:
         return locked_until is not None and now < locked_until
+
+    def may_try(self, failures: tuple[datetime, ...], in_flight: int,
+                locked_until: datetime | None, now: datetime) -> bool:
+        """Whether one more attempt may have its password checked now: not locked, and the
+        failures in the window plus the attempts in flight (each may yet fail) below the
+        limit."""
+        if self.locked(locked_until, now):
+            return False
+        recent = sum(1 for f in failures if now - f < self.window)
+        return recent + in_flight < self.failures
 
     def after_failure(self, failures: tuple[datetime, ...], locked_until: datetime | None,
                       now: datetime) -> tuple[tuple[datetime, ...], datetime | None]:

@@ -209,6 +209,10 @@ class PortalSessionRow:
 Failures = tuple[datetime, ...]
 # (recent failure times, locked until) -> the same after one more failure
 FailureRule = Callable[[Failures, datetime | None], tuple[Failures, datetime | None]]
+# (recent failure times, attempts in flight, locked until) -> may one more attempt begin
+TryRule = Callable[[Failures, int, datetime | None], bool]
+# An attempt in flight this long belonged to a process that died mid-check: a failure.
+STALE_ATTEMPT_SECONDS = 120
 
 
 async def _record_change(conn: asyncpg.Connection, kind: str, *, lo: int | None = None,
@@ -707,21 +711,78 @@ class Store:
             return None
         return _user_row(r), tuple(r["failures"]), r["locked_until"]
 
-    async def portal_record_failure(self, name: str, rule: FailureRule,
-                                    audit: dict[str, Any]) -> tuple[Failures, datetime | None]:
-        """Count one wrong password for an existing user: `rule` gets the stored state under a
-        row lock (so failures counted on several nodes at once all count) and returns the
-        new one, which is stored and returned."""
+    async def sign_in_begin(self, name: str, may_try: TryRule,
+                            rule: FailureRule) -> int | None:
+        """Register a password attempt for an existing user before its password is checked
+        (migration 0007), or None if it may not be checked (locked, or as many attempts
+        recently failed or in flight as the limit allows). Under the account's row lock, so
+        attempts on several nodes at once are counted one after another. Attempts left in
+        flight by a process that died are counted as failures first (`rule`)."""
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("INSERT INTO portal_accounts (user_name) VALUES ($1)"
                                " ON CONFLICT DO NOTHING", name)
             r = await conn.fetchrow("SELECT failures, locked_until FROM portal_accounts"
                                     " WHERE user_name = $1 FOR UPDATE", name)
-            failures, locked_until = rule(tuple(r["failures"]), r["locked_until"])
+            failures, locked_until = tuple(r["failures"]), r["locked_until"]
+            stale = await conn.fetch(
+                "DELETE FROM sign_in_attempts WHERE user_name = $1 AND started_at"
+                " < clock_timestamp() - make_interval(secs => $2) RETURNING id",
+                name, STALE_ATTEMPT_SECONDS)
+            if stale:
+                for _ in stale:
+                    failures, locked_until = rule(failures, locked_until)
+                await conn.execute("UPDATE portal_accounts SET failures = $2, locked_until = $3"
+                                   " WHERE user_name = $1", name, list(failures), locked_until)
+                await self._audit(conn, actor="repository", action="auth.attempt-abandoned",
+                                  outcome="refused", object=name,
+                                  detail={"reason": "attempt never finished (process ended)",
+                                          "count": len(stale)})
+            in_flight = await conn.fetchval(
+                "SELECT count(*) FROM sign_in_attempts WHERE user_name = $1", name)
+            if not may_try(failures, int(in_flight), locked_until):
+                return None
+            attempt: int = await conn.fetchval(
+                "INSERT INTO sign_in_attempts (user_name) VALUES ($1) RETURNING id", name)
+            return attempt
+
+    async def sign_in_failed(self, name: str, attempt: int, rule: FailureRule,
+                             audit: dict[str, Any]) -> tuple[Failures, datetime | None, bool]:
+        """An attempt's password was wrong: it leaves the attempts in flight and counts as a
+        failure; `rule` gets the stored state under a row lock and returns the new one. Returns
+        that state and whether this failure locked the account."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            r = await conn.fetchrow("SELECT failures, locked_until FROM portal_accounts"
+                                    " WHERE user_name = $1 FOR UPDATE", name)
+            await conn.execute("DELETE FROM sign_in_attempts WHERE id = $1", attempt)
+            before = r["locked_until"]
+            failures, locked_until = rule(tuple(r["failures"]), before)
             await conn.execute("UPDATE portal_accounts SET failures = $2, locked_until = $3"
                                " WHERE user_name = $1", name, list(failures), locked_until)
             await self._audit(conn, **audit)
-        return failures, locked_until
+        return failures, locked_until, locked_until is not None and locked_until != before
+
+    async def sign_in_succeeded(self, name: str, attempt: int, still_locked: Callable[
+            [datetime | None], bool], audit: dict[str, Any] | None, *,
+            session: tuple[bytes, datetime] | None = None) -> bool:
+        """An attempt's password was right: accepted only if the account is not locked now
+        (failures counted on other attempts meanwhile may have locked it). Accepted: the
+        failures are forgotten, the session (token SHA-256, start) stored, `audit` written,
+        all in one transaction. Returns whether it was accepted."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            locked_until = await conn.fetchval("SELECT locked_until FROM portal_accounts"
+                                               " WHERE user_name = $1 FOR UPDATE", name)
+            await conn.execute("DELETE FROM sign_in_attempts WHERE id = $1", attempt)
+            if still_locked(locked_until):
+                return False
+            await conn.execute("UPDATE portal_accounts SET failures = '{}', locked_until = NULL"
+                               " WHERE user_name = $1", name)
+            if session is not None:
+                await conn.execute("INSERT INTO portal_sessions (token_sha256, user_name,"
+                                   " created_at, last_seen) VALUES ($1, $2, $3, $3)",
+                                   session[0], name, session[1])
+            if audit is not None:
+                await self._audit(conn, **audit)
+        return True
 
     async def portal_start_session(self, token_sha256: bytes, name: str, now: datetime,
                                    audit: dict[str, Any]) -> None:
