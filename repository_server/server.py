@@ -38,6 +38,7 @@ from .ldap.server import WHOAMI_OID, LdapService
 from .lodge.app import build_lodge_app
 from .lodge.service import LodgingService
 from .obs.access import NOTE, Note, access_logger_class
+from .obs.arrival import waited
 from .obs.metrics import Metrics
 from .portal.app import Portal
 from .portal.auth import PortalAuth
@@ -271,11 +272,12 @@ class Repository:
             async def wrapper(request: web.Request) -> web.StreamResponse:
                 started = clock()
                 if cpm is not None:
+                    arrived = started - waited(request.transport)
                     user = None if receipt_in_handler else identify(request)
                     name = user.name if user else ANONYMOUS
                     mark = None if receipt_in_handler or levels is None else levels.receive(
-                        cpm[0], cpm[1], name)
-                    request[NOTE] = Note(cpm[0], cpm[1], name, mark, user, started)
+                        cpm[0], cpm[1], name, started=arrived)
+                    request[NOTE] = Note(cpm[0], cpm[1], name, mark, user, arrived)
                 try:
                     response = await handler(request)
                 except web.HTTPException as exc:
@@ -358,7 +360,8 @@ class Repository:
                     return await handler(request)
                 name = user.name if user else ANONYMOUS
                 request[NOTE] = Note("download", operation, name, levels.receive(
-                    "download", operation, name, started=started) if levels else None)
+                    "download", operation, name, started=started - waited(request.transport))
+                    if levels else None)
                 stats.record(200, clock() - started)
                 return response
 

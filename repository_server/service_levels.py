@@ -47,6 +47,12 @@ LATENCY_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 
 BANDS = ("00-07", "07-08", "08-20", "20-24")
 _BAND_STARTS = (0, 7, 8, 20)  # local hour each band starts
 ANONYMOUS = "-"
+# Answers to requests that obtained nothing lodged because the request itself was refused:
+# malformed (400, 405, 413, 414, 415, 431) or without a valid key (401, 403). CPM 8 measures
+# "requests to obtain something lodged in the repository": these are counted apart
+# (`refused`) and left out of the percentage, so a flood of bad keys cannot raise (or lower)
+# it. 2xx, 304 and the web service's 402/404 ("no such certificate") are requests served.
+REFUSED = frozenset({400, 401, 403, 405, 413, 414, 415, 431})
 
 
 def band_of_hour(hour: int) -> int:
@@ -57,21 +63,26 @@ class Counts:
     """Counters for one (month, interface, operation, user). `flushed` is what the store
     already has from this process."""
 
-    __slots__ = ("answered", "buckets", "failed", "flushed", "received", "seconds", "within")
+    __slots__ = ("answered", "buckets", "failed", "flushed", "received", "refused", "seconds",
+                 "within")
 
     def __init__(self) -> None:
         self.received = 0
         self.answered = 0
         self.within = 0
         self.failed = 0
+        self.refused = 0
         self.seconds = 0.0
         self.buckets = [0] * (len(LATENCY_BOUNDS) + 1)
-        self.flushed: tuple[int, int, int, int, float, tuple[int, ...]] = (
-            0, 0, 0, 0, 0.0, (0,) * (len(LATENCY_BOUNDS) + 1))
+        self.flushed: Snapshot = (0, 0, 0, 0, 0, 0.0, (0,) * (len(LATENCY_BOUNDS) + 1))
 
-    def snapshot(self) -> tuple[int, int, int, int, float, tuple[int, ...]]:
-        return (self.received, self.answered, self.within, self.failed, self.seconds,
-                tuple(self.buckets))
+    def snapshot(self) -> Snapshot:
+        return (self.received, self.answered, self.within, self.failed, self.refused,
+                self.seconds, tuple(self.buckets))
+
+
+# received, answered, within, failed, refused, seconds, buckets
+Snapshot = tuple[int, int, int, int, int, float, tuple[int, ...]]
 
 
 Mark = tuple[Counts, float]  # what answered() needs: the counters and the receipt time
@@ -168,11 +179,16 @@ class ServiceLevels:
         return slot
 
     def answered(self, mark: Mark, status: int) -> None:
-        """The response has been written."""
+        """The response has been written. A refused request (REFUSED) obtained nothing: it
+        leaves `received` (and so the percentage) for a column of its own."""
         counts, started = mark
         elapsed = self.perf() - started
         if status >= 500:
             counts.failed += 1
+            return
+        if status in REFUSED:
+            counts.received -= 1
+            counts.refused += 1
             return
         counts.answered += 1
         if elapsed <= self.trt:
@@ -208,17 +224,17 @@ class ServiceLevels:
             return 0
         async with self._flush_lock:
             cpm: list[CpmRow] = []
-            taken: list[tuple[Counts, tuple[int, int, int, int, float, tuple[int, ...]]]] = []
+            taken: list[tuple[Counts, Snapshot]] = []
             for (month, interface, operation, user), counts in list(self.counts.items()):
                 now = counts.snapshot()
                 before = counts.flushed
-                if now[:4] == before[:4]:
+                if now[:5] == before[:5]:
                     continue
                 cpm.append(CpmRow(month, interface, operation, user, now[0] - before[0],
                                   now[1] - before[1], now[2] - before[2], now[3] - before[3],
-                                  now[4] - before[4],
-                                  tuple(a - b for a, b in zip(now[5], before[5], strict=True)),
-                                  self.trt))
+                                  now[5] - before[5],
+                                  tuple(a - b for a, b in zip(now[6], before[6], strict=True)),
+                                  self.trt, now[4] - before[4]))
                 taken.append((counts, now))
             demand_now = {k: cell[0] for k, cell in list(self.demand.items())}
             demand = [(day, user, band, n - self._demand_flushed.get((day, user, band), 0))
@@ -237,7 +253,7 @@ class ServiceLevels:
         """Drop flushed counters of past months and days (kept one period for stragglers)."""
         period = self._current()
         for key, counts in list(self.counts.items()):
-            if key[0] != period.month and counts.snapshot()[:4] == counts.flushed[:4]:
+            if key[0] != period.month and counts.snapshot()[:5] == counts.flushed[:5]:
                 del self.counts[key]
         yesterday = period.day - timedelta(days=1)
         for dkey in [k for k in self.demand if k[0] < yesterday]:
@@ -323,16 +339,26 @@ def verdict(percent: float | None, target: float, minimum: float) -> str:
 
 
 def cpm_report(month: str, rows: list[CpmRow], settings: ServiceLevelSettings) -> dict[str, Any]:
-    def summary(selected: list[CpmRow]) -> dict[str, Any]:
+    """The month's CPM 8 per interface and operation. Every count is judged against the TRT in
+    force when it was counted (a row per TRT): `by_trt` says how much was judged by which, and
+    `trt_seconds` is the TRT in force now."""
+    def summary(selected: list[CpmRow], *, parts: bool = True) -> dict[str, Any]:
         received = sum(r.received for r in selected)
         within = sum(r.within_trt for r in selected)
         percent = round(100.0 * within / received, 4) if received else None
         answered = sum(r.answered for r in selected)
-        return {"received": received, "answered": answered, "within_trt": within,
-                "failed": sum(r.failed for r in selected), "percent": percent,
-                "verdict": verdict(percent, settings.target_percent, settings.minimum_percent),
-                "mean_seconds": (round(sum(r.seconds_sum for r in selected) / answered, 6)
-                                 if answered else None)}
+        out: dict[str, Any] = {
+            "received": received, "answered": answered, "within_trt": within,
+            "failed": sum(r.failed for r in selected),
+            "refused": sum(r.refused for r in selected), "percent": percent,
+            "verdict": verdict(percent, settings.target_percent, settings.minimum_percent),
+            "mean_seconds": (round(sum(r.seconds_sum for r in selected) / answered, 6)
+                             if answered else None)}
+        if parts:
+            out["by_trt"] = [{"trt_seconds": t, **summary(
+                [r for r in selected if r.trt_seconds == t], parts=False)}
+                for t in sorted({r.trt_seconds for r in selected})]
+        return out
 
     interfaces = sorted({r.interface for r in rows})
     return {
@@ -354,19 +380,30 @@ def format_cpm_report(report: dict[str, Any]) -> str:
     def pct(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}%"
 
+    def line(interface: str, operation: str, s: dict[str, Any]) -> list[str]:
+        out = [f"{interface:<12}{operation:<22}{s['received']:>12}{s['within_trt']:>12}"
+               f"{pct(s['percent']):>11}{s['refused']:>10}  {s['verdict']}"]
+        if len(s["by_trt"]) > 1:  # judged against more than one TRT this month
+            out += [f"{'':<12}{'  at TRT ' + format(p['trt_seconds'], 'g') + ' s':<22}"
+                    f"{p['received']:>12}{p['within_trt']:>12}{pct(p['percent']):>11}"
+                    f"{p['refused']:>10}" for p in s["by_trt"]]
+        return out
+
+    judged = report["counted_against_trt"]
     lines = [f"Code Performance Measure 8, {report['month']}: TRT {report['trt_seconds']:g} s,"
-             f" target {report['target_percent']:g}%, minimum {report['minimum_percent']:g}%",
-             "", f"{'interface':<12}{'operation':<22}{'received':>12}{'within TRT':>12}"
-             f"{'percent':>11}  verdict"]
+             f" target {report['target_percent']:g}%, minimum {report['minimum_percent']:g}%"]
+    if judged and judged != [report["trt_seconds"]]:
+        lines.append("counts judged against the TRT in force when counted: "
+                     + ", ".join(f"{t:g} s" for t in judged))
+    lines += ["", f"{'interface':<12}{'operation':<22}{'received':>12}{'within TRT':>12}"
+              f"{'percent':>11}{'refused':>10}  verdict"]
     for i in report["interfaces"]:
         for o in i["operations"]:
-            lines.append(f"{i['interface']:<12}{o['operation']:<22}{o['received']:>12}"
-                         f"{o['within_trt']:>12}{pct(o['percent']):>11}  {o['verdict']}")
-        lines.append(f"{i['interface']:<12}{'(all)':<22}{i['received']:>12}{i['within_trt']:>12}"
-                     f"{pct(i['percent']):>11}  {i['verdict']}")
-    t = report["total"]
-    lines.append(f"{'TOTAL':<34}{t['received']:>12}{t['within_trt']:>12}{pct(t['percent']):>11}"
-                 f"  {t['verdict']}")
+            lines += line(i["interface"], o["operation"], o)
+        lines += line(i["interface"], "(all)", i)
+    lines += line("TOTAL", "", report["total"])
+    lines += ["", "refused: answers 400/401/403 (no valid key, a malformed request); they obtain"
+              " nothing lodged and are not in the percentage"]
     return "\n".join(lines)
 
 

@@ -428,8 +428,11 @@ async def test_search_certificate_crl_documents_downloads_and_cpm(loaded: Runnin
     # CPM 8: portal pages and downloads counted for the user, interface "portal"
     levels = repo.levels
     assert levels is not None
-    counted = {(k[2], k[3]): v.received for k, v in levels.counts.items() if k[1] == "portal"}
+    counted = {(k[2], k[3]): v.received + v.refused for k, v in levels.counts.items()
+               if k[1] == "portal"}
+    refused = {(k[2], k[3]): v.refused for k, v in levels.counts.items() if k[1] == "portal"}
     assert counted[("search", "judy")] >= 8
+    assert refused[("search", "judy")] >= 1  # the malformed ones (400): not in the percentage
     assert counted[("certificate", "judy")] >= 3
     assert counted[("download-certificate", "judy")] == 2
     assert counted[("download-crl", "judy")] == 1

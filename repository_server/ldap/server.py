@@ -35,9 +35,11 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..auth import User, api_key_sha256
 from ..config import Config
+from ..obs.arrival import socket_waited
 from ..portal.auth import password_accepted
 from ..portal.security import LockoutPolicy
 from ..service_levels import ANONYMOUS, ServiceLevels
@@ -51,6 +53,16 @@ from .filters import Entry, Plan, compile_filter, plan
 from .schema import SCHEMA, AttributeType
 
 log = logging.getLogger(__name__)
+# A search's result for CPM 8, as the HTTP status service_levels counts by: the server
+# failed (500), or the request was refused (403 no access, 400 malformed: left out of the
+# percentage); every other result (entries, none, a size limit) is a request served.
+_CPM_STATUS: dict[int, int] = {ResultCode.OTHER: 500, ResultCode.UNAVAILABLE: 500, ResultCode.BUSY: 500,
+               ResultCode.OPERATIONS_ERROR: 500, ResultCode.TIME_LIMIT_EXCEEDED: 500,
+               ResultCode.INSUFFICIENT_ACCESS_RIGHTS: 403, ResultCode.PROTOCOL_ERROR: 400,
+               ResultCode.INVALID_DN_SYNTAX: 400, ResultCode.UNDEFINED_ATTRIBUTE_TYPE: 400,
+               ResultCode.INAPPROPRIATE_MATCHING: 400, ResultCode.INVALID_ATTRIBUTE_SYNTAX: 400,
+               ResultCode.UNAVAILABLE_CRITICAL_EXTENSION: 400,
+               ResultCode.CONFIDENTIALITY_REQUIRED: 403, ResultCode.UNWILLING_TO_PERFORM: 400}
 access_log = logging.getLogger("repository_server.access")
 
 WHOAMI_OID = "1.3.6.1.4.1.4203.1.11.3"
@@ -237,6 +249,7 @@ class LdapConnection(asyncio.Protocol):
         self.writable.set()
         self.closing = False
         self.last_activity = 0.0
+        self.sock: Any = None  # the TCP socket, for when each request's bytes arrived
         self._idle: asyncio.TimerHandle | None = None
         self._stall: asyncio.TimerHandle | None = None
         self._tls_upgrading = False
@@ -247,6 +260,7 @@ class LdapConnection(asyncio.Protocol):
             self.transport = transport  # type: ignore[assignment]
             return
         self.transport = transport  # type: ignore[assignment]
+        self.sock = transport.get_extra_info("socket")
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
         self.conn_id = next(self.service.ids)
@@ -328,14 +342,16 @@ class LdapConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        self.last_activity = received = time.perf_counter()
+        self.last_activity = now = time.perf_counter()
         try:
             frames = self.decoder.frames(data)
         except ProtocolError as exc:
             self._protocol_error(exc)
             return
-        if frames:
-            self.service.directory.check_version()  # a change applied: older answers go
+        if not frames:
+            return
+        self.service.directory.check_version()  # a change applied: older answers go
+        received = now - socket_waited(self.sock)  # CPM 8: when the bytes reached this host
         cache = self.service.cache.maps[self.private]
         for content in frames:
             if cache and not self.pending and self.serial is None:
@@ -647,8 +663,7 @@ class LdapConnection(asyncio.Protocol):
                 service.cache.put(self.private, content[ids[1]:], (*out.held, done),
                                   out.cache_until)
         if mark is not None and levels is not None:
-            levels.answered(mark, 500 if out.code in (ResultCode.OTHER, ResultCode.UNAVAILABLE)
-                            else 200)
+            levels.answered(mark, _CPM_STATUS.get(out.code, 200))
         if service.access_log:
             access_log.info("ldap conn=%d op=%d search base=%r scope=%d user=%s result=%d entries=%d",
                             self.conn_id, mid, req.base[:200], req.scope,

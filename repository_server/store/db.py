@@ -132,7 +132,8 @@ class CpmRow:
     failed: int
     seconds_sum: float
     buckets: tuple[int, ...]
-    trt_seconds: float
+    trt_seconds: float  # the Target Response Time these counts were judged by
+    refused: int = 0  # 400/401/403 answers: not in `received` (service_levels.REFUSED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -905,20 +906,21 @@ class Store:
             if cpm:
                 await conn.executemany(
                     "INSERT INTO cpm_counts AS c (month, interface, operation, user_name, received,"
-                    " answered, within_trt, failed, seconds_sum, buckets, trt_seconds)"
-                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-                    " ON CONFLICT (month, interface, operation, user_name) DO UPDATE SET"
+                    " answered, within_trt, failed, seconds_sum, buckets, trt_seconds, refused)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+                    " ON CONFLICT (month, interface, operation, user_name, trt_seconds)"
+                    " DO UPDATE SET"
                     " received = c.received + excluded.received,"
+                    " refused = c.refused + excluded.refused,"
                     " answered = c.answered + excluded.answered,"
                     " within_trt = c.within_trt + excluded.within_trt,"
                     " failed = c.failed + excluded.failed,"
                     " seconds_sum = c.seconds_sum + excluded.seconds_sum,"
                     " buckets = (SELECT array_agg(coalesce(a, 0) + coalesce(b, 0) ORDER BY i)"
-                    "   FROM unnest(c.buckets, excluded.buckets) WITH ORDINALITY AS t(a, b, i)),"
-                    " trt_seconds = excluded.trt_seconds",
+                    "   FROM unnest(c.buckets, excluded.buckets) WITH ORDINALITY AS t(a, b, i))",
                     [(r.month, r.interface, r.operation, r.user_name, r.received, r.answered,
-                      r.within_trt, r.failed, r.seconds_sum, list(r.buckets), r.trt_seconds)
-                     for r in cpm])
+                      r.within_trt, r.failed, r.seconds_sum, list(r.buckets), r.trt_seconds,
+                      r.refused) for r in cpm])
             if demand:
                 await conn.executemany(
                     "INSERT INTO demand_counts AS d (day, user_name, band, requests)"
@@ -928,9 +930,10 @@ class Store:
     async def cpm_counts(self, month: str) -> list[CpmRow]:
         rows = await self.pool.fetch(
             "SELECT month, interface, operation, user_name, received, answered, within_trt,"
-            " failed, seconds_sum, buckets, trt_seconds FROM cpm_counts WHERE month = $1"
-            " ORDER BY interface, operation, user_name", month)
-        return [CpmRow(*r[:9], tuple(r["buckets"]), r["trt_seconds"]) for r in rows]  # type: ignore[call-arg]
+            " failed, seconds_sum, buckets, trt_seconds, refused FROM cpm_counts"
+            " WHERE month = $1 ORDER BY interface, operation, user_name, trt_seconds", month)
+        return [CpmRow(*r[:9], tuple(r["buckets"]), r["trt_seconds"], r["refused"])  # type: ignore[call-arg]
+                for r in rows]
 
     async def demand_counts(self, day: Any) -> list[tuple[str, int, int]]:
         """(user, band, requests) for one UK day (a datetime.date)."""

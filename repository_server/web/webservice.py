@@ -119,7 +119,8 @@ class WebService:
             note.user = user.name if user else ANONYMOUS
             note.principal = user
             if self.levels is not None:
-                note.mark = self.levels.receive(note.interface, note.operation, note.user)
+                note.mark = self.levels.receive(note.interface, note.operation, note.user,
+                                                 started=note.started)
         if self.test_delay > 0:  # after the CPM receipt, so the server counts the delay too
             await asyncio.sleep(self.test_delay)
         if user is None and not self.open_reads:
