@@ -47,10 +47,11 @@ from .service_levels import ANONYMOUS, ServiceLevelCollector, ServiceLevels
 from .store import opened_store
 from .store.db import Store
 from .store.db import unavailable as store_unavailable
+from .web.apikeys import request_key
 from .web.downloads import RETRY_AFTER, Downloads, FastHandler, error, unavailable_response
 from .web.extracts import ExtractFiles
 from .web.ops import Ops
-from .web.webservice import WebService, request_key
+from .web.webservice import WebService
 
 log = logging.getLogger(__name__)
 
