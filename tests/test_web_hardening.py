@@ -170,6 +170,21 @@ async def test_every_parameter_out_of_range_is_a_4xx_with_a_reason(
     assert tracebacks(caplog) == []
 
 
+async def test_malformed_request_is_one_log_line_not_a_traceback(
+        server: Running, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    port = server.repo.bound["http"].port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nIf-None-Match: a\x01b\r\n\r\n")
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.split(b" ")[1] == b"400", answer[:200]
+    assert tracebacks(caplog) == []
+    lines = [r.getMessage() for r in caplog.records if "malformed HTTP request" in r.getMessage()]
+    assert len(lines) == 1 and "127.0.0.1" in lines[0] and "\n" not in lines[0], lines
+
+
 # -- 6. keyed answers are private ---------------------------------------------------------------
 async def test_keyed_answers_are_private_and_public_ones_public(loaded: Running) -> None:
     from .test_extracts import produce
