@@ -240,3 +240,33 @@ async def test_wrong_api_key_is_not_called_missing(loaded: Running) -> None:
         status, _, body = await aget(loaded.http + path)
         assert status == 403, (path, body)
         assert json.loads(body)["reason"].startswith("an API key is required"), body
+
+
+async def test_portal_downloads_and_crl_pages_take_the_same_care(
+        loaded: Running, caplog: pytest.LogCaptureFixture) -> None:
+    from .portal_client import PortalClient
+
+    caplog.set_level(logging.WARNING)
+    client = loaded.client()
+    try:
+        reply = await asyncio.to_thread(client.document, "portal-evil", b"<script>1</script>",
+                                        "text/html; charset=utf-8")
+        assert reply.status == 200 and reply.body["content_type"] == "application/octet-stream"
+    finally:
+        client.close()
+    key = json.loads((await aget(loaded.http + "/crls"))[2])[0]["issuer_key_id"]
+    async with PortalClient(loaded.http) as c:
+        await c.ready(loaded, "mallory", "a long enough passphrase 7")
+        page = await c.get("/portal/documents")
+        assert "portal-evil" in page.text and "text/html" not in page.text
+        got = await c.get("/portal/download/documents/portal-evil/1")
+        assert got.status == 200 and got.headers["content-type"] == "application/octet-stream"
+        assert got.headers["content-disposition"] == 'attachment; filename="portal-evil.bin"'
+        assert got.headers["x-content-type-options"] == "nosniff"
+        assert got.headers["content-security-policy"] == "sandbox"
+        for query in ("number=%C2%B2", "page=%C2%B2", "number=%D9%A1", "number=" + "9" * 59):
+            r = await c.get(f"/portal/crls/{key}?{query}")
+            assert r.status in (200, 404), (query, r.status)
+        r = await c.get("/portal/download/documents/portal-evil/99999999999999999999")
+        assert r.status == 404
+    assert tracebacks(caplog) == []

@@ -219,7 +219,7 @@ class Portal:
                 disposition = response.headers.get("Content-Disposition", "")
                 if disposition.startswith("inline"):
                     disposition = "attachment" + disposition[len("inline"):]
-                else:
+                elif not disposition:  # a certificate: named after its serial
                     name = request.match_info.get("serial", "certificate")
                     if not name.endswith((".pem", ".der")):
                         name += ".der"
