@@ -270,3 +270,26 @@ async def test_portal_downloads_and_crl_pages_take_the_same_care(
         r = await c.get("/portal/download/documents/portal-evil/99999999999999999999")
         assert r.status == 404
     assert tracebacks(caplog) == []
+
+
+async def test_document_types_and_names_without_a_server() -> None:
+    """web/doctypes on its own: the allow-list, charsets, and a name the store could not hold
+    today (its CHECK constraint) still quoted safely, with an RFC 6266 filename*."""
+    from repository_server.web import doctypes
+
+    assert doctypes.safe_type(" Text/XML ; Charset=\"ISO-8859-1\" ") == "text/xml; charset=iso-8859-1"
+    assert doctypes.safe_type("application/xml; charset=utf-8; x=y") == "application/xml; charset=utf-8"
+    assert doctypes.safe_type("application/zip; charset=utf-8") == "application/zip"
+    assert doctypes.safe_type("text/plain; charset=") == "text/plain"
+    for hostile in ("text/html", "image/svg+xml", "application/xhtml+xml", "text/javascript",
+                    "", ";", "application/pdf\r\nSet-Cookie: a=b", "multipart/form-data"):
+        got = doctypes.safe_type(hostile)
+        assert got in ("application/octet-stream", "application/pdf"), (hostile, got)
+        assert "\r" not in got and "\n" not in got
+    assert doctypes.disposition("policy.PDF", "application/pdf") == 'attachment; filename="policy.PDF"'
+    assert doctypes.disposition("r", "text/plain; charset=utf-8") == 'attachment; filename="r.txt"'
+    assert doctypes.disposition('Q3 "report"\r\né', "application/pdf") == (
+        "attachment; filename=\"Q3__report____.pdf\";"
+        " filename*=UTF-8''Q3%20%22report%22%0D%0A%C3%A9.pdf")
+    assert doctypes.is_document_name("a" * 200) and not doctypes.is_document_name("a" * 201)
+    assert not doctypes.is_document_name("name\n") and not doctypes.is_document_name(".hidden")
