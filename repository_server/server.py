@@ -376,7 +376,20 @@ class Repository:
                                 headers={"Cache-Control": "no-cache"})
 
         async def not_found(request: web.Request) -> web.Response:
-            return error(404, f"no such resource: {request.path} (see the README for the URL scheme)")
+            """No route took the request: 405 with Allow when the path is served with other
+            methods, else 404 (this path runs only for requests nothing else matched)."""
+            allowed: set[str] = set()
+            for resource in request.app.router.resources():
+                match, methods = await resource.resolve(request)
+                if match is None:
+                    allowed |= methods
+            if allowed:
+                response = error(405, f"{request.method} is not allowed on {request.path[:200]}:"
+                                 f" use {', '.join(sorted(allowed))}")
+                response.headers["Allow"] = ", ".join(sorted(allowed))
+                return response
+            return error(404, f"no such resource: {request.path[:200]} (see /openapi.json or"
+                         " the README for the URL scheme)")
 
         def with_fast_path(route: str, operation: str, fast: FastHandler,
                            handler: Handler) -> Handler:

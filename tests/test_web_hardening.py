@@ -293,3 +293,14 @@ async def test_document_types_and_names_without_a_server() -> None:
         " filename*=UTF-8''Q3%20%22report%22%0D%0A%C3%A9.pdf")
     assert doctypes.is_document_name("a" * 200) and not doctypes.is_document_name("a" * 201)
     assert not doctypes.is_document_name("name\n") and not doctypes.is_document_name(".hidden")
+
+
+async def test_other_methods_on_a_served_path_are_405_with_allow(server: Running) -> None:
+    for method, path, allow in [("DELETE", "/crls", "GET, HEAD"),
+                                ("POST", "/documents/x/1", "GET, HEAD"),
+                                ("PUT", "/certificates/01", "GET, HEAD"),
+                                ("GET", "/services/certificatesearch", "POST")]:
+        status, headers, _ = await asyncio.to_thread(http_get, server.http + path, method=method)
+        assert status == 405 and headers.get("allow") == allow, (method, path, status, headers)
+    status, headers, body = await aget(server.http + "/no/such/thing")
+    assert status == 404 and "allow" not in headers and json.loads(body)["reason"]

@@ -74,7 +74,9 @@ class WebService:
         """Receive the body and check the key: (note, body) or (note, an error answer)."""
         note: Note | None = request.get(NOTE)
         if request.method != "POST":
-            return note, self._error(note, root, 405, "use POST with an XML body")
+            refused = self._error(note, root, 405, "use POST with an XML body")
+            refused.headers["Allow"] = "POST"
+            return note, refused
         declared = request.content_length
         if declared is not None and declared > self.max_body:
             return note, self._error(note, root, 401, f"request body of {declared} bytes"
