@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import os
 import ssl
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .auth import Credentials, User
@@ -48,10 +50,12 @@ from .service_levels import ANONYMOUS, ServiceLevelCollector, ServiceLevels
 from .store import opened_store
 from .store.db import Store
 from .store.db import unavailable as store_unavailable
+from .web.apikeys import request_key
 from .web.downloads import RETRY_AFTER, Downloads, FastHandler, error, unavailable_response
 from .web.extracts import ExtractFiles
+from .web.openapi import describe as describe_api
 from .web.ops import Ops
-from .web.webservice import WebService, request_key
+from .web.webservice import WebService
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +103,17 @@ def ldap_tls_context(config: Config) -> ssl.SSLContext:
     return ctx
 
 
-def _root_dse(config: Config, tls: bool) -> dict[str, list[bytes]]:
+def _our_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        ours = version("smki-repository")
+        return version("smki-repository")
     except PackageNotFoundError:  # pragma: no cover - running from a source tree
-        ours = "unknown"
+        return "unknown"
+
+
+def _root_dse(config: Config, tls: bool) -> dict[str, list[bytes]]:
+    ours = _our_version()
     extensions = [WHOAMI_OID] + ([STARTTLS_OID] if tls else [])
     return {
         "supportedldapversion": [b"3"],
@@ -216,6 +224,26 @@ def _capped(handlers: web.Server, limit: int, metrics: Metrics,
         return handlers()
 
     return factory
+
+
+class _OneLineForBadRequests(logging.Filter):
+    """aiohttp logs a request its parser refuses (a malformed request line or header: the
+    client's fault, answered 400) as an ERROR with a traceback. Any client could fill the log
+    with those: one INFO line naming the peer and the problem instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.msg = "malformed HTTP request from %s refused (400): %s"
+            record.args = (peer, (exc.message or type(exc).__name__).replace("\n", " ")[:200])
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+_HTTP_LOG = log.getChild("http")  # what aiohttp's protocol layer says about connections
+_HTTP_LOG.addFilter(_OneLineForBadRequests())
 
 
 class Repository:
@@ -343,8 +371,27 @@ class Repository:
             return web.Response(body=generate_latest(metrics.registry),
                                 headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+        described = json.dumps(describe_api(_our_version()), indent=1).encode()
+
+        async def openapi(_request: web.Request) -> web.Response:
+            return web.Response(body=described, content_type="application/json",
+                                headers={"Cache-Control": "no-cache"})
+
         async def not_found(request: web.Request) -> web.Response:
-            return error(404, f"no such resource: {request.path} (see the README for the URL scheme)")
+            """No route took the request: 405 with Allow when the path is served with other
+            methods, else 404 (this path runs only for requests nothing else matched)."""
+            allowed: set[str] = set()
+            for resource in request.app.router.resources():
+                match, methods = await resource.resolve(request)
+                if match is None:
+                    allowed |= methods
+            if allowed:
+                response = error(405, f"{request.method} is not allowed on {request.path[:200]}:"
+                                 f" use {', '.join(sorted(allowed))}")
+                response.headers["Allow"] = ", ".join(sorted(allowed))
+                return response
+            return error(404, f"no such resource: {request.path[:200]} (see /openapi.json or"
+                         " the README for the URL scheme)")
 
         def with_fast_path(route: str, operation: str, fast: FastHandler,
                            handler: Handler) -> Handler:
@@ -399,6 +446,7 @@ class Repository:
         for method, path, handler in [*ops.routes(),
                                       ("GET", "/healthz", healthz), ("GET", "/readyz", readyz),
                                       ("GET", "/metrics", metrics_handler),
+                                      ("GET", "/openapi.json", openapi),
                                       ("*", "/{tail:.*}", not_found)]:
             add(method, path, observed(path, handler, None))
         return app
@@ -411,7 +459,7 @@ class Repository:
             # each response, and partial data does not re-arm it: so it bounds both an idle
             # connection and one that sends its request head too slowly (slowloris).
             runner = web.AppRunner(app, access_log=access, handler_cancellation=True,
-                                   access_log_class=access_logger_class(
+                                   logger=_HTTP_LOG, access_log_class=access_logger_class(
                                        self.counting, self.config.log.access_log),
                                    keepalive_timeout=limits.idle_timeout_seconds,
                                    max_line_size=limits.max_header_bytes,
@@ -419,7 +467,7 @@ class Repository:
                                    max_headers=limits.max_headers)
         else:  # the lodging listener: only the DCC gets past its TLS handshake
             runner = web.AppRunner(app, access_log=access if self.config.log.access_log
-                                   else None, handler_cancellation=True,
+                                   else None, handler_cancellation=True, logger=_HTTP_LOG,
                                    keepalive_timeout=self.config.web.idle_timeout_seconds)
         await runner.setup()
         self._runners.append(runner)

@@ -157,6 +157,13 @@ async def test_lodge_command_against_the_server(loaded: Any, tmp_path: Path) -> 
     status, headers, body = await asyncio.to_thread(
         http_get, f"{loaded.http}/documents/SMKI-Compliance-Policy")
     assert status == 200 and body == doc.read_bytes() and headers["content-type"] == "text/plain"
+    # a type that is not allowed is stored as a plain download, and the lodger is told
+    page = tmp_path / "notice.html"
+    page.write_text("<script>alert(1)</script>")
+    res = await asyncio.to_thread(run, *base, str(page))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert ("document notice version 1 stored as application/octet-stream (sent as text/html:"
+            " not an allowed document type" in res.stdout), res.stdout
     # a root without --trust-anchor is refused: exit status 1 and the reason
     from .pkitools import pem, self_signed_ca
 

@@ -212,9 +212,23 @@ def lodge_files(client: LodgeClient, files: list[Path], *, name: str | None = No
             ctype = (content_type or mimetypes.guess_type(path.name)[0]
                      or "application/octet-stream")
             reply = client.document(doc_name, data, ctype)
-            failures += _report(out, path, reply, lambda b: f"document {b.get('name')} version"
-                                f" {b.get('version')} {b.get('outcome')}")
+            failures += _report(out, path, reply, _document_summary(ctype))
     return failures
+
+
+def _document_summary(sent: str) -> Callable[[dict[str, Any]], str]:
+    """A lodged document's line; it says so when the server stored another type than the one
+    sent (not on its allow-list)."""
+
+    def summary(b: dict[str, Any]) -> str:
+        line = f"document {b.get('name')} version {b.get('version')} {b.get('outcome')}"
+        stored = str(b.get("content_type", ""))
+        if sent.partition(";")[0].strip().lower() == stored.partition(";")[0]:
+            return line
+        return (f"{line} as {stored} (sent as {sent}: not an allowed document type, so it is"
+                " served as a download of that type)")
+
+    return summary
 
 
 def _report(out: Callable[[str], None], path: Path, reply: Reply,

@@ -18,7 +18,6 @@ import hashlib
 import logging
 import multiprocessing
 import os
-import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -37,6 +36,7 @@ from ..pki.profile import (
     verify_crl_signature,
 )
 from ..store.db import ConflictError, IssuerRow, Store, cert_record
+from ..web.doctypes import is_document_name, safe_type
 from .batch import (
     CertOptions,
     Issuer,
@@ -49,7 +49,6 @@ from .batch import (
 
 log = logging.getLogger(__name__)
 
-DOCUMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _SYNC_SECONDS = 30.0  # a lodging waits this long at most for its node's replica
 _CHUNK = 2000  # certificates per worker task
 _IN_PROCESS_MAX = 256  # smaller batches are parsed in-process (no IPC round trip)
@@ -468,17 +467,19 @@ class LodgingService:
     async def lodge_document(self, name: str, content_type: str, body: bytes,
                              actor: Actor) -> dict[str, Any]:
         action = "lodge.document"
-        if not DOCUMENT_NAME.match(name):
+        if not is_document_name(name):
             raise await self._refuse(actor, action, 400, "document name: letters, digits, '.', '_'"
                                      f" and '-', up to 200 characters (got {name!r})", name)
         if not body:
             raise await self._refuse(actor, action, 400, "document body is empty", name)
-        content_type = content_type.strip() or "application/octet-stream"
+        declared = content_type.strip()
+        content_type = safe_type(declared)  # never a type a browser would run (web/doctypes)
         sha = hashlib.sha256(body).digest()
         outcome, version, seq = await self.store.insert_document(
             name, content_type, body, sha, lodged_by=actor.name,
             audit=actor.audit(action, "ok", name, {"sha256": sha.hex(), "size": len(body),
-                                                   "content_type": content_type}))
+                                                   "content_type": content_type,
+                                                   "declared_type": declared[:200]}))
         self.on_change("doc:" + name)
         await self.committed(seq)
         return {"outcome": outcome, "name": name, "version": version,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-_HEX = re.compile(r"^[0-9A-Fa-f]+$")
+_HEX = re.compile(r"[0-9A-Fa-f]+")  # (fullmatch: "$" would let a final newline through)
 _SEPARATORS = str.maketrans("", "", "-: ")
 
 MAX_SERIAL_OCTETS = 20  # RFC 5280 §4.1.2.2
@@ -26,7 +26,7 @@ class IdentifierError(ValueError):
 def parse_eui64(text: str) -> bytes:
     """Return the 8 octets of an EUI-64 written in any accepted form."""
     raw = text.strip().translate(_SEPARATORS)
-    if len(raw) != 16 or not _HEX.match(raw):
+    if len(raw) != 16 or not _HEX.fullmatch(raw):
         raise IdentifierError(f"EUI-64 must be 16 hex digits (separators - or : allowed): {text!r}")
     return bytes.fromhex(raw)
 
@@ -56,20 +56,24 @@ def serial_to_hex(serial: int) -> str:
 def parse_serial(text: str) -> str:
     """Parse a serial from a client (hex, any case, separators and leading zeros allowed)."""
     raw = text.strip().translate(_SEPARATORS)
-    if raw.startswith("-") and _HEX.match(raw[1:]):
-        return "-" + raw[1:].upper()
-    if not raw or not _HEX.match(raw):
-        raise IdentifierError(f"serial must be hexadecimal digits: {text!r}")
-    if len(raw.lstrip("0")) > 2 * MAX_SERIAL_OCTETS:
-        raise IdentifierError(f"serial longer than {MAX_SERIAL_OCTETS} octets: {text!r}")
+    negative = raw.startswith("-")
+    digits = raw[1:] if negative else raw
+    if not digits or not _HEX.fullmatch(digits):
+        raise IdentifierError(f"serial must be hexadecimal digits: {text[:100]!r}")
+    # (a negative serial is written as two's complement octets: one more may be needed)
+    if len(digits.lstrip("0")) > 2 * MAX_SERIAL_OCTETS + (2 if negative else 0):
+        raise IdentifierError(f"serial longer than {MAX_SERIAL_OCTETS} octets: {text[:100]!r}")
+    if negative:
+        return "-" + digits.upper()
     return serial_to_hex(int(raw, 16))
 
 
 def parse_key_id(text: str) -> bytes:
     """A key identifier written as hex (any case, optional separators)."""
     raw = text.strip().translate(_SEPARATORS)
-    if not raw or len(raw) % 2 or len(raw) > 128 or not _HEX.match(raw):
-        raise IdentifierError(f"key identifier must be an even number of hex digits: {text!r}")
+    if not raw or len(raw) % 2 or len(raw) > 128 or not _HEX.fullmatch(raw):
+        raise IdentifierError("key identifier must be an even number of hex digits, at most 128:"
+                              f" {text[:140]!r}")
     return bytes.fromhex(raw)
 
 

@@ -31,7 +31,8 @@ from ..config import Portal as PortalSettings
 from ..obs.access import NOTE
 from ..pki.ids import IdentifierError, format_key_id, parse_key_id, parse_serial
 from ..service_levels import ANONYMOUS, ServiceLevels
-from ..web.downloads import Downloads
+from ..web.doctypes import safe_type
+from ..web.downloads import MAX_CRL_NUMBER, Downloads, path_number
 from ..web.extracts import ExtractFiles
 from . import security
 from .auth import PortalAuth, Session
@@ -218,7 +219,7 @@ class Portal:
                 disposition = response.headers.get("Content-Disposition", "")
                 if disposition.startswith("inline"):
                     disposition = "attachment" + disposition[len("inline"):]
-                else:
+                elif not disposition:  # a certificate: named after its serial
                     name = request.match_info.get("serial", "certificate")
                     if not name.endswith((".pem", ".der")):
                         name += ".der"
@@ -394,8 +395,8 @@ class Portal:
                                    "That is not an issuer key identifier (hex digits).")
         number_text = request.query.get("number", "")
         page_text = request.query.get("page", "1")
-        number = int(number_text) if number_text.isdigit() and len(number_text) < 40 else None
-        page = int(page_text) if page_text.isdigit() and len(page_text) < 9 else 1
+        number = path_number(number_text, MAX_CRL_NUMBER)
+        page = path_number(page_text, 10**8) or 1
         entry = (await self.catalog.crl_version(key, number) if number is not None
                  else await self.catalog.current_crl(key))
         hexkey = format_key_id(key)
@@ -433,7 +434,7 @@ class Portal:
         for doc in await self.catalog.reads.documents():
             versions = await self.catalog.reads.document_versions(doc.name)
             items.append({"name": doc.name, "versions": [
-                {"version": v.version, "lodged": when(v.lodged_at), "type": v.content_type,
+                {"version": v.version, "lodged": when(v.lodged_at), "type": safe_type(v.content_type),
                  "size": v.size, "sha256": v.sha256.hex().upper(),
                  "url": f"/portal/download/documents/{quote(v.name)}/{v.version}"}
                 for v in versions]})

@@ -10,14 +10,19 @@ URL scheme (documented in the README):
   GET /documents/{name}                                 current version
   GET /documents/{name}/{version}                       one version
   GET /documents/{name}/versions                        JSON list of versions
-Certificates are immutable (long max-age); a CRL's max-age never reaches past its
-nextUpdate and its Expires is the nextUpdate. The handlers only look up and format: the
-bytes and validators come ready-made from the catalog.
+Certificates are immutable (long max-age); those that need an API key (organisation and
+device certificates, unless web.open_reads) are `private`, so that no shared cache hands them
+to a client without a key. A CRL's max-age never reaches past its nextUpdate and its Expires is
+the nextUpdate. Documents are attachments of an allow-listed type (`doctypes`). Every path and
+query parameter that cannot name anything stored is a 400 or 404 with a reason, before any
+lookup. The handlers only look up and format: the bytes and validators come ready-made from
+the catalog.
 """
 
 from __future__ import annotations
 
 import base64
+import re
 import textwrap
 import time
 from collections.abc import Awaitable, Callable
@@ -31,6 +36,8 @@ from ..config import Config
 from ..obs.access import NOTE, Note
 from ..pki.ids import IdentifierError, format_key_id, parse_key_id, parse_serial
 from ..replica.records import DocRecord
+from . import doctypes
+from .apikeys import key_refusal
 from .http_cache import not_modified
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -40,6 +47,12 @@ PKIX_CERT = "application/pkix-cert"
 PKIX_CRL = "application/pkix-crl"
 PEM = "application/x-pem-file"
 
+
+# a path's numbers, in ASCII digits only (str.isdigit also takes "²" and "١"), and their
+# bounds: document versions are PostgreSQL integers, CRL numbers at most 20 octets (RFC 5280)
+_NUMBER = re.compile(r"[0-9]{1,60}", re.ASCII)
+MAX_DOC_VERSION = 2**31 - 1
+MAX_CRL_NUMBER = 2**160 - 1
 
 RETRY_AFTER = "5"  # seconds: how soon a client may retry while the store is unavailable
 UNAVAILABLE = "the repository store is unavailable; try again shortly"
@@ -61,6 +74,14 @@ def _pem(der: bytes) -> bytes:
     return f"-----BEGIN CERTIFICATE-----\n{body}\n-----END CERTIFICATE-----\n".encode()
 
 
+def path_number(text: str, limit: int) -> int | None:
+    """A number from a path segment: ASCII digits, at most `limit`; None otherwise."""
+    if not _NUMBER.fullmatch(text):
+        return None
+    number = int(text)
+    return number if number <= limit else None
+
+
 def _wants_pem(request: web.Request, name: str) -> tuple[str, bool]:
     if name.endswith(".pem"):
         return name[:-4], True
@@ -76,10 +97,18 @@ class Downloads:
         self.config = config
         web_cfg = config.web
         self.open_reads = web_cfg.open_reads
-        # certificates, CRL versions and document versions never change
+        # certificates, CRL versions and document versions never change; those that need a
+        # key may be kept by the client's own cache only
         self._immutable = f"public, max-age={web_cfg.cert_max_age}, immutable"
-        self._cert_static = {"Content-Type": PKIX_CERT, "Cache-Control": self._immutable,
-                             "Vary": "Accept"}
+        self._private = f"private, max-age={web_cfg.cert_max_age}, immutable"
+        self._cert_static = {True: {"Content-Type": PKIX_CERT, "Cache-Control": self._immutable,
+                                    "Vary": "Accept"},
+                             False: {"Content-Type": PKIX_CERT, "Cache-Control": self._private,
+                                     "Vary": "Accept"}}
+
+    def _cache_control(self, public: bool) -> str:
+        """Cache-Control of a certificate: `private` when it needs an API key."""
+        return self._immutable if public or self.open_reads else self._private
 
     def routes(self) -> list[tuple[str, str, str, Handler]]:
         """(method, path, operation, handler); HEAD is answered for every GET. The operation
@@ -119,7 +148,8 @@ class Downloads:
         if user is None and not public and not self.open_reads:
             return None
         return web.Response(body=der, headers={
-            **self._cert_static, "ETag": etag, "Last-Modified": last_modified})
+            **self._cert_static[public or self.open_reads], "ETag": etag,
+            "Last-Modified": last_modified})
 
     async def certificate(self, request: web.Request) -> web.StreamResponse:
         raw = request.match_info["serial"]
@@ -145,16 +175,15 @@ class Downloads:
         if not entries[0].public and not self.open_reads:
             note: Note | None = request.get(NOTE)
             if note is None or note.principal is None:
-                return error(403, "an API key is required for organisation and device"
-                             " certificates: add ?apikey=KEY or the header X-API-Key"
-                             " (CA certificates, CRLs and documents need none)")
+                return error(403, key_refusal(request, "organisation and device certificates")
+                             + " (CA certificates, CRLs and documents need none)")
         return self._cert_response(request, entries[0], pem)
 
     def _cert_response(self, request: web.Request, entry: CertEntry, pem: bool) -> web.Response:
         headers = {
             "ETag": entry.etag if not pem else entry.etag[:-1] + '-pem"',
             "Last-Modified": entry.last_modified,
-            "Cache-Control": self._immutable,
+            "Cache-Control": self._cache_control(entry.public),
             "Vary": "Accept",
         }
         if not_modified(request.headers, headers["ETag"], entry.modified_ts):
@@ -203,13 +232,16 @@ class Downloads:
 
     async def crl_version(self, request: web.Request) -> web.StreamResponse:
         number_text = request.match_info["number"]
-        if not number_text.endswith(".crl") or not number_text[:-4].isdigit():
+        if not number_text.endswith(".crl"):
             return error(404, "expected /crls/{issuer key id}/{crl number}.crl")
+        number = path_number(number_text[:-4], MAX_CRL_NUMBER)
+        if number is None:
+            return error(404, "a CRL number is decimal digits, at most 20 octets: expected"
+                         " /crls/{issuer key id}/{crl number}.crl")
         try:
             key = self._crl_key(request, suffix=False)
         except IdentifierError as exc:
             return error(400, str(exc))
-        number = int(number_text[:-4])
         entry = await self.catalog.crl_version(key, number)
         if entry is None:
             return error(404, f"no CRL number {number} from issuer key id {format_key_id(key)}")
@@ -252,41 +284,61 @@ class Downloads:
 
     # -- documents -------------------------------------------------------------------------
     def _doc_response(self, request: web.Request, entry: DocEntry, current: bool) -> web.Response:
+        """A document as a download: an attachment of an allow-listed type, never content a
+        browser would run on this origin (whatever type an earlier version stored)."""
         row = entry.row
+        content_type = doctypes.safe_type(row.content_type)
         headers = {
             "ETag": entry.etag,
             "Last-Modified": entry.last_modified,
             "Cache-Control": (f"public, max-age={self.config.web.document_max_age}"
                               if current else self._immutable),
-            "Content-Disposition": f'inline; filename="{row.name}"',
+            "Content-Disposition": doctypes.disposition(row.name, content_type),
             "X-Document-Version": str(row.version),
+            **doctypes.DOWNLOAD_HEADERS,
         }
         if not_modified(request.headers, entry.etag, entry.modified_ts):
             return web.Response(status=304, headers=headers)
         assert row.body is not None
-        headers["Content-Type"] = row.content_type
+        headers["Content-Type"] = content_type
         return web.Response(body=row.body, headers=headers)
 
-    async def document_current(self, request: web.Request) -> web.StreamResponse:
+    @staticmethod
+    def _doc_name(request: web.Request) -> tuple[str, web.Response | None]:
+        """The document name of the path, or a 404 for a name no document can have."""
         name = request.match_info["name"]
+        if doctypes.is_document_name(name):
+            return name, None
+        return name, error(404, f"no document named {name[:210]!r}: a document name is letters,"
+                           " digits, '.', '_' and '-', up to 200 characters")
+
+    async def document_current(self, request: web.Request) -> web.StreamResponse:
+        name, refused = self._doc_name(request)
+        if refused is not None:
+            return refused
         entry = await self.catalog.document(name)
         if entry is None:
             return error(404, f"no document named {name!r}")
         return self._doc_response(request, entry, current=True)
 
     async def document_version(self, request: web.Request) -> web.StreamResponse:
-        name = request.match_info["name"]
+        name, refused = self._doc_name(request)
+        if refused is not None:
+            return refused
         version_text = request.match_info["version"]
-        if not version_text.isdigit():
-            return error(404, "expected /documents/{name}/{version number}")
-        entry = await self.catalog.document(name, int(version_text))
+        version = path_number(version_text, MAX_DOC_VERSION)
+        if version is None:
+            return error(404, "expected /documents/{name}/{version number}: a version is"
+                         f" decimal digits, at most {MAX_DOC_VERSION}")
+        entry = await self.catalog.document(name, version)
         if entry is None:
-            return error(404, f"no version {version_text} of document {name!r}")
+            return error(404, f"no version {version} of document {name!r}")
         return self._doc_response(request, entry, current=False)
 
     @staticmethod
     def _doc_json(row: DocRecord) -> dict[str, object]:
-        return {"name": row.name, "version": row.version, "content_type": row.content_type,
+        return {"name": row.name, "version": row.version,
+                "content_type": doctypes.safe_type(row.content_type),
                 "size": row.size, "sha256": row.sha256.hex(),
                 "lodged_at": row.lodged_at.isoformat(),
                 "url": f"/documents/{row.name}/{row.version}"}
@@ -297,7 +349,9 @@ class Downloads:
                                  headers={"Cache-Control": "no-cache"})
 
     async def document_versions(self, request: web.Request) -> web.StreamResponse:
-        name = request.match_info["name"]
+        name, refused = self._doc_name(request)
+        if refused is not None:
+            return refused
         rows = await self.catalog.reads.document_versions(name)
         if not rows:
             return error(404, f"no document named {name!r}")

@@ -5,7 +5,8 @@
 
 Like organisation and device certificates, they need an API key (or a portal session, for
 the portal's download route) unless `web.open_reads`. Only names of published extracts are
-served: a `.partial-` file, or any other name, is a 404.
+served: a `.partial-` file, or any other name, is a 404. Answers that need a key are
+`private`: no shared cache may hand them to a client without one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from aiohttp import web
 from ..extracts import format as fmt
 from ..obs.access import NOTE, Note
 from ..store.db import ExtractRow, Store
+from .apikeys import key_refusal
 from .downloads import Handler, error
 
 
@@ -26,6 +28,9 @@ class ExtractFiles:
         self.store = store
         self.directory = directory
         self.open_reads = open_reads
+        scope = "public" if open_reads else "private"
+        self._file_cache = f"{scope}, max-age=86400, immutable"
+        self._list_cache = "no-cache" if open_reads else "private, no-cache"
 
     def routes(self) -> list[tuple[str, str, str, Handler]]:
         return [("GET", "/extracts", "extract-list", self.listing),
@@ -47,8 +52,7 @@ class ExtractFiles:
             return None
         note: Note | None = request.get(NOTE)
         if note is None or note.principal is None:
-            return error(403, "an API key is required for extracts: add ?apikey=KEY or the"
-                         " header X-API-Key")
+            return error(403, key_refusal(request, "extracts"))
         return None
 
     async def listing(self, request: web.Request) -> web.StreamResponse:
@@ -57,7 +61,7 @@ class ExtractFiles:
             return refused
         rows = await self.published()
         return web.json_response([self.describe(r, "/extracts/") for r in rows],
-                                 headers={"Cache-Control": "no-cache"})
+                                 headers={"Cache-Control": self._list_cache})
 
     async def download(self, request: web.Request) -> web.StreamResponse:
         refused = self._refused(request)
@@ -71,5 +75,5 @@ class ExtractFiles:
         # The Content-Type is given so that aiohttp does not read ".gz" as a Content-Encoding
         # (a client would then unpack the file it asked for).
         return web.FileResponse(path, headers={
-            "Content-Type": content_type, "Cache-Control": "public, max-age=86400, immutable",
+            "Content-Type": content_type, "Cache-Control": self._file_cache,
             "Content-Disposition": f'inline; filename="{name}"'})

@@ -18,10 +18,11 @@ from aiohttp import web
 from ..auth import Credentials
 from ..service_levels import ServiceLevels, cpm_report, demand_report
 from ..store.db import Store
+from .apikeys import request_key
 from .downloads import error
-from .webservice import request_key
 
-_MONTH = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+_MONTH = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])", re.ASCII)
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", re.ASCII)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -49,8 +50,8 @@ class Ops:
         if refused:
             return refused
         month = request.query.get("month") or self.levels.current().month
-        if not _MONTH.match(month):
-            return error(400, f"month: expected YYYY-MM, got {month!r}")
+        if not _MONTH.fullmatch(month):
+            return error(400, f"month: expected YYYY-MM, got {month[:40]!r}")
         await self.levels.flush()
         report = cpm_report(month, await self.store.cpm_counts(month), self.levels.settings)
         return web.json_response(report, headers={"Cache-Control": "no-store"})
@@ -61,9 +62,11 @@ class Ops:
             return refused
         text = request.query.get("day")
         try:
+            if text and not _DAY.fullmatch(text):
+                raise ValueError(text)
             day = date.fromisoformat(text) if text else self.levels.current().day
         except ValueError:
-            return error(400, f"day: expected YYYY-MM-DD, got {text!r}")
+            return error(400, f"day: expected YYYY-MM-DD, got {(text or '')[:40]!r}")
         await self.levels.flush()
         report = demand_report(day, await self.store.demand_counts(day), await self.store.users(),
                                self.levels.settings.demand_threshold_percent)
