@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import Config, ConfigError, load
+from .config import LISTENER_NAMES, Config, ConfigError, HostPort, load
 
 log = logging.getLogger("smki-repository")
 
@@ -88,14 +88,18 @@ def _supervise(args: argparse.Namespace, config: Config) -> int:
     from .server import write_pid_file
 
     workers = args.workers
-    for name in ("http", "https", "lodge", "ldap", "ldaps", "sftp"):
+    for name in LISTENER_NAMES:
         addr = config.listeners.address(name)
         if addr is not None and addr.port == 0:
             raise ConfigError(f"listeners.{name}: --workers needs fixed ports (not port 0)")
+    metrics = config.listeners.address("metrics")
+    if metrics is not None and metrics.port + workers - 1 > 65535:
+        raise ConfigError(f"listeners.metrics: worker {workers - 1} would listen on port"
+                          f" {metrics.port + workers - 1} (port + worker number)")
     argv = [sys.executable, "-m", "repository_server", "serve"]
-    for flag in ("config", "data_dir", "http", "https", "lodge", "ldap", "ldaps", "sftp"):
+    for flag in ("config", "data_dir", *LISTENER_NAMES):
         value = getattr(args, flag, None)
-        if value is not None:
+        if value is not None and flag != "metrics":
             argv += [f"--{flag.replace('_', '-')}", value]
     env = {**os.environ, "SMKI_LISTENERS__REUSE_PORT": "true"}
     run_dir = Path(config.data_dir).expanduser() / "run"
@@ -112,7 +116,8 @@ def _supervise(args: argparse.Namespace, config: Config) -> int:
     def spawn(i: int) -> subprocess.Popen[bytes]:
         pid_file = run_dir / f"worker-{i}.pid"
         pid_file.unlink(missing_ok=True)
-        proc = subprocess.Popen([*argv, "--pid-file", str(pid_file)], env=env)
+        own = ["--metrics", str(HostPort(metrics.host, metrics.port + i)) if metrics else ""]
+        proc = subprocess.Popen([*argv, *own, "--pid-file", str(pid_file)], env=env)
         deadline = time.monotonic() + 120
         while not pid_file.exists():  # written once the worker listens
             if proc.poll() is not None or time.monotonic() > deadline or stopping:
@@ -129,7 +134,7 @@ def _supervise(args: argparse.Namespace, config: Config) -> int:
             if procs[i].poll() is not None:
                 print(f"serve: worker {i} exited with {procs[i].returncode} at start",
                       file=sys.stderr)
-                return 1
+                return 2 if procs[i].returncode == 2 else 1  # its reason is on stderr
         log.info("%d workers serving", workers)
         restarts: list[float] = []
         while not stopping:
@@ -160,8 +165,7 @@ def _supervise(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
-    listeners = {k: getattr(args, k) for k in ("http", "https", "lodge", "ldap", "ldaps", "sftp")
-                 if getattr(args, k) is not None}
+    listeners = {k: getattr(args, k) for k in LISTENER_NAMES if getattr(args, k) is not None}
     if listeners:
         overrides["listeners"] = listeners
     config = _config(args, overrides)
@@ -287,7 +291,8 @@ def _demo_text(repo: Any, pki_dir: Path, manifest: dict[str, Any], users: list[s
             lines.append(f"  curl -sI {base}/documents/{doc['name']}")
         lines.append(f"  curl -s '{base}/extracts?{key}'   # after a scheduled extract, or:"
                      f" smki-repository extract full --data-dir {repo.config.data_dir}")
-        lines.append(f"  curl -s {base}/metrics | grep smki_")
+    if "metrics" in repo.bound:
+        lines.append(f"  curl -s http://{repo.bound['metrics']}/metrics | grep smki_")
     if https:
         lines.append(f"  curl -s --cacert {tls_ca} {https}/readyz")
     if "ldap" in repo.bound:
@@ -671,7 +676,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the server")
     _store_args(p)
-    for name in ("http", "https", "lodge", "ldap", "ldaps", "sftp"):
+    for name in LISTENER_NAMES:
         p.add_argument(f"--{name}", metavar="HOST:PORT",
                        help=f"override listeners.{name} (empty string disables)")
     p.add_argument("--pid-file", metavar="FILE")

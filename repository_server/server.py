@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
 import gc
 import logging
 import os
 import ssl
 import time
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .auth import Credentials, User
 from .catalog import Catalog
-from .config import Config, ConfigError, HostPort
+from .config import LISTENER_NAMES, Config, ConfigError, HostPort
 from .extracts.scheduler import ExtractScheduler
 from .extracts.sftp import SftpService
 from .extracts.writer import ExtractWriter
@@ -217,6 +219,39 @@ def _capped(handlers: web.Server, limit: int, metrics: Metrics,
     return factory
 
 
+@contextlib.contextmanager
+def _listening(name: str, addr: HostPort) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"listeners.{name}: {addr} is already in use") from None
+        raise ConfigError(f"listeners.{name}: cannot listen on {addr}:"
+                          f" {exc.strerror or exc}") from None
+
+
+def check_listeners_free(config: Config) -> None:
+    """Before anything starts (PostgreSQL, a replica build): every configured address can be
+    bound, else a ConfigError naming the listener. Binding for real later reports the same
+    (another process may take a port meanwhile)."""
+    import socket
+
+    for name in LISTENER_NAMES:
+        addr = config.listeners.address(name)
+        if addr is None or addr.port == 0:
+            continue
+        shared = config.listeners.reuse_port and name != "metrics"
+        with _listening(name, addr):
+            for family, kind, proto, _, sockaddr in socket.getaddrinfo(
+                    addr.host or None, addr.port, type=socket.SOCK_STREAM,
+                    flags=socket.AI_PASSIVE):
+                with socket.socket(family, kind, proto) as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if shared:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                    sock.bind(sockaddr)
+
+
 class Repository:
     def __init__(self, config: Config, *, metrics: Metrics | None = None) -> None:
         self.config = config
@@ -243,6 +278,7 @@ class Repository:
         self._servers: list[asyncio.AbstractServer] = []
         self._background: set[asyncio.Task[Any]] = set()
         self.bound: dict[str, HostPort] = {}
+        self._lodge_ctx: ssl.SSLContext | None = None
 
     # -- apps -----------------------------------------------------------------------------
     def _identify(self, request: web.Request) -> User | None:
@@ -331,16 +367,6 @@ class Repository:
                 return web.json_response(body, status=503, headers={"Retry-After": RETRY_AFTER})
             return web.json_response(body)
 
-        async def metrics_handler(_request: web.Request) -> web.Response:
-            with contextlib.suppress(ReplicaUnavailable):
-                state = lag(replica)
-                metrics.replica_applied.set(state["applied"])
-                metrics.replica_behind.set(state["behind_changes"])
-                metrics.replica_behind_seconds.set(state["behind_seconds"])
-                metrics.replica_bytes.set(replica.size_bytes())
-            return web.Response(body=generate_latest(metrics.registry),
-                                headers={"Content-Type": CONTENT_TYPE_LATEST})
-
         async def not_found(request: web.Request) -> web.Response:
             return error(404, f"no such resource: {request.path} (see the README for the URL scheme)")
 
@@ -395,9 +421,33 @@ class Repository:
                                            else None, receipt_in_handler=True))
         for method, path, handler in [*ops.routes(),
                                       ("GET", "/healthz", healthz), ("GET", "/readyz", readyz),
-                                      ("GET", "/metrics", metrics_handler),
                                       ("*", "/{tail:.*}", not_found)]:
             add(method, path, observed(path, handler, None))
+        return app
+
+    def _metrics_app(self) -> web.Application:
+        """The operations listener (listeners.metrics): Prometheus metrics, which name users
+        (demand per user), so never on the public read listeners."""
+        metrics = self.metrics
+        replica = self.replica
+        assert replica is not None
+
+        async def metrics_handler(_request: web.Request) -> web.Response:
+            with contextlib.suppress(ReplicaUnavailable):
+                state = lag(replica)
+                metrics.replica_applied.set(state["applied"])
+                metrics.replica_behind.set(state["behind_changes"])
+                metrics.replica_behind_seconds.set(state["behind_seconds"])
+                metrics.replica_bytes.set(replica.size_bytes())
+            return web.Response(body=generate_latest(metrics.registry),
+                                headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        async def not_found(request: web.Request) -> web.Response:
+            return error(404, f"no such resource: {request.path} (this listener serves /metrics)")
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics_handler, allow_head=True)
+        app.router.add_route("*", "/{tail:.*}", not_found)
         return app
 
     async def _runner(self, app: web.Application, *, reads: bool = False) -> web.AppRunner:
@@ -491,13 +541,15 @@ class Repository:
     # -- life cycle -----------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.config
+        check_listeners_free(cfg)
         # TLS material first: a missing file should fail before anything starts.
         https_ctx = server_tls_context(cfg) if cfg.listeners.https else None
         lodge_ctx = lodge_tls_context(cfg) if cfg.listeners.lodge else None
         # LDAPS needs the server certificate; plain LDAP offers StartTLS when there is one.
         ldap_ctx = (ldap_tls_context(cfg) if cfg.listeners.ldaps or (
             cfg.listeners.ldap and cfg.path(cfg.tls.cert).is_file()) else None)
-        self.store = await self._resources.enter_async_context(opened_store(cfg, supervise=True))
+        self.store = await self._resources.enter_async_context(
+            opened_store(cfg, supervise=True))
         self.feeder = Feeder.for_node(cfg, self.store.dsn)
         self.replica = self.feeder.replica
         self.catalog = Catalog(self.store, self.replica)
@@ -535,7 +587,6 @@ class Repository:
             clock_skew=timedelta(seconds=cfg.lodge.clock_skew_seconds),
             parse_workers=cfg.lodge.parse_workers, on_change=self.catalog.invalidate,
             after_commit=self.catalog.synced)
-        loop = asyncio.get_running_loop()
         for name, ctx in (("http", None), ("https", https_ctx)):
             addr = cfg.listeners.address(name)
             if addr is None:
@@ -543,32 +594,34 @@ class Repository:
             runner = await self._runner(self._read_app(name), reads=True)
             handlers = runner.server
             assert handlers is not None
-            server = await loop.create_server(
-                _capped(handlers, cfg.web.max_connections, self.metrics, name),
-                addr.host, addr.port, ssl=ctx, reuse_address=True,
-                reuse_port=cfg.listeners.reuse_port or None, backlog=1024,
-                ssl_handshake_timeout=10 if ctx else None)
-            self._servers.append(server)
-            sock = server.sockets[0].getsockname()
-            self.bound[name] = HostPort(sock[0], sock[1])
+            await self._listen(name, addr, _capped(handlers, cfg.web.max_connections,
+                                                   self.metrics, name), tls=ctx)
         addr = cfg.listeners.address("lodge")
         if addr is not None and lodge_ctx is not None:
             runner = await self._runner(build_lodge_app(cfg, self.lodging))
             factory = runner.server
             assert factory is not None
-            ctx = lodge_ctx
-            server = await loop.create_server(
-                lambda: _TlsGate(factory, ctx, self._on_tls_refused), addr.host, addr.port,
-                reuse_address=True, reuse_port=cfg.listeners.reuse_port or None, backlog=128)
-            self._servers.append(server)
-            sock = server.sockets[0].getsockname()
-            self.bound["lodge"] = HostPort(sock[0], sock[1])
+            self._lodge_ctx = lodge_ctx  # SIGHUP (`reload`) puts a new one here
+
+            def gate() -> asyncio.Protocol:
+                assert self._lodge_ctx is not None
+                return _TlsGate(factory, self._lodge_ctx, self._on_tls_refused)
+
+            await self._listen("lodge", addr, gate, backlog=128)
         await self._start_ldap(ldap_ctx)
         addr = cfg.listeners.address("sftp")
         if addr is not None:
             self.sftp = SftpService(cfg, self.store, extracts_dir)
-            host, port = await self.sftp.start(addr.host, addr.port)
+            with _listening("sftp", addr):
+                host, port = await self.sftp.start(addr.host, addr.port)
             self.bound["sftp"] = HostPort(host, port)
+        addr = cfg.listeners.address("metrics")
+        if addr is not None:
+            runner = await self._runner(self._metrics_app())
+            handlers = runner.server
+            assert handlers is not None
+            # its own port per process, never shared: a scrape must reach the process it names
+            await self._listen("metrics", addr, handlers, backlog=64, reuse_port=False)
         if self.extract_scheduler is not None:
             self.extract_scheduler.start()
         # Everything allocated so far lives as long as the process: out of the cyclic GC's
@@ -584,19 +637,27 @@ class Repository:
         directory = Directory(self.catalog, self.store, suffix=cfg.ldap.suffix,
                               root_dse=_root_dse(cfg, ctx is not None))
         self.ldap = service = LdapService(cfg, directory, self.store, self.counting, ctx)
-        loop = asyncio.get_running_loop()
         for name, tls in (("ldap", None), ("ldaps", ctx)):
             addr = cfg.listeners.address(name)
             if addr is None:
                 continue
-            ldaps = tls is not None
-            server = await loop.create_server(lambda ldaps=ldaps: service.factory(ldaps=ldaps),
-                                              addr.host, addr.port, ssl=tls, reuse_address=True,
-                                              reuse_port=cfg.listeners.reuse_port or None,
-                                              backlog=1024, ssl_handshake_timeout=10 if tls else None)
-            self._servers.append(server)
-            sock = server.sockets[0].getsockname()
-            self.bound[name] = HostPort(sock[0], sock[1])
+            await self._listen(name, addr, functools.partial(service.factory,
+                                                             ldaps=tls is not None), tls=tls)
+
+    async def _listen(self, name: str, addr: HostPort, factory: Callable[[], asyncio.Protocol],
+                      *, tls: ssl.SSLContext | None = None, backlog: int = 1024,
+                      reuse_port: bool | None = None) -> None:
+        """Listen on listeners.NAME; an address that cannot be had is a ConfigError naming
+        the setting, not a traceback."""
+        shared = self.config.listeners.reuse_port if reuse_port is None else reuse_port
+        with _listening(name, addr):
+            server = await asyncio.get_running_loop().create_server(
+                factory, addr.host, addr.port, ssl=tls, reuse_address=True,
+                reuse_port=shared or None, backlog=backlog,
+                ssl_handshake_timeout=10 if tls else None)
+        self._servers.append(server)
+        sock = server.sockets[0].getsockname()
+        self.bound[name] = HostPort(sock[0], sock[1])
 
     async def stop(self) -> None:
         if self.extract_scheduler is not None:

@@ -75,7 +75,7 @@ async def test_cpm_fast_and_slow_requests_survive_a_restart(tmp_path: Path, pki:
             http_get, f"{running.http}/ops/reports/cpm?month=2026-13&apikey=operator-key-42")
         assert status == 400 and b"YYYY-MM" in body
         # Prometheus carries the same, per interface and operation
-        status, _, body = await asyncio.to_thread(http_get, f"{running.http}/metrics")
+        status, _, body = await asyncio.to_thread(http_get, running.metrics)
         text = body.decode()
         assert 'smki_cpm_requests_total{interface="ws",operation="retrieve"} 9.0' in text
         assert 'smki_cpm_within_trt_total{interface="ws",operation="retrieve"} 6.0' in text
@@ -170,7 +170,7 @@ async def test_demand_against_forecast_cli(loaded: Running, tmp_path: Path) -> N
     report = json.loads(res.stdout)
     assert "heavy" in report["flagged"]
     await repo.levels.refresh_demand_gauges()
-    _, _, body = await asyncio.to_thread(http_get, f"{loaded.http}/metrics")
+    _, _, body = await asyncio.to_thread(http_get, loaded.metrics)
     assert 'smki_demand_above_forecast{user="heavy"} 1.0' in body.decode()
     assert 'smki_demand_usage_ratio{band="day",user="heavy"} 3.0' in body.decode()
     res = await asyncio.to_thread(cli, "report", "demand", "--day", "yesterday")

@@ -1,0 +1,87 @@
+"""Operating the server: /metrics on its own listener, signals (reload on SIGHUP, clean
+shutdown on every terminating one), commands refusing a data directory without a store, a
+listener port already taken, and the portal's per-deployment CSRF key. Real processes,
+real sockets, real TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import pytest
+
+from repository_server import admin
+
+from .conftest import TEST_KEY, Running, cli_env, http_get, run_process, smki_cli
+from .test_process import free_port
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+def _env(**settings: str) -> dict[str, str]:
+    env = cli_env()
+    env.update({f"SMKI_{k.upper()}": v for k, v in settings.items()})
+    return env
+
+
+# -- /metrics --------------------------------------------------------------------------------
+async def test_metrics_only_on_the_operations_listener(server: Running) -> None:
+    """/metrics names users (demand per user): served on listeners.metrics only, and no user
+    name reaches an anonymous client on the read listeners."""
+    repo = server.repo
+    assert repo.store is not None and repo.levels is not None
+    await admin.users_forecast(repo.store, "tester", 10, None)
+    status, _, _ = await asyncio.to_thread(
+        http_get, f"{server.http}/certificates/0102?apikey={TEST_KEY}")
+    assert status == 404
+    await repo.levels.flush()
+    await repo.levels.refresh_demand_gauges()
+    for base, ca in ((server.http, None), (server.https, server.tls_ca)):
+        status, _, body = await asyncio.to_thread(http_get, f"{base}/metrics", ca=ca)
+        assert status == 404 and b"smki_" not in body
+        for path in ("/healthz", "/readyz", "/nothing-here", "/certificates/zz",
+                     "/ops/reports/demand"):
+            status, _, body = await asyncio.to_thread(http_get, f"{base}{path}", ca=ca)
+            assert b"tester" not in body, (path, status, body)
+    status, headers, body = await asyncio.to_thread(http_get, server.metrics)
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    assert b'smki_demand_usage_ratio{band="day",user="tester"}' in body
+    assert b'smki_http_requests_total{listener="http"' in body
+    status, _, body = await asyncio.to_thread(http_get, server.metrics.replace("/metrics", "/x"))
+    assert status == 404 and b"/metrics" in body
+
+
+# -- a listener port already in use --------------------------------------------------------------
+def _serve_args(data: Path, **listeners: str) -> list[str]:
+    """`serve` with only http and metrics (ephemeral ports unless given)."""
+    chosen = {"http": "127.0.0.1:0", "metrics": "127.0.0.1:0", "https": "", "lodge": "",
+              "ldap": "", "ldaps": "", "sftp": "", **listeners}
+    args = [*smki_cli(), "serve", "--data-dir", str(data)]
+    for name, value in chosen.items():
+        args += [f"--{name}", value]
+    return args
+
+
+async def test_a_listener_port_in_use_is_one_line(tmp_path: Path, fresh_db: str) -> None:
+    env = _env(database__url=fresh_db, log__level="ERROR", extracts__schedule="false")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for name in ("http", "metrics"):
+            code, out, err = await run_process(
+                *_serve_args(tmp_path / "var", **{name: f"127.0.0.1:{port}"}), timeout=180,
+                env=env)
+            lines = [ln for ln in err.decode().splitlines() if ln.strip()]
+            assert code == 2, (code, out, lines)
+            assert lines == [f"configuration error: listeners.{name}: 127.0.0.1:{port} is"
+                             " already in use"], lines
+        # with --workers, the worker's line, and the same exit status
+        code, _, err = await run_process(
+            *_serve_args(tmp_path / "var", http=f"127.0.0.1:{port}",
+                         metrics=f"127.0.0.1:{free_port()}"), "--workers", "2", timeout=180,
+            env=env)
+        assert code == 2, err
+        assert f"listeners.http: 127.0.0.1:{port} is already in use" in err.decode()
+        assert "Traceback" not in err.decode()
