@@ -385,7 +385,7 @@ async def _import(config: Config, root: Path, allow_unverified: bool,
     from .store import opened_store
 
     actor = Actor(f"operator:{getpass.getuser()}", peer="cli")
-    async with opened_store(config, max_size=4) as store:
+    async with opened_store(config, max_size=4, create=True) as store:  # a first bulk load
         service = LodgingService(store, parse_workers=config.lodge.parse_workers)
         try:
             report = await import_directory(service, root, actor,
@@ -615,8 +615,12 @@ def cmd_export_ldif(args: argparse.Namespace) -> int:
     else:
         target = Path(args.out)
         partial = target.with_name(target.name + ".partial")
-        with partial.open("w", encoding="ascii") as fh:
-            count = asyncio.run(run(fh))
+        try:
+            with partial.open("w", encoding="ascii") as fh:
+                count = asyncio.run(run(fh))
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
         partial.replace(target)  # a half-written export is never left under the real name
     print(f"export-ldif: {count} entries", file=sys.stderr)
     return 0
@@ -799,12 +803,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .store.embedded import NoStore
+
     args = parser().parse_args(argv)
     try:
         result: int = args.func(args)
         return result
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except NoStore as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -549,7 +549,7 @@ class Repository:
         ldap_ctx = (ldap_tls_context(cfg) if cfg.listeners.ldaps or (
             cfg.listeners.ldap and cfg.path(cfg.tls.cert).is_file()) else None)
         self.store = await self._resources.enter_async_context(
-            opened_store(cfg, supervise=True))
+            opened_store(cfg, supervise=True, create=True))
         self.feeder = Feeder.for_node(cfg, self.store.dsn)
         self.replica = self.feeder.replica
         self.catalog = Catalog(self.store, self.replica)

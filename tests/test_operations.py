@@ -9,6 +9,7 @@ import asyncio
 import socket
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from repository_server import admin
@@ -50,6 +51,36 @@ async def test_metrics_only_on_the_operations_listener(server: Running) -> None:
     assert b'smki_http_requests_total{listener="http"' in body
     status, _, body = await asyncio.to_thread(http_get, server.metrics.replace("/metrics", "/x"))
     assert status == 404 and b"/metrics" in body
+
+
+# -- commands and a data directory without a store ---------------------------------------------
+STORE_COMMANDS = (["users", "list"], ["users", "add", "someone"], ["report", "cpm"],
+                  ["report", "demand"], ["extract", "full"], ["export-ldif"],
+                  ["replica", "status"])
+
+
+async def test_commands_refuse_a_data_dir_without_a_store(tmp_path: Path, fresh_db: str) -> None:
+    """A wrong or missing --data-dir (or a database without our schema) is refused with exit
+    2 and "no store in ...", and nothing is created there."""
+    missing = tmp_path / "nowhere"
+    for command in STORE_COMMANDS:
+        code, out, err = await run_process(*smki_cli(), *command, "--data-dir", str(missing),
+                                           timeout=120, env=_env())
+        text = err.decode()
+        assert code == 2, (command, code, out, text)
+        assert f"error: no store in {missing.resolve()}" in text and "Traceback" not in text
+        assert not missing.exists(), command
+    # an external database (database.url) without our schema: the same, and it stays empty
+    for command in STORE_COMMANDS:
+        code, out, err = await run_process(*smki_cli(), *command, "--data-dir", str(missing),
+                                           timeout=120, env=_env(database__url=fresh_db))
+        assert code == 2 and f"no store in {fresh_db}" in err.decode(), (command, err)
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == 0
+    finally:
+        await conn.close()
+    assert not missing.exists()
 
 
 # -- a listener port already in use --------------------------------------------------------------

@@ -14,7 +14,7 @@ import asyncpg
 
 from repository_server.config import ServiceLevelSettings
 from repository_server.service_levels import ServiceLevels, band_of_hour, demand_report
-from repository_server.store.db import UserRow
+from repository_server.store.db import Store, UserRow
 
 from .conftest import TEST_KEY, Running, add_user, cli_env, http_get, lodge_pki, smki_cli, start_repository
 from .test_webservice import RETRIEVE, SEARCH, post, retrieve_body, search_body
@@ -184,6 +184,9 @@ async def test_users_cli(tmp_path: Path, fresh_db: str) -> None:
         return subprocess.run([*smki_cli(), "users", *args, "--data-dir", str(tmp_path)], env=env,
                               capture_output=True, text=True, timeout=60)
 
+    res = await asyncio.to_thread(cli, "add", "supplier-a")
+    assert res.returncode == 2 and "no store in" in res.stderr  # only serve makes a store
+    await (await Store.connect(fresh_db)).close()  # as `serve` does when it first starts
     res = await asyncio.to_thread(cli, "add", "supplier-a")
     assert res.returncode == 0, res.stderr
     key = next(ln for ln in res.stdout.splitlines() if ln.startswith("API key")).rsplit(" ", 1)[1]

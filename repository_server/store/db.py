@@ -455,6 +455,12 @@ class Store:
                 await _unlock(conn, _MIGRATION_LOCK)
         return applied
 
+    async def has_schema(self) -> bool:
+        """Whether this database holds a store (our schema), before any migration."""
+        found: bool = await self.pool.fetchval(
+            "SELECT to_regclass('schema_migrations') IS NOT NULL")
+        return found
+
     async def ping(self) -> None:
         async with self.pool.acquire(timeout=2) as conn:
             await conn.fetchval("SELECT 1", timeout=2)
