@@ -43,6 +43,7 @@ from .obs.access import NOTE, Note, access_logger_class
 from .obs.metrics import Metrics
 from .portal.app import Portal
 from .portal.auth import PortalAuth
+from .portal.security import CSRF_SECRET
 from .replica.env import Replica, ReplicaUnavailable
 from .replica.feed import Feeder, lag
 from .service_levels import ANONYMOUS, ServiceLevelCollector, ServiceLevels
@@ -578,7 +579,8 @@ class Repository:
         if cfg.portal.enabled:
             auth = PortalAuth(self.store, cfg.portal)
             self.portal = Portal(self.catalog, auth, self.downloads, self.counting, cfg.portal,
-                                 self.extract_files)
+                                 self.extract_files, csrf_key=await self.store.deployment_secret(
+                                     CSRF_SECRET))
             self.catalog.subscribe("portal-session", auth.session_ended)
             self.catalog.subscribe("users", auth.user_changed)
             self.catalog.subscribe("certs", self.portal.views.certificates_lodged)

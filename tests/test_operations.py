@@ -6,8 +6,11 @@ real sockets, real TLS."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import socket
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -116,3 +119,63 @@ async def test_a_listener_port_in_use_is_one_line(tmp_path: Path, fresh_db: str)
         assert code == 2, err
         assert f"listeners.http: 127.0.0.1:{port} is already in use" in err.decode()
         assert "Traceback" not in err.decode()
+
+
+# -- the portal's CSRF key ---------------------------------------------------------------------
+_SOURCE_KEY = b"smki-portal-csrf-v1"  # the constant key the source used to hold
+
+
+async def test_csrf_key_is_per_deployment_and_shared_by_its_nodes(
+        tmp_path: Path, pki: dict[str, Any], fresh_db: str, embedded: Any) -> None:
+    from .conftest import create_database, start_repository
+    from .portal_client import PortalClient
+
+    a = await start_repository(tmp_path / "a", pki, fresh_db)
+    b = await start_repository(tmp_path / "b", pki, fresh_db)  # a second node, same store
+    other_db = await create_database(embedded)
+    other = await start_repository(tmp_path / "c", pki, other_db)  # another deployment
+    try:
+        node_a, node_b, elsewhere = (Running(r, pki).http for r in (a, b, other))
+        # a token made with the key from the source, for a cookie the attacker chose, is refused
+        planted = "a." + "x" * 43
+        forged = hmac.new(_SOURCE_KEY, planted.encode(), hashlib.sha256).hexdigest()[:40]
+        async with PortalClient(node_a) as c:
+            c.cookie = planted
+            r = await c.post("/portal/sign-in", {"csrf": forged, "username": "x",
+                                                 "password": "y"})
+            assert r.status == 403 and "CSRF check" in r.text
+        # a form from node a is accepted by node b (a wrong password, not a CSRF refusal)
+        async with PortalClient(node_a) as c:
+            form = await c.get("/portal/sign-in")
+            token = form.csrf()
+            async with PortalClient(node_b) as on_b:
+                on_b.cookie = c.cookie
+                r = await on_b.post("/portal/sign-in", {"csrf": token, "username": "x",
+                                                        "password": "y"})
+                assert r.status != 403 and "CSRF check" not in r.text, r.text
+                assert (await on_b.get("/portal/sign-in")).csrf() == token
+            # ... and not by another deployment
+            async with PortalClient(elsewhere) as there:
+                there.cookie = c.cookie
+                assert (await there.get("/portal/sign-in")).csrf() != token
+                r = await there.post("/portal/sign-in", {"csrf": token, "username": "x",
+                                                         "password": "y"})
+                assert r.status == 403
+    finally:
+        for repo in (a, b, other):
+            await repo.stop()
+
+
+async def test_deployment_secret_is_made_once_under_concurrency(fresh_db: str) -> None:
+    from repository_server.store.db import Store
+
+    stores = [await Store.connect(fresh_db, min_size=1, max_size=4) for _ in range(3)]
+    try:
+        got = await asyncio.gather(*(stores[i % 3].deployment_secret("race")
+                                     for i in range(24)))
+        assert len(set(got)) == 1 and len(got[0]) == 32
+        assert await stores[0].deployment_secret("another") != got[0]
+        assert await stores[2].deployment_secret("race") == got[0]
+    finally:
+        for store in stores:
+            await store.close()
