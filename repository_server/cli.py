@@ -50,25 +50,71 @@ def _progress() -> Any:
 
 
 # -- serve / demo ---------------------------------------------------------------------------
-async def _serve(config: Config, *, pid_file: str | None,
-                 after_start: Any = None) -> int:
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
+async def _serve(config: Config, *, pid_file: str | None, after_start: Any = None,
+                 reread: Callable[[], Config] | None = None) -> int:
+    """Run until SIGTERM, SIGINT or SIGQUIT, then stop cleanly: listeners closed, the last
+    CPM 8 counts flushed, the embedded PostgreSQL released (stopped by its last user), the
+    pid file removed; a signal during start-up stops it there. SIGHUP reloads what can change
+    without dropping a connection (`Repository.reload`) from the configuration `reread`
+    returns."""
     from .server import Repository, write_pid_file
 
     repo = Repository(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
+    started = False
+    reloading: asyncio.Task[None] | None = None
+
+    def on_stop(sig: signal.Signals) -> None:
+        log.info("%s: shutting down", sig.name)
+        stop.set()
+
+    async def reload() -> None:
+        try:
+            new = reread() if reread is not None else config
+            logging.getLogger().setLevel(new.log.level.upper())
+            log.info("SIGHUP: reloaded %s", repo.reload(new))
+        except (ConfigError, OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            log.error("SIGHUP: nothing reloaded, serving on as before: %s", exc)
+
+    def on_hup() -> None:
+        nonlocal reloading
+        if not started:
+            log.warning("SIGHUP while starting: ignored (send it again once started)")
+        elif reloading is None or reloading.done():
+            reloading = loop.create_task(reload())
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_stop, sig)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+
+    async def startup() -> None:
+        nonlocal started
         await repo.start()
+        started = True
         write_pid_file(pid_file)
         for name, addr in repo.bound.items():
             log.info("listening: %s on %s", name, addr)
         if after_start is not None:
             await after_start(repo)
-        await stop.wait()
-        log.info("shutting down")
+
+    starting = asyncio.ensure_future(startup())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting  # start's errors (a ConfigError, ...) propagate from here
+        await stopping
     finally:
+        started = False  # a SIGHUP from here on is not acted on
+        stopping.cancel()
+        if reloading is not None:
+            await reloading
         await repo.stop()
         if pid_file:
             Path(pid_file).unlink(missing_ok=True)
@@ -105,13 +151,20 @@ def _supervise(args: argparse.Namespace, config: Config) -> int:
     run_dir = Path(config.data_dir).expanduser() / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
     stopping = False
+    procs: dict[int, subprocess.Popen[bytes]] = {}
 
     def stop(_sig: int, _frame: Any) -> None:
         nonlocal stopping
         stopping = True
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    def pass_on(sig: int, _frame: Any) -> None:
+        for proc in list(procs.values()):
+            if proc.poll() is None:
+                proc.send_signal(sig)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, stop)
+    signal.signal(signal.SIGHUP, pass_on)  # each worker reloads (its own configuration read)
 
     def spawn(i: int) -> subprocess.Popen[bytes]:
         pid_file = run_dir / f"worker-{i}.pid"
@@ -126,7 +179,6 @@ def _supervise(args: argparse.Namespace, config: Config) -> int:
         log.info("worker %d: pid %d", i, proc.pid)
         return proc
 
-    procs: dict[int, subprocess.Popen[bytes]] = {}
     write_pid_file(args.pid_file)
     try:
         for i in range(workers):  # one after the other: the first starts PostgreSQL
@@ -152,7 +204,7 @@ def _supervise(args: argparse.Namespace, config: Config) -> int:
     finally:
         for proc in procs.values():
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(signal.SIGTERM)  # each stops cleanly; the last one PostgreSQL
         for proc in procs.values():
             try:
                 proc.wait(timeout=30)
@@ -175,7 +227,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         return _supervise(args, config)
     _install_loop()
-    return asyncio.run(_serve(config, pid_file=args.pid_file))
+    return asyncio.run(_serve(config, pid_file=args.pid_file,
+                              reread=lambda: _config(args, overrides)))
 
 
 def _ensure_testpki(pki_dir: Path, devices: int, organisations: int) -> dict[str, Any]:
@@ -348,7 +401,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         users = await _demo_users(repo)
         print(_demo_text(repo, pki_dir, manifest, users), flush=True)
 
-    return asyncio.run(_serve(config, pid_file=args.pid_file, after_start=after_start))
+    return asyncio.run(_serve(config, pid_file=args.pid_file, after_start=after_start,
+                              reread=lambda: _config(args, overrides)))
 
 
 # -- testpki --------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import functools
 import gc
@@ -74,8 +75,13 @@ def _require_file(config: Config, value: str, setting: str) -> Path:
 def server_tls_context(config: Config) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(_require_file(config, config.tls.cert, "tls.cert"),
-                        _require_file(config, config.tls.key, "tls.key"))
+    cert = _require_file(config, config.tls.cert, "tls.cert")
+    key = _require_file(config, config.tls.key, "tls.key")
+    try:
+        ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:  # not PEM, or a key that is not the certificate's
+        raise ConfigError(f"tls.cert/tls.key: cannot use {cert} with {key}:"
+                          f" {exc.reason or exc}") from None
     return ctx
 
 
@@ -85,8 +91,12 @@ def lodge_tls_context(config: Config) -> ssl.SSLContext:
     ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_COMPRESSION
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
-    ctx.load_verify_locations(cafile=str(_require_file(config, config.lodge.client_ca,
-                                                       "lodge.client_ca")))
+    ca = _require_file(config, config.lodge.client_ca, "lodge.client_ca")
+    try:
+        ctx.load_verify_locations(cafile=str(ca))
+    except ssl.SSLError as exc:
+        raise ConfigError(f"lodge.client_ca: no usable CA certificate in {ca}:"
+                          f" {exc.reason or exc}") from None
     return ctx
 
 
@@ -280,6 +290,7 @@ class Repository:
         self._background: set[asyncio.Task[Any]] = set()
         self.bound: dict[str, HostPort] = {}
         self._lodge_ctx: ssl.SSLContext | None = None
+        self._tls_contexts: list[ssl.SSLContext] = []  # https, ldaps and StartTLS
 
     # -- apps -----------------------------------------------------------------------------
     def _identify(self, request: web.Request) -> User | None:
@@ -549,6 +560,7 @@ class Repository:
         # LDAPS needs the server certificate; plain LDAP offers StartTLS when there is one.
         ldap_ctx = (ldap_tls_context(cfg) if cfg.listeners.ldaps or (
             cfg.listeners.ldap and cfg.path(cfg.tls.cert).is_file()) else None)
+        self._tls_contexts = [ctx for ctx in (https_ctx, ldap_ctx) if ctx is not None]
         self.store = await self._resources.enter_async_context(
             opened_store(cfg, supervise=True, create=True))
         self.feeder = Feeder.for_node(cfg, self.store.dsn)
@@ -630,6 +642,30 @@ class Repository:
         # reach, so full collections do not walk it in the middle of requests.
         gc.collect()
         gc.freeze()
+
+    def reload(self, config: Config) -> str:
+        """SIGHUP: the server certificate and key (https, lodge, ldaps, StartTLS) and the DCC
+        client CA, from the files `config` names, for connections from now on; connections
+        already open go on as they are. Everything is read and checked first: a missing file
+        or a key that does not match is a ConfigError or ssl.SSLError and nothing changes.
+        Other settings (listeners, limits, ...) need a restart. Returns what was reloaded."""
+        checked = server_tls_context(config) if self._tls_contexts else None
+        lodge = lodge_tls_context(config) if self._lodge_ctx is not None else None
+        done = []
+        if checked is not None:
+            cert = _require_file(config, config.tls.cert, "tls.cert")
+            key = _require_file(config, config.tls.key, "tls.key")
+            for ctx in self._tls_contexts:  # the listening sockets keep their context object
+                ctx.load_cert_chain(cert, key)
+            done.append(f"tls.cert {cert}")
+        if lodge is not None:
+            self._lodge_ctx = lodge  # the lodging gate takes it for each new connection
+            done.append(f"lodge.client_ca {config.path(config.lodge.client_ca)}")
+        self.config = dataclasses.replace(self.config, tls=config.tls, log=config.log,
+                                          lodge=dataclasses.replace(
+                                              self.config.lodge,
+                                              client_ca=config.lodge.client_ca))
+        return ", ".join([*done, f"log.level {config.log.level}"])
 
     async def _start_ldap(self, ctx: ssl.SSLContext | None) -> None:
         cfg = self.config

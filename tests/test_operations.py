@@ -8,7 +8,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import http.client
+import json
+import re
+import signal
 import socket
+import ssl
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +26,6 @@ from repository_server import admin
 
 from .conftest import TEST_KEY, Running, cli_env, http_get, run_process, smki_cli
 from .test_process import free_port
-
-pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 def _env(**settings: str) -> dict[str, str]:
@@ -179,3 +184,233 @@ async def test_deployment_secret_is_made_once_under_concurrency(fresh_db: str) -
     finally:
         for store in stores:
             await store.close()
+
+
+# -- signals -----------------------------------------------------------------------------------
+def _postgres_processes(data: Path) -> list[int]:
+    """Processes running with this data directory's pgdata (the embedded PostgreSQL)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(data / "pgdata").encode() in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def _served_certificate(port: int) -> str:
+    """The subject of the certificate the https listener sends now, as openssl s_client
+    prints it."""
+    res = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}",
+                          "-servername", "localhost"], input=b"", capture_output=True,
+                         timeout=30)
+    found = re.search(rb"^subject=(.*)$", res.stdout, re.M)
+    assert found, res.stdout + res.stderr
+    return found.group(1).decode()
+
+
+def _cpm_received(data: Path, conf: Path) -> int:
+    res = subprocess.run([*smki_cli(), "report", "cpm", "--json", "--config", str(conf)],
+                         capture_output=True, text=True, timeout=120, env=_env())
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    return sum(op["received"] for i in report["interfaces"] for op in i["operations"])
+
+
+def _answers(url: str) -> bool:
+    try:
+        return http_get(url)[0] == 200
+    except OSError:
+        return False
+
+
+class _Serve:
+    """`smki-repository serve` as a separate process, its log in a file."""
+
+    def __init__(self, conf: Path, work: Path, name: str, *extra: str) -> None:
+        self.pid_file = work / "serve.pid"
+        self.log = work / f"{name}.log"
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen([*smki_cli(), "serve", "--config", str(conf),
+                                          "--pid-file", str(self.pid_file), *extra],
+                                         stdout=log, stderr=subprocess.STDOUT, env=_env())
+
+    def ready(self, base: str) -> None:
+        """Once the pid file is written and /readyz answers 200."""
+        deadline = time.monotonic() + 120
+        while not self.pid_file.exists() or not _answers(f"{base}/readyz"):
+            assert self.proc.poll() is None, self.log_text()[-3000:]
+            assert time.monotonic() < deadline, self.log_text()[-3000:]
+            time.sleep(0.1)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _tls_files(target: Path, cert: bytes, key: bytes) -> None:
+    """Replace the server certificate files the way an operator's renewal does (new files
+    renamed over the old)."""
+    for name, data in (("server.pem", cert), ("server.key.pem", key)):
+        (target / (name + ".new")).write_bytes(data)
+        (target / (name + ".new")).replace(target / name)
+
+
+def _signal_setup(tmp_path: Path, pki: dict[str, Any]) -> tuple[Path, Path, dict[str, int]]:
+    """A configuration for `serve` with http, https and metrics on free ports, an embedded
+    PostgreSQL in tmp_path/var, the test PKI's server certificate copied to tmp_path/tls and
+    an hour between CPM 8 flushes: (configuration file, data directory, ports)."""
+    pki_dir: Path = pki["dir"]
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    first = (pki_dir / pki["tls"]["cert"]).read_bytes(), (pki_dir / pki["tls"]["key"]).read_bytes()
+    _tls_files(tls, *first)
+    data = tmp_path / "var"
+    ports = {name: free_port() for name in ("http", "https", "metrics")}
+    dcc = pki["dcc_client"]
+    conf = tmp_path / "repo.toml"
+    conf.write_text(f"""
+data_dir = "{data}"
+[listeners]
+http = "127.0.0.1:{ports['http']}"
+https = "127.0.0.1:{ports['https']}"
+metrics = "127.0.0.1:{ports['metrics']}"
+lodge = ""
+ldap = ""
+ldaps = ""
+sftp = ""
+[tls]
+cert = "{tls / 'server.pem'}"
+key = "{tls / 'server.key.pem'}"
+[lodge]
+client_ca = "{pki_dir / dcc['ca']}"
+client_subject = "{dcc['subject']}"
+[extracts]
+schedule = false
+[service_levels]
+flush_seconds = 3600
+""")
+    return conf, data, ports
+
+
+@pytest.mark.slow
+def test_signals_reload_and_stop_cleanly(tmp_path: Path, pki: dict[str, Any]) -> None:
+    """A real `serve` with its embedded PostgreSQL: SIGHUP sends the new certificate to new
+    connections (openssl s_client) while a connection opened before goes on; a broken
+    certificate is refused and nothing changes; SIGTERM, SIGINT and SIGQUIT each stop it
+    cleanly: pid file gone, PostgreSQL stopped, the CPM 8 counts of the last requests in the
+    store (the flush interval is an hour: only the shutdown flush can have written them)."""
+    from .pkitools import key_pem, pem, self_signed_ca
+
+    conf, data, ports = _signal_setup(tmp_path, pki)
+    pki_dir: Path = pki["dir"]
+    tls = tmp_path / "tls"
+    renewed_cert, renewed_key = self_signed_ca("renewed.smki.test")
+    base = f"http://127.0.0.1:{ports['http']}"
+    requests = 0
+    for number, sig in enumerate((signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)):
+        server = _Serve(conf, tmp_path, f"serve-{sig.name}")
+        try:
+            server.ready(base)
+            if number == 0:
+                assert f"created a new store in {data.resolve()}" in server.log_text()
+                assert "localhost" in _served_certificate(ports["https"])
+                kept = http.client.HTTPSConnection(
+                    "localhost", ports["https"], timeout=10,
+                    context=ssl.create_default_context(cafile=str(pki_dir / pki["tls"]["ca"])))
+                kept.request("GET", "/healthz")
+                assert kept.getresponse().read() == b'{"status": "ok"}'
+                _tls_files(tls, pem(renewed_cert), key_pem(renewed_key))
+                server.proc.send_signal(signal.SIGHUP)
+                deadline = time.monotonic() + 20
+                while "renewed.smki.test" not in _served_certificate(ports["https"]):
+                    assert time.monotonic() < deadline, server.log_text()[-3000:]
+                    time.sleep(0.2)
+                kept.request("GET", "/healthz")  # the connection from before the reload
+                assert kept.getresponse().read() == b'{"status": "ok"}'
+                kept.close()
+                # a key that does not belong to the certificate: refused, nothing changes
+                (tls / "server.key.pem").write_bytes(key_pem(self_signed_ca("x")[1]))
+                server.proc.send_signal(signal.SIGHUP)
+                deadline = time.monotonic() + 20
+                while "SIGHUP: nothing reloaded" not in server.log_text():
+                    assert time.monotonic() < deadline, server.log_text()[-3000:]
+                    time.sleep(0.2)
+                assert "renewed.smki.test" in _served_certificate(ports["https"])
+                assert server.proc.poll() is None
+                (tls / "server.key.pem").write_bytes(key_pem(renewed_key))
+            else:
+                assert "created a new store" not in server.log_text()
+            for _ in range(5):  # counted, not flushed yet
+                assert http_get(f"{base}/crls")[0] == 200
+                requests += 1
+            assert http_get(f"http://127.0.0.1:{ports['metrics']}/metrics")[0] == 200
+            server.proc.send_signal(sig)
+            assert server.proc.wait(60) == 0, server.log_text()[-3000:]
+        finally:
+            if server.proc.poll() is None:
+                server.proc.kill()
+                server.proc.wait()
+        assert f"{sig.name}: shutting down" in server.log_text()
+        assert not server.pid_file.exists(), sig
+        assert _postgres_processes(data) == [], (sig, server.log_text()[-3000:])
+        assert "Traceback" not in server.log_text()
+        assert _cpm_received(data, conf) == requests, sig
+        assert _postgres_processes(data) == []
+
+
+def _consecutive_free_ports() -> int:
+    """P such that P and P + 1 are free (metrics of worker 0 and worker 1)."""
+    while True:
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+
+
+@pytest.mark.slow
+def test_workers_pass_signals_on(tmp_path: Path, pki: dict[str, Any]) -> None:
+    """`serve --workers 2`: each worker's /metrics on its own port (metrics port + worker);
+    SIGHUP to the supervisor reaches every worker (every new connection gets the new
+    certificate); SIGQUIT to it stops all of them cleanly, each flushing its CPM 8 counts."""
+    from .pkitools import key_pem, pem, self_signed_ca
+
+    conf, data, ports = _signal_setup(tmp_path, pki)
+    metrics = _consecutive_free_ports()
+    base = f"http://127.0.0.1:{ports['http']}"
+    server = _Serve(conf, tmp_path, "workers", "--workers", "2", "--metrics",
+                    f"127.0.0.1:{metrics}")
+    try:
+        server.ready(base)
+        deadline = time.monotonic() + 120
+        while not all(_answers(f"http://127.0.0.1:{metrics + i}/metrics") for i in (0, 1)):
+            assert server.proc.poll() is None and time.monotonic() < deadline, \
+                server.log_text()[-3000:]
+            time.sleep(0.2)
+        for _ in range(20):
+            assert http_get(f"{base}/crls")[0] == 200
+        renewed_cert, renewed_key = self_signed_ca("renewed.smki.test")
+        _tls_files(tmp_path / "tls", pem(renewed_cert), key_pem(renewed_key))
+        server.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while not all("renewed.smki.test" in _served_certificate(ports["https"])
+                      for _ in range(12)):  # new connections, spread over both workers
+            assert time.monotonic() < deadline, server.log_text()[-3000:]
+            time.sleep(0.2)
+        assert server.log_text().count("SIGHUP: reloaded tls.cert") == 2
+        server.proc.send_signal(signal.SIGQUIT)
+        assert server.proc.wait(90) == 0, server.log_text()[-3000:]
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
+    assert not server.pid_file.exists()
+    assert not list((data / "run").glob("worker-*.pid"))
+    assert _postgres_processes(data) == [], server.log_text()[-3000:]
+    assert server.log_text().count("SIGTERM: shutting down") == 2
+    assert _cpm_received(data, conf) == 20
