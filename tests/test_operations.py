@@ -23,6 +23,7 @@ import asyncpg
 import pytest
 
 from repository_server import admin
+from repository_server.config import ConfigError
 
 from .conftest import TEST_KEY, Running, cli_env, http_get, run_process, smki_cli
 from .test_process import free_port
@@ -414,3 +415,45 @@ def test_workers_pass_signals_on(tmp_path: Path, pki: dict[str, Any]) -> None:
     assert _postgres_processes(data) == [], server.log_text()[-3000:]
     assert server.log_text().count("SIGTERM: shutting down") == 2
     assert _cpm_received(data, conf) == 20
+
+
+async def test_reload_takes_a_new_dcc_client_ca(tmp_path: Path, pki: dict[str, Any],
+                                                fresh_db: str) -> None:
+    """What SIGHUP does for lodging (`Repository.reload`): a new lodge.client_ca file is
+    used for new connections; one that cannot be used changes nothing."""
+    from .conftest import client_ssl, start_repository
+    from .pkitools import pem, self_signed_ca
+
+    ca_file = tmp_path / "client-ca.pem"
+    ca_file.write_bytes((pki["dir"] / pki["dcc_client"]["ca"]).read_bytes())
+    # (running_repository's `lodge` is another thing)
+    running = Running(await start_repository(tmp_path, pki, fresh_db,
+                                             lodge={"client_ca": str(ca_file)}), pki)
+    try:
+
+        def whoami() -> int | str:
+            ctx = client_ssl(running, running.client_cert)
+            conn = http.client.HTTPSConnection("localhost", running.repo.bound["lodge"].port,
+                                               timeout=10, context=ctx)
+            try:
+                conn.request("GET", "/lodge/whoami")
+                return conn.getresponse().status
+            except (ssl.SSLError, ConnectionError) as exc:
+                return f"refused: {exc}"
+            finally:
+                conn.close()
+
+        assert await asyncio.to_thread(whoami) == 200
+        original = ca_file.read_bytes()
+        ca_file.write_bytes(pem(self_signed_ca("Another DCC client CA")[0]))
+        assert "lodge.client_ca" in running.repo.reload(running.repo.config)
+        assert str(await asyncio.to_thread(whoami)).startswith("refused")
+        ca_file.write_text("not a certificate\n")
+        with pytest.raises(ConfigError, match=r"lodge\.client_ca"):
+            running.repo.reload(running.repo.config)
+        assert str(await asyncio.to_thread(whoami)).startswith("refused")
+        ca_file.write_bytes(original)
+        running.repo.reload(running.repo.config)
+        assert await asyncio.to_thread(whoami) == 200
+    finally:
+        await running.repo.stop()
