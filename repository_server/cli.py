@@ -75,8 +75,9 @@ async def _serve(config: Config, *, pid_file: str | None, after_start: Any = Non
     async def reload() -> None:
         try:
             new = reread() if reread is not None else config
+            done = repo.reload(new)
             logging.getLogger().setLevel(new.log.level.upper())
-            log.info("SIGHUP: reloaded %s", repo.reload(new))
+            log.info("SIGHUP: reloaded %s", done)
         except (ConfigError, OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             log.error("SIGHUP: nothing reloaded, serving on as before: %s", exc)
 
@@ -128,7 +129,8 @@ def _supervise(args: argparse.Namespace, config: Config) -> int:
     them feeds; jobs that must run once per cluster (the extract schedule) take a PostgreSQL
     advisory lock. The first worker starts the embedded PostgreSQL (the others share it
     through its lease) and builds the replica if needed; a worker that dies is restarted,
-    SIGINT/SIGTERM stop them all."""
+    SIGHUP is passed on to every worker (each reloads), SIGTERM/SIGINT/SIGQUIT stop them all.
+    Worker i serves /metrics on listeners.metrics' port + i: its own counters, scraped apart."""
     import subprocess
 
     from .server import write_pid_file

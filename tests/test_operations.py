@@ -324,14 +324,18 @@ def test_signals_reload_and_stop_cleanly(tmp_path: Path, pki: dict[str, Any]) ->
                 kept.request("GET", "/healthz")
                 assert kept.getresponse().read() == b'{"status": "ok"}'
                 _tls_files(tls, pem(renewed_cert), key_pem(renewed_key))
+                settings = conf.read_text()
+                conf.write_text(settings + '[log]\nlevel = "WARNING"\n')
                 server.proc.send_signal(signal.SIGHUP)
                 deadline = time.monotonic() + 20
                 while "renewed.smki.test" not in _served_certificate(ports["https"]):
                     assert time.monotonic() < deadline, server.log_text()[-3000:]
                     time.sleep(0.2)
+                logged = server.log_text().count('"GET /healthz"')
                 kept.request("GET", "/healthz")  # the connection from before the reload
                 assert kept.getresponse().read() == b'{"status": "ok"}'
                 kept.close()
+                assert server.log_text().count('"GET /healthz"') == logged  # WARNING now
                 # a key that does not belong to the certificate: refused, nothing changes
                 (tls / "server.key.pem").write_bytes(key_pem(self_signed_ca("x")[1]))
                 server.proc.send_signal(signal.SIGHUP)
@@ -342,6 +346,12 @@ def test_signals_reload_and_stop_cleanly(tmp_path: Path, pki: dict[str, Any]) ->
                 assert "renewed.smki.test" in _served_certificate(ports["https"])
                 assert server.proc.poll() is None
                 (tls / "server.key.pem").write_bytes(key_pem(renewed_key))
+                conf.write_text(settings)  # back to INFO
+                server.proc.send_signal(signal.SIGHUP)
+                deadline = time.monotonic() + 20
+                while "SIGHUP: reloaded tls.cert" not in server.log_text():
+                    assert time.monotonic() < deadline, server.log_text()[-3000:]
+                    time.sleep(0.2)
             else:
                 assert "created a new store" not in server.log_text()
             for _ in range(5):  # counted, not flushed yet
