@@ -291,6 +291,7 @@ class Repository:
         self.bound: dict[str, HostPort] = {}
         self._lodge_ctx: ssl.SSLContext | None = None
         self._tls_contexts: list[ssl.SSLContext] = []  # https, ldaps and StartTLS
+        self._opening: asyncio.Future[Store] | None = None
 
     # -- apps -----------------------------------------------------------------------------
     def _identify(self, request: web.Request) -> User | None:
@@ -561,8 +562,11 @@ class Repository:
         ldap_ctx = (ldap_tls_context(cfg) if cfg.listeners.ldaps or (
             cfg.listeners.ldap and cfg.path(cfg.tls.cert).is_file()) else None)
         self._tls_contexts = [ctx for ctx in (https_ctx, ldap_ctx) if ctx is not None]
-        self.store = await self._resources.enter_async_context(
-            opened_store(cfg, supervise=True, create=True))
+        # shielded: a stop signal during start-up cancels start(), and a store half-opened
+        # then (PostgreSQL started, lease taken) must still reach the exit stack to be released
+        self._opening = asyncio.ensure_future(self._resources.enter_async_context(
+            opened_store(cfg, supervise=True, create=True)))
+        self.store = await asyncio.shield(self._opening)
         self.feeder = Feeder.for_node(cfg, self.store.dsn)
         self.replica = self.feeder.replica
         self.catalog = Catalog(self.store, self.replica)
@@ -728,6 +732,9 @@ class Repository:
             await self.feeder.close()
         if self.replica is not None:
             self.replica.close()
+        if self._opening is not None and not self._opening.done():  # stopped while starting
+            with contextlib.suppress(Exception):
+                await self._opening
         await self._resources.aclose()  # the pool, then the embedded PostgreSQL's lease
 
 

@@ -467,3 +467,28 @@ async def test_reload_takes_a_new_dcc_client_ca(tmp_path: Path, pki: dict[str, A
         assert await asyncio.to_thread(whoami) == 200
     finally:
         await running.repo.stop()
+
+
+@pytest.mark.slow
+def test_a_stop_signal_during_start_up_stops_cleanly(tmp_path: Path, pki: dict[str, Any]) -> None:
+    """A server that cannot become ready (its replica cannot be made) waits in start-up with
+    PostgreSQL running; SIGTERM then stops it there, PostgreSQL included."""
+    conf, data, _ = _signal_setup(tmp_path, pki)
+    conf.write_text(conf.read_text() + '[replica]\npath = "/proc/no-replica-here"\n')
+    server = _Serve(conf, tmp_path, "starting")
+    try:
+        deadline = time.monotonic() + 120
+        while "read replica not ready" not in server.log_text():
+            assert server.proc.poll() is None and time.monotonic() < deadline, \
+                server.log_text()[-3000:]
+            time.sleep(0.1)
+        assert _postgres_processes(data)
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(60) == 0, server.log_text()[-3000:]
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
+    assert "SIGTERM: shutting down" in server.log_text()
+    assert _postgres_processes(data) == [], server.log_text()[-3000:]
+    assert not server.pid_file.exists() and "Traceback" not in server.log_text()
