@@ -250,6 +250,14 @@ class _Serve:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def __enter__(self) -> _Serve:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:  # the test failed: do not leave it running
+            self.proc.kill()
+            self.proc.wait()
+
 
 def _tls_files(target: Path, cert: bytes, key: bytes) -> None:
     """Replace the server certificate files the way an operator's renewal does (new files
@@ -312,8 +320,7 @@ def test_signals_reload_and_stop_cleanly(tmp_path: Path, pki: dict[str, Any]) ->
     base = f"http://127.0.0.1:{ports['http']}"
     requests = 0
     for number, sig in enumerate((signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)):
-        server = _Serve(conf, tmp_path, f"serve-{sig.name}")
-        try:
+        with _Serve(conf, tmp_path, f"serve-{sig.name}") as server:
             server.ready(base)
             if number == 0:
                 assert f"created a new store in {data.resolve()}" in server.log_text()
@@ -360,10 +367,6 @@ def test_signals_reload_and_stop_cleanly(tmp_path: Path, pki: dict[str, Any]) ->
             assert http_get(f"http://127.0.0.1:{ports['metrics']}/metrics")[0] == 200
             server.proc.send_signal(sig)
             assert server.proc.wait(60) == 0, server.log_text()[-3000:]
-        finally:
-            if server.proc.poll() is None:
-                server.proc.kill()
-                server.proc.wait()
         assert f"{sig.name}: shutting down" in server.log_text()
         assert not server.pid_file.exists(), sig
         assert _postgres_processes(data) == [], (sig, server.log_text()[-3000:])
@@ -394,9 +397,8 @@ def test_workers_pass_signals_on(tmp_path: Path, pki: dict[str, Any]) -> None:
     conf, data, ports = _signal_setup(tmp_path, pki)
     metrics = _consecutive_free_ports()
     base = f"http://127.0.0.1:{ports['http']}"
-    server = _Serve(conf, tmp_path, "workers", "--workers", "2", "--metrics",
-                    f"127.0.0.1:{metrics}")
-    try:
+    with _Serve(conf, tmp_path, "workers", "--workers", "2", "--metrics",
+               f"127.0.0.1:{metrics}") as server:
         server.ready(base)
         deadline = time.monotonic() + 120
         while not all(_answers(f"http://127.0.0.1:{metrics + i}/metrics") for i in (0, 1)):
@@ -416,10 +418,6 @@ def test_workers_pass_signals_on(tmp_path: Path, pki: dict[str, Any]) -> None:
         assert server.log_text().count("SIGHUP: reloaded tls.cert") == 2
         server.proc.send_signal(signal.SIGQUIT)
         assert server.proc.wait(90) == 0, server.log_text()[-3000:]
-    finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
     assert not server.pid_file.exists()
     assert not list((data / "run").glob("worker-*.pid"))
     assert _postgres_processes(data) == [], server.log_text()[-3000:]
@@ -475,8 +473,7 @@ def test_a_stop_signal_during_start_up_stops_cleanly(tmp_path: Path, pki: dict[s
     PostgreSQL running; SIGTERM then stops it there, PostgreSQL included."""
     conf, data, _ = _signal_setup(tmp_path, pki)
     conf.write_text(conf.read_text() + '[replica]\npath = "/proc/no-replica-here"\n')
-    server = _Serve(conf, tmp_path, "starting")
-    try:
+    with _Serve(conf, tmp_path, "starting") as server:
         deadline = time.monotonic() + 120
         while "read replica not ready" not in server.log_text():
             assert server.proc.poll() is None and time.monotonic() < deadline, \
@@ -485,10 +482,6 @@ def test_a_stop_signal_during_start_up_stops_cleanly(tmp_path: Path, pki: dict[s
         assert _postgres_processes(data)
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(60) == 0, server.log_text()[-3000:]
-    finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
     assert "SIGTERM: shutting down" in server.log_text()
     assert _postgres_processes(data) == [], server.log_text()[-3000:]
     assert not server.pid_file.exists() and "Traceback" not in server.log_text()
