@@ -485,3 +485,18 @@ def test_a_stop_signal_during_start_up_stops_cleanly(tmp_path: Path, pki: dict[s
     assert "SIGTERM: shutting down" in server.log_text()
     assert _postgres_processes(data) == [], server.log_text()[-3000:]
     assert not server.pid_file.exists() and "Traceback" not in server.log_text()
+
+
+async def test_a_key_that_is_not_the_certificates_is_one_line(tmp_path: Path, pki: dict[str, Any],
+                                                              fresh_db: str) -> None:
+    from .pkitools import key_pem, self_signed_ca
+
+    wrong = tmp_path / "wrong.key.pem"
+    wrong.write_bytes(key_pem(self_signed_ca("x")[1]))
+    cert = pki["dir"] / pki["tls"]["cert"]
+    code, _, err = await run_process(
+        *_serve_args(tmp_path / "var", https="127.0.0.1:0"), timeout=120,
+        env=_env(database__url=fresh_db, tls__cert=str(cert), tls__key=str(wrong)))
+    assert code == 2 and "Traceback" not in err.decode(), err
+    assert err.decode().startswith(f"configuration error: tls.cert/tls.key: cannot use {cert}"
+                                   f" with {wrong}: KEY_VALUES_MISMATCH"), err
