@@ -11,7 +11,8 @@ background (it reads every certificate from PostgreSQL, newest first, and fills 
 one go at the end). A benchmark started before that measures the database, not the server's
 steady state. Ready means any of:
 
-  * `smki_cache_certificates` on /metrics >= --expect (certificates held in the cache), or
+  * `smki_cache_certificates` on /metrics >= --expect (certificates held in the cache; those
+    versions served /metrics on the http port: today it is on listeners.metrics only), or
   * the server log says "cache preloaded with N certificates" (the preload finished: N may be
     below --expect when the import refused some, or when the cache is too small: reported),
   * with --expect 0 and no --log: the gauge has stopped changing for --settle seconds.

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import Config, ConfigError, load
+from .config import LISTENER_NAMES, Config, ConfigError, HostPort, load
 
 log = logging.getLogger("smki-repository")
 
@@ -50,25 +50,72 @@ def _progress() -> Any:
 
 
 # -- serve / demo ---------------------------------------------------------------------------
-async def _serve(config: Config, *, pid_file: str | None,
-                 after_start: Any = None) -> int:
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
+async def _serve(config: Config, *, pid_file: str | None, after_start: Any = None,
+                 reread: Callable[[], Config] | None = None) -> int:
+    """Run until SIGTERM, SIGINT or SIGQUIT, then stop cleanly: listeners closed, the last
+    CPM 8 counts flushed, the embedded PostgreSQL released (stopped by its last user), the
+    pid file removed; a signal during start-up stops it there. SIGHUP reloads what can change
+    without dropping a connection (`Repository.reload`) from the configuration `reread`
+    returns."""
     from .server import Repository, write_pid_file
 
     repo = Repository(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
+    started = False
+    reloading: asyncio.Task[None] | None = None
+
+    def on_stop(sig: signal.Signals) -> None:
+        log.info("%s: shutting down", sig.name)
+        stop.set()
+
+    async def reload() -> None:
+        try:
+            new = reread() if reread is not None else config
+            done = repo.reload(new)
+            logging.getLogger().setLevel(new.log.level.upper())
+            log.info("SIGHUP: reloaded %s", done)
+        except (ConfigError, OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            log.error("SIGHUP: nothing reloaded, serving on as before: %s", exc)
+
+    def on_hup() -> None:
+        nonlocal reloading
+        if not started:
+            log.warning("SIGHUP while starting: ignored (send it again once started)")
+        elif reloading is None or reloading.done():
+            reloading = loop.create_task(reload())
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_stop, sig)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+
+    async def startup() -> None:
+        nonlocal started
         await repo.start()
+        started = True
         write_pid_file(pid_file)
         for name, addr in repo.bound.items():
             log.info("listening: %s on %s", name, addr)
         if after_start is not None:
             await after_start(repo)
-        await stop.wait()
-        log.info("shutting down")
+
+    starting = asyncio.ensure_future(startup())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting  # start's errors (a ConfigError, ...) propagate from here
+        await stopping
     finally:
+        started = False  # a SIGHUP from here on is not acted on
+        stopping.cancel()
+        if reloading is not None:
+            await reloading
         await repo.stop()
         if pid_file:
             Path(pid_file).unlink(missing_ok=True)
@@ -82,37 +129,50 @@ def _supervise(args: argparse.Namespace, config: Config) -> int:
     them feeds; jobs that must run once per cluster (the extract schedule) take a PostgreSQL
     advisory lock. The first worker starts the embedded PostgreSQL (the others share it
     through its lease) and builds the replica if needed; a worker that dies is restarted,
-    SIGINT/SIGTERM stop them all."""
+    SIGHUP is passed on to every worker (each reloads), SIGTERM/SIGINT/SIGQUIT stop them all.
+    Worker i serves /metrics on listeners.metrics' port + i: its own counters, scraped apart."""
     import subprocess
 
     from .server import write_pid_file
 
     workers = args.workers
-    for name in ("http", "https", "lodge", "ldap", "ldaps", "sftp"):
+    for name in LISTENER_NAMES:
         addr = config.listeners.address(name)
         if addr is not None and addr.port == 0:
             raise ConfigError(f"listeners.{name}: --workers needs fixed ports (not port 0)")
+    metrics = config.listeners.address("metrics")
+    if metrics is not None and metrics.port + workers - 1 > 65535:
+        raise ConfigError(f"listeners.metrics: worker {workers - 1} would listen on port"
+                          f" {metrics.port + workers - 1} (port + worker number)")
     argv = [sys.executable, "-m", "repository_server", "serve"]
-    for flag in ("config", "data_dir", "http", "https", "lodge", "ldap", "ldaps", "sftp"):
+    for flag in ("config", "data_dir", *LISTENER_NAMES):
         value = getattr(args, flag, None)
-        if value is not None:
+        if value is not None and flag != "metrics":
             argv += [f"--{flag.replace('_', '-')}", value]
     env = {**os.environ, "SMKI_LISTENERS__REUSE_PORT": "true"}
     run_dir = Path(config.data_dir).expanduser() / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
     stopping = False
+    procs: dict[int, subprocess.Popen[bytes]] = {}
 
     def stop(_sig: int, _frame: Any) -> None:
         nonlocal stopping
         stopping = True
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    def pass_on(sig: int, _frame: Any) -> None:
+        for proc in list(procs.values()):
+            if proc.poll() is None:
+                proc.send_signal(sig)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, stop)
+    signal.signal(signal.SIGHUP, pass_on)  # each worker reloads (its own configuration read)
 
     def spawn(i: int) -> subprocess.Popen[bytes]:
         pid_file = run_dir / f"worker-{i}.pid"
         pid_file.unlink(missing_ok=True)
-        proc = subprocess.Popen([*argv, "--pid-file", str(pid_file)], env=env)
+        own = ["--metrics", str(HostPort(metrics.host, metrics.port + i)) if metrics else ""]
+        proc = subprocess.Popen([*argv, *own, "--pid-file", str(pid_file)], env=env)
         deadline = time.monotonic() + 120
         while not pid_file.exists():  # written once the worker listens
             if proc.poll() is not None or time.monotonic() > deadline or stopping:
@@ -121,7 +181,6 @@ def _supervise(args: argparse.Namespace, config: Config) -> int:
         log.info("worker %d: pid %d", i, proc.pid)
         return proc
 
-    procs: dict[int, subprocess.Popen[bytes]] = {}
     write_pid_file(args.pid_file)
     try:
         for i in range(workers):  # one after the other: the first starts PostgreSQL
@@ -129,7 +188,7 @@ def _supervise(args: argparse.Namespace, config: Config) -> int:
             if procs[i].poll() is not None:
                 print(f"serve: worker {i} exited with {procs[i].returncode} at start",
                       file=sys.stderr)
-                return 1
+                return 2 if procs[i].returncode == 2 else 1  # its reason is on stderr
         log.info("%d workers serving", workers)
         restarts: list[float] = []
         while not stopping:
@@ -147,7 +206,7 @@ def _supervise(args: argparse.Namespace, config: Config) -> int:
     finally:
         for proc in procs.values():
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(signal.SIGTERM)  # each stops cleanly; the last one PostgreSQL
         for proc in procs.values():
             try:
                 proc.wait(timeout=30)
@@ -160,8 +219,7 @@ def _supervise(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
-    listeners = {k: getattr(args, k) for k in ("http", "https", "lodge", "ldap", "ldaps", "sftp")
-                 if getattr(args, k) is not None}
+    listeners = {k: getattr(args, k) for k in LISTENER_NAMES if getattr(args, k) is not None}
     if listeners:
         overrides["listeners"] = listeners
     config = _config(args, overrides)
@@ -171,7 +229,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         return _supervise(args, config)
     _install_loop()
-    return asyncio.run(_serve(config, pid_file=args.pid_file))
+    return asyncio.run(_serve(config, pid_file=args.pid_file,
+                              reread=lambda: _config(args, overrides)))
 
 
 def _ensure_testpki(pki_dir: Path, devices: int, organisations: int) -> dict[str, Any]:
@@ -287,7 +346,8 @@ def _demo_text(repo: Any, pki_dir: Path, manifest: dict[str, Any], users: list[s
             lines.append(f"  curl -sI {base}/documents/{doc['name']}")
         lines.append(f"  curl -s '{base}/extracts?{key}'   # after a scheduled extract, or:"
                      f" smki-repository extract full --data-dir {repo.config.data_dir}")
-        lines.append(f"  curl -s {base}/metrics | grep smki_")
+    if "metrics" in repo.bound:
+        lines.append(f"  curl -s http://{repo.bound['metrics']}/metrics | grep smki_")
     if https:
         lines.append(f"  curl -s --cacert {tls_ca} {https}/readyz")
     if "ldap" in repo.bound:
@@ -343,7 +403,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         users = await _demo_users(repo)
         print(_demo_text(repo, pki_dir, manifest, users), flush=True)
 
-    return asyncio.run(_serve(config, pid_file=args.pid_file, after_start=after_start))
+    return asyncio.run(_serve(config, pid_file=args.pid_file, after_start=after_start,
+                              reread=lambda: _config(args, overrides)))
 
 
 # -- testpki --------------------------------------------------------------------------------
@@ -380,7 +441,7 @@ async def _import(config: Config, root: Path, allow_unverified: bool,
     from .store import opened_store
 
     actor = Actor(f"operator:{getpass.getuser()}", peer="cli")
-    async with opened_store(config, max_size=4) as store:
+    async with opened_store(config, max_size=4, create=True) as store:  # a first bulk load
         service = LodgingService(store, parse_workers=config.lodge.parse_workers)
         try:
             report = await import_directory(service, root, actor,
@@ -610,8 +671,12 @@ def cmd_export_ldif(args: argparse.Namespace) -> int:
     else:
         target = Path(args.out)
         partial = target.with_name(target.name + ".partial")
-        with partial.open("w", encoding="ascii") as fh:
-            count = asyncio.run(run(fh))
+        try:
+            with partial.open("w", encoding="ascii") as fh:
+                count = asyncio.run(run(fh))
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
         partial.replace(target)  # a half-written export is never left under the real name
     print(f"export-ldif: {count} entries", file=sys.stderr)
     return 0
@@ -671,7 +736,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the server")
     _store_args(p)
-    for name in ("http", "https", "lodge", "ldap", "ldaps", "sftp"):
+    for name in LISTENER_NAMES:
         p.add_argument(f"--{name}", metavar="HOST:PORT",
                        help=f"override listeners.{name} (empty string disables)")
     p.add_argument("--pid-file", metavar="FILE")
@@ -794,12 +859,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .store.embedded import NoStore
+
     args = parser().parse_args(argv)
     try:
         result: int = args.func(args)
         return result
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except NoStore as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

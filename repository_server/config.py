@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "SMKI_"
+# every listener setting (`[listeners]`) and its `serve --NAME HOST:PORT` flag
+LISTENER_NAMES = ("http", "https", "lodge", "ldap", "ldaps", "sftp", "metrics")
 
 
 class ConfigError(ValueError):
@@ -53,6 +55,9 @@ class Listeners:
     ldap: str = "127.0.0.1:3890"
     ldaps: str = "127.0.0.1:6360"
     sftp: str = "127.0.0.1:2222"  # extract downloads over SFTP (read-only)
+    # Operations: GET /metrics (Prometheus), which names users (demand per user): keep it off
+    # the public networks. `serve --workers N`: worker i listens on this port + i.
+    metrics: str = "127.0.0.1:9464"
     # SO_REUSEPORT on every listener: several server processes on one node share each port and
     # the kernel spreads connections over them (`serve --workers N` sets it).
     reuse_port: bool = False
@@ -231,7 +236,7 @@ class Config:
         return p if p.is_absolute() else Path(self.data_dir).expanduser() / p
 
     def validate(self) -> Config:
-        for name in ("http", "https", "lodge", "ldap", "ldaps", "sftp"):
+        for name in LISTENER_NAMES:
             self.listeners.address(name)
         if self.database.pool_min < 1 or self.database.pool_max < self.database.pool_min:
             raise ConfigError("database.pool_min/pool_max: need 1 <= pool_min <= pool_max")

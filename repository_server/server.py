@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import errno
+import functools
 import gc
 import json
 import logging
@@ -19,7 +22,7 @@ import os
 import ssl
 import time
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .auth import Credentials, User
 from .catalog import Catalog
-from .config import Config, ConfigError, HostPort
+from .config import LISTENER_NAMES, Config, ConfigError, HostPort
 from .extracts.scheduler import ExtractScheduler
 from .extracts.sftp import SftpService
 from .extracts.writer import ExtractWriter
@@ -44,6 +47,7 @@ from .obs.arrival import waited
 from .obs.metrics import Metrics
 from .portal.app import Portal
 from .portal.auth import PortalAuth
+from .portal.security import CSRF_SECRET
 from .replica.env import Replica, ReplicaUnavailable
 from .replica.feed import Feeder, lag
 from .service_levels import ANONYMOUS, ServiceLevelCollector, ServiceLevels
@@ -76,8 +80,13 @@ def _require_file(config: Config, value: str, setting: str) -> Path:
 def server_tls_context(config: Config) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(_require_file(config, config.tls.cert, "tls.cert"),
-                        _require_file(config, config.tls.key, "tls.key"))
+    cert = _require_file(config, config.tls.cert, "tls.cert")
+    key = _require_file(config, config.tls.key, "tls.key")
+    try:
+        ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:  # not PEM, or a key that is not the certificate's
+        raise ConfigError(f"tls.cert/tls.key: cannot use {cert} with {key}:"
+                          f" {exc.reason or exc}") from None
     return ctx
 
 
@@ -87,8 +96,12 @@ def lodge_tls_context(config: Config) -> ssl.SSLContext:
     ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_COMPRESSION
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
-    ctx.load_verify_locations(cafile=str(_require_file(config, config.lodge.client_ca,
-                                                       "lodge.client_ca")))
+    ca = _require_file(config, config.lodge.client_ca, "lodge.client_ca")
+    try:
+        ctx.load_verify_locations(cafile=str(ca))
+    except ssl.SSLError as exc:
+        raise ConfigError(f"lodge.client_ca: no usable CA certificate in {ca}:"
+                          f" {exc.reason or exc}") from None
     return ctx
 
 
@@ -246,6 +259,39 @@ _HTTP_LOG = log.getChild("http")  # what aiohttp's protocol layer says about con
 _HTTP_LOG.addFilter(_OneLineForBadRequests())
 
 
+@contextlib.contextmanager
+def _listening(name: str, addr: HostPort) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"listeners.{name}: {addr} is already in use") from None
+        raise ConfigError(f"listeners.{name}: cannot listen on {addr}:"
+                          f" {exc.strerror or exc}") from None
+
+
+def check_listeners_free(config: Config) -> None:
+    """Before anything starts (PostgreSQL, a replica build): every configured address can be
+    bound, else a ConfigError naming the listener. Binding for real later reports the same
+    (another process may take a port meanwhile)."""
+    import socket
+
+    for name in LISTENER_NAMES:
+        addr = config.listeners.address(name)
+        if addr is None or addr.port == 0:
+            continue
+        shared = config.listeners.reuse_port and name != "metrics"
+        with _listening(name, addr):
+            for family, kind, proto, _, sockaddr in socket.getaddrinfo(
+                    addr.host or None, addr.port, type=socket.SOCK_STREAM,
+                    flags=socket.AI_PASSIVE):
+                with socket.socket(family, kind, proto) as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if shared:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                    sock.bind(sockaddr)
+
+
 class Repository:
     def __init__(self, config: Config, *, metrics: Metrics | None = None) -> None:
         self.config = config
@@ -272,6 +318,9 @@ class Repository:
         self._servers: list[asyncio.AbstractServer] = []
         self._background: set[asyncio.Task[Any]] = set()
         self.bound: dict[str, HostPort] = {}
+        self._lodge_ctx: ssl.SSLContext | None = None
+        self._tls_contexts: list[ssl.SSLContext] = []  # https, ldaps and StartTLS
+        self._opening: asyncio.Future[Store] | None = None
 
     # -- apps -----------------------------------------------------------------------------
     def _identify(self, request: web.Request) -> User | None:
@@ -361,16 +410,6 @@ class Repository:
                 return web.json_response(body, status=503, headers={"Retry-After": RETRY_AFTER})
             return web.json_response(body)
 
-        async def metrics_handler(_request: web.Request) -> web.Response:
-            with contextlib.suppress(ReplicaUnavailable):
-                state = lag(replica)
-                metrics.replica_applied.set(state["applied"])
-                metrics.replica_behind.set(state["behind_changes"])
-                metrics.replica_behind_seconds.set(state["behind_seconds"])
-                metrics.replica_bytes.set(replica.size_bytes())
-            return web.Response(body=generate_latest(metrics.registry),
-                                headers={"Content-Type": CONTENT_TYPE_LATEST})
-
         described = json.dumps(describe_api(_our_version()), indent=1).encode()
 
         async def openapi(_request: web.Request) -> web.Response:
@@ -445,10 +484,34 @@ class Repository:
                                            else None, receipt_in_handler=True))
         for method, path, handler in [*ops.routes(),
                                       ("GET", "/healthz", healthz), ("GET", "/readyz", readyz),
-                                      ("GET", "/metrics", metrics_handler),
                                       ("GET", "/openapi.json", openapi),
                                       ("*", "/{tail:.*}", not_found)]:
             add(method, path, observed(path, handler, None))
+        return app
+
+    def _metrics_app(self) -> web.Application:
+        """The operations listener (listeners.metrics): Prometheus metrics, which name users
+        (demand per user), so never on the public read listeners."""
+        metrics = self.metrics
+        replica = self.replica
+        assert replica is not None
+
+        async def metrics_handler(_request: web.Request) -> web.Response:
+            with contextlib.suppress(ReplicaUnavailable):
+                state = lag(replica)
+                metrics.replica_applied.set(state["applied"])
+                metrics.replica_behind.set(state["behind_changes"])
+                metrics.replica_behind_seconds.set(state["behind_seconds"])
+                metrics.replica_bytes.set(replica.size_bytes())
+            return web.Response(body=generate_latest(metrics.registry),
+                                headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        async def not_found(request: web.Request) -> web.Response:
+            return error(404, f"no such resource: {request.path} (this listener serves /metrics)")
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics_handler, allow_head=True)
+        app.router.add_route("*", "/{tail:.*}", not_found)
         return app
 
     async def _runner(self, app: web.Application, *, reads: bool = False) -> web.AppRunner:
@@ -542,13 +605,19 @@ class Repository:
     # -- life cycle -----------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.config
+        check_listeners_free(cfg)
         # TLS material first: a missing file should fail before anything starts.
         https_ctx = server_tls_context(cfg) if cfg.listeners.https else None
         lodge_ctx = lodge_tls_context(cfg) if cfg.listeners.lodge else None
         # LDAPS needs the server certificate; plain LDAP offers StartTLS when there is one.
         ldap_ctx = (ldap_tls_context(cfg) if cfg.listeners.ldaps or (
             cfg.listeners.ldap and cfg.path(cfg.tls.cert).is_file()) else None)
-        self.store = await self._resources.enter_async_context(opened_store(cfg, supervise=True))
+        self._tls_contexts = [ctx for ctx in (https_ctx, ldap_ctx) if ctx is not None]
+        # shielded: a stop signal during start-up cancels start(), and a store half-opened
+        # then (PostgreSQL started, lease taken) must still reach the exit stack to be released
+        self._opening = asyncio.ensure_future(self._resources.enter_async_context(
+            opened_store(cfg, supervise=True, create=True)))
+        self.store = await asyncio.shield(self._opening)
         self.feeder = Feeder.for_node(cfg, self.store.dsn)
         self.replica = self.feeder.replica
         self.catalog = Catalog(self.store, self.replica)
@@ -577,7 +646,8 @@ class Repository:
         if cfg.portal.enabled:
             auth = PortalAuth(self.store, cfg.portal)
             self.portal = Portal(self.catalog, auth, self.downloads, self.counting, cfg.portal,
-                                 self.extract_files)
+                                 self.extract_files, csrf_key=await self.store.deployment_secret(
+                                     CSRF_SECRET))
             self.catalog.subscribe("portal-session", auth.session_ended)
             self.catalog.subscribe("users", auth.user_changed)
             self.catalog.subscribe("certs", self.portal.views.certificates_lodged)
@@ -586,7 +656,6 @@ class Repository:
             clock_skew=timedelta(seconds=cfg.lodge.clock_skew_seconds),
             parse_workers=cfg.lodge.parse_workers, on_change=self.catalog.invalidate,
             after_commit=self.catalog.synced)
-        loop = asyncio.get_running_loop()
         for name, ctx in (("http", None), ("https", https_ctx)):
             addr = cfg.listeners.address(name)
             if addr is None:
@@ -594,38 +663,64 @@ class Repository:
             runner = await self._runner(self._read_app(name), reads=True)
             handlers = runner.server
             assert handlers is not None
-            server = await loop.create_server(
-                _capped(handlers, cfg.web.max_connections, self.metrics, name),
-                addr.host, addr.port, ssl=ctx, reuse_address=True,
-                reuse_port=cfg.listeners.reuse_port or None, backlog=1024,
-                ssl_handshake_timeout=10 if ctx else None)
-            self._servers.append(server)
-            sock = server.sockets[0].getsockname()
-            self.bound[name] = HostPort(sock[0], sock[1])
+            await self._listen(name, addr, _capped(handlers, cfg.web.max_connections,
+                                                   self.metrics, name), tls=ctx)
         addr = cfg.listeners.address("lodge")
         if addr is not None and lodge_ctx is not None:
             runner = await self._runner(build_lodge_app(cfg, self.lodging))
             factory = runner.server
             assert factory is not None
-            ctx = lodge_ctx
-            server = await loop.create_server(
-                lambda: _TlsGate(factory, ctx, self._on_tls_refused), addr.host, addr.port,
-                reuse_address=True, reuse_port=cfg.listeners.reuse_port or None, backlog=128)
-            self._servers.append(server)
-            sock = server.sockets[0].getsockname()
-            self.bound["lodge"] = HostPort(sock[0], sock[1])
+            self._lodge_ctx = lodge_ctx  # SIGHUP (`reload`) puts a new one here
+
+            def gate() -> asyncio.Protocol:
+                assert self._lodge_ctx is not None
+                return _TlsGate(factory, self._lodge_ctx, self._on_tls_refused)
+
+            await self._listen("lodge", addr, gate, backlog=128)
         await self._start_ldap(ldap_ctx)
         addr = cfg.listeners.address("sftp")
         if addr is not None:
             self.sftp = SftpService(cfg, self.store, extracts_dir)
-            host, port = await self.sftp.start(addr.host, addr.port)
+            with _listening("sftp", addr):
+                host, port = await self.sftp.start(addr.host, addr.port)
             self.bound["sftp"] = HostPort(host, port)
+        addr = cfg.listeners.address("metrics")
+        if addr is not None:
+            runner = await self._runner(self._metrics_app())
+            handlers = runner.server
+            assert handlers is not None
+            # its own port per process, never shared: a scrape must reach the process it names
+            await self._listen("metrics", addr, handlers, backlog=64, reuse_port=False)
         if self.extract_scheduler is not None:
             self.extract_scheduler.start()
         # Everything allocated so far lives as long as the process: out of the cyclic GC's
         # reach, so full collections do not walk it in the middle of requests.
         gc.collect()
         gc.freeze()
+
+    def reload(self, config: Config) -> str:
+        """SIGHUP: the server certificate and key (https, lodge, ldaps, StartTLS) and the DCC
+        client CA, from the files `config` names, for connections from now on; connections
+        already open go on as they are. Everything is read and checked first: a missing file
+        or a key that does not match is a ConfigError or ssl.SSLError and nothing changes.
+        Other settings (listeners, limits, ...) need a restart. Returns what was reloaded."""
+        checked = server_tls_context(config) if self._tls_contexts else None
+        lodge = lodge_tls_context(config) if self._lodge_ctx is not None else None
+        done = []
+        if checked is not None:
+            cert = _require_file(config, config.tls.cert, "tls.cert")
+            key = _require_file(config, config.tls.key, "tls.key")
+            for ctx in self._tls_contexts:  # the listening sockets keep their context object
+                ctx.load_cert_chain(cert, key)
+            done.append(f"tls.cert {cert}")
+        if lodge is not None:
+            self._lodge_ctx = lodge  # the lodging gate takes it for each new connection
+            done.append(f"lodge.client_ca {config.path(config.lodge.client_ca)}")
+        self.config = dataclasses.replace(self.config, tls=config.tls, log=config.log,
+                                          lodge=dataclasses.replace(
+                                              self.config.lodge,
+                                              client_ca=config.lodge.client_ca))
+        return ", ".join([*done, f"log.level {config.log.level}"])
 
     async def _start_ldap(self, ctx: ssl.SSLContext | None) -> None:
         cfg = self.config
@@ -635,19 +730,27 @@ class Repository:
         directory = Directory(self.catalog, self.store, suffix=cfg.ldap.suffix,
                               root_dse=_root_dse(cfg, ctx is not None))
         self.ldap = service = LdapService(cfg, directory, self.store, self.counting, ctx)
-        loop = asyncio.get_running_loop()
         for name, tls in (("ldap", None), ("ldaps", ctx)):
             addr = cfg.listeners.address(name)
             if addr is None:
                 continue
-            ldaps = tls is not None
-            server = await loop.create_server(lambda ldaps=ldaps: service.factory(ldaps=ldaps),
-                                              addr.host, addr.port, ssl=tls, reuse_address=True,
-                                              reuse_port=cfg.listeners.reuse_port or None,
-                                              backlog=1024, ssl_handshake_timeout=10 if tls else None)
-            self._servers.append(server)
-            sock = server.sockets[0].getsockname()
-            self.bound[name] = HostPort(sock[0], sock[1])
+            await self._listen(name, addr, functools.partial(service.factory,
+                                                             ldaps=tls is not None), tls=tls)
+
+    async def _listen(self, name: str, addr: HostPort, factory: Callable[[], asyncio.Protocol],
+                      *, tls: ssl.SSLContext | None = None, backlog: int = 1024,
+                      reuse_port: bool | None = None) -> None:
+        """Listen on listeners.NAME; an address that cannot be had is a ConfigError naming
+        the setting, not a traceback."""
+        shared = self.config.listeners.reuse_port if reuse_port is None else reuse_port
+        with _listening(name, addr):
+            server = await asyncio.get_running_loop().create_server(
+                factory, addr.host, addr.port, ssl=tls, reuse_address=True,
+                reuse_port=shared or None, backlog=backlog,
+                ssl_handshake_timeout=10 if tls else None)
+        self._servers.append(server)
+        sock = server.sockets[0].getsockname()
+        self.bound[name] = HostPort(sock[0], sock[1])
 
     async def stop(self) -> None:
         if self.extract_scheduler is not None:
@@ -680,6 +783,9 @@ class Repository:
             await self.feeder.close()
         if self.replica is not None:
             self.replica.close()
+        if self._opening is not None and not self._opening.done():  # stopped while starting
+            with contextlib.suppress(Exception):
+                await self._opening
         await self._resources.aclose()  # the pool, then the embedded PostgreSQL's lease
 
 

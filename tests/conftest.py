@@ -79,7 +79,8 @@ def make_config(data_dir: Path, pki: dict[str, Any], dsn: str, **over: Any) -> c
     overrides: dict[str, Any] = {
         "database": {"url": dsn},
         "listeners": {"http": "127.0.0.1:0", "https": "127.0.0.1:0", "lodge": "127.0.0.1:0",
-                      "ldap": "127.0.0.1:0", "ldaps": "127.0.0.1:0", "sftp": "127.0.0.1:0"},
+                      "ldap": "127.0.0.1:0", "ldaps": "127.0.0.1:0", "sftp": "127.0.0.1:0",
+                      "metrics": "127.0.0.1:0"},
         "tls": {"cert": str(pki_dir / pki["tls"]["cert"]), "key": str(pki_dir / pki["tls"]["key"])},
         "lodge": {"client_ca": str(pki_dir / pki["dcc_client"]["ca"]),
                   "client_subject": pki["dcc_client"]["subject"]},
@@ -114,6 +115,11 @@ class Running:
     @property
     def ldaps(self) -> str:
         return f"ldaps://127.0.0.1:{self.repo.bound['ldaps'].port}"  # the certificate has an IP SAN
+
+    @property
+    def metrics(self) -> str:
+        """The operations listener's /metrics (never on the read listeners)."""
+        return f"http://127.0.0.1:{self.repo.bound['metrics'].port}/metrics"
 
     @property
     def lodge_url(self) -> str:

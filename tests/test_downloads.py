@@ -146,7 +146,7 @@ async def test_https_and_operations(loaded: Running) -> None:
     assert (await aget(f"{loaded.http}/healthz"))[0] == 200
     status, _, body = await aget(f"{loaded.http}/readyz")
     assert status == 200 and json.loads(body)["status"] == "ready"
-    status, _, body = await aget(f"{loaded.http}/metrics")
+    status, _, body = await aget(loaded.metrics)
     assert status == 200 and b'smki_http_requests_total{listener="http"' in body
 
 

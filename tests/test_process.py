@@ -61,7 +61,7 @@ def postgres_running(data_dir: Path) -> bool:
 
 
 def ports_env() -> tuple[dict[str, str], dict[str, int]]:
-    ports = {name: free_port() for name in ("http", "https", "lodge")}
+    ports = {name: free_port() for name in ("http", "https", "lodge", "metrics")}
     env = cli_env()
     for name, port in ports.items():
         env[f"SMKI_LISTENERS__{name.upper()}"] = f"127.0.0.1:{port}"
@@ -174,6 +174,7 @@ lodge = "127.0.0.1:{ports['lodge']}"
 ldap = ""
 ldaps = ""
 sftp = ""
+metrics = "127.0.0.1:{ports['metrics']}"
 [tls]
 cert = "{pki_dir / manifest['tls']['cert']}"
 key = "{pki_dir / manifest['tls']['key']}"
@@ -209,7 +210,7 @@ def test_kill_9_mid_batch_leaves_all_or_nothing(tmp_path: Path) -> None:
     manifest = generate(pki_dir, TestPkiParams(devices=25_000, organisations=0, workers=2,
                                                 seed=11))
     data = tmp_path / "var"
-    ports = {"http": free_port(), "lodge": free_port()}
+    ports = {"http": free_port(), "lodge": free_port(), "metrics": free_port()}
     conf = tmp_path / "repo.toml"
     _write_config(conf, pki_dir, manifest, ports, data)
     dcc = manifest["dcc_client"]

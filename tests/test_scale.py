@@ -63,6 +63,7 @@ lodge = "127.0.0.1:{ports['lodge']}"
 ldap = "127.0.0.1:{ports['ldap']}"
 ldaps = ""
 sftp = ""
+metrics = ""
 [tls]
 cert = "{pki_dir / pki['tls']['cert']}"
 key = "{pki_dir / pki['tls']['key']}"

@@ -14,7 +14,7 @@ import asyncpg
 
 from repository_server.config import ServiceLevelSettings
 from repository_server.service_levels import ServiceLevels, band_of_hour, demand_report
-from repository_server.store.db import UserRow
+from repository_server.store.db import Store, UserRow
 
 from .conftest import TEST_KEY, Running, add_user, cli_env, http_get, lodge_pki, smki_cli, start_repository
 from .test_webservice import RETRIEVE, SEARCH, post, retrieve_body, search_body
@@ -75,7 +75,7 @@ async def test_cpm_fast_and_slow_requests_survive_a_restart(tmp_path: Path, pki:
             http_get, f"{running.http}/ops/reports/cpm?month=2026-13&apikey=operator-key-42")
         assert status == 400 and b"YYYY-MM" in body
         # Prometheus carries the same, per interface and operation
-        status, _, body = await asyncio.to_thread(http_get, f"{running.http}/metrics")
+        status, _, body = await asyncio.to_thread(http_get, running.metrics)
         text = body.decode()
         assert 'smki_cpm_requests_total{interface="ws",operation="retrieve"} 9.0' in text
         assert 'smki_cpm_within_trt_total{interface="ws",operation="retrieve"} 6.0' in text
@@ -170,7 +170,7 @@ async def test_demand_against_forecast_cli(loaded: Running, tmp_path: Path) -> N
     report = json.loads(res.stdout)
     assert "heavy" in report["flagged"]
     await repo.levels.refresh_demand_gauges()
-    _, _, body = await asyncio.to_thread(http_get, f"{loaded.http}/metrics")
+    _, _, body = await asyncio.to_thread(http_get, loaded.metrics)
     assert 'smki_demand_above_forecast{user="heavy"} 1.0' in body.decode()
     assert 'smki_demand_usage_ratio{band="day",user="heavy"} 3.0' in body.decode()
     res = await asyncio.to_thread(cli, "report", "demand", "--day", "yesterday")
@@ -184,6 +184,9 @@ async def test_users_cli(tmp_path: Path, fresh_db: str) -> None:
         return subprocess.run([*smki_cli(), "users", *args, "--data-dir", str(tmp_path)], env=env,
                               capture_output=True, text=True, timeout=60)
 
+    res = await asyncio.to_thread(cli, "add", "supplier-a")
+    assert res.returncode == 2 and "no store in" in res.stderr  # only serve makes a store
+    await (await Store.connect(fresh_db)).close()  # as `serve` does when it first starts
     res = await asyncio.to_thread(cli, "add", "supplier-a")
     assert res.returncode == 0, res.stderr
     key = next(ln for ln in res.stdout.splitlines() if ln.startswith("API key")).rsplit(" ", 1)[1]

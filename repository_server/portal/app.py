@@ -74,8 +74,9 @@ def _static_files() -> dict[str, tuple[bytes, str, str]]:
 class Portal:
     def __init__(self, catalog: Catalog, auth: PortalAuth, downloads: Downloads,
                  levels: ServiceLevels | None, settings: PortalSettings,
-                 extract_files: ExtractFiles | None = None) -> None:
+                 extract_files: ExtractFiles | None = None, *, csrf_key: bytes) -> None:
         self.catalog = catalog
+        self.csrf_key = csrf_key  # the deployment's (security.CSRF_SECRET in the store)
         self.store = catalog.store
         self.auth = auth
         self.downloads = downloads
@@ -129,7 +130,7 @@ class Portal:
              status: int = 200, token: str | None = None) -> web.Response:
         session = request.get(SESSION)
         csrf_from = token or (session.token if session else None)
-        context = {"session": session, "csrf": security.csrf_token(csrf_from) if csrf_from
+        context = {"session": session, "csrf": security.csrf_token(self.csrf_key, csrf_from) if csrf_from
                    else "", "nav": "", "notice": None, **context}
         response = aiohttp_jinja2.render_template(template, request, context, status=status)
         response.headers.update(_HEADERS)
@@ -189,7 +190,7 @@ class Portal:
             raise web.HTTPRequestTimeout(
                 reason=f"form not received within {timeout:g} seconds") from None
         fields = {k: v for k, v in data.items() if isinstance(v, str)}
-        return fields if security.csrf_ok(token, fields.get("csrf")) else None
+        return fields if security.csrf_ok(self.csrf_key, token, fields.get("csrf")) else None
 
     def _csrf_refused(self, request: web.Request) -> web.Response:
         return self.error_page(

@@ -6,8 +6,10 @@ password rules and safe redirects. `portal.auth` applies them to the store and t
   it exists so that the sign-in form has a CSRF token bound to the browser. Signing in
   always issues a new token (prefix "s."), so a token planted before sign-in (session
   fixation) is worth nothing after it.
-* The CSRF token of a form is derived from the session token (a keyed hash), so every node
-  can check it without storing anything, and a page from another site cannot know it.
+* The CSRF token of a form is derived from the session token (HMAC-SHA-256 under the
+  deployment's CSRF key: 32 random bytes made once per store, `Store.deployment_secret`), so
+  every node can check it without storing anything, and neither a page from another site
+  nor a reader of this source can compute it.
 * Lockout (SEC): `failures` wrong passwords within `window` seconds lock the account for
   `lockout` seconds; the failures that caused a lock are then forgotten, as are all of them
   after a successful sign-in. Attempts while locked are refused without being counted.
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
 
 ANONYMOUS_PREFIX = "a."
 SESSION_PREFIX = "s."
-_CSRF_KEY = b"smki-portal-csrf-v1"
+CSRF_SECRET = "portal-csrf"  # the deployment secret the CSRF key is (store.deployment_secret)
 _TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")
 MAX_PASSWORD = 1024  # characters: longer input is refused before any hashing
 MAX_USERNAME = 100
@@ -51,14 +53,14 @@ def token_sha256(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def csrf_token(session_token: str) -> str:
-    return hmac.new(_CSRF_KEY, session_token.encode(), hashlib.sha256).hexdigest()[:40]
+def csrf_token(key: bytes, session_token: str) -> str:
+    return hmac.new(key, session_token.encode(), hashlib.sha256).hexdigest()[:40]
 
 
-def csrf_ok(session_token: str | None, submitted: str | None) -> bool:
+def csrf_ok(key: bytes, session_token: str | None, submitted: str | None) -> bool:
     if not session_token or not submitted:
         return False
-    return hmac.compare_digest(csrf_token(session_token), submitted)
+    return hmac.compare_digest(csrf_token(key, session_token), submitted)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -459,6 +460,24 @@ class Store:
             finally:
                 await _unlock(conn, _MIGRATION_LOCK)
         return applied
+
+    async def has_schema(self) -> bool:
+        """Whether this database holds a store (our schema), before any migration."""
+        found: bool = await self.pool.fetchval(
+            "SELECT to_regclass('schema_migrations') IS NOT NULL")
+        return found
+
+    async def deployment_secret(self, name: str) -> bytes:
+        """The deployment's secret `name`: 32 random bytes made by the first process to ask
+        (race-free: a concurrent insert waits for the first one's commit and does nothing),
+        the same for every process and node on this store."""
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO deployment_secrets (name, secret) VALUES ($1, $2)"
+                " ON CONFLICT (name) DO NOTHING", name, secrets.token_bytes(32))
+            value: bytes = await conn.fetchval(
+                "SELECT secret FROM deployment_secrets WHERE name = $1", name)
+        return value
 
     async def ping(self) -> None:
         async with self.pool.acquire(timeout=2) as conn:

@@ -38,6 +38,15 @@ class EmbeddedError(RuntimeError):
     pass
 
 
+class NoStore(Exception):
+    """A command that reads the store was pointed where there is none (a wrong or missing
+    --data-dir, or a database without our schema): it must not create an empty one."""
+
+    def __init__(self, where: object, detail: str = "") -> None:
+        self.where = str(where)
+        super().__init__(f"no store in {where}" + (f" ({detail})" if detail else ""))
+
+
 def _bin(name: str) -> Path:
     # Located without importing pgserver: its package import starts lock files and warnings.
     import importlib.util
@@ -95,6 +104,7 @@ class EmbeddedPostgres:
         self._lockfile = self.data_dir / "pgdata.lock"
         self._as_root = os.geteuid() == 0
         self._held = False
+        self.created = False
 
     # -- paths ------------------------------------------------------------------------
     @property
@@ -220,12 +230,22 @@ class EmbeddedPostgres:
                     entry.unlink(missing_ok=True)
         return pids
 
-    def acquire(self) -> str:
-        """Make sure PostgreSQL runs (initialising it the first time); return its DSN."""
+    def initialised(self) -> bool:
+        return (self.pgdata / "PG_VERSION").exists()
+
+    def acquire(self, *, create: bool = True) -> str:
+        """Make sure PostgreSQL runs (initialising it the first time, if `create`: otherwise
+        a data directory without one is NoStore, and nothing is written there); return its
+        DSN. `created` says whether this call initialised it."""
+        if not create and not self.initialised():
+            raise NoStore(self.data_dir, f"no initialised PostgreSQL in {self.pgdata}: check"
+                          " --data-dir, --config or SMKI_DATABASE__URL; `serve` or `demo` creates"
+                          " a store")
         with self._locked():
             self._prepare_root()
-            if not (self.pgdata / "PG_VERSION").exists():
+            if not self.initialised():
                 self._initdb()
+                self.created = True
             if not self.is_running():
                 started = time.monotonic()
                 self._start()

@@ -1,9 +1,10 @@
 """The OpenAPI 3.1 description of the read listeners' HTTP API, served at GET /openapi.json.
 No I/O: `describe()` builds the document from the same constants the handlers use.
 
-It covers the downloads, the web service, extracts, the operator reports, /healthz, /readyz,
-/metrics and itself. Not described: the portal's HTML pages (under /portal/ and `/`), the
-catch-all 404 for any other path, and HEAD (answered for every GET, with the GET's headers).
+It covers the downloads, the web service, extracts, the operator reports, /healthz, /readyz
+and itself (Prometheus /metrics is on its own listener, `listeners.metrics`). Not described:
+the portal's HTML pages (under /portal/ and `/`), the catch-all 404 for any other path, and
+HEAD (answered for every GET, with the GET's headers).
 tests/test_openapi.py checks that the paths here are exactly the routes the server registers
 and fuzzes every operation against a running server (schemathesis).
 """
@@ -219,8 +220,6 @@ def describe(version: str) -> dict[str, Any]:
         "/readyz": _get("ready: the replica is built and current (503 otherwise, with the"
                         " reason)", {"200": {"description": "", "content": {
                             JSON: {"schema": _ref("Health")}}}}, tag="operations"),
-        "/metrics": _get("Prometheus metrics", {"200": {"description": "", "content": {
-            "text/plain": {"schema": {"type": "string"}}}}}, tag="operations"),
         "/openapi.json": _get("this description", {"200": {"description": "", "content": {
             JSON: {"schema": {"type": "object"}}}}}, tag="operations"),
         "/services/certificatesearch": _ws(
