@@ -1,12 +1,22 @@
 # smki-repository: the repository server with its embedded PostgreSQL (or database.url).
-FROM python:3.11-slim
+#
+#   docker build -t smki-repository .
+#   docker run --init -p 127.0.0.1:8083:8083 -v smki-data:/var/lib/smki smki-repository demo
+#
+# PYTHON_IMAGE: the official image by default; CI passes a stand-in built without a registry
+# (.ci/docker-smoke.sh). Pin a digest in production (python:3.11-slim@sha256:...).
+ARG PYTHON_IMAGE=python:3.11-slim
+FROM ${PYTHON_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    PATH=/opt/venv/bin:$PATH \
     SMKI_DATA_DIR=/var/lib/smki \
     SMKI_LISTENERS__HTTP=0.0.0.0:8083 SMKI_LISTENERS__HTTPS=0.0.0.0:8443 \
-    SMKI_LISTENERS__LODGE=0.0.0.0:8444
+    SMKI_LISTENERS__LODGE=0.0.0.0:8444 SMKI_LISTENERS__LDAP=0.0.0.0:3890 \
+    SMKI_LISTENERS__LDAPS=0.0.0.0:6360 SMKI_LISTENERS__SFTP=0.0.0.0:2222
 
-RUN apt-get update && apt-get install -y --no-install-recommends curl openssl \
+# tini: PID 1 that reaps the embedded PostgreSQL's children and passes signals on
+RUN apt-get update && apt-get install -y --no-install-recommends curl openssl tini \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --create-home --home-dir /var/lib/smki --uid 10001 smki \
     && install -d -o smki -g smki /pki /var/lib/smki/extracts
@@ -17,13 +27,16 @@ WORKDIR /opt/smki-repository
 COPY pyproject.toml README.md ./
 COPY repository_server ./repository_server
 COPY conf ./conf
-RUN pip install . && smki-repository --version
+RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install . && smki-repository --version
 
 USER smki
-EXPOSE 8083 8443 8444 3890 6360
-HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD curl -fsS http://127.0.0.1:8083/readyz || exit 1
-ENTRYPOINT ["smki-repository"]
+# The data directory (embedded PostgreSQL, replica, demo PKI, extracts): keep it in a volume.
+VOLUME /var/lib/smki
+EXPOSE 8083 8443 8444 3890 6360 2222
+# follows the configured http (or https) listener: SMKI_LISTENERS__HTTP, or the config file
+HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python3", "-m", "repository_server.healthcheck"]
+ENTRYPOINT ["/usr/bin/tini", "--", "smki-repository"]
 # `serve` needs the TLS files and DCC client CA under /var/lib/smki/pki (mount them, or set
 # SMKI_TLS__CERT / SMKI_LODGE__CLIENT_CA ...); `demo` generates a test PKI and lodges it.
 CMD ["serve", "--config", "/opt/smki-repository/conf/repository.toml"]
