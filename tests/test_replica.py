@@ -420,3 +420,57 @@ async def test_replica_commands_status_verify_rebuild(
     code, out, err = await run_process(*cli, "verify", *where, timeout=60, env=env)
     assert code == 1 and b"no replica at" in err and b"Traceback" not in err
 
+
+
+async def test_another_process_takes_over_feeding_when_the_feeder_dies(
+        tmp_path: Path, pki: dict[str, Any], fresh_db: str) -> None:
+    """Two processes of one node share its replica: a `serve` process that feeds it, and a
+    server in this process that only reads it. The feeder is killed (SIGKILL); within seconds
+    the reader takes the feeder role (the kernel released the flock) and its answers follow
+    the lodgings made after the kill."""
+    node_a = await start_repository(tmp_path / "a", pki, fresh_db)
+    a = Running(node_a, pki)
+    conf = tmp_path / "b.toml"
+    conf.write_text(
+        f'[database]\nurl = "{fresh_db}"\n[listeners]\nhttp = "127.0.0.1:0"\nhttps = ""\n'
+        'lodge = ""\nldap = ""\nldaps = ""\nsftp = ""\nmetrics = ""\n[extracts]\n'
+        'schedule = false\n[replica]\npoll_seconds = 0.05\n')
+    cfg = make_config(tmp_path / "b", pki, fresh_db)
+    replica_path = cfg.path(cfg.replica.path)
+    feeder = reader = None
+    try:
+        await add_user(node_a, "tester", TEST_KEY)
+        await asyncio.to_thread(lodge_pki, a)
+        feeder = _serve(tmp_path / "b", conf)
+        deadline = time.monotonic() + 120
+        while not ((replica_path / "data.mdb").exists() and _replica_state(replica_path)[0]):
+            assert feeder.poll() is None, "the feeding process died"
+            assert time.monotonic() < deadline, "the feeding process built no replica"
+            await asyncio.sleep(0.2)
+        reader = await asyncio.wait_for(start_repository(tmp_path / "b", pki, fresh_db), 120)
+        assert reader.feeder is not None and not reader.feeder.is_feeder
+        feeder.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(feeder.wait, 10)
+        pem, certs = _devices(a, 50, 30_000_000)
+        client = a.client()
+        try:
+            assert (await asyncio.to_thread(client.certificates, pem)).status == 200
+        finally:
+            client.close()
+        base = f"http://127.0.0.1:{reader.bound['http'].port}"
+        deadline = time.monotonic() + 30
+        while True:
+            status, _, _ = await asyncio.to_thread(
+                http_get, f"{base}/certificates/{certs[-1].serial_number:x}",
+                {"X-API-Key": TEST_KEY})
+            if status == 200 and reader.feeder.is_feeder:
+                break
+            assert time.monotonic() < deadline, (status, reader.feeder.is_feeder)
+            await asyncio.sleep(0.2)
+    finally:
+        if feeder is not None and feeder.poll() is None:
+            feeder.kill()
+            await asyncio.to_thread(feeder.wait, 10)
+        if reader is not None:
+            await reader.stop()
+        await node_a.stop()
