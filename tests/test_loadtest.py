@@ -269,3 +269,51 @@ def test_headless_day_run_against_the_demo_passes(tmp_path: Path) -> None:
     finally:
         demo.send_signal(2)
         demo.wait(60)
+
+
+# -- the load tests' data, from the server -------------------------------------------------------
+async def test_sample_endpoint(tmp_path: Path, pki: dict[str, Any], fresh_db: str) -> None:
+    """GET /ops/loadtest/sample: distinct EUI-64s the repository holds, with serials it
+    serves, organisations, CRL/ARL URLs and document names; operators only; bad parameters
+    are 400s naming the parameter."""
+    import json
+
+    from .conftest import http_get
+
+    running = await _started(tmp_path, pki, fresh_db)
+    base = f"{running.http}/ops/loadtest/sample"
+    ops = {"X-API-Key": OPERATOR_KEY}
+    try:
+        status, _, body = await asyncio.to_thread(http_get, f"{base}?devices=8&organisations=3",
+                                                  ops)
+        assert status == 200, body
+        sample = json.loads(body)
+        devices, orgs = sample["devices"], sample["organisations"]
+        assert len(devices) == 8 and len({d["eui64"] for d in devices}) == 8, devices
+        assert len(orgs) == 3 and len({o["eui64"] for o in orgs}) == 3, orgs
+        known = {o["eui64"].upper() for o in running.objects("organisation")}
+        assert {o["eui64"] for o in orgs} <= known
+        for d in devices:
+            assert len(d["serials"]) == 2, d  # the test PKI's DS and KA certificates
+            for serial in d["serials"]:
+                got = await asyncio.to_thread(http_get, f"{running.http}/certificates/{serial}"
+                                              f"?apikey={TEST_KEY}")
+                assert got[0] == 200, (serial, got[2][:200])
+        assert sample["crls"] and all(u.startswith("/crls/") for u in sample["crls"])
+        assert sorted(sample["documents"]) == sorted(
+            o["name"] for o in running.objects("document")), sample["documents"]
+        assert sample["holding"]["devices"] >= 8
+        # more than the repository holds: every one of them, once
+        status, _, body = await asyncio.to_thread(http_get, f"{base}?devices=10000", ops)
+        assert status == 200, body
+        everyone = json.loads(body)["devices"]
+        assert len(everyone) == len({d["eui64"] for d in everyone}) == sample["holding"]["devices"]
+        for query, problem in (("devices=many", b"devices"), ("organisations=-1", b"organisations"),
+                               ("devices=10001", b"10000")):
+            status, _, body = await asyncio.to_thread(http_get, f"{base}?{query}", ops)
+            assert status == 400 and problem in body, (query, status, body)
+        status, _, body = await asyncio.to_thread(http_get, f"{base}?devices=1",
+                                                  {"X-API-Key": TEST_KEY})
+        assert status == 403 and b"operator" in body, body
+    finally:
+        await running.repo.stop()
