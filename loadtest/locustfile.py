@@ -148,8 +148,10 @@ def _ops_get(env: Environment, path: str, timeout: float = 10.0) -> Any:
     o = _opts(env)
     r = requests.get(f"{(env.host or '').rstrip('/')}{path}", timeout=timeout,
                      headers={"X-API-Key": o.operator_key}, verify=o.tls_ca or True)
+    if r.status_code in (401, 403):
+        raise UsageError(f"--operator-key: refused by {path}: {r.status_code} {r.text[:200]}")
     if r.status_code != 200:
-        raise UsageError(f"{path}: {r.status_code} {r.text[:200]}")
+        raise ConnectionError(f"{path}: {r.status_code} {r.text[:200]}")
     return r.json()
 
 
@@ -181,8 +183,8 @@ class Data:
         self.crls = list(sample.get("crls", []))
         self.documents = list(sample.get("documents", []))
         if not self.subjects or not self.serials:
-            raise UsageError(f"{env.host}: the repository holds no device or organisation"
-                             " certificates to load it with")
+            raise ConnectionError(f"{env.host}: the repository holds no device or organisation"
+                                  " certificates to load it with")
         self.per_subject = found / len(self.subjects)
 
     def unknown_eui(self) -> str:
@@ -316,7 +318,7 @@ def _init(environment: Environment, **_kw: Any) -> None:
         if PROFILE.kind == "day":
             PROFILE = shapes.with_forecasts(PROFILE, _ops_get(environment, "/ops/reports/demand"))
     except UsageError as exc:
-        _usage_exit(f"the target: {exc}", 3)
+        _usage_exit(str(exc), 2)
     except Exception as exc:
         _usage_exit(f"the target {environment.host} cannot be reached: {exc}", 3)
     try:
@@ -354,6 +356,9 @@ def _request(request_type: str, name: str, response_time: float, exception: Any,
 def _start(environment: Environment, **_kw: Any) -> None:
     global CPM_BEFORE
     STOPPING.clear()
+    TALLY.take()  # a new run (the web UI's Start again) starts from nothing
+    EXPECTED.clear()
+    LAST_TICK.clear()
     if isinstance(environment.runner, WorkerRunner):
         if not DATA.subjects:
             try:
@@ -406,7 +411,7 @@ def _problems(environment: Environment) -> list[str]:
     out = [f"a user class raised {e['count']} time(s): {e['msg']}"
            for e in (runner.exceptions.values() if runner is not None else [])]
     for cls in enabled_classes(environment):
-        if not TALLY.arrivals.get(cls.__name__):
+        if not TALLY.arrivals.get(cls.__name__) and EXPECTED.get(cls.__name__, 0) >= 1:
             out.append(f"no {cls.__name__} made a request")
     out += verdict.shortfalls({c: n for c, n in EXPECTED.items() if TALLY.arrivals.get(c)},
                               TALLY.arrivals, o.count_margin)

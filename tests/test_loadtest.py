@@ -345,8 +345,15 @@ async def test_a_user_class_that_raises_exits_3(tmp_path: Path, pki: dict[str, A
                                                                    "PortalUser = 1"),
                                   "--portal-user", "tester", "--portal-password", "wrong",
                                   lodging=False)
+        # a relying party's key where the operator's belongs: a configuration error
+        not_ops = _locust_args(running.http, tmp_path, _steady(2, 1), "--api-key", TEST_KEY,
+                               "--operator-key", TEST_KEY)
+        refused, refused_out = await _run_locust(not_ops, tmp_path)
     finally:
         await running.repo.stop()
+    assert refused == 2 and "--operator-key: refused by /ops/loadtest/sample" in refused_out, (
+        refused_out)
+    assert "user 'tester' is not an operator" in refused_out, refused_out
     assert code == 3, out
     assert "LOAD BROKEN: a user class raised" in out and "portal sign-in as 'tester'" in out, out
     assert "no PortalUser made a request" in out, out
