@@ -14,6 +14,7 @@ Beside the percentages the verdict checks the load itself: each user class must 
 from __future__ import annotations
 
 import html
+import re
 from dataclasses import dataclass, field
 from typing import Any
 from xml.sax.saxutils import quoteattr
@@ -24,6 +25,7 @@ BELOW_MINIMUM = "below minimum"
 NO_REQUESTS = "no requests"
 LODGE = "lodge"  # the interface CPM 8 leaves out
 TOTAL = "TOTAL (CPM 8: read interfaces)"
+_BAND = re.compile(r"^\d\d-\d\d$")  # an SEC time band's label; other periods are stages
 
 
 @dataclass
@@ -97,8 +99,8 @@ class Tally:
             self.arrivals[u] = self.arrivals.get(u, 0) + int(n)
 
     def rows(self) -> list[tuple[str, Count]]:
-        """('class X', …), ('interface Y', …), ('band Z', …: read interfaces), the CPM 8
-        total of the read interfaces, then lodging on its own."""
+        """('class X', …), ('interface Y', …), ('band Z' or 'stage Z', …: read interfaces),
+        the CPM 8 total of the read interfaces, then lodging on its own."""
         by_class: dict[str, Count] = {}
         by_interface: dict[str, Count] = {}
         by_period: dict[str, Count] = {}
@@ -114,7 +116,8 @@ class Tally:
             total.merge(c)
         rows = ([(f"class {u}", c) for u, c in sorted(by_class.items())]
                 + [(f"interface {i}", c) for i, c in sorted(by_interface.items())]
-                + [(f"band {p}", c) for p, c in sorted(by_period.items())]
+                + [(f"{'band' if _BAND.match(p) else 'stage'} {p}", c)
+                   for p, c in sorted(by_period.items())]
                 + [(TOTAL, total)])
         if lodging.total:
             rows.append(("lodging (not in CPM 8)", lodging))

@@ -123,6 +123,9 @@ def test_verdict_counts_failures_as_late() -> None:
     assert (total.total, total.within, total.failed, total.late) == (100, 98, 1, 2)
     assert total.percent == pytest.approx(98.0)
     assert (rows["band 08-20"].total, rows["band 20-24"].within) == (98, 0)
+    t.add("WebServiceUser", "ws", 5.0, True, "spike")  # a stage profile's label
+    assert dict(t.rows())["stage spike"].total == 1
+    t.counts.pop(("WebServiceUser", "ws", "spike"))
     assert verdict.verdict(total.percent, 99, 96) == verdict.BELOW_TARGET
     assert not verdict.passed(t, 99, 96)  # band 20-24: 0 %
     t.counts.pop(("WebServiceUser", "ws", "20-24"))
