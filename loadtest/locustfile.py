@@ -227,6 +227,7 @@ CLASS_RATES: dict[str, float] = {}  # arrivals/s per class, all its users togeth
 STOPPING = gevent.event.Event()
 INFLIGHT = gevent.pool.Group()  # every arrival's greenlets
 CURRENT: dict[Any, tuple[str, str, str, float]] = {}  # greenlet -> class, type, name, start
+DRAINED: list[str] = []  # (master) workers whose final counts are in
 
 
 def enabled_classes(env: Environment) -> list[type[Any]]:
@@ -297,6 +298,7 @@ def _init(environment: Environment, **_kw: Any) -> None:
     if isinstance(runner, WorkerRunner):
         # the master sends its options with the first spawn: everything else at test_start
         runner.register_message("smki_schedule", _on_schedule)
+        runner.register_message("smki_drain", _on_drain, concurrent=True)
         environment.events.report_to_master.add_listener(
             lambda client_id, data: data.__setitem__("smki_tally", TALLY.take()))
         return
@@ -335,6 +337,7 @@ def _init(environment: Environment, **_kw: Any) -> None:
     if isinstance(runner, MasterRunner):
         environment.events.worker_report.add_listener(
             lambda client_id, data: TALLY.merge(data.get("smki_tally")))
+        runner.register_message("smki_drained", _on_drained)
     else:
         runner.register_message("smki_schedule", _on_schedule)
 
@@ -379,18 +382,36 @@ def _integrate(now: float) -> None:
         LAST_TICK.append(now)
 
 
+def _drain_wait(environment: Environment) -> float:
+    return float(environment.stop_timeout or _opts(environment).trt)
+
+
 @events.test_stopping.add_listener
 def _stopping(environment: Environment, **_kw: Any) -> None:
     """Stop making arrivals; wait up to --stop-timeout (default: the TRT) for the requests
-    in flight, then count those still unanswered as late and end them."""
+    in flight, then count those still unanswered as late and end them. A master has its
+    workers do it, and waits for their counts: Locust's own stop gives a worker's final
+    report half a second, less than that wait."""
     runner = environment.runner
     if not isinstance(runner, WorkerRunner) and environment.shape_class is not None:
         _integrate(environment.shape_class.get_run_time())  # stopped before the profile's end
         CLASS_RATES.clear()
     if isinstance(runner, MasterRunner):
+        DRAINED.clear()
+        runner.send_message("smki_drain")
+        deadline = time.monotonic() + _drain_wait(environment) + 10
+        while len(DRAINED) < runner.worker_count and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        if len(DRAINED) < runner.worker_count:
+            log.warning("%d of %d workers sent no final counts", runner.worker_count - len(DRAINED),
+                        runner.worker_count)
         return
+    _drain(environment)
+
+
+def _drain(environment: Environment) -> None:
     STOPPING.set()
-    INFLIGHT.join(timeout=environment.stop_timeout or _opts(environment).trt)
+    INFLIGHT.join(timeout=_drain_wait(environment))
     now = time.perf_counter()
     stuck = list(CURRENT.values())
     CURRENT.clear()
@@ -400,8 +421,17 @@ def _stopping(environment: Environment, **_kw: Any) -> None:
             request_type=kind, name=name, response_time=(now - started) * 1000,
             response_length=0, context={"user_class": cls},
             exception=TimeoutError("still in flight at the end of the run: counted late"))
-    if isinstance(runner, WorkerRunner):
-        runner._send_stats()  # the master's verdict must have these before it stops waiting
+
+
+def _on_drain(environment: Environment, msg: Any, **_kw: Any) -> None:
+    """A worker told to stop by its master: drain, then send the counts at once."""
+    _drain(environment)
+    environment.runner.send_message("smki_drained", TALLY.take())
+
+
+def _on_drained(environment: Environment, msg: Any, **_kw: Any) -> None:
+    TALLY.merge(msg.data)
+    DRAINED.append(str(msg.node_id))
 
 
 def _problems(environment: Environment) -> list[str]:

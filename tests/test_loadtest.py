@@ -628,3 +628,30 @@ async def test_a_server_paused_every_second_fails_the_client(demo: Demo, tmp_pat
     code, out, late = await _locust_while(demo, args, tmp_path, pause)
     assert code == 1 and "Verdict: FAIL" in out, out
     assert late >= 10, out
+
+
+async def test_distributed_a_server_frozen_at_the_end_fails(demo: Demo, tmp_path: Path) -> None:
+    """The same frozen server with a master and a worker: the worker's in-flight requests
+    are waited for and counted late before the master judges (Locust gives a worker's last
+    report half a second, less than that wait: they were lost, and the run passed)."""
+    port = str(_closed_port())
+    profile = _steady(12, 8, "WebServiceUser = 1\nDownloadUser = 1")
+    args = demo.args(tmp_path, profile, "--trt", "1", "--master", "--expect-workers", "1",
+                     "--master-bind-port", port, lodging=False)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"),
+         "--worker", "--master-port", port], cwd=str(tmp_path), env=cli_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    async def freeze(_end: asyncio.Future[Any]) -> None:
+        await asyncio.sleep(10)
+        demo.proc.send_signal(signal.SIGSTOP)
+
+    try:
+        code, out, late = await _locust_while(demo, args, tmp_path, freeze)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        worker.wait(30)
+    assert code == 1 and "Verdict: FAIL" in out, out
+    assert late >= 4, out
