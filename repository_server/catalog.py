@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 import typing
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,7 @@ from datetime import datetime
 
 import asyncpg
 
+from .pki.ids import format_eui64, format_key_id
 from .replica.env import Replica, ReplicaUnavailable, RevokedEntry
 from .replica.records import CertRecord, CrlRecord, DocRecord, http_date
 from .store.db import NOTIFY_CHANNEL, Store
@@ -317,3 +319,28 @@ class ReplicaReads:
     async def document_versions(self, name: str) -> list[DocRecord]:
         self.catalog._check_ready()
         return self.replica.document_versions(name)
+
+    async def sample(self, devices: int, organisations: int) -> dict[str, typing.Any]:
+        """A random sample of what the replica holds, for load tests: `devices` devices and
+        `organisations` organisations (distinct, each with its certificates' serials), every
+        current CRL/ARL's URL and every document's name. Costs one index seek and a read of
+        each drawn subject's certificates per subject (see Replica.sample_subjects), in a
+        thread: the event loop goes on serving meanwhile."""
+        self.catalog._check_ready()
+        replica = self.replica
+
+        def draw() -> dict[str, typing.Any]:
+            rng = random.Random()
+            held = replica.subject_counts()
+            out: dict[str, typing.Any] = {"holding": {"devices": held[0],
+                                                      "organisations": held[1]}}
+            for name, device, n, count in (("devices", True, devices, held[0]),
+                                           ("organisations", False, organisations, held[1])):
+                out[name] = [{"eui64": format_eui64(eui), "serials": [c.serial for c in certs]}
+                             for eui, certs in replica.sample_subjects(device, n, count, rng)]
+            out["crls"] = [f"/crls/{format_key_id(c.issuer_key_id)}.crl"
+                           for c in sorted(replica.current_crls(), key=lambda c: c.issuer_key_id)]
+            out["documents"] = sorted(d.name for d in replica.documents())
+            return out
+
+        return await asyncio.to_thread(draw)

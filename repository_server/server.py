@@ -458,7 +458,7 @@ class Repository:
         fast_paths = downloads.fast_paths()
         webservice = WebService(self.catalog, self.credentials, self.config, levels)
         self.webservices.append(webservice)
-        ops = Ops(store, self.credentials, self.levels)
+        ops = Ops(store, self.credentials, self.levels, self.catalog)
         app = web.Application(client_max_size=self.config.web.client_max_size_kb * 1024)
 
         def add(method: str, path: str, wrapped: Handler) -> None:

@@ -55,7 +55,8 @@ DCLINT = ROOT / "tests" / "node" / "node_modules" / "dclint" / "bin" / "dclint.c
 SERVICES = {"postgres", "init", "node1", "node2", "locust-master", "locust-worker"}
 # the only secrets the file may hold: documented demo defaults, overridable from the environment
 DEMO_SECRETS = {"POSTGRES_PASSWORD": "smki-demo-only",
-                "SMKI_LOADTEST_API_KEY": "compose-demo-loadtest-key"}
+                "SMKI_LOADTEST_API_KEY": "compose-demo-loadtest-key",
+                "SMKI_LOADTEST_OPERATOR_KEY": "compose-demo-operator-key"}
 # Locust's flags that take a bare port: whose port it is (None: the service's own)
 PORT_FLAGS = {"--master-bind-port": None, "--web-port": None, "--master-port": "--master-host"}
 
@@ -430,7 +431,7 @@ def test_compose_services_run_natively(tmp_path: Path) -> None:
         replicas = services["locust-worker"]["deploy"]["replicas"]
         report = tmp_path / "locust"
         master = cluster.start("locust-master", "--headless", "--expect-workers", str(replicas),
-                               "-u", "4", "-r", "4", "--run-time", "8s", "--csv", str(report),
+                               "--rate", "8", "--run-time", "8s", "--csv", str(report),
                                "--only-summary")
         workers = [cluster.start("locust-worker", replica=i + 1) for i in range(replicas)]
         try:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -328,6 +329,48 @@ class Replica:
             prefix = b"d" if device else b"o"
             found: bytes = cur.key() if cur.set_range(prefix) else b""
             return found.startswith(prefix)
+
+    def subject_counts(self) -> tuple[int, int]:
+        """(devices, organisations) with certificates: the organisations are walked (a few
+        hundred), the devices are the index's other entries (no walk)."""
+        with self._read() as txn:
+            organisations = sum(1 for _ in self._prefixed(txn, "subject", b"o"))
+            return int(txn.stat(self._db["subject"])["entries"]) - organisations, organisations
+
+    def sample_subjects(self, device: bool, n: int, held: int, rng: random.Random
+                        ) -> list[tuple[bytes, tuple[CertRecord, ...]]]:
+        """Up to `n` distinct devices (or organisations) at random, with their certificates,
+        of the `held` there are (subject_counts). Each draw is one seek to a random EUI-64
+        between the lowest and highest held (O(log size): no walk of the index), so EUI-64s
+        after a wide gap are drawn more often; `n` >= `held` walks them all instead."""
+        prefix = b"d" if device else b"o"
+        chosen: dict[bytes, bytes] = {}
+        with self._read() as txn:
+            if n >= held:
+                chosen.update(self._prefixed(txn, "subject", prefix))
+            elif n > 0:
+                with txn.cursor(db=self._db["subject"]) as cur:
+                    if not cur.set_range(prefix) or not cur.key().startswith(prefix):
+                        return []
+                    low = int.from_bytes(cur.key()[1:], "big")
+                    if not cur.set_range(bytes([prefix[0] + 1])) or not cur.prev():
+                        cur.last()
+                    high = int.from_bytes(cur.key()[1:], "big")
+                    for _ in range(4 * n + 16):  # duplicates are drawn again, a bounded number
+                        cur.set_range(prefix + rng.randint(low, high).to_bytes(8, "big"))
+                        chosen.setdefault(cur.key(), cur.value())
+                        if len(chosen) >= n:
+                            break
+                    # the draws kept hitting the same few: the rest in key order from the
+                    # last draw on (at most 2n steps: each is new or one of the n drawn)
+                    ok = True
+                    while len(chosen) < n:
+                        if not ok or not cur.key().startswith(prefix):
+                            ok = cur.set_range(prefix)
+                            continue
+                        chosen.setdefault(cur.key(), cur.value())
+                        ok = cur.next()
+            return [(key[1:], self._ids(txn, ids)) for key, ids in list(chosen.items())[:n]]
 
     def counts(self) -> dict[str, int]:
         with self._read() as txn:

@@ -2,8 +2,12 @@
 
   GET /ops/reports/cpm?month=YYYY-MM        Code Performance Measure 8 (as `report cpm --json`)
   GET /ops/reports/demand?day=YYYY-MM-DD    demand against forecast (as `report demand --json`)
+  GET /ops/loadtest/sample?devices=N&organisations=M
+                                            what load tests ask for: N devices and M
+                                            organisations at random (EUI-64s with their
+                                            serials), CRL/ARL URLs and document names
 
-Both need the API key of a user with the operator role (`?apikey=` or X-API-Key). This
+All need the API key of a user with the operator role (`?apikey=` or X-API-Key). This
 process's counts are flushed first, so the answer includes everything it has answered.
 """
 
@@ -16,6 +20,7 @@ from datetime import date
 from aiohttp import web
 
 from ..auth import Credentials
+from ..catalog import Catalog
 from ..service_levels import ServiceLevels, cpm_report, demand_report
 from ..store.db import Store
 from .apikeys import request_key
@@ -23,18 +28,22 @@ from .downloads import error
 
 _MONTH = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])", re.ASCII)
 _DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", re.ASCII)
+SAMPLE_MAX = 10_000  # devices (and organisations) one sample may ask for
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Ops:
-    def __init__(self, store: Store, credentials: Credentials, levels: ServiceLevels) -> None:
+    def __init__(self, store: Store, credentials: Credentials, levels: ServiceLevels,
+                 catalog: Catalog) -> None:
         self.store = store
+        self.catalog = catalog
         self.credentials = credentials
         self.levels = levels
 
     def routes(self) -> list[tuple[str, str, Handler]]:
-        return [("GET", "/ops/reports/cpm", self.cpm), ("GET", "/ops/reports/demand", self.demand)]
+        return [("GET", "/ops/reports/cpm", self.cpm), ("GET", "/ops/reports/demand", self.demand),
+                ("GET", "/ops/loadtest/sample", self.sample)]
 
     def _refused(self, request: web.Request) -> web.Response | None:
         key = request_key(request)
@@ -71,3 +80,17 @@ class Ops:
         report = demand_report(day, await self.store.demand_counts(day), await self.store.users(),
                                self.levels.settings.demand_threshold_percent)
         return web.json_response(report, headers={"Cache-Control": "no-store"})
+
+    async def sample(self, request: web.Request) -> web.StreamResponse:
+        refused = self._refused(request)
+        if refused:
+            return refused
+        wanted = {}
+        for name, default in (("devices", 100), ("organisations", 10)):
+            text = request.query.get(name, str(default))
+            if not text.isdigit() or int(text) > SAMPLE_MAX:
+                return error(400, f"{name}: expected a whole number from 0 to {SAMPLE_MAX},"
+                                  f" got {text[:40]!r}")
+            wanted[name] = int(text)
+        sample = await self.catalog.reads.sample(wanted["devices"], wanted["organisations"])
+        return web.json_response(sample, headers={"Cache-Control": "no-store"})
