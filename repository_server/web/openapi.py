@@ -214,6 +214,16 @@ def describe(version: str) -> dict[str, Any]:
             "403": _error("not an operator's API key")},
             [_query("day", "YYYY-MM-DD (default: today, UK time)", format="date")], _KEYED,
             "operations"),
+        "/ops/loadtest/sample": _get(
+            "a random sample of what the replica holds, for load tests (operators): devices and"
+            " organisations with their serials, CRL/ARL URLs, document names", {
+                "200": {"description": "", "content": {JSON: {"schema": _ref("Report")}}},
+                "400": _error("devices or organisations is not a whole number up to 10000"),
+                "403": _error("not an operator's API key")},
+            [_query(name, f"how many {name} (default {default}, at most 10000)",
+                    pattern=r"^(10000|[0-9]{1,4})$") for name, default in (("devices", 100),
+                                                                 ("organisations", 10))],
+            _KEYED, "operations"),
         "/healthz": _get("the process answers", {
             "200": {"description": "", "content": {JSON: {"schema": _ref("Health")}}}},
             tag="operations"),

@@ -29,6 +29,7 @@ from .downloads import error
 _MONTH = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])", re.ASCII)
 _DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", re.ASCII)
 SAMPLE_MAX = 10_000  # devices (and organisations) one sample may ask for
+_COUNT = re.compile(r"[0-9]{1,5}", re.ASCII)  # str.isdigit() takes "²", which int() refuses
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -88,7 +89,7 @@ class Ops:
         wanted = {}
         for name, default in (("devices", 100), ("organisations", 10)):
             text = request.query.get(name, str(default))
-            if not text.isdigit() or int(text) > SAMPLE_MAX:
+            if not _COUNT.fullmatch(text) or int(text) > SAMPLE_MAX:
                 return error(400, f"{name}: expected a whole number from 0 to {SAMPLE_MAX},"
                                   f" got {text[:40]!r}")
             wanted[name] = int(text)
