@@ -262,6 +262,8 @@ class Cluster:
         # an entrypoint set by the service drops the image's CMD (as Docker does)
         command = svc.get("command", image["cmd"] if "entrypoint" not in svc else [])
         raw = [*entrypoint, *(shlex.split(command) if isinstance(command, str) else command)]
+        if raw[:2] == ["/usr/bin/tini", "--"]:  # the container's PID 1; natively, not needed
+            raw = raw[2:]
         out = []
         for i, arg in enumerate(raw):
             flag = raw[i - 1] if i else ""
@@ -278,6 +280,7 @@ class Cluster:
         bins = [str(Path(sys.executable).parent), str(_bin("pg_isready").parent)]
         env["PATH"] = os.pathsep.join([*bins, env.get("PATH", "")])
         merged = {**self.image(name)["env"], **self.services[name].get("environment", {})}
+        merged.pop("PATH", None)  # the image's venv (/opt/venv/bin) is this interpreter's bin
         env.update({k: self.rewrite(name, str(v)) for k, v in merged.items()})
         return env
 
