@@ -567,7 +567,8 @@ class LdapConnection(asyncio.Protocol):
         self._tls_upgrading = True
         try:
             new = await asyncio.get_running_loop().start_tls(
-                self.transport, self, ctx, server_side=True, ssl_handshake_timeout=10)
+                self.transport, self, ctx, server_side=True,
+                ssl_handshake_timeout=self.service.config.tls.handshake_timeout_seconds)
         except Exception as exc:
             log.info("ldap conn=%d %s: StartTLS handshake failed: %s", self.conn_id, self.peer, exc)
             self.abort()
