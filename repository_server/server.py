@@ -2,10 +2,12 @@
 
 `Repository.start()` brings the pieces up in data-flow order (store → catalog → lodging →
 listeners) and `stop()` takes them down in reverse, releasing the embedded PostgreSQL last
-so that Ctrl-C leaves no orphan. The lodging listener accepts TCP itself and performs the
-TLS handshake through `loop.start_tls`, so that a refused handshake (no client certificate,
-unknown CA, expired, self-signed) is seen, audited and counted rather than silently dropped
-inside the TLS layer.
+so that Ctrl-C leaves no orphan. The TLS listeners (lodge, https, ldaps) accept TCP
+themselves (`_TlsGate`) and hand a connection to the loop's TLS protocol only when its
+first bytes arrive: connections in their handshake count against the listener's cap, a
+refused handshake (no client certificate, unknown CA, expired, timed out) is counted per
+minute, reason and peer (obs/refusals.py) rather than silently dropped inside the TLS layer,
+and the client gets the TLS alert that says why.
 """
 
 from __future__ import annotations
