@@ -820,6 +820,7 @@ class Repository:
         directory = Directory(self.catalog, self.store, suffix=cfg.ldap.suffix,
                               root_dse=_root_dse(cfg, ctx is not None))
         self.ldap = service = LdapService(cfg, directory, self.store, self.counting, ctx)
+        service.on_over_cap = lambda listener: self.metrics.over_cap.labels(listener).inc()
         loop = asyncio.get_running_loop()
         for name, tls in (("ldap", None), ("ldaps", ctx)):
             addr = cfg.listeners.address(name)
