@@ -212,7 +212,8 @@ class _Lingering(asyncio.Protocol):
     def close_after(cls, tcp: asyncio.Transport, last: bytes) -> None:
         if tcp.is_closing():
             return
-        tcp.set_protocol(cls(tcp))  # (reading paused: it resumes with this one's callbacks)
+        tcp.pause_reading()  # (again: the gate may have resumed it) so that reading resumes
+        tcp.set_protocol(cls(tcp))  # with this protocol's callbacks
         tcp.write(last)
         tcp.write_eof()
         tcp.resume_reading()

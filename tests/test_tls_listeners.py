@@ -344,7 +344,11 @@ async def test_refused_client_certificates_get_the_proper_tls_alert(
     cases = [([], "alert certificate required"),
              (["--tls-max", "1.2"], "alert handshake failure"),
              (["--cert", other[0], "--key", other[1]], "alert unknown ca"),
-             (["--cert", expired[0], "--key", expired[1]], "alert certificate expired")]
+             (["--cert", expired[0], "--key", expired[1]], "alert certificate expired"),
+             # refused on the ClientHello itself (no AES-GCM suite offered)
+             (["--tls-max", "1.2", "--ciphers", "ECDHE-ECDSA-CHACHA20-POLY1305",
+               "--cert", server.client_cert[0], "--key", server.client_cert[1]],
+              "alert handshake failure")]
     for args, alert in cases:
         out = await asyncio.to_thread(_curl, server, *args)
         assert alert in out.stderr, (args, out.returncode, out.stderr)
