@@ -215,3 +215,32 @@ async def report_demand(store: Store, settings: ServiceLevelSettings, day_text: 
     report = demand_report(day, await store.demand_counts(day), await store.users(),
                            settings.demand_threshold_percent)
     return json.dumps(report, indent=2) if as_json else format_demand_report(report)
+
+
+async def report_tls_refusals(store: Store, hours: float, as_json: bool) -> str:
+    """Refused TLS handshakes in the last `hours`: per listener, reason and peer address."""
+    from datetime import UTC, datetime, timedelta
+
+    from .obs.refusals import REASONS
+    from .store import refusals as refusals_sql
+
+    if not 0 < hours <= 24 * 366:
+        raise AdminError(f"--hours: must be between 0 and 8784, got {hours:g}")
+    until = datetime.now(UTC)
+    since = until - timedelta(hours=hours)
+    rows = await refusals_sql.summary(store, since, until)
+    if as_json:
+        return json.dumps({"since": since.isoformat(), "until": until.isoformat(), "rows": [
+            {**r, "first_minute": r["first_minute"].isoformat(),
+             "last_minute": r["last_minute"].isoformat()} for r in rows]}, indent=2)
+    lines = [f"TLS handshakes refused from {since:%Y-%m-%d %H:%M} to {until:%Y-%m-%d %H:%M} UTC"
+             f" ({sum(r['count'] for r in rows)} in all)", "",
+             f"{'listener':<10}{'reason':<16}{'peer':<40}{'count':>9}  {'first':<5}  "
+             f"{'last':<5}  last detail"]
+    for r in rows:
+        lines.append(f"{r['listener']:<10}{r['reason']:<16}{r['peer']:<40}{r['count']:>9}  "
+                     f"{r['first_minute']:%H:%M}  {r['last_minute']:%H:%M}  {r['detail']}")
+    if not rows:
+        lines.append("(none)")
+    lines += ["", "reasons: " + "; ".join(f"{k}: {v}" for k, v in REASONS.items())]
+    return "\n".join(lines)

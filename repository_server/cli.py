@@ -476,7 +476,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 # -- lodge ----------------------------------------------------------------------------------
 def cmd_lodge(args: argparse.Namespace) -> int:
-    from .lodge.client import LodgeClient, lodge_files
+    from .lodge.client import LodgeClient, TlsRefused, lodge_files
 
     try:
         client = LodgeClient(args.url, args.cert, args.key, args.ca,
@@ -490,6 +490,9 @@ def cmd_lodge(args: argparse.Namespace) -> int:
                                trust_anchor=args.trust_anchor, status=args.status,
                                manufacturing_flag=flag, batch_size=args.batch_size,
                                progress=_progress())
+    except TlsRefused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"error: cannot reach {args.url}: {exc}", file=sys.stderr)
         return 2
@@ -558,6 +561,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.kind == "cpm":
         return _admin(args, lambda store, config: admin.report_cpm(
             store, config.service_levels, args.month, args.json))
+    if args.kind == "tls-refusals":
+        return _admin(args, lambda store, _c: admin.report_tls_refusals(store, args.hours,
+                                                                         args.json))
     return _admin(args, lambda store, config: admin.report_demand(
         store, config.service_levels, args.day, args.json))
 
@@ -819,7 +825,8 @@ def parser() -> argparse.ArgumentParser:
         _store_args(q)
     p.set_defaults(func=cmd_users)
 
-    p = sub.add_parser("report", help="service-level reports (CPM 8, demand)")
+    p = sub.add_parser("report", help="service-level reports (CPM 8, demand), refused TLS"
+                       " handshakes")
     rs = p.add_subparsers(dest="kind", required=True)
     q = rs.add_parser("cpm", help="Code Performance Measure 8 for a calendar month")
     q.add_argument("--month", metavar="YYYY-MM", help="default: this month (UK time)")
@@ -827,6 +834,11 @@ def parser() -> argparse.ArgumentParser:
     _store_args(q)
     q = rs.add_parser("demand", help="requests per user and time band against forecast")
     q.add_argument("--day", metavar="YYYY-MM-DD", help="default: today (UK time)")
+    q.add_argument("--json", action="store_true")
+    _store_args(q)
+    q = rs.add_parser("tls-refusals", help="refused TLS handshakes per listener, reason and"
+                      " peer address (counted per minute)")
+    q.add_argument("--hours", type=float, default=24, help="this far back (default 24)")
     q.add_argument("--json", action="store_true")
     _store_args(q)
     p.set_defaults(func=cmd_report)

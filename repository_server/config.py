@@ -85,6 +85,12 @@ class Tls:
 
     cert: str = "pki/tls/server.pem"
     key: str = "pki/tls/server.key.pem"
+    # A TLS connection (https, lodge, ldaps) whose handshake is not done this long is closed.
+    handshake_timeout_seconds: float = 10.0
+    # Refused handshakes are counted per minute, listener, reason and peer address (table
+    # tls_refusals): at most this many peers a minute per listener, the rest as one "other".
+    refusal_peers_per_minute: int = 100
+    refusal_flush_seconds: float = 10.0  # the counts reach the store this often (and at stop)
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,8 @@ class Lodge:
     max_document_mb: int = 64
     clock_skew_seconds: int = 300  # thisUpdate may be this far in the future
     parse_workers: int = 0  # processes for batch parsing; 0 = number of CPUs
+    # open connections, those still in their TLS handshake included; more are closed at once
+    max_connections: int = 256
 
 
 @dataclass(frozen=True)
@@ -262,7 +270,7 @@ class Config:
                 Name.from_rfc4514_string(self.lodge.client_subject)
             except ValueError as exc:
                 raise ConfigError(f"lodge.client_subject: not an RFC 4514 name: {exc}") from None
-        for key in ("max_body_mb", "max_crl_bytes", "max_document_mb"):
+        for key in ("max_body_mb", "max_crl_bytes", "max_document_mb", "max_connections"):
             if getattr(self.lodge, key) <= 0:
                 raise ConfigError(f"lodge.{key}: must be positive")
         if not 64 <= self.web.ws_max_body_bytes <= 1024 * 1024:
@@ -276,6 +284,12 @@ class Config:
         if not 256 <= self.web.max_header_bytes <= 1024 * 1024:
             raise ConfigError("web.max_header_bytes: must be between 256 and 1048576")
         self._validate_ldap()
+        if not 0.1 <= self.tls.handshake_timeout_seconds <= 300:
+            raise ConfigError("tls.handshake_timeout_seconds: must be between 0.1 and 300")
+        if not 1 <= self.tls.refusal_peers_per_minute <= 100_000:
+            raise ConfigError("tls.refusal_peers_per_minute: must be between 1 and 100000")
+        if not 0.1 <= self.tls.refusal_flush_seconds <= 3600:
+            raise ConfigError("tls.refusal_flush_seconds: must be between 0.1 and 3600")
         sl = self.service_levels
         if sl.trt_seconds <= 0:
             raise ConfigError("service_levels.trt_seconds: must be positive")

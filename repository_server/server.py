@@ -2,10 +2,12 @@
 
 `Repository.start()` brings the pieces up in data-flow order (store → catalog → lodging →
 listeners) and `stop()` takes them down in reverse, releasing the embedded PostgreSQL last
-so that Ctrl-C leaves no orphan. The lodging listener accepts TCP itself and performs the
-TLS handshake through `loop.start_tls`, so that a refused handshake (no client certificate,
-unknown CA, expired, self-signed) is seen, audited and counted rather than silently dropped
-inside the TLS layer.
+so that Ctrl-C leaves no orphan. The TLS listeners (lodge, https, ldaps) accept TCP
+themselves (`_TlsGate`) and hand a connection to the loop's TLS protocol only when its
+first bytes arrive: connections in their handshake count against the listener's cap, a
+refused handshake (no client certificate, unknown CA, expired, timed out) is counted per
+minute, reason and peer (obs/refusals.py) rather than silently dropped inside the TLS layer,
+and the client gets the TLS alert that says why.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ from .lodge.service import LodgingService
 from .obs.access import NOTE, Note, access_logger_class
 from .obs.arrival import waited
 from .obs.metrics import Metrics
+from .obs.refusals import RefusalSummary
+from .obs.refusals import classify as classify_refusal
 from .portal.app import Portal
 from .portal.auth import PortalAuth
 from .portal.security import CSRF_SECRET
@@ -52,6 +56,7 @@ from .replica.env import Replica, ReplicaUnavailable
 from .replica.feed import Feeder, lag
 from .service_levels import ANONYMOUS, ServiceLevelCollector, ServiceLevels
 from .store import opened_store
+from .store import refusals as refusals_sql
 from .store.db import Store
 from .store.db import unavailable as store_unavailable
 from .web.apikeys import request_key
@@ -141,19 +146,6 @@ def _root_dse(config: Config, tls: bool) -> dict[str, list[bytes]]:
     }
 
 
-def _describe_tls_failure(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"client certificate refused: {exc.verify_message}"
-    if isinstance(exc, ssl.SSLError):
-        reason = exc.reason or str(exc)
-        if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
-            return "no client certificate presented"
-        return f"TLS handshake failed: {reason}"
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
-        return "TLS handshake timed out"
-    return f"TLS handshake failed: {exc.__class__.__name__}: {exc}"
-
-
 def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Any:
     """The loop's own TLS protocol (what `loop.start_tls` uses internally)."""
     if type(loop).__module__.startswith("uvloop"):
@@ -165,42 +157,213 @@ def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Any:
     return asyncio.sslproto.SSLProtocol
 
 
-class _TlsGate(asyncio.Protocol):
-    """Accepts a TCP connection and puts the loop's TLS protocol on it *synchronously*
-    (uvloop starts reading right after `connection_made` and ignores a pause made there, so
-    `await loop.start_tls(...)` from a task could lose the ClientHello). The TLS protocol
-    calls the aiohttp handler's `connection_made` once the handshake succeeds; a failed
-    handshake is reported with its reason and the peer's address."""
+class _TlsListener:
+    """One TLS listener (https, lodge, ldaps): its context, the protocol a connection gets
+    once its handshake is done, and its connection cap. Connections in their handshake are
+    counted here; those past it by their owner (`established`: aiohttp's server, the LDAP
+    service), so the cap holds for both."""
 
-    def __init__(self, factory: Callable[[], asyncio.Protocol], ctx: ssl.SSLContext,
-                 on_refused: Callable[[str, str], None]) -> None:
-        self.factory = factory
+    def __init__(self, name: str, ctx: ssl.SSLContext, factory: Callable[[], asyncio.Protocol],
+                 *, limit: int, established: Callable[[], int], timeout: float,
+                 on_refused: Callable[[str, str, BaseException | None], None],
+                 on_over_cap: Callable[[], None]) -> None:
+        self.name = name
         self.ctx = ctx
+        self.factory = factory
+        self.limit = limit
+        self.established = established
+        self.timeout = timeout
         self.on_refused = on_refused
+        self.on_over_cap = on_over_cap
+        self.handshaking = 0
+
+    def protocol(self) -> asyncio.Protocol:
+        return _TlsGate(self)
+
+
+class _AlertingTransport:
+    """The TCP transport as the loop's TLS protocol sees it: its own methods, except that a
+    handshake refused with an SSL error (no client certificate, unknown CA, expired, ...)
+    sends the alert OpenSSL wrote for it (certificate_required, unknown_ca,
+    certificate_expired, ...) before closing. The loop's TLS protocol force-closes without
+    sending it, and clients saw only "Empty reply from server"."""
+
+    __slots__ = ("_tcp", "abort", "close", "get_extra_info", "outgoing", "pause_reading",
+                 "resume_reading", "write")
+
+    def __init__(self, tcp: asyncio.Transport) -> None:
+        self._tcp = tcp
+        self.outgoing: ssl.MemoryBIO | None = None
+        # the TCP transport's methods themselves: no extra call on the data path
+        self.write = tcp.write
+        self.close = tcp.close
+        self.abort = tcp.abort
+        self.get_extra_info = tcp.get_extra_info
+        self.pause_reading = tcp.pause_reading
+        self.resume_reading = tcp.resume_reading
+
+    def _force_close(self, exc: BaseException | None) -> None:
+        alert = self.outgoing.read() if self.outgoing is not None else b""
+        if alert and isinstance(exc, ssl.SSLError):
+            # not here: this runs inside uvloop's read callback for the TLS protocol, which
+            # must not change under it
+            self._tcp.pause_reading()
+            asyncio.get_running_loop().call_soon(_Lingering.close_after, self._tcp, alert)
+        else:
+            self._tcp._force_close(exc)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tcp, name)
+
+
+class _Lingering(asyncio.Protocol):
+    """A refused connection after its TLS alert: our side is shut (the alert, then FIN) and
+    what the client still sends (a TLS 1.3 client sends its request right after its
+    Finished) is read and dropped until it closes, for a second at most. Closing at once
+    would answer that data with a reset, and the client's kernel would drop the unread
+    alert with it."""
+
+    LINGER_SECONDS = 1.0
+
+    def __init__(self, tcp: asyncio.Transport) -> None:
+        self.tcp = tcp
+        self.timer = asyncio.get_running_loop().call_later(self.LINGER_SECONDS, tcp.abort)
+
+    @classmethod
+    def close_after(cls, tcp: asyncio.Transport, last: bytes) -> None:
+        if tcp.is_closing():
+            return
+        tcp.pause_reading()  # (again: the gate may have resumed it) so that reading resumes
+        tcp.set_protocol(cls(tcp))  # with this protocol's callbacks
+        tcp.write(last)
+        tcp.write_eof()
+        tcp.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool | None:
+        return None  # close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.timer.cancel()
+
+
+class _OneConnectionContext:
+    """The SSL context as the TLS protocol of one connection sees it: `wrap_bio` also hands
+    the connection's outgoing BIO to its `_AlertingTransport`."""
+
+    __slots__ = ("_ctx", "_transport")
+
+    def __init__(self, ctx: ssl.SSLContext, transport: _AlertingTransport) -> None:
+        self._ctx = ctx
+        self._transport = transport
+
+    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
+                 server_side: bool = False, server_hostname: str | None = None,
+                 session: ssl.SSLSession | None = None) -> ssl.SSLObject:
+        self._transport.outgoing = outgoing
+        return self._ctx.wrap_bio(incoming, outgoing, server_side=server_side,
+                                  server_hostname=server_hostname, session=session)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ctx, name)
+
+
+class _TlsGate(asyncio.Protocol):
+    """A TCP connection to a TLS listener until its handshake is done.
+
+    Over the listener's cap it is closed at once. Otherwise nothing TLS is allocated until
+    the client's first bytes (its ClientHello) arrive: a connection that sends nothing costs
+    this object and a timer, and is closed after tls.handshake_timeout_seconds. (Before, the
+    loop's TLS protocol made OpenSSL's connection state and buffers at accept; thousands of
+    idle sockets left tens of MB that glibc's malloc kept after they were freed, more after
+    every round: the RSS never came back.) On the first bytes the loop's TLS protocol takes
+    the connection over, synchronously (uvloop starts reading at once, so `await
+    loop.start_tls(...)` from a task could lose bytes), and calls the listener's protocol
+    once the handshake succeeds; a refused handshake is reported with the peer's address."""
+
+    def __init__(self, listener: _TlsListener) -> None:
+        self.listener = listener
+        self.tcp: asyncio.Transport | None = None
+        self.peer = "?"
+        self.started = 0.0
+        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        listener = self.listener
         tcp = typing.cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        loop = asyncio.get_running_loop()
+        if listener.handshaking + listener.established() >= listener.limit:
+            listener.on_over_cap()
+            tcp.abort()
+            return
+        listener.handshaking += 1
+        self.tcp = tcp
         peer = tcp.get_extra_info("peername")
-        peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+        self.peer = str(peer[0]) if isinstance(peer, tuple) else "?"
+        loop = asyncio.get_running_loop()
+        self.started = loop.time()
+        self.timer = loop.call_later(listener.timeout, self._timed_out)
+
+    def _ended(self, exc: BaseException | None) -> None:
+        """The handshake is over, refused if `exc` is not None (or the TLS protocol never
+        started)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.listener.handshaking -= 1
+        self.tcp = None
+        if exc is not None:
+            self.listener.on_refused(self.listener.name, self.peer, exc)
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        tcp = self.tcp
+        if tcp is not None:
+            self._ended(TimeoutError("no ClientHello"))
+            tcp.abort()
+
+    def data_received(self, data: bytes) -> None:
+        tcp = self.tcp
+        if tcp is None:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.tcp = None  # the TLS protocol has it from here
+        listener = self.listener
+        loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
-        tls = _ssl_protocol_class(loop)(loop, self.factory(), self.ctx, waiter,
-                                        server_side=True, ssl_handshake_timeout=10)
+        waiter.add_done_callback(self._handshake_done)
+        remaining = max(0.01, listener.timeout - (loop.time() - self.started))
+        shim = _AlertingTransport(tcp)
+        tls = _ssl_protocol_class(loop)(loop, listener.factory(),
+                                        _OneConnectionContext(listener.ctx, shim), waiter,
+                                        server_side=True, ssl_handshake_timeout=remaining)
+        tcp.pause_reading()  # so that reading resumes with the TLS protocol's callbacks
         tcp.set_protocol(tls)
-        tls.connection_made(tcp)
+        tls.connection_made(shim)
+        view = memoryview(data)
+        while view and not tcp.is_closing():
+            buf = tls.get_buffer(len(view))
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            tls.buffer_updated(n)
+            view = view[n:]
+        tcp.resume_reading()
 
-        def done(fut: asyncio.Future[None]) -> None:
-            exc = None if fut.cancelled() else fut.exception()
-            if exc is not None:
-                self.on_refused(peer_text, _describe_tls_failure(exc))
+    def _handshake_done(self, fut: asyncio.Future[None]) -> None:
+        self.listener.handshaking -= 1
+        exc = None if fut.cancelled() else fut.exception()
+        if exc is not None:
+            self.listener.on_refused(self.listener.name, self.peer, exc)
 
-        waiter.add_done_callback(done)
+    def eof_received(self) -> bool | None:
+        return None  # close
 
-    def data_received(self, data: bytes) -> None:  # pragma: no cover - replaced before reading
-        raise RuntimeError("TLS gate received data before the TLS protocol took over")
-
-    def connection_lost(self, exc: Exception | None) -> None:  # pragma: no cover
-        pass
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.tcp is not None:  # before any byte: a port scan, a health check
+            self._ended(exc or ConnectionResetError("closed before the TLS handshake"))
 
 
 _BUSY_BODY = (b'{"status": 503, "reason": "too many connections to this listener;'
@@ -223,16 +386,44 @@ class _Busy(asyncio.Protocol):
         pass
 
 
-def _capped(handlers: web.Server, limit: int, metrics: Metrics,
-            listener: str) -> Callable[[], asyncio.Protocol]:
-    """aiohttp has no connection limit: this protocol factory is one. It counts the
-    connections aiohttp's server holds (TLS ones once their handshake is done; a handshake
-    is bounded by its own timeout)."""
-    refused = metrics.http.route(listener, "(too many connections)")
+# Refused handshakes between two flushes after which freed memory is handed back (below).
+_TRIM_AFTER_REFUSALS = 100
+
+
+def _release_freed_memory() -> None:
+    """Hand the memory malloc keeps after it was freed back to the system. Handshakes that
+    fail after the ClientHello (a partial one, a refused certificate) free OpenSSL's
+    per-connection state (tens of KB), but glibc keeps freed heap memory that lies between
+    live allocations, and after each burst the process was tens of MB bigger. malloc_trim
+    gives those pages back (a few ms; glibc only, elsewhere a no-op)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+            import ctypes.util
+
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
+
+
+def _open_connections(handlers: web.Server) -> int:
+    return len(handlers.connections)
+
+
+def _capped(handlers: web.Server, limit: int, on_over_cap: Callable[[], None],
+            ) -> Callable[[], asyncio.Protocol]:
+    """aiohttp has no connection limit: this protocol factory is one, for plain HTTP (TLS
+    listeners are capped by their `_TlsListener`, handshakes included)."""
 
     def factory() -> asyncio.Protocol:
         if len(handlers.connections) >= limit:
-            refused.record(503, 0.0)
+            on_over_cap()
             return _Busy()
         return handlers()
 
@@ -317,8 +508,11 @@ class Repository:
         self._runners: list[web.AppRunner] = []
         self._servers: list[asyncio.AbstractServer] = []
         self._background: set[asyncio.Task[Any]] = set()
+        self.refusals = RefusalSummary(config.tls.refusal_peers_per_minute)
+        self._refusal_task: asyncio.Task[None] | None = None
         self.bound: dict[str, HostPort] = {}
         self._lodge_ctx: ssl.SSLContext | None = None
+        self._lodge_listener: _TlsListener | None = None
         self._tls_contexts: list[ssl.SSLContext] = []  # https, ldaps and StartTLS
         self._opening: asyncio.Future[Store] | None = None
 
@@ -536,16 +730,43 @@ class Repository:
         self._runners.append(runner)
         return runner
 
-    def _on_tls_refused(self, peer: str, reason: str) -> None:
-        self.metrics.tls_refused.inc()
-        log.warning("lodging connection from %s refused: %s", peer, reason)
-        if self.store is None:
-            return
-        task = asyncio.get_running_loop().create_task(self.store.audit(
-            actor="unauthenticated", action="lodge.refused", outcome="refused", peer=peer,
-            detail={"reason": reason, "stage": "tls"}))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    def _on_tls_refused(self, listener: str, peer: str, exc: BaseException | None) -> None:
+        """Counted (metric, and the per-minute summary the flush task stores and logs), not
+        an audit row and a log line each: anonymous peers cannot grow the store or the log."""
+        reason, detail = classify_refusal(exc)
+        self.metrics.tls_refused.labels(listener, reason).inc()
+        self.refusals.record(listener, reason, peer, detail)
+
+    def _over_cap(self, listener: str) -> Callable[[], None]:
+        counter = self.metrics.over_cap.labels(listener)
+        return counter.inc
+
+    async def flush_refusals(self) -> None:
+        """The refusal counts to the store and one log line per listener and minute."""
+        rows = self.refusals.take()
+        if sum(row.count for row in rows) >= _TRIM_AFTER_REFUSALS:
+            _release_freed_memory()
+        if rows and self.store is not None:
+            try:
+                await refusals_sql.add(self.store, rows)
+            except Exception as exc:
+                self.refusals.put_back(rows)
+                log.warning("refused TLS handshakes: counts not stored yet: %s: %s",
+                            type(exc).__name__, exc)
+        for line in self.refusals.log_lines():
+            log.warning("%s", line)
+
+    async def _keep_flushing_refusals(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.tls.refusal_flush_seconds)
+            await self.flush_refusals()
+
+    def _tls_listener(self, name: str, ctx: ssl.SSLContext,
+                      factory: Callable[[], asyncio.Protocol], limit: int,
+                      established: Callable[[], int]) -> _TlsListener:
+        return _TlsListener(name, ctx, factory, limit=limit, established=established,
+                            timeout=self.config.tls.handshake_timeout_seconds,
+                            on_refused=self._on_tls_refused, on_over_cap=self._over_cap(name))
 
     # -- the read replica -----------------------------------------------------------------
     async def _keep_replica(self) -> None:
@@ -663,20 +884,32 @@ class Repository:
             runner = await self._runner(self._read_app(name), reads=True)
             handlers = runner.server
             assert handlers is not None
-            await self._listen(name, addr, _capped(handlers, cfg.web.max_connections,
-                                                   self.metrics, name), tls=ctx)
+            factory: Callable[[], asyncio.Protocol]
+            if ctx is None:
+                busy = self.metrics.http.route(name, "(too many connections)")
+                over = self._over_cap(name)
+
+                def on_over_cap(busy: Any = busy, over: Callable[[], None] = over) -> None:
+                    busy.record(503, 0.0)
+                    over()
+
+                factory = _capped(handlers, cfg.web.max_connections, on_over_cap)
+            else:
+                factory = self._tls_listener(
+                    name, ctx, handlers, cfg.web.max_connections,
+                    functools.partial(_open_connections, handlers)).protocol
+            await self._listen(name, addr, factory)
         addr = cfg.listeners.address("lodge")
         if addr is not None and lodge_ctx is not None:
             runner = await self._runner(build_lodge_app(cfg, self.lodging))
-            factory = runner.server
-            assert factory is not None
-            self._lodge_ctx = lodge_ctx  # SIGHUP (`reload`) puts a new one here
-
-            def gate() -> asyncio.Protocol:
-                assert self._lodge_ctx is not None
-                return _TlsGate(factory, self._lodge_ctx, self._on_tls_refused)
-
-            await self._listen("lodge", addr, gate, backlog=128)
+            lodge_handlers = runner.server
+            assert lodge_handlers is not None
+            self._lodge_ctx = lodge_ctx
+            # SIGHUP (`reload`) puts a new context on it: each new connection takes it
+            self._lodge_listener = self._tls_listener(
+                "lodge", lodge_ctx, lodge_handlers, cfg.lodge.max_connections,
+                functools.partial(_open_connections, lodge_handlers))
+            await self._listen("lodge", addr, self._lodge_listener.protocol, backlog=128)
         await self._start_ldap(ldap_ctx)
         addr = cfg.listeners.address("sftp")
         if addr is not None:
@@ -693,6 +926,8 @@ class Repository:
             await self._listen("metrics", addr, handlers, backlog=64, reuse_port=False)
         if self.extract_scheduler is not None:
             self.extract_scheduler.start()
+        self._refusal_task = asyncio.create_task(self._keep_flushing_refusals(),
+                                                 name="tls-refusals")
         # Everything allocated so far lives as long as the process: out of the cyclic GC's
         # reach, so full collections do not walk it in the middle of requests.
         gc.collect()
@@ -713,8 +948,8 @@ class Repository:
             for ctx in self._tls_contexts:  # the listening sockets keep their context object
                 ctx.load_cert_chain(cert, key)
             done.append(f"tls.cert {cert}")
-        if lodge is not None:
-            self._lodge_ctx = lodge  # the lodging gate takes it for each new connection
+        if lodge is not None and self._lodge_listener is not None:
+            self._lodge_ctx = self._lodge_listener.ctx = lodge  # for each new connection
             done.append(f"lodge.client_ca {config.path(config.lodge.client_ca)}")
         self.config = dataclasses.replace(self.config, tls=config.tls, log=config.log,
                                           lodge=dataclasses.replace(
@@ -730,24 +965,29 @@ class Repository:
         directory = Directory(self.catalog, self.store, suffix=cfg.ldap.suffix,
                               root_dse=_root_dse(cfg, ctx is not None))
         self.ldap = service = LdapService(cfg, directory, self.store, self.counting, ctx)
+        service.on_over_cap = lambda listener: self.metrics.over_cap.labels(listener).inc()
         for name, tls in (("ldap", None), ("ldaps", ctx)):
             addr = cfg.listeners.address(name)
             if addr is None:
                 continue
-            await self._listen(name, addr, functools.partial(service.factory,
-                                                             ldaps=tls is not None), tls=tls)
+            factory: Callable[[], asyncio.Protocol] = functools.partial(service.factory,
+                                                                        ldaps=False)
+            if tls is not None:
+                factory = self._tls_listener(
+                    name, tls, lambda: service.factory(ldaps=True), cfg.ldap.max_connections,
+                    lambda: len(service.connections)).protocol
+            await self._listen(name, addr, factory)
 
     async def _listen(self, name: str, addr: HostPort, factory: Callable[[], asyncio.Protocol],
-                      *, tls: ssl.SSLContext | None = None, backlog: int = 1024,
-                      reuse_port: bool | None = None) -> None:
-        """Listen on listeners.NAME; an address that cannot be had is a ConfigError naming
-        the setting, not a traceback."""
+                      *, backlog: int = 1024, reuse_port: bool | None = None) -> None:
+        """Listen on listeners.NAME (TLS, where there is any, is the factory's: `_TlsGate`);
+        an address that cannot be had is a ConfigError naming the setting, not a
+        traceback."""
         shared = self.config.listeners.reuse_port if reuse_port is None else reuse_port
         with _listening(name, addr):
             server = await asyncio.get_running_loop().create_server(
-                factory, addr.host, addr.port, ssl=tls, reuse_address=True,
-                reuse_port=shared or None, backlog=backlog,
-                ssl_handshake_timeout=10 if tls else None)
+                factory, addr.host, addr.port, reuse_address=True, reuse_port=shared or None,
+                backlog=backlog)
         self._servers.append(server)
         sock = server.sockets[0].getsockname()
         self.bound[name] = HostPort(sock[0], sock[1])
@@ -769,6 +1009,13 @@ class Repository:
                 await asyncio.wait_for(server.wait_closed(), 2)
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        if self._refusal_task is not None:
+            self._refusal_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._refusal_task
+        await self.flush_refusals()
+        for line in self.refusals.log_lines(final=True):
+            log.warning("%s", line)
         if self.lodging:
             self.lodging.close()
         if self.levels:

@@ -467,6 +467,10 @@ async def test_protocol_errors_limits_and_slow_readers(tmp_path: Path, pki: dict
                 h.close()
 
         await asyncio.to_thread(checks)
+        from prometheus_client import generate_latest
+
+        assert 'smki_connections_over_cap_total{listener="ldap"} 1.0' in generate_latest(
+            repo.metrics.registry).decode()
         # a client that asks for a lot and never reads: bounded by the write timeout, and the
         # server keeps answering others meanwhile
         s = await asyncio.to_thread(_raw, port)

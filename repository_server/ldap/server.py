@@ -33,7 +33,7 @@ import secrets
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -184,6 +184,8 @@ class LdapService:
         self._selections: dict[tuple[str, ...], Selection] = {}
         # the short way for searches by EUI-64 (ldap/fastpath.py); off: everything the long way
         self.fast = FastSearch(directory) if self.settings.fast_path else None
+        # told of each connection refused for ldap.max_connections (a metric): (listener)
+        self.on_over_cap: Callable[[str], None] | None = None
 
     def selection(self, attributes: tuple[str, ...]) -> Selection:
         """The attributes a search asks for (memoised: clients ask for a few lists)."""
@@ -267,6 +269,8 @@ class LdapConnection(asyncio.Protocol):
         service = self.service
         if len(service.connections) >= service.settings.max_connections:
             log.warning("ldap: refusing %s: %d connections open", self.peer, len(service.connections))
+            if service.on_over_cap is not None:
+                service.on_over_cap("ldaps" if self.tls else "ldap")
             self.disconnect(ResultCode.BUSY, "too many connections; try again later")
             return
         service.connections.add(self)
@@ -583,7 +587,8 @@ class LdapConnection(asyncio.Protocol):
         self._tls_upgrading = True
         try:
             new = await asyncio.get_running_loop().start_tls(
-                self.transport, self, ctx, server_side=True, ssl_handshake_timeout=10)
+                self.transport, self, ctx, server_side=True,
+                ssl_handshake_timeout=self.service.config.tls.handshake_timeout_seconds)
         except Exception as exc:
             log.info("ldap conn=%d %s: StartTLS handshake failed: %s", self.conn_id, self.peer, exc)
             self.abort()

@@ -26,6 +26,40 @@ CERT_SUFFIXES = {".pem", ".der", ".cer", ".crt"}
 CRL_SUFFIXES = {".crl", ".arl"}
 
 
+class TlsRefused(Exception):
+    """The TLS handshake with the lodging server failed: the message says what was wrong
+    and which option to check."""
+
+
+# The TLS alert the server sent (OpenSSL's reason) -> what it means for us
+_SERVER_ALERTS = {
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "no client certificate was sent",
+    "SSLV3_ALERT_HANDSHAKE_FAILURE": "no client certificate was sent, or no cipher in common",
+    "TLSV1_ALERT_UNKNOWN_CA": "unknown CA (not issued by the DCC client CA the server trusts,"
+                              " or self-signed)",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the certificate has expired or is not yet valid",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "bad certificate",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": "unsupported certificate (key usage or type)",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "certificate not accepted",
+    "TLSV1_ALERT_DECRYPT_ERROR": "the certificate and the key do not match",
+}
+
+
+def explain_tls_error(exc: ssl.SSLError, url: str) -> str:
+    """One line: what went wrong in the handshake and which option to check."""
+    reason = exc.reason or ""
+    if reason in _SERVER_ALERTS:
+        return (f"the server refused our client certificate: {_SERVER_ALERTS[reason]};"
+                " check --cert/--key")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"the server's certificate at {url} is not trusted: {exc.verify_message};"
+                " check --ca (the CA of the server's TLS certificate) and the host name in"
+                " --url")
+    if reason == "TLSV1_ALERT_PROTOCOL_VERSION" or "VERSION" in reason:
+        return f"no TLS version in common with {url} (the server needs TLS 1.2 or later)"
+    return f"TLS handshake with {url} failed: {reason or exc}"
+
+
 @dataclass
 class Reply:
     status: int
@@ -38,6 +72,7 @@ class LodgeClient:
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme != "https" or not parsed.hostname:
             raise ValueError(f"--url must be https://HOST:PORT (got {url!r})")
+        self.url = url
         self.host = parsed.hostname
         self.port = parsed.port or 8444
         self.ctx = ssl.create_default_context(cafile=ca)
@@ -69,6 +104,9 @@ class LodgeClient:
                 resp = conn.getresponse()
                 raw = resp.read()
                 break
+            except ssl.SSLError as exc:
+                self.close()
+                raise TlsRefused(explain_tls_error(exc, self.url)) from exc
             except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
                 self.close()
                 if attempt == 2:

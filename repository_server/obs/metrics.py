@@ -66,7 +66,12 @@ class Metrics:
         self.http = RequestStats()
         self.registry.register(self.http)
         self.tls_refused = Counter(
-            "smki_lodge_tls_refused", "Lodging connections refused during the TLS handshake",
+            "smki_tls_refused", "TLS connections refused during the handshake, by listener"
+            " and reason (per peer: table tls_refusals)", ["listener", "reason"],
+            registry=self.registry)
+        self.over_cap = Counter(
+            "smki_connections_over_cap", "Connections closed at once because the listener"
+            " had its maximum open (those in a TLS handshake count)", ["listener"],
             registry=self.registry)
         self.replica_applied = Gauge(
             "smki_replica_applied", "The last change (sequence number) in this node's read"
