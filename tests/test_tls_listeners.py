@@ -63,6 +63,7 @@ lodge = "127.0.0.1:{ports['lodge']}"
 ldap = ""
 ldaps = "127.0.0.1:{ports['ldaps']}"
 sftp = ""
+metrics = "127.0.0.1:{ports['metrics']}"
 [tls]
 cert = "{pki_dir / running_pki['tls']['cert']}"
 key = "{pki_dir / running_pki['tls']['key']}"
@@ -127,7 +128,7 @@ async def test_memory_comes_back_after_rounds_of_stalled_handshakes(
     if soft < 4096 and (hard == resource.RLIM_INFINITY or hard > soft):
         resource.setrlimit(resource.RLIMIT_NOFILE, (
             4096 if hard == resource.RLIM_INFINITY else min(4096, hard), hard))
-    ports = {name: free_port() for name in ("http", *TLS_LISTENERS)}
+    ports = {name: free_port() for name in ("http", "metrics", *TLS_LISTENERS)}
     conf = tmp_path / "repo.toml"
     _serve_config(conf, pki, fresh_db, ports)
     log_path = tmp_path / "serve.log"  # a file: a full pipe would stall the server
@@ -151,7 +152,7 @@ async def test_memory_comes_back_after_rounds_of_stalled_handshakes(
         assert failed == 0, f"{failed} connections could not be made"
         # the refusals were counted, by listener and reason
         _, _, body = await asyncio.to_thread(
-            http_get, f"http://127.0.0.1:{ports['http']}/metrics")
+            http_get, f"http://127.0.0.1:{ports['metrics']}/metrics")
         text = body.decode()
         for name in TLS_LISTENERS:
             assert re.search(rf'smki_tls_refused_total{{listener="{name}",reason="timeout"}}'
