@@ -247,7 +247,7 @@ def test_headless_day_run_against_the_demo_passes(tmp_path: Path) -> None:
     demo, lines, ready = start_demo(data, env)
     try:
         assert ready.wait(120), "".join(lines[-40:])
-        keys = re.findall(r"operator user: API key \(shown only now\): (\S+)", "".join(lines))
+        keys = re.findall(r"operator user demo-operator: API key \(shown only now\): (\S+)", "".join(lines))
         assert keys, "".join(lines)
         (tmp_path / "profile.toml").write_text(DAY_12S)
         pki_dir = data / "pki"
