@@ -8,10 +8,12 @@ from datetime import UTC, datetime
 
 
 def json_time(value: datetime) -> str:
-    """`2026-12-05T08:48:16Z` (or `...16.123456Z`). A naive datetime is taken as UTC."""
+    """`2026-12-05T08:48:16Z` (or `...16.745Z`, `...16.123456Z`). A naive datetime is UTC."""
     moment = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-    spec = "%Y-%m-%dT%H:%M:%S.%fZ" if moment.microsecond else "%Y-%m-%dT%H:%M:%SZ"
-    return moment.strftime(spec)
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    if moment.microsecond:
+        text += f".{moment.microsecond:06d}".rstrip("0")  # .745, not .745000
+    return text + "Z"
 
 
 def json_time_or_none(value: datetime | None) -> str | None:

@@ -553,7 +553,7 @@ class LdapConnection(asyncio.Protocol):
                 **more: Any) -> dict[str, Any]:
         """The access line's fields (obs.logs), as the HTTP listeners give them."""
         took = (time.perf_counter() - received) * 1000 if received is not None else None
-        return access_extra("ldaps" if self.tls else "ldap", self.peer,
+        return access_extra("ldaps" if self.tls else "ldap", self.peer.rsplit(":", 1)[0],
                             self.user.name if self.user else ANONYMOUS, operation, result, took,
                             None, connection=self.conn_id, **more)
 

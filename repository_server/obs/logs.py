@@ -3,9 +3,10 @@
 
 Every JSON line has `time` (UTC, `Z`), `level`, `logger` and `message`. An access line (HTTP,
 lodging, LDAP: one per request or operation) adds the same fields whatever the listener:
-`listener`, `peer`, `user`, `operation`, `outcome`, `duration_ms`, `audit` (the audit
-reference, or null), and what the listener knows besides (`status`, `method`, `path`,
-`user_agent`, `entries`, ...). The access loggers pass those fields with `access_extra`."""
+`listener`, `peer` (address), `user` (null: anonymous), `operation`, `outcome`,
+`duration_ms`, `audit` (the audit reference, or null), and what the listener knows
+besides (`status`, `method`, `path`, `user_agent`, `entries`, ...). The access loggers
+pass those fields with `access_extra`."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def access_extra(listener: str, peer: str, user: str | None, operation: str,
                  **more: Any) -> dict[str, Any]:
     """`extra=` for an access log call: the fields every listener's access line has."""
     fields: dict[str, Any] = {
-        "listener": listener, "peer": peer, "user": user, "operation": operation,
+        "listener": listener, "peer": peer, "user": None if user in (None, "-") else user,
+        "operation": operation,
         "outcome": None if outcome is None else str(outcome),
         "duration_ms": None if duration_ms is None else round(duration_ms, 2),
         "audit": audit}
