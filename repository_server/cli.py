@@ -520,6 +520,7 @@ def _readable(option: str, name: str) -> Path:
 
 
 def cmd_lodge(args: argparse.Namespace) -> int:
+    import http.client
     import ssl
 
     from .lodge.client import LodgeClient, lodge_files
@@ -557,9 +558,12 @@ def cmd_lodge(args: argparse.Namespace) -> int:
               f" ({exc.verify_message or exc.reason}, certificate verify failed): {hint}",
               file=sys.stderr)
         return 2
-    except ssl.SSLError as exc:  # an alert from the server: it refused our certificate
-        print(f"error: {args.url} refused the TLS connection ({exc.reason or exc}): is --cert"
-              f" {cert} the DCC lodging client it accepts?", file=sys.stderr)
+    except (ssl.SSLError, http.client.RemoteDisconnected) as exc:
+        # TLS 1.3: the server checks our certificate after the handshake, then sends an alert
+        # or just closes the connection: either way it refused the client certificate
+        why = (exc.reason or exc) if isinstance(exc, ssl.SSLError) else "closed without an answer"
+        print(f"error: {args.url} refused the TLS connection ({why}): is --cert {cert} the DCC"
+              " lodging client it accepts?", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"error: cannot reach {args.url}: {exc.strerror or exc}", file=sys.stderr)

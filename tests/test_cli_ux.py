@@ -164,6 +164,14 @@ async def test_exit_statuses_of_every_command(loaded: Any, tmp_path: Path) -> No
     bad.write_bytes(pem(root))
     res = await each(*base, "--url", loaded.lodge_url, str(bad))
     assert res.returncode == 1 and "refused (422)" in res.stdout, res.stdout + res.stderr
+    # a client certificate the lodging listener does not accept (not from the DCC client
+    # CA): its TLS handshake is refused, which is a refusal too
+    tls = loaded.pki["tls"]
+    res = await each("lodge", "--url", loaded.lodge_url, "--cert", str(pki_dir / tls["cert"]),
+                     "--key", str(pki_dir / tls["key"]), "--ca", loaded.tls_ca, org)
+    one_line_error(res, 1, "refused")
+    one_line_error(await each("export-ldif", "--out", str(tmp_path / "no" / "x.ldif")), 2,
+                   "--out")
 
 
 @pytest.mark.asyncio(loop_scope="session")
