@@ -32,6 +32,18 @@ def _setup_logging(config: Config) -> None:
     setup(config.log.level, config.log.format)
 
 
+def _quiet_logging(config: Config) -> None:
+    """Commands that print their own results: warnings only (without a time stamp in text;
+    in JSON, as every log line is)."""
+    if config.log.format == "json":
+        from .obs.logs import setup
+
+        setup("WARNING", "json")
+    else:
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                            format="%(levelname)s %(name)s: %(message)s")
+
+
 def _config(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Config:
     return load(args.config or os.environ.get("SMKI_CONFIG") or None, data_dir=args.data_dir,
                 overrides=overrides)
@@ -580,8 +592,7 @@ def _admin(args: argparse.Namespace, work: Any) -> int:
     from .store import opened_store
 
     config = _config(args)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    _quiet_logging(config)
 
     async def run() -> str:
         async with opened_store(config, max_size=2) as store:
@@ -730,8 +741,7 @@ def cmd_export_ldif(args: argparse.Namespace) -> int:
     from .store import opened_store
 
     config = _config(args)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    _quiet_logging(config)
 
     async def run(out: Any) -> int:
         count = 0
@@ -896,9 +906,10 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="smki-repository", formatter_class=_Help,
         description="SMKI certificate repository and revocation server",
-        epilog="Exit status: 0 success, 1 something was refused (details on stderr), 2 usage,"
-               " configuration error or server unreachable.\n`smki-repository COMMAND --help`"
-               " describes a command; `smki-repository completion bash` completes them.")
+        epilog="Exit status: 0 success, 1 something was refused (details on stderr),\n"
+               "2 usage or configuration error, or a server that cannot be reached.\n\n"
+               "Examples:\n  smki-repository demo\n  smki-repository lodge --help\n"
+               "  source <(smki-repository completion bash)")
     ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND",
                             help="what to do (each has its own --help)")

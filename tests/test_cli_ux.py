@@ -107,9 +107,18 @@ def test_shell_completion_scripts() -> None:
     assert res.returncode == 0, res.stderr
     assert "smki-repository" in res.stdout and "export-ldif" in res.stdout
     assert "--allow-unverified-issuer" in res.stdout
-    if shutil.which("bash"):
-        check = subprocess.run(["bash", "-n"], input=res.stdout, text=True, capture_output=True)
-        assert check.returncode == 0, check.stderr
+    # bash completes a command and an option as a user typing TAB would get them
+    script = res.stdout + """
+complete_words() { COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); COMPREPLY=()
+  _shtab_smki_repository smki-repository "${COMP_WORDS[-1]}" "${COMP_WORDS[-2]}"
+  echo "${COMPREPLY[*]}"; }
+complete_words smki-repository us
+complete_words smki-repository import --allow
+complete_words smki-repository lodge --status ''
+"""
+    done = subprocess.run(["bash", "-c", script], text=True, capture_output=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["users", "--allow-unverified-issuer", "P I N"], done.stdout
     res = run("completion", "zsh")
     assert res.returncode == 0 and res.stdout.startswith("#compdef smki-repository"), res.stdout[:80]
     assert run("completion", "fish").returncode == 2
@@ -259,6 +268,9 @@ async def test_times_in_http_json_listings_are_utc_with_z(loaded: Any) -> None:
     assert status == 200
     docs = json.loads(body)
     times += [d["lodged_at"] for d in docs]
+    status, _, body = await asyncio.to_thread(http_get, f"{loaded.http}/readyz")
+    assert status == 200
+    times.append(json.loads(body)["replica"]["built"])  # as `replica status` shows it
     assert times and all(JSON_TIME.match(t) for t in times), times
     # a CRL's thisUpdate has whole seconds: no fraction is invented
     assert all("." not in c["this_update"] for c in crls)
