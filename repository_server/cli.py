@@ -828,7 +828,13 @@ def cmd_config(args: argparse.Namespace) -> int:
     env = sorted(k for k in os.environ if k.startswith("SMKI_") and k != "SMKI_CONFIG")
     if args.action == "show":
         if args.defaults:
-            sys.stdout.write((shipped_config_dir() / "repository.toml").read_text())
+            shipped = shipped_config_dir() / "repository.toml"
+            try:
+                sys.stdout.write(shipped.read_text())
+            except OSError as exc:
+                print(f"error: the example configuration is not installed ({shipped}:"
+                      f" {exc.strerror or exc}); reinstall the package", file=sys.stderr)
+                return 1
             return 0
         sys.stdout.write(f"# effective settings: {where}"
                          + (f" + {', '.join(env)}" if env else "") + "\n" + to_toml(_config(args)))
