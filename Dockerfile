@@ -24,7 +24,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends curl openssl ti
 # mounted there starts writable by it (docker-compose.yml shares both between containers)
 
 WORKDIR /opt/smki-repository
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py MANIFEST.in README.md ./
 COPY repository_server ./repository_server
 COPY conf ./conf
 RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install . && smki-repository --version

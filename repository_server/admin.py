@@ -1,7 +1,8 @@
 """Operator commands over the store: `users …` and `report …` (called by cli.py).
 
 Each function takes an open Store and returns what to print; errors a user can act on are
-raised as AdminError with a one-line message (the CLI prints it and exits 1).
+raised as AdminError with a one-line message (the CLI prints it and exits 1), or as
+UsageError when an option's value is wrong (exit 2).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 from .auth import ROLES, api_key_hint, api_key_sha256, hash_password, new_api_key, new_password
 from .config import ServiceLevelSettings
+from .errors import UsageError
+from .jsontime import json_time
 from .service_levels import (
     BANDS,
     ServiceLevels,
@@ -30,7 +33,8 @@ DCC_BOXED_KEY = "u3bg9gt38htd0j2"  # what @smartdcc/dccboxed-keystore always sen
 
 
 class AdminError(Exception):
-    pass
+    """Something was refused (no such user, a conflict): the CLI exits 1. An option's value
+    that is wrong is a UsageError instead (exit 2)."""
 
 
 def operator_name() -> str:
@@ -39,7 +43,7 @@ def operator_name() -> str:
 
 def _check_key(key: str) -> str:
     if not _KEY.match(key):
-        raise AdminError("API key: 8 to 200 characters from A-Z a-z 0-9 . _ ~ - (it travels in"
+        raise UsageError("API key: 8 to 200 characters from A-Z a-z 0-9 . _ ~ - (it travels in"
                          " the URL)")
     return key
 
@@ -54,7 +58,7 @@ async def _need(store: Store, name: str) -> UserRow:
 async def users_add(store: Store, name: str, *, role: str = "party", api_key: str | None = None,
                     with_key: bool = True) -> str:
     if role not in ROLES:
-        raise AdminError(f"role: one of {', '.join(ROLES)}")
+        raise UsageError(f"role: one of {', '.join(ROLES)}")
     key = _check_key(api_key) if api_key else (new_api_key() if with_key else None)
     password = new_password()
     try:
@@ -65,7 +69,7 @@ async def users_add(store: Store, name: str, *, role: str = "party", api_key: st
         raise AdminError(str(exc)) from None
     except Exception as exc:  # the name CHECK constraint
         if "users_name_check" in str(exc):
-            raise AdminError("user name: letters, digits and . _ @ -, starting with a letter or"
+            raise UsageError("user name: letters, digits and . _ @ -, starting with a letter or"
                              " digit, up to 100 characters") from None
         raise
     lines = [f"user {name} added ({role})"]
@@ -80,12 +84,13 @@ async def users_add(store: Store, name: str, *, role: str = "party", api_key: st
 
 def _user_json(u: UserRow) -> dict[str, Any]:
     return {"name": u.name, "role": u.role, "disabled": u.disabled,
-            "api_key": u.api_key_hint, "password_set": u.password_hash is not None,
+            "api_key_prefix": u.api_key_hint.rstrip("…") if u.api_key_hint else None,
+            "password_set": u.password_hash is not None,
             "must_change_password": u.must_change_password,
             "forecast_per_day": u.forecast_per_day,
             "forecast_bands": dict(zip(BANDS, u.forecast_bands, strict=True))
             if u.forecast_bands else None,
-            "created_at": u.created_at.isoformat(), "updated_at": u.updated_at.isoformat()}
+            "created_at": json_time(u.created_at), "updated_at": json_time(u.updated_at)}
 
 
 async def users_list(store: Store, *, as_json: bool = False) -> str:
@@ -145,7 +150,7 @@ def parse_ssh_key(text: str) -> tuple[str, str]:
     try:
         key = asyncssh.import_public_key(text.strip())
     except (asyncssh.KeyImportError, ValueError) as exc:
-        raise AdminError(f"not an OpenSSH public key: {exc}") from None
+        raise UsageError(f"not an OpenSSH public key: {exc}") from None
     line = key.export_public_key("openssh").decode().strip()
     return line, key.get_fingerprint("sha256")
 
@@ -160,7 +165,7 @@ async def users_sshkey(store: Store, name: str, add: str | None, clear: bool) ->
         await store.set_user_ssh_keys(name, [], actor=operator_name(), detail={"cleared": True})
         return f"SFTP keys of {name} cleared"
     if add is None:
-        raise AdminError("give --add FILE or --clear")
+        raise UsageError("give --add FILE or --clear")
     line, fingerprint = parse_ssh_key(add)
     if line.split()[:2] in [k.split()[:2] for k in keys]:
         return f"{name} already has the key {fingerprint}"
@@ -173,10 +178,10 @@ def parse_bands(text: str) -> tuple[int, int, int, int]:
     try:
         parts = tuple(int(p) for p in text.split(","))
     except ValueError:
-        raise AdminError(f"--bands: four whole percentages for {', '.join(BANDS)}, e.g."
+        raise UsageError(f"--bands: four whole percentages for {', '.join(BANDS)}, e.g."
                          f" 10,5,70,15 (got {text!r})") from None
     if len(parts) != 4 or any(p < 0 for p in parts) or sum(parts) != 100:
-        raise AdminError(f"--bands: four percentages for {', '.join(BANDS)} adding up to 100"
+        raise UsageError(f"--bands: four percentages for {', '.join(BANDS)} adding up to 100"
                          f" (got {text!r})")
     return parts[0], parts[1], parts[2], parts[3]
 
@@ -187,7 +192,7 @@ async def users_forecast(store: Store, name: str, per_day: int | None, bands: st
         await _update(store, name, "users.forecast", forecast_per_day=None, forecast_bands=None)
         return f"forecast of {name} cleared"
     if per_day is None or per_day < 0:
-        raise AdminError("--per-day: the forecast number of requests per 24 hours (>= 0)")
+        raise UsageError("--per-day: the forecast number of requests per 24 hours (>= 0)")
     split = parse_bands(bands) if bands else (25, 25, 25, 25)
     await _update(store, name, "users.forecast", forecast_per_day=per_day,
                   forecast_bands=list(split))
@@ -200,7 +205,7 @@ async def report_cpm(store: Store, settings: ServiceLevelSettings, month: str | 
     if month is None:
         month = ServiceLevels(settings, None).current().month
     if not re.match(r"^\d{4}-(0[1-9]|1[0-2])$", month):
-        raise AdminError(f"--month: expected YYYY-MM, got {month!r}")
+        raise UsageError(f"--month: expected YYYY-MM, got {month!r}")
     report = cpm_report(month, await store.cpm_counts(month), settings)
     return json.dumps(report, indent=2) if as_json else format_cpm_report(report)
 
@@ -211,7 +216,7 @@ async def report_demand(store: Store, settings: ServiceLevelSettings, day_text: 
         day = (date.fromisoformat(day_text) if day_text
                else ServiceLevels(settings, None).current().day)
     except ValueError:
-        raise AdminError(f"--day: expected YYYY-MM-DD, got {day_text!r}") from None
+        raise UsageError(f"--day: expected YYYY-MM-DD, got {day_text!r}") from None
     report = demand_report(day, await store.demand_counts(day), await store.users(),
                            settings.demand_threshold_percent)
     return json.dumps(report, indent=2) if as_json else format_demand_report(report)

@@ -21,14 +21,27 @@ from typing import Any
 
 from . import __version__
 from .config import LISTENER_NAMES, Config, ConfigError, HostPort, load
+from .errors import UsageError
 
 log = logging.getLogger("smki-repository")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+def _setup_logging(config: Config) -> None:
+    from .obs.logs import setup
+
+    setup(config.log.level, config.log.format)
+
+
+def _quiet_logging(config: Config) -> None:
+    """Commands that print their own results: warnings only (without a time stamp in text;
+    in JSON, as every log line is)."""
+    if config.log.format == "json":
+        from .obs.logs import setup
+
+        setup("WARNING", "json")
+    else:
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                            format="%(levelname)s %(name)s: %(message)s")
 
 
 def _config(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Config:
@@ -54,7 +67,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
 
 async def _serve(config: Config, *, pid_file: str | None, after_start: Any = None,
-                 reread: Callable[[], Config] | None = None) -> int:
+                 reread: Callable[[], Config] | None = None, defer_schedule: bool = False) -> int:
     """Run until SIGTERM, SIGINT or SIGQUIT, then stop cleanly: listeners closed, the last
     CPM 8 counts flushed, the embedded PostgreSQL released (stopped by its last user), the
     pid file removed; a signal during start-up stops it there. SIGHUP reloads what can change
@@ -62,7 +75,7 @@ async def _serve(config: Config, *, pid_file: str | None, after_start: Any = Non
     returns."""
     from .server import Repository, write_pid_file
 
-    repo = Repository(config)
+    repo = Repository(config, defer_schedule=defer_schedule)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     started = False
@@ -223,7 +236,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if listeners:
         overrides["listeners"] = listeners
     config = _config(args, overrides)
-    _setup_logging(config.log.level)
+    _setup_logging(config)
     if not 1 <= args.workers <= 64:
         raise ConfigError("--workers: must be between 1 and 64")
     if args.workers > 1:
@@ -233,14 +246,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               reread=lambda: _config(args, overrides)))
 
 
-def _ensure_testpki(pki_dir: Path, devices: int, organisations: int) -> dict[str, Any]:
+def _ensure_testpki(pki_dir: Path, devices: int | None,
+                    organisations: int | None) -> dict[str, Any]:
+    """The demo's test PKI: generated when there is none; the one there is used as it is
+    (and a --devices/--organisations that differs from it said to be ignored)."""
     from .pki.testpki import TestPkiParams, generate, load_manifest
 
     if (pki_dir / "manifest.json").exists():
         try:
-            return load_manifest(pki_dir)
+            manifest = load_manifest(pki_dir)
         except ValueError as exc:
             raise ConfigError(f"{exc}; remove {pki_dir} and run demo again") from exc
+        params = manifest.get("params", {})
+        for option, given in (("devices", devices), ("organisations", organisations)):
+            if given is not None and given != params.get(option):
+                print(f"--{option} {given} ignored: {pki_dir} already holds a test PKI with"
+                      f" {params.get(option)} {option} (remove {pki_dir} to generate another)",
+                      file=sys.stderr)
+        return manifest
+    devices = 50 if devices is None else devices
+    organisations = 24 if organisations is None else organisations
+    if devices < 0 or organisations < 0:
+        raise UsageError("--devices/--organisations: must be 0 or more")
     print(f"generating a test PKI in {pki_dir} ({devices} devices, {organisations}"
           " organisation certificates)", file=sys.stderr)
     pki_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -275,6 +302,13 @@ def lodge_manifest(client: Any, pki_dir: Path, manifest: dict[str, Any],
     return failures
 
 
+def _smki() -> str:
+    """This installation's command (the virtualenv's bin/smki-repository, which need not be
+    on PATH), for commands the demo prints."""
+    beside = Path(sys.executable).parent / "smki-repository"
+    return str(beside) if beside.is_file() else "smki-repository"
+
+
 async def _demo_users(repo: Any) -> list[str]:
     """The demo's users: `dcc-boxed` with the fixed key DCC Boxed's client sends, and an
     operator (its random key is printed on the first run only)."""
@@ -285,7 +319,11 @@ async def _demo_users(repo: Any) -> list[str]:
         await users_add(repo.store, "dcc-boxed", api_key=DCC_BOXED_KEY)
     if await repo.store.user("demo-operator") is None:
         text = await users_add(repo.store, "demo-operator", role="operator")
-        lines += ["  operator user: " + ln for ln in text.splitlines() if "API key" in ln]
+        lines += ["  operator user demo-operator: " + ln for ln in text.splitlines()
+                  if "API key" in ln]
+    else:
+        lines.append("  operator user demo-operator: a new API key with"
+                     f" `{_smki()} users apikey demo-operator`")
     if repo.portal is not None:
         if await repo.store.user("demo-portal") is None:
             text = await users_add(repo.store, "demo-portal", with_key=False)
@@ -294,7 +332,7 @@ async def _demo_users(repo: Any) -> list[str]:
                       for ln in text.splitlines() if "password" in ln]
         else:
             lines.append("  portal user demo-portal: a new temporary password with"
-                         " `smki-repository users reset demo-portal`")
+                         f" `{_smki()} users reset demo-portal`")
     await repo.credentials.load()
     return lines
 
@@ -345,7 +383,7 @@ def _demo_text(repo: Any, pki_dir: Path, manifest: dict[str, Any], users: list[s
         if doc:
             lines.append(f"  curl -sI {base}/documents/{doc['name']}")
         lines.append(f"  curl -s '{base}/extracts?{key}'   # after a scheduled extract, or:"
-                     f" smki-repository extract full --data-dir {repo.config.data_dir}")
+                     f" {_smki()} extract full --data-dir {repo.config.data_dir}")
     if "metrics" in repo.bound:
         lines.append(f"  curl -s http://{repo.bound['metrics']}/metrics | grep smki_")
     if https:
@@ -374,7 +412,7 @@ def _demo_text(repo: Any, pki_dir: Path, manifest: dict[str, Any], users: list[s
 def cmd_demo(args: argparse.Namespace) -> int:
     base = _config(args)
     pki_dir = Path(base.data_dir).expanduser() / "pki"
-    _setup_logging(base.log.level)
+    _setup_logging(base)
     manifest = _ensure_testpki(pki_dir, args.devices, args.organisations)
     overrides: dict[str, Any] = {"lodge": {"client_subject": manifest["dcc_client"]["subject"]}}
     config = _config(args, overrides)
@@ -385,6 +423,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         if "lodge" not in repo.bound:
             print("lodging listener disabled: not lodging the test PKI", file=sys.stderr)
+            repo.start_schedule()
             return
         dcc = manifest["dcc_client"]
         client = LodgeClient(f"https://localhost:{repo.bound['lodge'].port}",
@@ -398,13 +437,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 lambda line: print("  " + line, file=sys.stderr))
         finally:
             client.close()
+            repo.start_schedule()  # its first extract holds what was just lodged
         print(f"lodged in {time.perf_counter() - started:.1f} s"
               + (f" with {failures} refusal(s)" if failures else ""), file=sys.stderr)
         users = await _demo_users(repo)
         print(_demo_text(repo, pki_dir, manifest, users), flush=True)
 
     return asyncio.run(_serve(config, pid_file=args.pid_file, after_start=after_start,
-                              reread=lambda: _config(args, overrides)))
+                              reread=lambda: _config(args, overrides), defer_schedule=True))
 
 
 # -- testpki --------------------------------------------------------------------------------
@@ -412,6 +452,11 @@ def cmd_testpki(args: argparse.Namespace) -> int:
     from .pki.testpki import TestPkiParams, generate
 
     out = Path(args.out)
+    for option, value, least in (("--devices", args.devices, 0),
+                                 ("--organisations", args.organisations, 0),
+                                 ("--workers", args.workers, 0)):
+        if value < least:
+            raise UsageError(f"{option}: must be {least} or more (got {value})")
     started = time.perf_counter()
     try:
         manifest = generate(out, TestPkiParams(devices=args.devices,
@@ -464,37 +509,74 @@ async def _import(config: Config, root: Path, allow_unverified: bool,
 
 def cmd_import(args: argparse.Namespace) -> int:
     config = _config(args)
-    _setup_logging(config.log.level)
+    _setup_logging(config)
     root = Path(args.dir)
     if not root.exists():
-        print(f"error: {root} does not exist", file=sys.stderr)
-        return 2
+        raise UsageError(f"DIR: no such file or directory: {root}")
     _install_loop()
     return asyncio.run(_import(config, root, args.allow_unverified_issuer,
                                not args.skip_signature_check))
 
 
 # -- lodge ----------------------------------------------------------------------------------
+def _readable(option: str, name: str) -> Path:
+    """A file an option names, or a UsageError saying which option and which file."""
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise UsageError(f"{option}: no such file: {path}")
+    if not path.is_file():
+        raise UsageError(f"{option}: not a file: {path}")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{option}: cannot read {path} (permission denied)")
+    return path
+
+
 def cmd_lodge(args: argparse.Namespace) -> int:
+    import http.client
+    import ssl
+
     from .lodge.client import LodgeClient, TlsRefused, lodge_files
 
+    if not args.url.startswith("https://"):
+        raise UsageError(f"--url must be https://HOST:PORT (got {args.url!r})")
+    cert, key = _readable("--cert", args.cert), _readable("--key", args.key)
+    ca = _readable("--ca", args.ca) if args.ca else None
+    files = [_readable("FILE argument", f) for f in args.files]
+    if args.batch_size < 1:
+        raise UsageError("--batch-size: must be at least 1")
     try:
-        client = LodgeClient(args.url, args.cert, args.key, args.ca,
+        client = LodgeClient(args.url, str(cert), str(key), str(ca) if ca else None,
                              on_behalf_of=args.on_behalf_of)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise UsageError(f"--key {key} does not match --cert {cert} (it is not that"
+                             " certificate's private key)") from None
+        if exc.reason == "NO_CERTIFICATE_OR_CRL_FOUND":
+            raise UsageError(f"--ca {ca}: no PEM CA certificate in it") from None
+        raise UsageError(f"--cert {cert} / --key {key}: cannot load them as a PEM certificate"
+                         f" and its private key ({exc.reason or exc})") from None
+    except ValueError as exc:  # --url
+        raise UsageError(str(exc)) from None
     flag = None if args.manufacturing_flag is None else args.manufacturing_flag == "true"
     try:
-        failures = lodge_files(client, [Path(f) for f in args.files], name=args.name,
+        failures = lodge_files(client, files, name=args.name,
                                trust_anchor=args.trust_anchor, status=args.status,
                                manufacturing_flag=flag, batch_size=args.batch_size,
                                progress=_progress())
-    except TlsRefused as exc:
+    except TlsRefused as exc:  # the handshake failed: the message says why and what to check
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        # the server's certificate not trusted is our configuration (--ca): 2; the server
+        # refusing our client certificate is a refusal: 1
+        return 2 if isinstance(exc.__cause__, ssl.SSLCertVerificationError) else 1
+    except (ssl.SSLError, http.client.RemoteDisconnected) as exc:
+        # TLS 1.3: the server checks our certificate after the handshake, then sends an alert
+        # or just closes the connection: either way it refused the client certificate
+        why = (exc.reason or exc) if isinstance(exc, ssl.SSLError) else "closed without an answer"
+        print(f"error: {args.url} refused the TLS connection ({why}): is --cert {cert} the DCC"
+              " lodging client it accepts?", file=sys.stderr)
+        return 1
     except OSError as exc:
-        print(f"error: cannot reach {args.url}: {exc}", file=sys.stderr)
+        print(f"error: cannot reach {args.url}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     finally:
         client.close()
@@ -508,8 +590,7 @@ def _admin(args: argparse.Namespace, work: Any) -> int:
     from .store import opened_store
 
     config = _config(args)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    _quiet_logging(config)
 
     async def run() -> str:
         async with opened_store(config, max_size=2) as store:
@@ -528,6 +609,11 @@ def cmd_users(args: argparse.Namespace) -> int:
     from . import admin
 
     action = args.action
+    if action == "forecast" and not args.clear:  # checked before the store is opened
+        if args.per_day is None:
+            raise UsageError("users forecast: give --per-day N (requests per 24 hours), or"
+                             " --clear")
+        admin.parse_bands(args.bands or "25,25,25,25")
     if action == "add":
         return _admin(args, lambda store, _c: admin.users_add(
             store, args.name, role="operator" if args.operator else "party",
@@ -545,10 +631,9 @@ def cmd_users(args: argparse.Namespace) -> int:
         text = None
         if args.add:
             try:
-                text = Path(args.add).read_text()
-            except OSError as exc:
-                print(f"error: --add: {exc}", file=sys.stderr)
-                return 1
+                text = _readable("--add", args.add).read_text()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise UsageError(f"--add: cannot read {args.add}: {exc}") from None
         return _admin(args, lambda store, _c: admin.users_sshkey(store, args.name, text,
                                                                   args.clear))
     return _admin(args, lambda store, _c: admin.users_forecast(
@@ -597,7 +682,7 @@ def cmd_replica(args: argparse.Namespace) -> int:
     from .store import opened_store
 
     config = _config(args)
-    _setup_logging(config.log.level)
+    _setup_logging(config)
     path = config.path(config.replica.path)
 
     async def run() -> int:
@@ -657,8 +742,7 @@ def cmd_export_ldif(args: argparse.Namespace) -> int:
     from .store import opened_store
 
     config = _config(args)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    _quiet_logging(config)
 
     async def run(out: Any) -> int:
         count = 0
@@ -678,7 +762,11 @@ def cmd_export_ldif(args: argparse.Namespace) -> int:
         target = Path(args.out)
         partial = target.with_name(target.name + ".partial")
         try:
-            with partial.open("w", encoding="ascii") as fh:
+            fh = partial.open("w", encoding="ascii")
+        except OSError as exc:
+            raise UsageError(f"--out: cannot write {partial}: {exc.strerror or exc}") from None
+        try:
+            with fh:
                 count = asyncio.run(run(fh))
         except BaseException:
             partial.unlink(missing_ok=True)
@@ -723,151 +811,336 @@ def cmd_export_ldap_schema(args: argparse.Namespace) -> int:
     if args.out in (None, "-"):
         sys.stdout.write(text)
     else:
-        Path(args.out).write_text(text)
+        try:
+            Path(args.out).write_text(text)
+        except OSError as exc:
+            raise UsageError(f"--out: cannot write {args.out}: {exc.strerror or exc}") from None
+    return 0
+
+
+# -- config ---------------------------------------------------------------------------------
+def cmd_config(args: argparse.Namespace) -> int:
+    """`config check`: every problem in the file, the environment and the files they name
+    (exit 2), like `nginx -t`; `config show`: the effective settings as TOML."""
+    from .config import shipped_config_dir, to_toml
+
+    source = args.config or os.environ.get("SMKI_CONFIG") or None
+    where = source or "the built-in defaults"
+    env = sorted(k for k in os.environ if k.startswith("SMKI_") and k != "SMKI_CONFIG")
+    if args.action == "show":
+        if args.defaults:
+            shipped = shipped_config_dir() / "repository.toml"
+            try:
+                sys.stdout.write(shipped.read_text())
+            except OSError as exc:
+                print(f"error: the example configuration is not installed ({shipped}:"
+                      f" {exc.strerror or exc}); reinstall the package", file=sys.stderr)
+                return 1
+            return 0
+        sys.stdout.write(f"# effective settings: {where}"
+                         + (f" + {', '.join(env)}" if env else "") + "\n" + to_toml(_config(args)))
+        return 0
+    from .server import tls_problems
+
+    try:
+        config = _config(args)
+    except ConfigError as exc:
+        problems = [str(exc)]
+    else:
+        problems = tls_problems(config)
+        data = Path(config.data_dir).expanduser()
+        existing = next((p for p in (data, *data.absolute().parents) if p.exists()), None)
+        if existing is not None and not os.access(existing, os.W_OK):
+            problems.append(f"data_dir: {data} cannot be written ({existing} is not writable)")
+    for problem in problems:
+        print(f"configuration error: {problem}", file=sys.stderr)
+    env_text = f" with {', '.join(env)}" if env else ""
+    if problems:
+        count = f"{len(problems)} problem" + ("s" if len(problems) > 1 else "")
+        print(f"config check: {where}{env_text}: {count}", file=sys.stderr)
+        return 2
+    print(f"config check: {where}{env_text}: ok")
     return 0
 
 
 # -- parser ---------------------------------------------------------------------------------
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option's help (not for options without one, or flags), and
+    the epilog's examples kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+# shtab's completion hints (a FILE or DIR argument), set without importing shtab
+_FILE = {"bash": "_shtab_compgen_files", "zsh": "_files", "tcsh": "f"}
+_DIR = {"bash": "_shtab_compgen_dirs", "zsh": "_files -/", "tcsh": "d"}
+
+
+def _complete(action: argparse.Action, kind: dict[str, str]) -> argparse.Action:
+    action.complete = kind  # type: ignore[attr-defined]
+    return action
+
+
+def _command(sub: Any, name: str, text: str, examples: list[str],
+             func: Callable[[argparse.Namespace], int] | None = None) -> argparse.ArgumentParser:
+    epilog = "Example" + ("s" if len(examples) > 1 else "") + ":\n" + "\n".join(
+        f"  {line}" for line in examples)
+    p: argparse.ArgumentParser = sub.add_parser(name, help=text, description=text, epilog=epilog,
+                                                formatter_class=_Help)
+    if func is not None:
+        p.set_defaults(func=func)
+    return p
+
+
 def _store_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    p.add_argument("--data-dir", metavar="DIR", default=None,
-                   help="data directory (default ./var, or data_dir from the config)")
+    _complete(p.add_argument("--config", metavar="FILE",
+                             help="TOML configuration file (default: $SMKI_CONFIG, else built-in"
+                                  " defaults; see `smki-repository config show`)"), _FILE)
+    _complete(p.add_argument("--data-dir", metavar="DIR", default=None,
+                             help="data directory (default: data_dir from the configuration,"
+                                  " ./var)"), _DIR)
+
+
+def _json_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--json", action="store_true", help=f"print {what} as JSON")
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="smki-repository",
-                                 description="SMKI certificate repository and revocation server")
+    ap = argparse.ArgumentParser(
+        prog="smki-repository", formatter_class=_Help,
+        description="SMKI certificate repository and revocation server",
+        epilog="Exit status: 0 success, 1 something was refused (details on stderr),\n"
+               "2 usage or configuration error, or a server that cannot be reached.\n\n"
+               "Examples:\n  smki-repository demo\n  smki-repository lodge --help\n"
+               "  source <(smki-repository completion bash)")
     ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = ap.add_subparsers(dest="command", required=True)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                            help="what to do (each has its own --help)")
 
-    p = sub.add_parser("serve", help="run the server")
+    p = _command(sub, "serve", "run the server", [
+        "smki-repository serve --config /etc/smki/repository.toml",
+        "smki-repository serve --data-dir /srv/smki --http 0.0.0.0:8083 --ldaps '' --workers 2"],
+        cmd_serve)
     _store_args(p)
     for name in LISTENER_NAMES:
         p.add_argument(f"--{name}", metavar="HOST:PORT",
-                       help=f"override listeners.{name} (empty string disables)")
-    p.add_argument("--pid-file", metavar="FILE")
+                       help=f"override listeners.{name} (an empty string disables it)")
+    _complete(p.add_argument("--pid-file", metavar="FILE",
+                             help="write the process id here once listening; removed at exit"),
+              _FILE)
     p.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="N server processes sharing every listener (SO_REUSEPORT; default 1)")
-    p.set_defaults(func=cmd_serve)
+                   help="N server processes sharing every listener (SO_REUSEPORT)")
 
-    p = sub.add_parser("demo", help="generate a test PKI, start everything, lodge the PKI")
+    p = _command(sub, "demo", "generate a test PKI, start everything, lodge the PKI", [
+        "smki-repository demo", "smki-repository demo --data-dir /tmp/smki --devices 1000"],
+        cmd_demo)
     _store_args(p)
-    p.add_argument("--devices", type=int, default=50, help="devices in the test PKI (default 50)")
-    p.add_argument("--organisations", type=int, default=24,
-                   help="organisation certificates (default 24)")
-    p.add_argument("--pid-file", metavar="FILE")
-    p.set_defaults(func=cmd_demo)
+    p.add_argument("--devices", type=int, metavar="N",
+                   help="devices in the test PKI (default: 50); used when it is generated,"
+                        " ignored (and said so) once DATA_DIR/pki exists")
+    p.add_argument("--organisations", type=int, metavar="M",
+                   help="organisation certificates in the test PKI (default: 24); used when"
+                        " it is generated")
+    _complete(p.add_argument("--pid-file", metavar="FILE",
+                             help="write the process id here once listening"), _FILE)
 
-    p = sub.add_parser("testpki", help="generate a test PKI in the GB profile")
-    p.add_argument("--devices", type=int, default=50)
-    p.add_argument("--organisations", type=int, default=24)
-    p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.set_defaults(func=cmd_testpki)
+    p = _command(sub, "testpki", "generate a test PKI in the GB profile", [
+        "smki-repository testpki --devices 1000 --organisations 24 --out /tmp/pki --seed 7"],
+        cmd_testpki)
+    p.add_argument("--devices", type=int, default=50, metavar="N",
+                   help="devices (each has a digital-signing and a key-agreement certificate)")
+    p.add_argument("--organisations", type=int, default=24, metavar="M",
+                   help="organisation certificates")
+    p.add_argument("--workers", type=int, default=0, metavar="W",
+                   help="processes making certificates (0: one per core)")
+    p.add_argument("--seed", type=int, default=None, metavar="S",
+                   help="random seed, for the same serials and EUI-64s every time (default:"
+                        " random)")
+    _complete(p.add_argument("--out", required=True, metavar="DIR",
+                             help="directory to create (must not hold a test PKI yet)"), _DIR)
 
-    p = sub.add_parser("import", help="bulk-load certificates and CRLs from a directory")
+    p = _command(sub, "import", "bulk-load certificates and CRLs from a directory", [
+        "smki-repository import --data-dir /srv/smki /srv/incoming/certificates",
+        "smki-repository import /tmp/pki      # a testpki folder: its SMKI objects only"],
+        cmd_import)
     _store_args(p)
-    p.add_argument("dir", metavar="DIR")
+    _complete(p.add_argument("dir", metavar="DIR",
+                             help="a directory (recursed into) or one file; a test PKI's"
+                                  " folder (manifest.json) imports the SMKI objects it lists"),
+              _DIR)
     p.add_argument("--allow-unverified-issuer", action="store_true",
                    help="store certificates whose issuer is not available, marked unverified"
                         " (self-signed CA certificates are always imported as trust anchors)")
     p.add_argument("--skip-signature-check", action="store_true",
                    help="link certificates to their issuers by name and key id without checking"
                         " signatures (a trusted source, e.g. our own extract); recorded on each")
-    p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("lodge", help="lodge files through the mutual-TLS lodging API (DCC side)")
-    p.add_argument("--url", default="https://localhost:8444")
-    p.add_argument("--cert", required=True, help="DCC client certificate (PEM)")
-    p.add_argument("--key", required=True, help="its private key (PEM)")
-    p.add_argument("--ca", help="CA of the server's TLS certificate (PEM)")
-    p.add_argument("--name", help="document name (default: file name without extension)")
-    p.add_argument("--trust-anchor", action="store_true", help="lodge root CAs as trust anchors")
-    p.add_argument("--status", choices=["P", "I", "N"])
-    p.add_argument("--manufacturing-flag", choices=["true", "false"])
-    p.add_argument("--on-behalf-of", metavar="OFFICER")
-    p.add_argument("--batch-size", type=int, default=50_000)
-    p.add_argument("files", nargs="+", metavar="FILE")
-    p.set_defaults(func=cmd_lodge)
+    p = _command(sub, "lodge", "lodge files through the mutual-TLS lodging API (DCC side)", [
+        "smki-repository lodge --url https://localhost:8444 --ca var/pki/tls/ca.pem \\\n"
+        "    --cert var/pki/dcc/client.pem --key var/pki/dcc/client.key.pem \\\n"
+        "    var/pki/crl/issuing-oca.crl var/pki/documents/SMKI-Recovery-Procedure.txt"],
+        cmd_lodge)
+    p.add_argument("--url", default="https://localhost:8444",
+                   help="the repository's lodging listener (https://HOST:PORT)")
+    _complete(p.add_argument("--cert", required=True, metavar="FILE",
+                             help="the DCC lodging client's certificate (PEM)"), _FILE)
+    _complete(p.add_argument("--key", required=True, metavar="FILE",
+                             help="the private key of --cert (PEM)"), _FILE)
+    _complete(p.add_argument("--ca", metavar="FILE",
+                             help="CA certificate that issued the server's TLS certificate (PEM;"
+                                  " default: the system's trusted CAs)"), _FILE)
+    p.add_argument("--name", help="document name (default: the file name without extension)")
+    p.add_argument("--trust-anchor", action="store_true",
+                   help="lodge self-signed root CA certificates as trust anchors")
+    p.add_argument("--status", choices=["P", "I", "N"],
+                   help="device certificate status to record: P pending, I in use, N not in use")
+    p.add_argument("--manufacturing-flag", choices=["true", "false"],
+                   help="the device certificates' manufacturing flag")
+    p.add_argument("--on-behalf-of", metavar="OFFICER",
+                   help="the DCC officer lodging (sent as X-On-Behalf-Of, kept in the audit log)")
+    p.add_argument("--batch-size", type=int, default=50_000, metavar="N",
+                   help="certificates per request when a bundle is split")
+    _complete(p.add_argument("files", nargs="+", metavar="FILE",
+                             help="certificates (PEM/DER), CRLs/ARLs or documents"), _FILE)
 
-    p = sub.add_parser("users", help="relying-party users: API keys, passwords, forecasts")
-    us = p.add_subparsers(dest="action", required=True)
-    q = us.add_parser("add", help="add a user; prints its API key and initial password once")
-    q.add_argument("name")
+    p = _command(sub, "users", "relying-party users: API keys, passwords, forecasts",
+                 ["smki-repository users list"], cmd_users)
+    us = p.add_subparsers(dest="action", required=True, metavar="ACTION",
+                           help="what to do with users")
+    q = _command(us, "add", "add a user; prints its API key and initial password once", [
+        "smki-repository users add acme-energy", "smki-repository users add ops1 --operator"])
+    q.add_argument("name", help="user name: letters, digits and . _ @ -")
     q.add_argument("--operator", action="store_true",
                    help="operator role (may read the service-level reports over HTTP)")
     q.add_argument("--api-key", metavar="KEY", help="use this key instead of a random one")
     q.add_argument("--no-api-key", action="store_true", help="portal sign-in only")
-    q = us.add_parser("list", help="list users (never their keys or passwords)")
-    q.add_argument("--json", action="store_true")
+    q = _command(us, "list", "list users (never their keys or passwords)",
+                 ["smki-repository users list --json"])
+    _json_arg(q, "the users")
     for verb, text in (("disable", "disable a user (its API key stops working)"),
                        ("enable", "enable a disabled user"),
                        ("reset", "new temporary portal password, to be changed at sign-in")):
-        q = us.add_parser(verb, help=text)
-        q.add_argument("name")
-    q = us.add_parser("apikey", help="new random API key (printed once), or --set a given one")
-    q.add_argument("name")
+        q = _command(us, verb, text, [f"smki-repository users {verb} acme-energy"])
+        q.add_argument("name", help="the user")
+    q = _command(us, "apikey", "new random API key (printed once), or --set a given one", [
+        "smki-repository users apikey acme-energy",
+        "smki-repository users apikey dcc-boxed --set u3bg9gt38htd0j2"])
+    q.add_argument("name", help="the user")
     q.add_argument("--set", metavar="KEY", help="e.g. DCC Boxed's fixed key u3bg9gt38htd0j2")
-    q = us.add_parser("forecast", help="set a user's demand forecast")
-    q.add_argument("name")
-    q.add_argument("--per-day", type=int, help="requests per 24 hours")
+    q = _command(us, "forecast", "set a user's demand forecast", [
+        "smki-repository users forecast acme-energy --per-day 20000 --bands 10,5,70,15",
+        "smki-repository users forecast acme-energy --clear"])
+    q.add_argument("name", help="the user")
+    q.add_argument("--per-day", type=int, metavar="N",
+                   help="requests per 24 hours (required unless --clear)")
     q.add_argument("--bands", metavar="A,B,C,D",
                    help="percent of the day's requests in 00-07,07-08,08-20,20-24 (UK time);"
-                        " default 25,25,25,25")
+                        " 25,25,25,25 when not given")
     q.add_argument("--clear", action="store_true", help="remove the forecast")
-    q = us.add_parser("sshkey", help="add an SFTP public key for a user, or clear its keys")
-    q.add_argument("name")
+    q = _command(us, "sshkey", "add an SFTP public key for a user, or clear its keys", [
+        "smki-repository users sshkey acme-energy --add ~/.ssh/id_ed25519.pub"])
+    q.add_argument("name", help="the user")
     g = q.add_mutually_exclusive_group(required=True)
-    g.add_argument("--add", metavar="FILE", help="an OpenSSH public key file (e.g. id_ed25519.pub)")
+    _complete(g.add_argument("--add", metavar="FILE",
+                             help="an OpenSSH public key file (e.g. id_ed25519.pub)"), _FILE)
     g.add_argument("--clear", action="store_true", help="remove every key of the user")
     for q in us.choices.values():
         _store_args(q)
-    p.set_defaults(func=cmd_users)
 
-    p = sub.add_parser("report", help="service-level reports (CPM 8, demand), refused TLS"
-                       " handshakes")
-    rs = p.add_subparsers(dest="kind", required=True)
-    q = rs.add_parser("cpm", help="Code Performance Measure 8 for a calendar month")
-    q.add_argument("--month", metavar="YYYY-MM", help="default: this month (UK time)")
-    q.add_argument("--json", action="store_true")
+    p = _command(sub, "report", "service-level reports (CPM 8, demand), refused TLS handshakes",
+                 ["smki-repository report cpm", "smki-repository report tls-refusals --hours 1"],
+                 cmd_report)
+    rs = p.add_subparsers(dest="kind", required=True, metavar="REPORT", help="which report")
+    q = _command(rs, "cpm", "Code Performance Measure 8 for a calendar month",
+                 ["smki-repository report cpm --month 2026-11 --json"])
+    q.add_argument("--month", metavar="YYYY-MM", help="the month (default: this month, UK time)")
+    _json_arg(q, "the report")
     _store_args(q)
-    q = rs.add_parser("demand", help="requests per user and time band against forecast")
-    q.add_argument("--day", metavar="YYYY-MM-DD", help="default: today (UK time)")
-    q.add_argument("--json", action="store_true")
+    q = _command(rs, "demand", "requests per user and time band against forecast",
+                 ["smki-repository report demand --day 2026-11-30"])
+    q.add_argument("--day", metavar="YYYY-MM-DD", help="the day (default: today, UK time)")
+    _json_arg(q, "the report")
     _store_args(q)
-    q = rs.add_parser("tls-refusals", help="refused TLS handshakes per listener, reason and"
-                      " peer address (counted per minute)")
-    q.add_argument("--hours", type=float, default=24, help="this far back (default 24)")
-    q.add_argument("--json", action="store_true")
+    q = _command(rs, "tls-refusals", "refused TLS handshakes per listener, reason and peer"
+                 " address (counted per minute)", ["smki-repository report tls-refusals --hours 1"])
+    q.add_argument("--hours", type=float, default=24, help="this far back")
+    _json_arg(q, "the report")
     _store_args(q)
-    p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("replica", help="this node's read replica: status, verify, rebuild")
+    p = _command(sub, "replica", "this node's read replica: status, verify, rebuild", [
+        "smki-repository replica status", "smki-repository replica verify --no-catch-up"],
+        cmd_replica)
     p.add_argument("action", choices=("status", "verify", "rebuild"),
                    help="status: how far behind, sizes; verify: compare with the store (counts"
                         " and a digest per id range); rebuild: build anew from the store")
     p.add_argument("--no-catch-up", action="store_true",
                    help="verify: compare as it is, without applying pending changes first")
     _store_args(p)
-    p.set_defaults(func=cmd_replica)
 
-    p = sub.add_parser("export-ldif", help="write the LDAP directory as LDIF (e.g. to load slapd)")
+    p = _command(sub, "export-ldif", "write the LDAP directory as LDIF (e.g. to load slapd)", [
+        "smki-repository export-ldif --out directory.ldif",
+        "smki-repository export-ldif | head -40"], cmd_export_ldif)
     _store_args(p)
-    p.add_argument("--out", metavar="FILE", help="output file (default: standard output)")
-    p.set_defaults(func=cmd_export_ldif)
+    _complete(p.add_argument("--out", metavar="FILE",
+                             help="output file, written as FILE.partial and renamed when"
+                                  " complete (default: standard output)"), _FILE)
 
-    p = sub.add_parser("extract", help="produce a full or delta extract now")
-    p.add_argument("kind", choices=("full", "delta"))
+    p = _command(sub, "extract", "produce a full or delta extract now",
+                 ["smki-repository extract full --json"], cmd_extract)
+    p.add_argument("kind", choices=("full", "delta"),
+                   help="full: every certificate; delta: changes since the last extract")
     p.add_argument("--json", action="store_true", help="describe it as JSON")
     _store_args(p)
-    p.set_defaults(func=cmd_extract)
 
-    p = sub.add_parser("export-ldap-schema",
-                       help="write our LDAP attribute types and object classes as an OpenLDAP schema")
-    p.add_argument("--out", metavar="FILE", help="output file (default: standard output)")
-    p.set_defaults(func=cmd_export_ldap_schema)
+    p = _command(sub, "export-ldap-schema",
+                 "write our LDAP attribute types and object classes as an OpenLDAP schema",
+                 ["smki-repository export-ldap-schema --out /etc/ldap/schema/smki.schema"],
+                 cmd_export_ldap_schema)
+    _complete(p.add_argument("--out", metavar="FILE",
+                             help="output file (default: standard output)"), _FILE)
+
+    p = _command(sub, "config", "check the configuration, or show the effective settings",
+                 ["smki-repository config check --config /etc/smki/repository.toml"],
+                 cmd_config)
+    cs = p.add_subparsers(dest="action", required=True, metavar="ACTION", help="check or show")
+    q = _command(cs, "check", "validate the file, the SMKI_* environment and the files they"
+                 " name; exit 0 when good, 2 with every problem found (like `nginx -t`)",
+                 ["smki-repository config check --config /etc/smki/repository.toml"])
+    _store_args(q)
+    q = _command(cs, "show", "print the effective settings (defaults < file < environment) as"
+                 " TOML, passwords redacted", [
+                     "smki-repository config show --config /etc/smki/repository.toml",
+                     "smki-repository config show --defaults > repository.toml"])
+    _store_args(q)
+    q.add_argument("--defaults", action="store_true",
+                   help="print the shipped example configuration instead (every setting, its"
+                        " default and what it does)")
+
+    p = _command(sub, "completion", "print a shell completion script", [
+        "smki-repository completion bash > /etc/bash_completion.d/smki-repository",
+        "smki-repository completion zsh > ~/.zfunc/_smki-repository"], cmd_completion)
+    p.add_argument("shell", choices=("bash", "zsh"), help="the shell")
     return ap
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    import shtab
+
+    sys.stdout.write(shtab.complete(parser(), shell=args.shell))
+    return 0
+
+
+def _quiet_broken_pipe() -> int:
+    """stdout's reader has gone (`| head`): stop quietly, as tools killed by SIGPIPE do, and
+    keep Python's exit-time flush from complaining about it."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -876,12 +1149,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         result: int = args.func(args)
+        sys.stdout.flush()
         return result
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    except NoStore as exc:
+    except (NoStore, UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except KeyboardInterrupt:
         return 130

@@ -221,6 +221,7 @@ class Replica:
 class Log:
     level: str = "INFO"
     access_log: bool = True
+    format: str = "text"  # text | json (one JSON object a line, the same fields everywhere)
 
 
 @dataclass(frozen=True)
@@ -322,6 +323,8 @@ class Config:
             raise ConfigError("database.replica_url: must start with postgresql:// (or be empty)")
         if self.log.level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError("log.level: one of DEBUG, INFO, WARNING, ERROR")
+        if self.log.format not in ("text", "json"):
+            raise ConfigError(f"log.format: text or json (got {self.log.format!r})")
         return self
 
 
@@ -487,3 +490,58 @@ def load(
         data = _merge(data, overrides)
     config: Config = _build(Config, data, "")
     return config.validate()
+
+
+# -- showing settings (`smki-repository config show`) ----------------------------------------
+REDACTED = "REDACTED"
+
+
+def redact_url(url: str) -> str:
+    """A database URL with its password (in the authority or a `password=` parameter)
+    replaced by REDACTED."""
+    import re
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is not None:
+        user = parts.username or ""
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{user}:{REDACTED}@{host}")
+    query = re.sub(r"(^|&)(password=)[^&]*", rf"\g<1>\g<2>{REDACTED}", parts.query)
+    return urlunsplit(parts._replace(query=query))
+
+
+def _toml_value(value: Any) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value), ensure_ascii=False)  # a TOML basic string
+
+
+def to_toml(config: Config) -> str:
+    """The settings as TOML that `load` reads back, secrets redacted (database passwords;
+    other settings hold file paths, never key material)."""
+    lines = [f"data_dir = {_toml_value(config.data_dir)}"]
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        if not dataclasses.is_dataclass(values):
+            continue
+        lines += ["", f"[{section.name}]"]
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            if section.name == "database" and f.name.endswith("url") and value:
+                value = redact_url(value)
+            lines.append(f"{f.name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def shipped_config_dir() -> Path:
+    """The example configuration and load profiles: inside the installed package (the wheel
+    carries them as repository_server/conf), or the source tree's conf/."""
+    inside = Path(__file__).resolve().parent / "conf"
+    if (inside / "repository.toml").is_file():
+        return inside
+    return Path(__file__).resolve().parent.parent / "conf"

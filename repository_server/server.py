@@ -42,7 +42,7 @@ from .extracts.writer import ExtractWriter
 from .ldap.codec import PAGED_RESULTS_OID, STARTTLS_OID
 from .ldap.directory import Directory
 from .ldap.server import WHOAMI_OID, LdapService
-from .lodge.app import build_lodge_app
+from .lodge.app import ACTOR_KEY, build_lodge_app
 from .lodge.service import LodgingService
 from .obs.access import NOTE, Note, access_logger_class
 from .obs.arrival import waited
@@ -108,6 +108,38 @@ def lodge_tls_context(config: Config) -> ssl.SSLContext:
         raise ConfigError(f"lodge.client_ca: no usable CA certificate in {ca}:"
                           f" {exc.reason or exc}") from None
     return ctx
+
+
+def _lodging_user(request: web.BaseRequest) -> str | None:
+    actor = request.get(ACTOR_KEY)
+    return actor.name if actor is not None else None
+
+
+def tls_problems(config: Config) -> list[str]:
+    """Every problem `start` would stop at in the TLS files the configuration names (all of
+    them, not just the first: `smki-repository config check`)."""
+    problems: list[str] = []
+
+    def check(what: Callable[[], object]) -> bool:
+        try:
+            what()
+        except ConfigError as exc:
+            problems.append(str(exc))
+            return False
+        return True
+
+    lis = config.listeners
+    if lis.https or lis.lodge or lis.ldaps:
+        cert = check(lambda: _require_file(config, config.tls.cert, "tls.cert"))
+        key = check(lambda: _require_file(config, config.tls.key, "tls.key"))
+        if cert and key:
+            check(lambda: server_tls_context(config))
+    if lis.lodge and check(lambda: _require_file(config, config.lodge.client_ca,
+                                                 "lodge.client_ca")) and not problems:
+        check(lambda: lodge_tls_context(config))
+    if (lis.ldap or lis.ldaps) and config.ldap.client_ca:
+        check(lambda: _require_file(config, config.ldap.client_ca, "ldap.client_ca"))
+    return problems
 
 
 def ldap_tls_context(config: Config) -> ssl.SSLContext:
@@ -484,8 +516,12 @@ def check_listeners_free(config: Config) -> None:
 
 
 class Repository:
-    def __init__(self, config: Config, *, metrics: Metrics | None = None) -> None:
+    def __init__(self, config: Config, *, metrics: Metrics | None = None,
+                 defer_schedule: bool = False) -> None:
+        """`defer_schedule`: the extract schedule waits for `start_schedule()` (the demo
+        lodges its test PKI first, so that its first extract is not an empty one)."""
         self.config = config
+        self.defer_schedule = defer_schedule
         self.metrics = metrics or Metrics()
         self._resources = contextlib.AsyncExitStack()  # the store (and embedded PostgreSQL)
         self.store: Store | None = None
@@ -708,7 +744,10 @@ class Repository:
         app.router.add_route("*", "/{tail:.*}", not_found)
         return app
 
-    async def _runner(self, app: web.Application, *, reads: bool = False) -> web.AppRunner:
+    async def _runner(self, app: web.Application, *, reads: bool = False,
+                      listener: str | None = None,
+                      user_of: Callable[[web.BaseRequest], str | None] | None = None
+                      ) -> web.AppRunner:
         access = log.getChild("access")
         if reads:  # the access logger also ends each request's CPM 8 timing: always on
             limits = self.config.web
@@ -725,6 +764,8 @@ class Repository:
         else:  # the lodging listener: only the DCC gets past its TLS handshake
             runner = web.AppRunner(app, access_log=access if self.config.log.access_log
                                    else None, handler_cancellation=True, logger=_HTTP_LOG,
+                                   access_log_class=access_logger_class(None, True, listener,
+                                                                        user_of),
                                    keepalive_timeout=self.config.web.idle_timeout_seconds)
         await runner.setup()
         self._runners.append(runner)
@@ -824,6 +865,11 @@ class Repository:
                     await follow
 
     # -- life cycle -----------------------------------------------------------------------
+    def start_schedule(self) -> None:
+        """Start producing scheduled extracts (when extracts.schedule is on), once."""
+        if self.extract_scheduler is not None:
+            self.extract_scheduler.start()
+
     async def start(self) -> None:
         cfg = self.config
         check_listeners_free(cfg)
@@ -901,7 +947,8 @@ class Repository:
             await self._listen(name, addr, factory)
         addr = cfg.listeners.address("lodge")
         if addr is not None and lodge_ctx is not None:
-            runner = await self._runner(build_lodge_app(cfg, self.lodging))
+            runner = await self._runner(build_lodge_app(cfg, self.lodging), listener="lodge",
+                                        user_of=_lodging_user)
             lodge_handlers = runner.server
             assert lodge_handlers is not None
             self._lodge_ctx = lodge_ctx
@@ -919,13 +966,13 @@ class Repository:
             self.bound["sftp"] = HostPort(host, port)
         addr = cfg.listeners.address("metrics")
         if addr is not None:
-            runner = await self._runner(self._metrics_app())
+            runner = await self._runner(self._metrics_app(), listener="metrics")
             handlers = runner.server
             assert handlers is not None
             # its own port per process, never shared: a scrape must reach the process it names
             await self._listen("metrics", addr, handlers, backlog=64, reuse_port=False)
-        if self.extract_scheduler is not None:
-            self.extract_scheduler.start()
+        if not self.defer_schedule:
+            self.start_schedule()
         self._refusal_task = asyncio.create_task(self._keep_flushing_refusals(),
                                                  name="tls-refusals")
         # Everything allocated so far lives as long as the process: out of the cyclic GC's

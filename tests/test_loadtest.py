@@ -503,7 +503,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     try:
         assert ready.wait(120), "".join(lines[-40:])
         text = "".join(lines)
-        keys = re.findall(r"operator user: API key \(shown only now\): (\S+)", text)
+        keys = re.findall(r"operator user demo-operator: API key \(shown only now\): (\S+)",
+                          text)
         password = re.findall(r"portal user demo-portal: initial portal password: (\S+)", text)
         assert keys and password, text
         running = Demo(proc, data, ports, keys[0], PORTAL_PASSWORD)

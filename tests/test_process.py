@@ -11,6 +11,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -71,11 +72,12 @@ def ports_env() -> tuple[dict[str, str], dict[str, int]]:
     return env, ports
 
 
-def start_demo(data: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], list[str],
-                                                          threading.Event]:
+def start_demo(data: Path, env: dict[str, str], devices: int = 20
+               ) -> tuple[subprocess.Popen[str], list[str], threading.Event]:
     """`smki-repository demo --devices 20` in `data`: the process, its output lines as they
     come, and an event set once it says it is up."""
-    proc = subprocess.Popen([*smki_cli(), "demo", "--data-dir", str(data), "--devices", "20"],
+    proc = subprocess.Popen([*smki_cli(), "demo", "--data-dir", str(data), "--devices",
+                             str(devices)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     ready = threading.Event()
@@ -128,6 +130,19 @@ def test_demo_from_empty_data_dir(tmp_path: Path) -> None:
         # every copy-paste curl command it printed works
         commands = [ln.strip() for ln in lines if ln.strip().startswith("curl ")]
         assert len(commands) >= 6
+        # the operator user is named; commands of ours are this installation's own
+        assert re.search(r"operator user demo-operator: API key \(shown only now\): \S+", text)
+        own = Path(sys.executable).parent / "smki-repository"
+        assert f"{own} extract full --data-dir {data}" in text, text
+        # the schedule's first extract (it is due at once) came after the lodging: not empty
+        extracts: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 60
+        while not extracts and time.monotonic() < deadline:
+            extracts = json.loads(wait_http(f"http://127.0.0.1:{ports['http']}/extracts"
+                                            "?apikey=u3bg9gt38htd0j2"))
+            time.sleep(0.2)
+        first = extracts[-1]
+        assert first["counts"].get("certificates", 0) >= 40 + 5, first
         for command in commands:
             res = subprocess.run(command, shell=True, capture_output=True, timeout=30)
             assert res.returncode == 0 and res.stdout, (command, res.stderr)
@@ -149,11 +164,14 @@ def test_demo_from_empty_data_dir(tmp_path: Path) -> None:
         code = proc.wait(60)
     assert code == 0, "".join(lines[-30:])
     assert not postgres_running(data), "embedded PostgreSQL left running after Ctrl-C"
-    # a second start reuses the PKI and the store: lodging again is a no-op
-    proc, lines, ready = start_demo(data, env)
+    # a second start reuses the PKI and the store: lodging again is a no-op, and a --devices
+    # that differs from the PKI's is said to be ignored
+    proc, lines, ready = start_demo(data, env, devices=7)
     try:
         assert ready.wait(120), "".join(lines[-40:])
         assert "generating a test PKI" not in "".join(lines)
+        assert (f"--devices 7 ignored: {data / 'pki'} already holds a test PKI with 20 devices"
+                in "".join(lines)), "".join(lines)
         assert "0 stored, 40 identical" in "".join(lines)
     finally:
         proc.send_signal(signal.SIGTERM)

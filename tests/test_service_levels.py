@@ -152,7 +152,7 @@ async def test_demand_against_forecast_cli(loaded: Running, tmp_path: Path) -> N
     assert res.returncode == 0, res.stderr
     res = await asyncio.to_thread(cli, "users", "forecast", "heavy", "--per-day", "10", "--bands",
                                   "10,10,60")
-    assert res.returncode == 1 and "adding up to 100" in res.stderr
+    assert res.returncode == 2 and "adding up to 100" in res.stderr  # a usage error
     dev = loaded.objects("device")[0]
     for _ in range(30):
         status, _, _ = await asyncio.to_thread(post, loaded.http, SEARCH, search_body(dev["eui64"]),
@@ -174,7 +174,7 @@ async def test_demand_against_forecast_cli(loaded: Running, tmp_path: Path) -> N
     assert 'smki_demand_above_forecast{user="heavy"} 1.0' in body.decode()
     assert 'smki_demand_usage_ratio{band="day",user="heavy"} 3.0' in body.decode()
     res = await asyncio.to_thread(cli, "report", "demand", "--day", "yesterday")
-    assert res.returncode == 1 and "YYYY-MM-DD" in res.stderr
+    assert res.returncode == 2 and "YYYY-MM-DD" in res.stderr
 
 
 async def test_users_cli(tmp_path: Path, fresh_db: str) -> None:
@@ -199,9 +199,9 @@ async def test_users_cli(tmp_path: Path, fresh_db: str) -> None:
     res = await asyncio.to_thread(cli, "add", "copycat", "--api-key", "u3bg9gt38htd0j2")
     assert res.returncode == 1 and "already another user's" in res.stderr
     res = await asyncio.to_thread(cli, "add", "bad name!")
-    assert res.returncode == 1 and "user name" in res.stderr
+    assert res.returncode == 2 and "user name" in res.stderr
     res = await asyncio.to_thread(cli, "apikey", "supplier-a", "--set", "short")
-    assert res.returncode == 1 and "8 to 200 characters" in res.stderr
+    assert res.returncode == 2 and "8 to 200 characters" in res.stderr
     res = await asyncio.to_thread(cli, "disable", "supplier-a")
     assert res.returncode == 0
     res = await asyncio.to_thread(cli, "reset", "nobody")
@@ -211,7 +211,7 @@ async def test_users_cli(tmp_path: Path, fresh_db: str) -> None:
     assert "supplier-a" in res.stdout and "disabled" in res.stdout and key not in res.stdout
     res = await asyncio.to_thread(cli, "list", "--json")
     users = {u["name"]: u for u in json.loads(res.stdout)}
-    assert users["dcc-boxed"]["api_key"] == "u3bg…" and users["supplier-a"]["disabled"] is True
+    assert users["dcc-boxed"]["api_key_prefix"] == "u3bg" and users["supplier-a"]["disabled"] is True
     conn = await asyncpg.connect(fresh_db)
     try:
         dump = repr([dict(r) for r in await conn.fetch("SELECT * FROM users")])

@@ -74,7 +74,8 @@ class ExtractScheduler:
         return produced
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        if self._task is None:  # once
+            self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
         while True:

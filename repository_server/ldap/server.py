@@ -40,6 +40,7 @@ from typing import Any
 from ..auth import User, api_key_sha256
 from ..config import Config
 from ..obs.arrival import socket_waited
+from ..obs.logs import access_extra
 from ..portal.auth import password_accepted
 from ..portal.security import LockoutPolicy
 from ..service_levels import ANONYMOUS, ServiceLevels
@@ -385,7 +386,8 @@ class LdapConnection(asyncio.Protocol):
             levels.answered(mark, 200)
         if service.access_log:
             access_log.info("ldap conn=%d op=%d search (cached) result=0 entries=%d", self.conn_id,
-                            mid, len(ops) - 1)
+                            mid, len(ops) - 1, extra=self._access(
+                                "search", 0, received, entries=len(ops) - 1, cached=True))
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         log.info("ldap conn=%d %s: protocol error: %s", self.conn_id, self.peer, exc)
@@ -548,7 +550,16 @@ class LdapConnection(asyncio.Protocol):
         self.write(codec.bind_response(mid, ResultCode.SUCCESS))
         if self.service.access_log:
             access_log.info("ldap conn=%d op=%d bind %s user=%s result=0", self.conn_id, mid, how,
-                            user.name if user else ANONYMOUS)
+                            user.name if user else ANONYMOUS,
+                            extra=self._access("bind", 0, None, method=how))
+
+    def _access(self, operation: str, result: int, received: float | None,
+                **more: Any) -> dict[str, Any]:
+        """The access line's fields (obs.logs), as the HTTP listeners give them."""
+        took = (time.perf_counter() - received) * 1000 if received is not None else None
+        return access_extra("ldaps" if self.tls else "ldap", self.peer.rsplit(":", 1)[0],
+                            self.user.name if self.user else ANONYMOUS, operation, result, took,
+                            None, connection=self.conn_id, **more)
 
     def _audit(self, action: str, outcome: str, detail: str) -> None:
         detail = detail.replace("\x00", "\\x00")  # the client's bytes; PostgreSQL text refuses NUL
@@ -672,7 +683,10 @@ class LdapConnection(asyncio.Protocol):
         if service.access_log:
             access_log.info("ldap conn=%d op=%d search base=%r scope=%d user=%s result=%d entries=%d",
                             self.conn_id, mid, req.base[:200], req.scope,
-                            self.user.name if self.user else ANONYMOUS, out.code, out.sent)
+                            self.user.name if self.user else ANONYMOUS, out.code, out.sent,
+                            extra=self._access("search", int(out.code), received,
+                                               entries=out.sent, base=req.base[:200],
+                                               scope=req.scope))
 
     async def _search(self, req: codec.SearchRequest, content: bytes | None) -> Outcome:
         settings = self.service.settings

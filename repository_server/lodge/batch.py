@@ -158,6 +158,7 @@ class ImportChunk:
     skipped: list[str] = field(default_factory=list)
     unverified: int = 0
     files: int = 0
+    certificates: int = 0  # read in this chunk, deferred ones included (progress counts these)
 
 
 def import_chunk(items: Sequence[tuple[str, bytes | None]], issuers: IssuerMap,
@@ -181,7 +182,9 @@ def import_chunk(items: Sequence[tuple[str, bytes | None]], issuers: IssuerMap,
             ders = [raw] if data is not None else load_pem_or_der_certificates(raw)
         except (OSError, ParseError) as exc:
             out.refused.append(f"{name}: {exc}")
+            out.certificates += 1
             continue
+        out.certificates += len(ders)
         for i, der in enumerate(ders):
             label = name if len(ders) == 1 else f"{name}[{i}]"
             p = parse_items(0, [der], issuers, verify=opts.check_signatures)[0]

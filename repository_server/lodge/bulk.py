@@ -83,6 +83,33 @@ def walk(root: Path) -> Iterator[Path]:
             yield Path(dirpath) / name
 
 
+def test_pki_files(root: Path) -> tuple[list[str], list[Path], int] | None:
+    """A test PKI's SMKI objects (`testpki`'s DIR, recognised by its manifest.json): the
+    certificate files (roots, CAs, organisations, device bundles) and CRL/ARL files its
+    manifest lists, and how many other files it holds (its TLS and DCC lodging-client
+    certificates, keys, documents: not SMKI objects, not imported). None: not a test PKI."""
+    from ..pki.testpki import load_manifest
+
+    if not (root.is_dir() and (root / "manifest.json").is_file()):
+        return None
+    try:
+        manifest = load_manifest(root)
+    except (ValueError, KeyError, OSError):
+        return None
+    certs: dict[str, None] = {}
+    crls: dict[str, None] = {}
+    for obj in manifest.get("objects", []):
+        if obj.get("kind") in ("root", "ca", "organisation"):
+            certs.setdefault(str(root / obj["path"]), None)
+        elif obj.get("kind") in ("crl", "arl"):
+            crls.setdefault(str(root / obj["path"]), None)
+    for bundle in manifest.get("devices", {}).get("bundles", []):
+        certs.setdefault(str(root / bundle), None)
+    listed = {*certs, *crls, str(root / "manifest.json")}
+    others = sum(1 for p in walk(root) if str(p) not in listed)
+    return list(certs), [Path(c) for c in crls], others
+
+
 async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
                            allow_unverified_issuer: bool = False, check_signatures: bool = True,
                            progress: Callable[[str, int, int], None] | None = None,
@@ -91,7 +118,14 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
     started = time.perf_counter()
     cert_files: list[str] = []
     crl_files: list[Path] = []
-    for path in walk(root):
+    pki = test_pki_files(root)
+    if pki is not None:
+        cert_files, crl_files, others = pki
+        note(f"{root} is a test PKI (manifest.json): importing the SMKI objects it lists"
+             f" ({len(cert_files)} certificate files, {len(crl_files)} CRL/ARL files); its"
+             f" other {others} files (TLS and DCC lodging-client certificates, keys, documents)"
+             " are not imported")
+    for path in walk(root) if pki is None else ():
         suffix = path.suffix.lower()
         if suffix in CERT_SUFFIXES:
             cert_files.append(str(path))
@@ -109,10 +143,16 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
     executor = service.executor()
     deferred: list[tuple[str, bytes]] = []
     issuers_grew = False
-    done_files = 0
+    done = 0  # certificates settled (stored, identical or refused); held-back ones later
+
+    def advance(count: int) -> None:
+        nonlocal done
+        done += count
+        if progress:
+            progress("import", max(0, min(done, total)), total)
 
     async def write(chunk: ImportChunk) -> None:
-        nonlocal done_files, issuers_grew
+        nonlocal issuers_grew
         report.refused.extend(chunk.refused)
         for line in chunk.skipped:
             report.skipped.append(line)
@@ -141,9 +181,7 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
                 for payload in changes:
                     service.on_change(payload)
                 await service.committed(seq)
-        done_files += chunk.files - len(chunk.deferred)  # held-back ones count when settled
-        if progress:
-            progress("import", done_files, total)
+        advance(chunk.certificates - len(chunk.deferred))  # held-back ones count when settled
 
     async def run(items: Iterable[tuple[str, bytes | None]], defer: bool) -> None:
         pending: deque[asyncio.Future[ImportChunk]] = deque()
@@ -184,7 +222,8 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
                 continue
             yield from ((f"{name}[{i}]", der) for i, der in enumerate(ders))
 
-    # Count first (PEM markers, read in blocks), so that progress shows a true total.
+    # Count certificates first (PEM markers, read in blocks; a DER file is one), so that
+    # progress shows a true total: a PEM file may hold none (a key) or many (a bundle).
     big: set[str] = set()
     total = 0
     for name in cert_files:
@@ -194,9 +233,9 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
             is_big = False
         if is_big:
             big.add(name)
-            total += max(1, _count_pem_certificates(name))
-        else:
-            total += 1
+        total += _count_pem_certificates(name) if name.lower().endswith(".pem") else 1
+    if progress and total:
+        progress("import", 0, total)
     await run(items(), True)
     # Held-back certificates: their CA may have arrived since; repeat while that helps.
     previous = -1
@@ -226,9 +265,7 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
             report.identical += batch.identical
             report.unverified += sum(1 for r in results
                                      if "issuer-unverified" in r.get("findings", []))
-            done_files += len(part)
-            if progress:
-                progress("import", done_files, total)
+            advance(len(part))
     for path in crl_files:
         try:
             result = await service.lodge_crl(path.read_bytes(), actor)

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from .. import __version__
 from ..pki.profile import ParseError, load_pem_or_der_certificates
 
 CERT_SUFFIXES = {".pem", ".der", ".cer", ".crt"}
 CRL_SUFFIXES = {".crl", ".arl"}
+USER_AGENT = f"smki-repository-lodge/{__version__}"  # in the server's access log
 
 
 class TlsRefused(Exception):
@@ -52,9 +54,9 @@ def explain_tls_error(exc: ssl.SSLError, url: str) -> str:
         return (f"the server refused our client certificate: {_SERVER_ALERTS[reason]};"
                 " check --cert/--key")
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return (f"the server's certificate at {url} is not trusted: {exc.verify_message};"
-                " check --ca (the CA of the server's TLS certificate) and the host name in"
-                " --url")
+        return (f"the server's certificate at {url} is not trusted ({exc.verify_message},"
+                " certificate verify failed): check --ca (the CA of the server's TLS"
+                " certificate) and the host name in --url")
     if reason == "TLSV1_ALERT_PROTOCOL_VERSION" or "VERSION" in reason:
         return f"no TLS version in common with {url} (the server needs TLS 1.2 or later)"
     return f"TLS handshake with {url} failed: {reason or exc}"
@@ -94,7 +96,8 @@ class LodgeClient:
 
     def request(self, method: str, path: str, body: bytes,
                 content_type: str = "application/octet-stream") -> Reply:
-        headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
+        headers = {"Content-Type": content_type, "Content-Length": str(len(body)),
+                   "User-Agent": USER_AGENT}
         if self.on_behalf_of:
             headers["X-On-Behalf-Of"] = self.on_behalf_of
         for attempt in (1, 2):  # one retry on a dropped keep-alive connection
@@ -167,14 +170,18 @@ def pem_chunks(ders: list[bytes], size: int) -> Iterator[bytes]:
 class Progress:
     """A one-line progress display on a terminal; otherwise (a log, a pipe) a plain line at
     the start, every `every` seconds and at the end. Both show the rate and, while going,
-    the time left."""
+    the time left. The terminal line is rewritten in place (`\\r`) and never wider than the
+    terminal (`columns`, default its width), and the counts stay within 0..total."""
 
     def __init__(self, stream: TextIO = sys.stderr, every: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, columns: int | None = None) -> None:
+        import shutil
+
         self.stream = stream
         self.tty = stream.isatty()
         self.every = every
         self.clock = clock
+        self.columns = columns or shutil.get_terminal_size().columns
         self._started: dict[str, tuple[float, int]] = {}
         self._last_line = 0.0
 
@@ -191,12 +198,14 @@ class Progress:
 
     def __call__(self, label: str, done: int, total: int) -> None:
         now = self.clock()
+        total = max(0, total)
+        done = max(0, min(done, total))
         rate = self._rate(label, done, total, now)
         if self.tty:
-            width = 30
+            width = max(0, min(30, self.columns // 4))
             filled = int(width * done / total) if total else width
-            self.stream.write(f"\r{label}: [{'#' * filled}{'.' * (width - filled)}]"
-                              f" {done:,}/{total:,}{rate}\033[K")
+            line = f"{label}: [{'#' * filled}{'.' * (width - filled)}] {done:,}/{total:,}{rate}"
+            self.stream.write(f"\r{line[:max(1, self.columns - 1)]}\033[K")
             if done >= total:
                 self.stream.write("\n")
             self.stream.flush()

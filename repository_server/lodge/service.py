@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from ..jsontime import json_time, json_time_or_none
 from ..pki.ids import format_key_id
 from ..pki.model import CertKind
 from ..pki.profile import (
@@ -458,8 +459,8 @@ class LodgingService:
         return {"outcome": outcome, "kind": kind, "issuer": info.issuer_name,
                 "issuer_key_id": format_key_id(key_id), "crl_number": info.crl_number,
                 "previous_crl_number": previous, "revoked": len(info.revoked),
-                "this_update": info.this_update.isoformat(),
-                "next_update": info.next_update.isoformat() if info.next_update else None,
+                "this_update": json_time(info.this_update),
+                "next_update": json_time_or_none(info.next_update),
                 "url": f"/crls/{format_key_id(key_id)}.crl",
                 "findings": [f["code"] for f in lint]}
 

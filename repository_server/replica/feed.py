@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from ..jsontime import json_time
 from ..store import feed as sql
 from . import records as rec
 from .env import Replica, ReplicaUnavailable, Writer, remove
@@ -222,6 +223,7 @@ class Feeder:
         """A new replica from the whole store; returns the certificates written."""
         path = self.replica.path
         tmp = path.with_name(path.name + ".building")
+        path.parent.mkdir(parents=True, exist_ok=True)  # a data_dir not made yet (database.url)
         lock_fd = os.open(self._lock_path("build"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             await asyncio.to_thread(fcntl.flock, lock_fd, fcntl.LOCK_EX)
@@ -556,5 +558,5 @@ def lag(replica: Replica, now: float | None = None) -> dict[str, Any]:
             if behind and meta.pending_since_us else 0.0,
             "checked_seconds_ago": round((now_us - meta.checked_us) / 1e6, 3)
             if meta.checked_us else None,
-            "built": datetime.fromtimestamp(meta.built_us / 1e6, UTC).isoformat()
+            "built": json_time(datetime.fromtimestamp(meta.built_us / 1e6, UTC))
             if meta.built_us else None}

@@ -33,6 +33,7 @@ from aiohttp import web
 from ..auth import User
 from ..catalog import Catalog, CertEntry, CrlEntry, DocEntry, http_date
 from ..config import Config
+from ..jsontime import json_time, json_time_or_none
 from ..obs.access import NOTE, Note
 from ..pki.ids import IdentifierError, format_key_id, parse_key_id, parse_serial
 from ..replica.records import DocRecord
@@ -256,8 +257,8 @@ class Downloads:
                 "issuer": r.issuer_name,
                 "issuer_key_id": format_key_id(r.issuer_key_id),
                 "crl_number": r.crl_number,
-                "this_update": r.this_update.isoformat(),
-                "next_update": r.next_update.isoformat() if r.next_update else None,
+                "this_update": json_time(r.this_update),
+                "next_update": json_time_or_none(r.next_update),
                 "overdue": bool(r.next_update and r.next_update < now),
                 "revoked": r.revoked_count,
                 "sha256": r.sha256.hex(),
@@ -277,8 +278,8 @@ class Downloads:
             return error(404, f"no CRL or ARL from issuer key id {format_key_id(key)}")
         hexkey = format_key_id(key)
         return web.json_response([
-            {"crl_number": n, "this_update": t.isoformat(),
-             "next_update": nu.isoformat() if nu else None, "url": f"/crls/{hexkey}/{n}.crl"}
+            {"crl_number": n, "this_update": json_time(t),
+             "next_update": json_time_or_none(nu), "url": f"/crls/{hexkey}/{n}.crl"}
             for n, t, nu in versions
         ], headers={"Cache-Control": "no-cache"})
 
@@ -340,7 +341,7 @@ class Downloads:
         return {"name": row.name, "version": row.version,
                 "content_type": doctypes.safe_type(row.content_type),
                 "size": row.size, "sha256": row.sha256.hex(),
-                "lodged_at": row.lodged_at.isoformat(),
+                "lodged_at": json_time(row.lodged_at),
                 "url": f"/documents/{row.name}/{row.version}"}
 
     async def document_list(self, request: web.Request) -> web.StreamResponse:

@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from ..extracts import format as fmt
+from ..jsontime import json_time_or_none
 from ..obs.access import NOTE, Note
 from ..store.db import ExtractRow, Store
 from .apikeys import key_refusal
@@ -43,7 +44,7 @@ class ExtractFiles:
     @staticmethod
     def describe(row: ExtractRow, url: str) -> dict[str, Any]:
         return {"name": row.name, "kind": row.kind,
-                "published_at": row.published_at.isoformat() if row.published_at else None,
+                "published_at": json_time_or_none(row.published_at),
                 "size": row.size, "sha256": row.sha256.hex() if row.sha256 else None,
                 "counts": row.counts, "url": url + row.name}
 
