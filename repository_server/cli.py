@@ -79,6 +79,7 @@ async def _serve(config: Config, *, pid_file: str | None, after_start: Any = Non
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     started = False
+    hup_while_starting = False
     reloading: asyncio.Task[None] | None = None
 
     def on_stop(sig: signal.Signals) -> None:
@@ -95,9 +96,10 @@ async def _serve(config: Config, *, pid_file: str | None, after_start: Any = Non
             log.error("SIGHUP: nothing reloaded, serving on as before: %s", exc)
 
     def on_hup() -> None:
-        nonlocal reloading
-        if not started:
-            log.warning("SIGHUP while starting: ignored (send it again once started)")
+        nonlocal reloading, hup_while_starting
+        if not started:  # the files may have changed after start-up read them
+            hup_while_starting = not stop.is_set()
+            log.info("SIGHUP while starting: reloading once started")
         elif reloading is None or reloading.done():
             reloading = loop.create_task(reload())
 
@@ -109,6 +111,8 @@ async def _serve(config: Config, *, pid_file: str | None, after_start: Any = Non
         nonlocal started
         await repo.start()
         started = True
+        if hup_while_starting:
+            on_hup()
         write_pid_file(pid_file)
         for name, addr in repo.bound.items():
             log.info("listening: %s on %s", name, addr)
@@ -186,6 +190,7 @@ def _supervise(args: argparse.Namespace, config: Config) -> int:
         pid_file.unlink(missing_ok=True)
         own = ["--metrics", str(HostPort(metrics.host, metrics.port + i)) if metrics else ""]
         proc = subprocess.Popen([*argv, *own, "--pid-file", str(pid_file)], env=env)
+        procs[i] = proc  # from now on it gets the signals passed on (a SIGHUP while it starts)
         deadline = time.monotonic() + 120
         while not pid_file.exists():  # written once the worker listens
             if proc.poll() is not None or time.monotonic() > deadline or stopping:
