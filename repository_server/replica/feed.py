@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from ..pki.certstore import index_keys
 from ..store import feed as sql
 from . import records as rec
 from .env import Replica, ReplicaUnavailable, Writer, remove
@@ -67,6 +68,7 @@ def _extra(r: Any) -> bytes:
 def put_certificates(w: Writer, rows: Sequence[Any], *, append: bool = False,
                      indexes: bool = True) -> int:
     stored = 0
+    search: list[tuple[bytes, bytes]] = []
     for r in rows:
         value = rec.pack_cert(
             serial=r["serial"], issuer_key_id=r["issuer_key_id"], der=r["der"], sha256=r["sha256"],
@@ -75,9 +77,15 @@ def put_certificates(w: Writer, rows: Sequence[Any], *, append: bool = False,
             not_before_us=r["not_before_us"], not_after_us=r["not_after_us"],
             subject_key_id=r["subject_key_id"], subject_name=r["subject_name"],
             issuer_name=r["issuer_name"])
-        stored += w.put_cert(r["id"], value, serial=r["serial"], eui64=r["eui64"], kind=r["kind"],
-                             sha256=r["sha256"], subject_key_id=r["subject_key_id"],
-                             extra=_extra(r), append=append, indexes=indexes)
+        if w.put_cert(r["id"], value, serial=r["serial"], eui64=r["eui64"], kind=r["kind"],
+                      sha256=r["sha256"], subject_key_id=r["subject_key_id"], extra=_extra(r),
+                      append=append, indexes=indexes):
+            stored += 1
+            cert_key = rec.id_key(r["id"])
+            search += [(k, cert_key) for k in index_keys(r["der"], r["subject_key_id"],
+                                                          r["subject_name"])]
+    search.sort()  # one pass through the B-tree, left to right
+    w.put_search(search)
     return stored
 
 
