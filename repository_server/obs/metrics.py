@@ -13,7 +13,14 @@ import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -60,9 +67,26 @@ class RequestStats(Collector):
         yield latency
 
 
+def register_process(registry: CollectorRegistry) -> None:
+    """What every Prometheus exporter says about itself: smki_build_info{version, python},
+    process_* (CPU, memory, open files, start time: ProcessCollector) and python_info."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("smki-repository")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        ours = "unknown"
+    Info("smki_build", "The running smki-repository", registry=registry).info(
+        {"version": ours, "python": platform.python_version()})
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        register_process(self.registry)
         self.http = RequestStats()
         self.registry.register(self.http)
         self.tls_refused = Counter(

@@ -157,15 +157,19 @@ def describe(version: str) -> dict[str, Any]:
     doc_file = {"200": _bytes("the document, as an attachment (Content-Security-Policy:"
                               " sandbox, nosniff)", *doctypes.ALLOWED),
                 "304": _NOT_MODIFIED, "404": _error("no such document or version")}
-    search_key = {"pattern": "^[A-Za-z0-9+/]{27}$", "minLength": 27, "maxLength": 27}
     hashes = {"certHash": "the certificate", "iHash": "the issuer Name",
               "sHash": "the subject Name",
               "iAndSHash": "IssuerAndSerialNumber (issuer Name and serial)",
               "sKIDHash": "the subject key identifier's octets"}
-    name_query = _query("name", "a name: commonName or the whole RFC 4514 name, any case",
-                        minLength=1, maxLength=1024)
 
     def search(what: str, content_type: str, attributes: list[str]) -> dict[str, Any]:
+        # exactly one attribute: one query object of one property, each its own parameter
+        properties: dict[str, Any] = {
+            a: {"type": "string", "pattern": "^[A-Za-z0-9+/]{27}$",
+                "description": f"base64 SHA-1 of {hashes[a]} without the trailing '='"}
+            for a in attributes}
+        properties["name"] = {"type": "string", "pattern": r"\S", "maxLength": 1024,
+                              "description": "commonName or the whole RFC 4514 name, any case"}
         return _get(f"RFC 4387 {what} store: exactly one search attribute", {
             "200": _bytes(f"one {what} ({content_type}); several: multipart/mixed, at most"
                           " web.search_max_results, X-Total-Count saying how many matched",
@@ -175,8 +179,11 @@ def describe(version: str) -> dict[str, Any]:
             "403": _error("organisation and device certificates need an API key (unless"
                           " web.open_reads)"),
             "404": _error(f"no {what} matches")},
-            [*[_query(a, f"base64 SHA-1 of {hashes[a]} without the trailing '='",
-                      **search_key) for a in attributes], name_query], _KEY_OR_NONE)
+            [{"name": "search", "in": "query", "required": True, "style": "form",
+              "explode": True, "description": "one search attribute and its key",
+              "schema": {"type": "object", "properties": properties,
+                         "additionalProperties": False, "minProperties": 1,
+                         "maxProperties": 1}}], _KEY_OR_NONE)
 
     name = _path("name", "document name", pattern=doctypes.DOCUMENT_NAME.pattern, maxLength=200)
     paths: dict[str, Any] = {
