@@ -13,14 +13,7 @@ import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Info,
-    PlatformCollector,
-    ProcessCollector,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -72,6 +65,8 @@ def register_process(registry: CollectorRegistry) -> None:
     process_* (CPU, memory, open files, start time: ProcessCollector) and python_info."""
     import platform
     from importlib.metadata import PackageNotFoundError, version
+
+    from prometheus_client import Info, PlatformCollector, ProcessCollector
 
     try:
         ours = version("smki-repository")
