@@ -177,6 +177,8 @@ async def test_access_rule_and_bad_requests(capped: Running) -> None:
     assert status == 403 and b"unknown or disabled API key" in body
     status, _, body = await get(f"{base}?certHash={quote(cert_hash)}&apikey={TEST_KEY}", None)
     assert status == 200 and body == der
+    status, _, body = await get(f"{base}?CERTHASH={quote(cert_hash)}")  # names in any case
+    assert status == 200 and body == der
     digest = hashlib.sha1(b"nothing stored").digest()
     good = base64.b64encode(digest).decode()
     for query, expect in [

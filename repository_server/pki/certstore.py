@@ -188,11 +188,13 @@ def parse_query(query: Mapping[str, str], attributes: dict[str, bytes], store: s
         raise SearchKeyError(f"give exactly one search attribute, one of: {known}"
                              f" (RFC 4387; got {len(asked)})")
     attribute = asked[0]
+    value = query[attribute]
+    # names in any case, as cryptlib (RFC 4387's editor's own) matches them
+    attribute = next((a for a in attributes if a.lower() == attribute.lower()), attribute)
     tag = attributes.get(attribute)
     if tag is None:
         raise SearchKeyError(f"{attribute[:40]!r} is not a search attribute of the {store}"
                              f" store: use one of {known}")
-    value = query[attribute]
     if attribute == "name":
         if not value.strip() or len(value) > MAX_NAME:
             raise SearchKeyError(f"name: give a name of 1 to {MAX_NAME} characters")
