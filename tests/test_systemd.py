@@ -5,11 +5,13 @@ it, STOPPING=1 on SIGTERM; and the shipped unit file passes `systemd-analyze ver
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -34,6 +36,7 @@ def notify_socket() -> Iterator[tuple[socket.socket, str]]:
     where = tempfile.mkdtemp(prefix="smki-notify-", dir="/tmp")
     path = os.path.join(where, "notify")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the sender's pid, as systemd
     sock.bind(path)
     try:
         yield sock, path
@@ -43,9 +46,15 @@ def notify_socket() -> Iterator[tuple[socket.socket, str]]:
 
 
 def _receive(sock: socket.socket, timeout: float) -> dict[str, str]:
+    """One message's fields, and "pid": who sent it (NotifyAccess=main hears only the main
+    process: the kernel's SCM_CREDENTIALS say who that was)."""
     sock.settimeout(timeout)
-    data = sock.recv(4096).decode()
-    return dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
+    data, ancillary, _flags, _addr = sock.recvmsg(4096, socket.CMSG_SPACE(12))
+    fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+    for level, kind, creds in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+            fields["pid"] = str(struct.unpack("iII", creds[:12])[0])
+    return fields
 
 
 def _readyz(port: int) -> int:
@@ -68,6 +77,7 @@ def test_serve_notifies_systemd(tmp_path: Path, pki: dict[str, Any],
     try:
         first = _receive(sock, 120)  # initdb, migrations, the replica build
         assert first.get("READY") == "1", first
+        assert first["pid"] == str(proc.pid)
         assert _readyz(ports["http"]) == 200  # nothing announced before it is true
         assert "STATUS" in first
         before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
@@ -88,6 +98,37 @@ def test_serve_notifies_systemd(tmp_path: Path, pki: dict[str, Any],
             proc.wait()
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+def test_workers_only_the_supervisor_notifies(tmp_path: Path, pki: dict[str, Any],
+                                              notify_socket: tuple[socket.socket, str]) -> None:
+    """`serve --workers 2`: one READY=1, from the supervisor (the unit's main process), once
+    both workers listen; the workers say nothing (systemd would log each as refused)."""
+    sock, path = notify_socket
+    ports = {"http": free_port(), "lodge": free_port(), "metrics": free_port()}
+    conf = tmp_path / "repo.toml"
+    _write_config(conf, pki["dir"], pki, ports, tmp_path / "var")
+    env = {**cli_env(), "NOTIFY_SOCKET": path}
+    proc = subprocess.Popen([*smki_cli(), "serve", "--workers", "2", "--config", str(conf)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        first = _receive(sock, 180)
+        assert first.get("READY") == "1" and first["pid"] == str(proc.pid), first
+        assert "2 workers serving" in first["STATUS"]
+        assert _readyz(ports["http"]) == 200
+        proc.send_signal(signal.SIGTERM)
+        messages = [_receive(sock, 30)]
+        assert messages[0].get("STOPPING") == "1" and messages[0]["pid"] == str(proc.pid)
+        assert proc.wait(90) == 0
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:  # nothing else arrived, from the workers least of all
+                messages.append(_receive(sock, 0))
+        assert len(messages) == 1, messages
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_serve_without_notify_socket_sends_nothing(tmp_path: Path, pki: dict[str, Any]) -> None:
