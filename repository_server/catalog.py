@@ -41,9 +41,14 @@ _LIVE_SECONDS = 5.0  # the feeder's heartbeat is this recent: the replica is cur
 _STALE_CRL = ("the current CRL/ARL is past its nextUpdate and the store cannot be reached to"
               " say whether a newer one exists")
 
+class SearchIndexBuilding(ReplicaUnavailable):
+    """The replica serves, but its RFC 4387 index is still being filled (a 503 that says so)."""
+
+
 CertEntry = CertRecord  # what the listeners format (records.CertRecord)
 
-__all__ = ["Catalog", "CertEntry", "CrlEntry", "DocEntry", "ReplicaUnavailable", "http_date"]
+__all__ = ["Catalog", "CertEntry", "CrlEntry", "DocEntry", "ReplicaUnavailable",
+           "SearchIndexBuilding", "http_date"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +266,9 @@ class Catalog:
         """RFC 4387: the certificates with this search key (at most `limit`), and how many
         (a collision of the index's short keys would be dropped here, and still counted)."""
         self._check_ready()
+        if not self.replica.search_ready():
+            raise SearchIndexBuilding("the RFC 4387 search index is being built (after a"
+                                      " replica build); try again shortly")
         found, total = self.replica.search(key[:INDEX_BYTES], limit)
         return [c for c in found if key in certificate_keys(c.der, c.subject_key_id,
                                                              c.subject_name)], total

@@ -623,6 +623,12 @@ def cmd_replica(args: argparse.Namespace) -> int:
                     print(f"replica rebuilt at {path}: {written:,} certificates in {took:.1f} s"
                           f" ({written / took if took else 0:,.0f}/s), {replica.size_bytes() / 1e6:,.0f}"
                           " MB; running servers reopen it within a second")
+                    started = time.perf_counter()
+                    await feeder.fill_search()  # else the node's feeder does it once it reopens
+                    took = time.perf_counter() - started
+                    print(f"RFC 4387 search index: {written:,} certificates in {took:.1f} s"
+                          f" ({written / took if took else 0:,.0f}/s),"
+                          f" {replica.size_bytes() / 1e6:,.0f} MB in all")
                     return 0
                 if not replica.exists():
                     print(f"error: no replica at {path} (a server builds it when it starts, or"

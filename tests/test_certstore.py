@@ -12,6 +12,7 @@ import email.policy
 import hashlib
 import shutil
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -160,7 +161,13 @@ async def test_many_results_multipart_capped(capped: Running) -> None:
     # the same from a replica built afresh (a build writes the index its own way)
     assert capped.repo.feeder is not None
     await capped.repo.feeder.build()
+    # ready at once; the search index follows from the replica itself (503 until then)
     status, headers, again = await get(f"{base}?iHash={quote(ihash)}")
+    deadline = time.monotonic() + 30
+    while status == 503 and time.monotonic() < deadline:
+        assert b"search index is being built" in again and headers["retry-after"]
+        await asyncio.sleep(0.2)
+        status, headers, again = await get(f"{base}?iHash={quote(ihash)}")
     assert status == 200 and headers["x-total-count"] == "20"
     assert [d for _, d in parts(headers, again)] == [d for _, d in found]
     status, _, body = await get(f"{base}?certHash={quote(keys_of(devices[3][0])['certHash'])}")

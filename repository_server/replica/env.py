@@ -256,6 +256,23 @@ class Replica:
             found = txn.get(sha256, db=self._db["sha256"])
             return [self._cert(txn, found)] if found else []
 
+    def search_ready(self) -> bool:
+        """Whether the RFC 4387 index holds every certificate (`Feeder.fill_search`)."""
+        with self._read() as txn:
+            return bool(txn.get(b"search_ready", db=self._db["meta"]) == b"1")
+
+    def certificates_after(self, after_id: int, limit: int) -> list[CertRecord]:
+        """Certificates in id order after an id (a walk of the whole replica, a page at a
+        time)."""
+        out: list[CertRecord] = []
+        with self._read() as txn, txn.cursor(db=self._db["certs"]) as cur:
+            if cur.set_range(rec.id_key(after_id + 1)):
+                for key, value in cur:
+                    out.append(rec.unpack_cert(rec.key_id(key), value))
+                    if len(out) >= limit:
+                        break
+        return out
+
     def search(self, key: bytes, limit: int) -> tuple[list[CertRecord], int]:
         """The certificates under this RFC 4387 index key (oldest first, at most `limit`)
         and how many there are in all (a count LMDB keeps: no walk). The caller checks
@@ -559,8 +576,8 @@ class Writer:
         return True
 
     def put_search(self, items: list[tuple[bytes, bytes]]) -> None:
-        """RFC 4387 index entries (search key, certificate id), sorted. Not appended even
-        in a build: PostgreSQL cannot work these keys out, so they come page by page."""
+        """RFC 4387 index entries (search key, certificate id), sorted (they come a page of
+        certificates at a time, so they cannot be appended)."""
         if items:
             with self.txn.cursor(db=self.db["search"]) as cur:
                 cur.putmulti(items)

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 _PAGE = 20_000  # certificates per page of a build (and per LMDB write transaction)
 _CHANGES = 100  # change-log rows read per snapshot while catching up
+_SEARCH_PAGE = 5_000  # certificates per write transaction of fill_search (a lodging's
+# catch-up waits for at most one of them: ~50 ms)
 Progress = Callable[[int, int], None]  # (done, total)
 
 
@@ -66,9 +68,11 @@ def _extra(r: Any) -> bytes:
 
 
 def put_certificates(w: Writer, rows: Sequence[Any], *, append: bool = False,
-                     indexes: bool = True) -> int:
+                     indexes: bool = True, search: bool = True) -> int:
+    """Store certificate rows; with `search`, their RFC 4387 index entries too (a build
+    leaves those to `Feeder.fill_search`, after the replica is ready)."""
     stored = 0
-    search: list[tuple[bytes, bytes]] = []
+    entries: list[tuple[bytes, bytes]] = []
     for r in rows:
         value = rec.pack_cert(
             serial=r["serial"], issuer_key_id=r["issuer_key_id"], der=r["der"], sha256=r["sha256"],
@@ -81,11 +85,12 @@ def put_certificates(w: Writer, rows: Sequence[Any], *, append: bool = False,
                       sha256=r["sha256"], subject_key_id=r["subject_key_id"], extra=_extra(r),
                       append=append, indexes=indexes):
             stored += 1
-            cert_key = rec.id_key(r["id"])
-            search += [(k, cert_key) for k in index_keys(r["der"], r["subject_key_id"],
-                                                          r["subject_name"])]
-    search.sort()  # one pass through the B-tree, left to right
-    w.put_search(search)
+            if search:
+                cert_key = rec.id_key(r["id"])
+                entries += [(k, cert_key) for k in index_keys(r["der"], r["subject_key_id"],
+                                                               r["subject_name"])]
+    entries.sort()  # one pass through the B-tree, left to right
+    w.put_search(entries)
     return stored
 
 
@@ -264,7 +269,7 @@ class Feeder:
 
             def write_page(rows: Sequence[Any]) -> int:
                 with new.write() as w:
-                    return put_certificates(w, rows, append=True, indexes=False)
+                    return put_certificates(w, rows, append=True, indexes=False, search=False)
 
             rows = await sql.certificates_page(conn, 0, _PAGE)
             while rows:
@@ -325,6 +330,43 @@ class Feeder:
         if writing is not None:
             await writing
         await asyncio.to_thread(write, batch)
+
+    # -- the RFC 4387 search index ----------------------------------------------------------
+    async def fill_search(self) -> int:
+        """Index every certificate of a freshly built replica for RFC 4387 searches, read
+        from the replica itself; `search_ready` at the end. Not part of the build: its
+        hashes are Python's work (~10 us a certificate), which would take a third off the
+        build rate, so the node is ready first and search.cgi answers 503 until this is done.
+        Certificates lodged meanwhile are indexed by the catch-up as always (an entry twice
+        is stored once). Returns the certificates indexed."""
+        started = time.perf_counter()
+        after, done = 0, 0
+        while True:
+            page = await asyncio.to_thread(self._search_page, after)
+            if page is None:
+                break
+            after, count = page
+            done += count
+        await asyncio.to_thread(self._search_done)
+        elapsed = time.perf_counter() - started
+        log.info("read replica: RFC 4387 search index of %d certificates in %.1f s"
+                 " (%.0f certificates/s)", done, elapsed, done / elapsed if elapsed else 0)
+        return done
+
+    def _search_page(self, after: int) -> tuple[int, int] | None:
+        certs = self.replica.certificates_after(after, _SEARCH_PAGE)
+        if not certs:
+            return None
+        entries = [(k, rec.id_key(c.id)) for c in certs
+                   for k in index_keys(c.der, c.subject_key_id, c.subject_name)]
+        entries.sort()
+        with self.replica.write() as w:
+            w.put_search(entries)
+        return certs[-1].id, len(certs)
+
+    def _search_done(self) -> None:
+        with self.replica.write() as w:
+            w.set_meta(search_ready=True)
 
     # -- catching up -------------------------------------------------------------------------
     def wake(self, _key: str = "") -> None:
@@ -440,10 +482,16 @@ class Feeder:
         beside it."""
         delay = 0.25
         beat = asyncio.create_task(self._beat_forever(), name="replica-heartbeat")
+        filling: asyncio.Task[int] | None = None
         try:
             while True:
                 try:
                     self._wake.clear()
+                    if ((filling is None or filling.done())
+                            and not self.replica.search_ready()):  # built (or rebuilt) anew
+                        if filling is not None and filling.exception() is not None:
+                            log.warning("RFC 4387 search index: %s (again)", filling.exception())
+                        filling = asyncio.create_task(self.fill_search(), name="replica-search")
                     await self.catch_up()
                     self.last_error = ""
                     delay = 0.25
@@ -463,9 +511,11 @@ class Feeder:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
         finally:
-            beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await beat
+            for task in (beat, filling):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
 
 
 # -- verify ------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from ..auth import User
-from ..catalog import Catalog, CertEntry, CrlEntry, DocEntry, http_date
+from ..catalog import Catalog, CertEntry, CrlEntry, DocEntry, SearchIndexBuilding, http_date
 from ..config import Config
 from ..obs.access import NOTE, Note
 from ..pki.certstore import CERT_ATTRIBUTES, CRL_ATTRIBUTES, SearchKeyError, parse_query
@@ -225,7 +225,12 @@ class Downloads:
         except SearchKeyError as exc:
             return error(400, str(exc))
         limit = self.config.web.search_max_results
-        found, total = await self.catalog.search_certificates(key, limit)
+        try:
+            found, total = await self.catalog.search_certificates(key, limit)
+        except SearchIndexBuilding as exc:
+            response = error(503, str(exc))
+            response.headers["Retry-After"] = RETRY_AFTER
+            return response
         if not found:
             return error(404, "no certificate matches the search")
         if not self.open_reads and not all(c.public for c in found):
