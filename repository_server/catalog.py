@@ -41,6 +41,7 @@ _LIVE_SECONDS = 5.0  # the feeder's heartbeat is this recent: the replica is cur
 _STALE_CRL = ("the current CRL/ARL is past its nextUpdate and the store cannot be reached to"
               " say whether a newer one exists")
 
+
 class SearchIndexBuilding(ReplicaUnavailable):
     """The replica serves, but its RFC 4387 index is still being filled (a 503 that says so)."""
 

@@ -340,20 +340,27 @@ class Feeder:
         Certificates lodged meanwhile are indexed by the catch-up as always (an entry twice
         is stored once). Returns the certificates indexed."""
         started = time.perf_counter()
+        env = self.replica.env  # a rebuild swapping it meanwhile starts this again
         after, done = 0, 0
         while True:
-            page = await asyncio.to_thread(self._search_page, after)
+            page = await asyncio.to_thread(self._search_page, env, after)
             if page is None:
                 break
             after, count = page
             done += count
-        await asyncio.to_thread(self._search_done)
+        await asyncio.to_thread(self._search_done, env)
         elapsed = time.perf_counter() - started
         log.info("read replica: RFC 4387 search index of %d certificates in %.1f s"
                  " (%.0f certificates/s)", done, elapsed, done / elapsed if elapsed else 0)
         return done
 
-    def _search_page(self, after: int) -> tuple[int, int] | None:
+    def _same(self, env: Any) -> None:
+        if self.replica.env is not env:
+            raise ReplicaUnavailable("the replica was rebuilt while its search index was being"
+                                     " filled")
+
+    def _search_page(self, env: Any, after: int) -> tuple[int, int] | None:
+        self._same(env)
         certs = self.replica.certificates_after(after, _SEARCH_PAGE)
         if not certs:
             return None
@@ -361,11 +368,13 @@ class Feeder:
                    for k in index_keys(c.der, c.subject_key_id, c.subject_name)]
         entries.sort()
         with self.replica.write() as w:
+            self._same(env)
             w.put_search(entries)
         return certs[-1].id, len(certs)
 
-    def _search_done(self) -> None:
+    def _search_done(self, env: Any) -> None:
         with self.replica.write() as w:
+            self._same(env)
             w.set_meta(search_ready=True)
 
     # -- catching up -------------------------------------------------------------------------

@@ -238,9 +238,10 @@ class Downloads:
             if note is None or note.principal is None:
                 return error(403, key_refusal(request, "organisation and device certificates")
                              + " (CA certificates and CRLs need none)")
-        public = all(c.public for c in found)
+        # what matches a key grows with lodgings: revalidated, never `immutable`
+        shared = self.open_reads or all(c.public for c in found)
         return _search_answer(PKIX_CERT, [c.der for c in found], total,
-                              self._cache_control(public), limit)
+                              "public, no-cache" if shared else "private, no-cache", limit)
 
     async def search_crls(self, request: web.Request) -> web.StreamResponse:
         """The current CRL/ARL of each issuer the key names."""
