@@ -65,6 +65,17 @@ def _readyz(port: int) -> int:
         return int(exc.code)
 
 
+def _end(proc: subprocess.Popen[Any]) -> None:
+    """A failed test's server: stopped cleanly (its embedded PostgreSQL with it), or killed."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def test_serve_notifies_systemd(tmp_path: Path, pki: dict[str, Any],
                                 notify_socket: tuple[socket.socket, str]) -> None:
     sock, path = notify_socket
@@ -93,9 +104,7 @@ def test_serve_notifies_systemd(tmp_path: Path, pki: dict[str, Any],
         assert stopping.get("STOPPING") == "1", stopping
         assert proc.wait(60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _end(proc)
         assert proc.stderr is not None
         proc.stderr.close()
 
@@ -126,9 +135,7 @@ def test_workers_only_the_supervisor_notifies(tmp_path: Path, pki: dict[str, Any
                 messages.append(_receive(sock, 0))
         assert len(messages) == 1, messages
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _end(proc)
 
 
 def test_serve_without_notify_socket_sends_nothing(tmp_path: Path, pki: dict[str, Any]) -> None:
@@ -149,9 +156,7 @@ def test_serve_without_notify_socket_sends_nothing(tmp_path: Path, pki: dict[str
         assert proc.stderr is not None
         assert "systemd notification 'READY=1' not sent" in proc.stderr.read()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _end(proc)
 
 
 def _ready_or_down(port: int) -> int:
