@@ -27,6 +27,7 @@ from datetime import datetime
 
 import asyncpg
 
+from .pki.certstore import INDEX_BYTES, certificate_keys, crl_keys
 from .pki.ids import format_eui64, format_key_id
 from .replica.env import Replica, ReplicaUnavailable, RevokedEntry
 from .replica.records import CertRecord, CrlRecord, DocRecord, http_date
@@ -39,9 +40,18 @@ _PING_SECONDS = 5.0  # the LISTEN connection is pinged when quiet this long ...
 _PING_TIMEOUT = 5.0  # ... and dropped (so reconnected) when the ping takes longer
 _LIVE_SECONDS = 5.0  # the feeder's heartbeat is this recent: the replica is current
 
+_STALE_CRL = ("the current CRL/ARL is past its nextUpdate and the store cannot be reached to"
+              " say whether a newer one exists")
+
+
+class SearchIndexBuilding(ReplicaUnavailable):
+    """The replica serves, but its RFC 4387 index is still being filled (a 503 that says so)."""
+
+
 CertEntry = CertRecord  # what the listeners format (records.CertRecord)
 
-__all__ = ["Catalog", "CertEntry", "CrlEntry", "DocEntry", "ReplicaUnavailable", "http_date"]
+__all__ = ["Catalog", "CertEntry", "CrlEntry", "DocEntry", "ReplicaUnavailable",
+           "SearchIndexBuilding", "http_date"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +86,7 @@ class Catalog:
         # catch_up): a lodging is acknowledged only once its own node serves it.
         self.sync_to: Callable[[int], Awaitable[int]] | None = None
         self._crl_entries: dict[int, CrlEntry] = {}  # by CRL id: versions never change
+        self._crl_keys: dict[int, set[bytes]] = {}  # RFC 4387 search keys, by CRL id
         self._subscribers: dict[str, list[Callable[[str], None]]] = {}
         self._listener: asyncpg.Connection | None = None
         self._listen_task: asyncio.Task[None] | None = None
@@ -250,9 +261,39 @@ class Catalog:
                 and not self.live):
             # past nextUpdate a newer one may have been issued, and the replica cannot hear
             # of it while the store is unreachable: say so rather than serve a stale one
-            raise ReplicaUnavailable("the current CRL/ARL is past its nextUpdate and the store"
-                                     " cannot be reached to say whether a newer one exists")
+            raise ReplicaUnavailable(_STALE_CRL)
         return self._crl_entry(row)
+
+    async def search_certificates(self, key: bytes, limit: int
+                                  ) -> tuple[list[CertEntry], int]:
+        """RFC 4387: the certificates with this search key (at most `limit`), and how many
+        (a collision of the index's short keys would be dropped here, and still counted)."""
+        self._check_ready()
+        if not self.replica.search_ready():
+            raise SearchIndexBuilding("the RFC 4387 search index is being built (after a"
+                                      " replica build); try again shortly")
+        found, total = self.replica.search(key[:INDEX_BYTES], limit)
+        return [c for c in found if key in certificate_keys(c.der, c.subject_key_id,
+                                                             c.subject_name)], total
+
+    async def search_crls(self, key: bytes) -> list[CrlEntry]:
+        """RFC 4387: the current CRLs/ARLs with this search key (a handful of issuers: their
+        keys are worked out once per CRL version and kept)."""
+        self._check_ready()
+        found = []
+        for row in sorted(self.replica.current_crls(), key=lambda c: c.issuer_key_id):
+            keys = self._crl_keys.get(row.id)
+            if keys is None:
+                if len(self._crl_keys) >= 256:
+                    self._crl_keys.clear()
+                keys = self._crl_keys[row.id] = crl_keys(row.der, row.issuer_key_id,
+                                                         row.issuer_name)
+            if key in keys:
+                found.append(row)
+        if (any(r.next_update is not None and r.next_update.timestamp() <= time.time()
+                for r in found) and not self.live):
+            raise ReplicaUnavailable(_STALE_CRL)
+        return [self._crl_entry(r) for r in found]
 
     async def crl_version(self, issuer_key_id: bytes, number: int) -> CrlEntry | None:
         self._check_ready()

@@ -72,7 +72,9 @@ async def _serve(config: Config, *, pid_file: str | None, after_start: Any = Non
     CPM 8 counts flushed, the embedded PostgreSQL released (stopped by its last user), the
     pid file removed; a signal during start-up stops it there. SIGHUP reloads what can change
     without dropping a connection (`Repository.reload`) from the configuration `reread`
-    returns."""
+    returns. Under systemd (Type=notify) it says READY=1 once started, RELOADING=1 and READY=1
+    around a reload, STOPPING=1 when told to stop (`sdnotify`)."""
+    from . import sdnotify
     from .server import Repository, write_pid_file
 
     repo = Repository(config, defer_schedule=defer_schedule)
@@ -84,9 +86,11 @@ async def _serve(config: Config, *, pid_file: str | None, after_start: Any = Non
 
     def on_stop(sig: signal.Signals) -> None:
         log.info("%s: shutting down", sig.name)
+        sdnotify.stopping()
         stop.set()
 
     async def reload() -> None:
+        sdnotify.reloading()
         try:
             new = reread() if reread is not None else config
             done = repo.reload(new)
@@ -94,6 +98,7 @@ async def _serve(config: Config, *, pid_file: str | None, after_start: Any = Non
             log.info("SIGHUP: reloaded %s", done)
         except (ConfigError, OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             log.error("SIGHUP: nothing reloaded, serving on as before: %s", exc)
+        sdnotify.ready("serving (SIGHUP: reloaded)")
 
     def on_hup() -> None:
         nonlocal reloading, hup_while_starting
@@ -118,6 +123,9 @@ async def _serve(config: Config, *, pid_file: str | None, after_start: Any = Non
             log.info("listening: %s on %s", name, addr)
         if after_start is not None:
             await after_start(repo)
+        # start() returns once every listener is up and the read replica is ready: /readyz
+        # answers 200 from here
+        sdnotify.ready("serving: " + ", ".join(f"{n} {a}" for n, a in repo.bound.items()))
 
     starting = asyncio.ensure_future(startup())
     stopping = asyncio.ensure_future(stop.wait())
@@ -150,6 +158,7 @@ def _supervise(args: argparse.Namespace, config: Config) -> int:
     Worker i serves /metrics on listeners.metrics' port + i: its own counters, scraped apart."""
     import subprocess
 
+    from . import sdnotify
     from .server import write_pid_file
 
     workers = args.workers
@@ -166,7 +175,10 @@ def _supervise(args: argparse.Namespace, config: Config) -> int:
         value = getattr(args, flag, None)
         if value is not None and flag != "metrics":
             argv += [f"--{flag.replace('_', '-')}", value]
-    env = {**os.environ, "SMKI_LISTENERS__REUSE_PORT": "true"}
+    # systemd hears from this process only (NotifyAccess=main): READY=1 once every worker
+    # listens, not from each worker
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+    env["SMKI_LISTENERS__REUSE_PORT"] = "true"
     run_dir = Path(config.data_dir).expanduser() / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
     stopping = False
@@ -175,11 +187,14 @@ def _supervise(args: argparse.Namespace, config: Config) -> int:
     def stop(_sig: int, _frame: Any) -> None:
         nonlocal stopping
         stopping = True
+        sdnotify.stopping()
 
     def pass_on(sig: int, _frame: Any) -> None:
+        sdnotify.reloading()  # each worker reloads on its own: passed on is all we know
         for proc in list(procs.values()):
             if proc.poll() is None:
                 proc.send_signal(sig)
+        sdnotify.ready(f"{workers} workers serving (SIGHUP passed on)")
 
     for sig in STOP_SIGNALS:
         signal.signal(sig, stop)
@@ -208,6 +223,7 @@ def _supervise(args: argparse.Namespace, config: Config) -> int:
                       file=sys.stderr)
                 return 2 if procs[i].returncode == 2 else 1  # its reason is on stderr
         log.info("%d workers serving", workers)
+        sdnotify.ready(f"{workers} workers serving")
         restarts: list[float] = []
         while not stopping:
             time.sleep(0.5)
@@ -703,6 +719,12 @@ def cmd_replica(args: argparse.Namespace) -> int:
                     print(f"replica rebuilt at {path}: {written:,} certificates in {took:.1f} s"
                           f" ({written / took if took else 0:,.0f}/s), {replica.size_bytes() / 1e6:,.0f}"
                           " MB; running servers reopen it within a second")
+                    started = time.perf_counter()
+                    await feeder.fill_search()  # else the node's feeder does it once it reopens
+                    took = time.perf_counter() - started
+                    print(f"RFC 4387 search index: {written:,} certificates in {took:.1f} s"
+                          f" ({written / took if took else 0:,.0f}/s),"
+                          f" {replica.size_bytes() / 1e6:,.0f} MB in all")
                     return 0
                 if not replica.exists():
                     print(f"error: no replica at {path} (a server builds it when it starts, or"

@@ -116,6 +116,9 @@ class Web:
     cert_max_age: int = 31_536_000  # seconds; certificates never change
     crl_max_age: int = 3600  # upper bound; never beyond the CRL's nextUpdate
     document_max_age: int = 300
+    # RFC 4387 search.cgi: certificates in one answer at most (a device issuer's iHash matches
+    # millions); the total is in X-Total-Count
+    search_max_results: int = 100
     client_max_size_kb: int = 64  # request bodies on the read listeners
     ws_max_body_bytes: int = 8192  # web service requests (a real one is under 300 bytes)
     test_delay_ms: int = 0  # for load-test verification only: web service answers this much later
@@ -274,6 +277,8 @@ class Config:
         for key in ("max_body_mb", "max_crl_bytes", "max_document_mb", "max_connections"):
             if getattr(self.lodge, key) <= 0:
                 raise ConfigError(f"lodge.{key}: must be positive")
+        if not 1 <= self.web.search_max_results <= 10_000:
+            raise ConfigError("web.search_max_results: must be between 1 and 10000")
         if not 64 <= self.web.ws_max_body_bytes <= 1024 * 1024:
             raise ConfigError("web.ws_max_body_bytes: must be between 64 and 1048576")
         if self.web.test_delay_ms < 0:

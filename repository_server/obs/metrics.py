@@ -60,9 +60,28 @@ class RequestStats(Collector):
         yield latency
 
 
+def register_process(registry: CollectorRegistry) -> None:
+    """What every Prometheus exporter says about itself: smki_build_info{version, python},
+    process_* (CPU, memory, open files, start time: ProcessCollector) and python_info."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from prometheus_client import Info, PlatformCollector, ProcessCollector
+
+    try:
+        ours = version("smki-repository")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        ours = "unknown"
+    Info("smki_build", "The running smki-repository", registry=registry).info(
+        {"version": ours, "python": platform.python_version()})
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        register_process(self.registry)
         self.http = RequestStats()
         self.registry.register(self.http)
         self.tls_refused = Counter(

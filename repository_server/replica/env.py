@@ -22,6 +22,7 @@ crlid     crl id -> crls key
 current   issuer key id -> crl id + number          (the current CRL/ARL of each issuer)
 revoked   crl id + serial -> date, reason           (every version's entries)
 docs      name \\0 version -> DocRecord
+search    attribute + SHA-1[:8] -> id ...  (dupsort: RFC 4387 search keys, pki/certstore.py)
 ```
 """
 
@@ -45,8 +46,8 @@ from . import records as rec
 from .records import CertRecord, CrlRecord, DocRecord, RecordError
 
 _DBS = ("meta", "certs", "extra", "serial", "subject", "sha256", "skid", "cas", "other", "crls",
-        "crlid", "current", "revoked", "docs")
-_DUPSORT = ("skid",)
+        "crlid", "current", "revoked", "docs", "search")
+_DUPSORT = ("skid", "search")
 
 
 class ReplicaUnavailable(ConnectionError):
@@ -255,6 +256,38 @@ class Replica:
         with self._read() as txn:
             found = txn.get(sha256, db=self._db["sha256"])
             return [self._cert(txn, found)] if found else []
+
+    def search_ready(self) -> bool:
+        """Whether the RFC 4387 index holds every certificate (`Feeder.fill_search`)."""
+        with self._read() as txn:
+            return bool(txn.get(b"search_ready", db=self._db["meta"]) == b"1")
+
+    def certificates_after(self, after_id: int, limit: int) -> list[CertRecord]:
+        """Certificates in id order after an id (a walk of the whole replica, a page at a
+        time)."""
+        out: list[CertRecord] = []
+        with self._read() as txn, txn.cursor(db=self._db["certs"]) as cur:
+            if cur.set_range(rec.id_key(after_id + 1)):
+                for key, value in cur:
+                    out.append(rec.unpack_cert(rec.key_id(key), value))
+                    if len(out) >= limit:
+                        break
+        return out
+
+    def search(self, key: bytes, limit: int) -> tuple[list[CertRecord], int]:
+        """The certificates under this RFC 4387 index key (oldest first, at most `limit`)
+        and how many there are in all (a count LMDB keeps: no walk). The caller checks
+        the candidates' full keys (the index holds a prefix)."""
+        out: list[CertRecord] = []
+        with self._read() as txn, txn.cursor(db=self._db["search"]) as cur:
+            if not cur.set_key(key):
+                return out, 0
+            total = int(cur.count())
+            for cert_id in cur.iternext_dup():
+                if len(out) >= limit:
+                    break
+                out.append(self._cert(txn, cert_id))
+        return out, total
 
     def by_subject_key_id(self, key_id: bytes) -> list[CertRecord]:
         with self._read() as txn:
@@ -584,6 +617,13 @@ class Writer:
         if subject_key_id:
             put(subject_key_id, key, db=self.db["skid"])
         return True
+
+    def put_search(self, items: list[tuple[bytes, bytes]]) -> None:
+        """RFC 4387 index entries (search key, certificate id), sorted (they come a page of
+        certificates at a time, so they cannot be appended)."""
+        if items:
+            with self.txn.cursor(db=self.db["search"]) as cur:
+                cur.putmulti(items)
 
     def append_index(self, name: str, items: list[tuple[bytes, bytes]]) -> None:
         """Append (key, value) pairs in key order (then value order, for a dupsort index) to

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from ..jsontime import json_time
+from ..pki.certstore import index_keys
 from ..store import feed as sql
 from . import records as rec
 from .env import Replica, ReplicaUnavailable, Writer, remove
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 
 _PAGE = 20_000  # certificates per page of a build (and per LMDB write transaction)
 _CHANGES = 100  # change-log rows read per snapshot while catching up
+_SEARCH_PAGE = 5_000  # certificates per write transaction of fill_search (a lodging's
+# catch-up waits for at most one of them: ~50 ms)
 Progress = Callable[[int, int], None]  # (done, total)
 
 
@@ -66,8 +69,11 @@ def _extra(r: Any) -> bytes:
 
 
 def put_certificates(w: Writer, rows: Sequence[Any], *, append: bool = False,
-                     indexes: bool = True) -> int:
+                     indexes: bool = True, search: bool = True) -> int:
+    """Store certificate rows; with `search`, their RFC 4387 index entries too (a build
+    leaves those to `Feeder.fill_search`, after the replica is ready)."""
     stored = 0
+    entries: list[tuple[bytes, bytes]] = []
     for r in rows:
         value = rec.pack_cert(
             serial=r["serial"], issuer_key_id=r["issuer_key_id"], der=r["der"], sha256=r["sha256"],
@@ -76,9 +82,16 @@ def put_certificates(w: Writer, rows: Sequence[Any], *, append: bool = False,
             not_before_us=r["not_before_us"], not_after_us=r["not_after_us"],
             subject_key_id=r["subject_key_id"], subject_name=r["subject_name"],
             issuer_name=r["issuer_name"])
-        stored += w.put_cert(r["id"], value, serial=r["serial"], eui64=r["eui64"], kind=r["kind"],
-                             sha256=r["sha256"], subject_key_id=r["subject_key_id"],
-                             extra=_extra(r), append=append, indexes=indexes)
+        if w.put_cert(r["id"], value, serial=r["serial"], eui64=r["eui64"], kind=r["kind"],
+                      sha256=r["sha256"], subject_key_id=r["subject_key_id"], extra=_extra(r),
+                      append=append, indexes=indexes):
+            stored += 1
+            if search:
+                cert_key = rec.id_key(r["id"])
+                entries += [(k, cert_key) for k in index_keys(r["der"], r["subject_key_id"],
+                                                               r["subject_name"])]
+    entries.sort()  # one pass through the B-tree, left to right
+    w.put_search(entries)
     return stored
 
 
@@ -258,7 +271,7 @@ class Feeder:
 
             def write_page(rows: Sequence[Any]) -> int:
                 with new.write() as w:
-                    return put_certificates(w, rows, append=True, indexes=False)
+                    return put_certificates(w, rows, append=True, indexes=False, search=False)
 
             rows = await sql.certificates_page(conn, 0, _PAGE)
             while rows:
@@ -319,6 +332,52 @@ class Feeder:
         if writing is not None:
             await writing
         await asyncio.to_thread(write, batch)
+
+    # -- the RFC 4387 search index ----------------------------------------------------------
+    async def fill_search(self) -> int:
+        """Index every certificate of a freshly built replica for RFC 4387 searches, read
+        from the replica itself; `search_ready` at the end. Not part of the build: its
+        hashes are Python's work (~10 us a certificate), which would take a third off the
+        build rate, so the node is ready first and search.cgi answers 503 until this is done.
+        Certificates lodged meanwhile are indexed by the catch-up as always (an entry twice
+        is stored once). Returns the certificates indexed."""
+        started = time.perf_counter()
+        env = self.replica.env  # a rebuild swapping it meanwhile starts this again
+        after, done = 0, 0
+        while True:
+            page = await asyncio.to_thread(self._search_page, env, after)
+            if page is None:
+                break
+            after, count = page
+            done += count
+        await asyncio.to_thread(self._search_done, env)
+        elapsed = time.perf_counter() - started
+        log.info("read replica: RFC 4387 search index of %d certificates in %.1f s"
+                 " (%.0f certificates/s)", done, elapsed, done / elapsed if elapsed else 0)
+        return done
+
+    def _same(self, env: Any) -> None:
+        if self.replica.env is not env:
+            raise ReplicaUnavailable("the replica was rebuilt while its search index was being"
+                                     " filled")
+
+    def _search_page(self, env: Any, after: int) -> tuple[int, int] | None:
+        self._same(env)
+        certs = self.replica.certificates_after(after, _SEARCH_PAGE)
+        if not certs:
+            return None
+        entries = [(k, rec.id_key(c.id)) for c in certs
+                   for k in index_keys(c.der, c.subject_key_id, c.subject_name)]
+        entries.sort()
+        with self.replica.write() as w:
+            self._same(env)
+            w.put_search(entries)
+        return certs[-1].id, len(certs)
+
+    def _search_done(self, env: Any) -> None:
+        with self.replica.write() as w:
+            self._same(env)
+            w.set_meta(search_ready=True)
 
     # -- catching up -------------------------------------------------------------------------
     def wake(self, _key: str = "") -> None:
@@ -434,10 +493,16 @@ class Feeder:
         beside it."""
         delay = 0.25
         beat = asyncio.create_task(self._beat_forever(), name="replica-heartbeat")
+        filling: asyncio.Task[int] | None = None
         try:
             while True:
                 try:
                     self._wake.clear()
+                    if ((filling is None or filling.done())
+                            and not self.replica.search_ready()):  # built (or rebuilt) anew
+                        if filling is not None and filling.exception() is not None:
+                            log.warning("RFC 4387 search index: %s (again)", filling.exception())
+                        filling = asyncio.create_task(self.fill_search(), name="replica-search")
                     await self.catch_up()
                     self.last_error = ""
                     delay = 0.25
@@ -457,9 +522,11 @@ class Feeder:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
         finally:
-            beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await beat
+            for task in (beat, filling):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
 
 
 # -- verify ------------------------------------------------------------------------------------

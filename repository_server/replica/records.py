@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
-FORMAT = 3  # bump when a layout below changes: a replica of another format is rebuilt
+FORMAT = 4  # bump when a layout below changes: a replica of another format is rebuilt
 
 KINDS = ("root", "ca", "organisation", "device", "other")
 USAGES = (None, "DS", "KA", "CA")

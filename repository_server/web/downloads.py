@@ -10,6 +10,8 @@ URL scheme (documented in the README):
   GET /documents/{name}                                 current version
   GET /documents/{name}/{version}                       one version
   GET /documents/{name}/versions                        JSON list of versions
+  GET /certificates/search.cgi?ATTRIBUTE=KEY            RFC 4387 certificate store
+  GET /crls/search.cgi?ATTRIBUTE=KEY                    RFC 4387 CRL store
 Certificates are immutable (long max-age); those that need an API key (organisation and
 device certificates, unless web.open_reads) are `private`, so that no shared cache hands them
 to a client without a key. A CRL's max-age never reaches past its nextUpdate and its Expires is
@@ -25,16 +27,18 @@ import base64
 import re
 import textwrap
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from aiohttp import web
 
 from ..auth import User
-from ..catalog import Catalog, CertEntry, CrlEntry, DocEntry, http_date
+from ..catalog import Catalog, CertEntry, CrlEntry, DocEntry, SearchIndexBuilding, http_date
 from ..config import Config
 from ..jsontime import json_time, json_time_or_none
 from ..obs.access import NOTE, Note
+from ..pki.certstore import CERT_ATTRIBUTES, CRL_ATTRIBUTES, SearchKeyError, parse_query
 from ..pki.ids import IdentifierError, format_key_id, parse_key_id, parse_serial
 from ..replica.records import DocRecord
 from . import doctypes
@@ -92,6 +96,24 @@ def _wants_pem(request: web.Request, name: str) -> tuple[str, bool]:
     return name, PEM in accept and PKIX_CERT not in accept
 
 
+def _search_answer(content_type: str, bodies: list[bytes], total: int, cache_control: str,
+                   limit: int) -> web.Response:
+    """One object as itself; several as multipart/mixed (RFC 2046), binary parts."""
+    headers = {"Cache-Control": cache_control, "X-Total-Count": str(total)}
+    if total > len(bodies):
+        headers["X-Results-Limit"] = str(limit)
+    if len(bodies) == 1:
+        return web.Response(body=bodies[0], content_type=content_type, headers=headers)
+    boundary = uuid.uuid4().hex
+    while any(boundary.encode() in b for b in bodies):  # pragma: no cover - 2**-122
+        boundary = uuid.uuid4().hex
+    part_head = (f"--{boundary}\r\nContent-Type: {content_type}\r\n"
+                 "Content-Transfer-Encoding: binary\r\n\r\n").encode()
+    body = b"".join(part_head + b + b"\r\n" for b in bodies) + f"--{boundary}--\r\n".encode()
+    headers["Content-Type"] = f'multipart/mixed; boundary="{boundary}"'
+    return web.Response(body=body, headers=headers)
+
+
 class Downloads:
     def __init__(self, catalog: Catalog, config: Config) -> None:
         self.catalog = catalog
@@ -114,7 +136,9 @@ class Downloads:
     def routes(self) -> list[tuple[str, str, str, Handler]]:
         """(method, path, operation, handler); HEAD is answered for every GET. The operation
         names the request in the CPM 8 counts."""
-        return [
+        return [  # (search.cgi before the {serial} and {key} routes it would match)
+            ("GET", "/certificates/search.cgi", "search-cgi", self.search_certificates),
+            ("GET", "/crls/search.cgi", "search-cgi", self.search_crls),
             ("GET", "/certificates/{serial}", "certificate", self.certificate),
             ("GET", "/crls", "crl-list", self.crl_list),
             ("GET", "/crls/{key}/versions", "crl-versions", self.crl_versions),
@@ -192,6 +216,45 @@ class Downloads:
         if pem:
             return web.Response(body=_pem(entry.der), content_type=PEM, headers=headers)
         return web.Response(body=entry.der, content_type=PKIX_CERT, headers=headers)
+
+    # -- RFC 4387 certificate and CRL stores ---------------------------------------------------
+    async def search_certificates(self, request: web.Request) -> web.StreamResponse:
+        """One certificate: application/pkix-cert; several: multipart/mixed, at most
+        web.search_max_results of them (oldest first), X-Total-Count saying how many match."""
+        try:
+            key = parse_query(request.query, CERT_ATTRIBUTES, "certificate")
+        except SearchKeyError as exc:
+            return error(400, str(exc))
+        limit = self.config.web.search_max_results
+        try:
+            found, total = await self.catalog.search_certificates(key, limit)
+        except SearchIndexBuilding as exc:
+            response = error(503, str(exc))
+            response.headers["Retry-After"] = RETRY_AFTER
+            return response
+        if not found:
+            return error(404, "no certificate matches the search")
+        if not self.open_reads and not all(c.public for c in found):
+            note: Note | None = request.get(NOTE)
+            if note is None or note.principal is None:
+                return error(403, key_refusal(request, "organisation and device certificates")
+                             + " (CA certificates and CRLs need none)")
+        # what matches a key grows with lodgings: revalidated, never `immutable`
+        shared = self.open_reads or all(c.public for c in found)
+        return _search_answer(PKIX_CERT, [c.der for c in found], total,
+                              "public, no-cache" if shared else "private, no-cache", limit)
+
+    async def search_crls(self, request: web.Request) -> web.StreamResponse:
+        """The current CRL/ARL of each issuer the key names."""
+        try:
+            key = parse_query(request.query, CRL_ATTRIBUTES, "CRL")
+        except SearchKeyError as exc:
+            return error(400, str(exc))
+        found = await self.catalog.search_crls(key)
+        if not found:
+            return error(404, "no current CRL or ARL matches the search")
+        return _search_answer(PKIX_CRL, [e.row.der for e in found], len(found), "no-cache",
+                              len(found))
 
     # -- CRLs ---------------------------------------------------------------------------
     def _crl_key(self, request: web.Request, suffix: bool) -> bytes:

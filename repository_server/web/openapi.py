@@ -157,8 +157,38 @@ def describe(version: str) -> dict[str, Any]:
     doc_file = {"200": _bytes("the document, as an attachment (Content-Security-Policy:"
                               " sandbox, nosniff)", *doctypes.ALLOWED),
                 "304": _NOT_MODIFIED, "404": _error("no such document or version")}
+    hashes = {"certHash": "the certificate", "iHash": "the issuer Name",
+              "sHash": "the subject Name",
+              "iAndSHash": "IssuerAndSerialNumber (issuer Name and serial)",
+              "sKIDHash": "the subject key identifier's octets"}
+
+    def search(what: str, content_type: str, attributes: list[str]) -> dict[str, Any]:
+        # exactly one attribute: one query object of one property, each its own parameter
+        properties: dict[str, Any] = {
+            a: {"type": "string", "pattern": "^[A-Za-z0-9+/]{27}$",
+                "description": f"base64 SHA-1 of {hashes[a]} without the trailing '='"}
+            for a in attributes}
+        properties["name"] = {"type": "string", "pattern": r"\S", "maxLength": 1024,
+                              "description": "commonName or the whole RFC 4514 name, any case"}
+        return _get(f"RFC 4387 {what} store: exactly one search attribute", {
+            "200": _bytes(f"one {what} ({content_type}); several: multipart/mixed, at most"
+                          " web.search_max_results, X-Total-Count saying how many matched",
+                          content_type, "multipart/mixed"),
+            "400": _error("not exactly one search attribute, an unknown one, or a key that is"
+                          " not 27 characters of base64 (RFC 4387 section 2.1)"),
+            "403": _error("organisation and device certificates need an API key (unless"
+                          " web.open_reads)"),
+            "404": _error(f"no {what} matches")},
+            [{"name": "search", "in": "query", "required": True, "style": "form",
+              "explode": True, "description": "one search attribute and its key",
+              "schema": {"type": "object", "properties": properties,
+                         "additionalProperties": False, "minProperties": 1,
+                         "maxProperties": 1}}], _KEY_OR_NONE)
+
     name = _path("name", "document name", pattern=doctypes.DOCUMENT_NAME.pattern, maxLength=200)
     paths: dict[str, Any] = {
+        "/certificates/search.cgi": search("certificate", PKIX_CERT, list(hashes)),
+        "/crls/search.cgi": search("CRL", PKIX_CRL, ["iHash", "sKIDHash"]),
         "/certificates/{serial}": _get(
             "a certificate by serial", cert_responses,
             [_path("serial", "hex serial, optionally with .pem/.der/.cer/.crt",
