@@ -28,7 +28,8 @@ async def test_metric_names_build_info_and_process_metrics(server: Running) -> N
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
     counters = [f for f in families.values() if f.type == "counter"]
     assert {"smki_http_requests", "smki_cpm_requests", "smki_cpm_within_trt",
-            "smki_lodge_tls_refused", "process_cpu_seconds"} <= {f.name for f in counters}
+            "smki_tls_refused", "smki_connections_over_cap", "process_cpu_seconds"} <= {
+                f.name for f in counters}
     for family in families.values():
         assert _NAME.fullmatch(family.name), family.name
         for sample in family.samples:
