@@ -947,7 +947,8 @@ class Repository:
             await self._listen(name, addr, factory)
         addr = cfg.listeners.address("lodge")
         if addr is not None and lodge_ctx is not None:
-            runner = await self._runner(build_lodge_app(cfg, self.lodging), listener="lodge",
+            runner = await self._runner(build_lodge_app(cfg, self.lodging, _our_version()),
+                                        listener="lodge",
                                         user_of=_lodging_user)
             lodge_handlers = runner.server
             assert lodge_handlers is not None

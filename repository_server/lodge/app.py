@@ -11,11 +11,13 @@ from typing import Any
 from aiohttp import web
 from cryptography import x509
 
+from .. import __version__
 from ..config import Config
 from ..pki.ids import IdentifierError, format_eui64, parse_eui64, parse_key_id, parse_serial
 from ..pki.profile import ParseError, parse_certificate
 from ..store.db import unavailable as store_unavailable
 from .batch import CertOptions
+from .openapi import describe as describe_api
 from .service import Actor, LodgeError, LodgingService
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,8 @@ def _bool(value: str | None, name: str) -> bool | None:
     raise LodgeError(400, f"{name} must be true or false (got {value!r})")
 
 
-def build_lodge_app(config: Config, service: LodgingService) -> web.Application:
+def build_lodge_app(config: Config, service: LodgingService,
+                    version: str = __version__) -> web.Application:
     identity = Identity(config)
 
     async def audit(actor: Actor, path: str, reason: str, status: int) -> None:
@@ -191,6 +194,12 @@ def build_lodge_app(config: Config, service: LodgingService) -> web.Application:
         actor: Actor = request[ACTOR_KEY]
         return web.json_response({"status": 200, "client": actor.name})
 
+    described = json.dumps(describe_api(version), indent=1).encode()
+
+    async def openapi(_request: web.Request) -> web.Response:
+        return web.Response(body=described, content_type="application/json",
+                            headers={"Cache-Control": "no-cache"})
+
     app = web.Application(middlewares=[authenticate],
                           client_max_size=config.lodge.max_body_mb * 1024 * 1024)
     app.add_routes([
@@ -200,5 +209,6 @@ def build_lodge_app(config: Config, service: LodgingService) -> web.Application:
         web.post("/lodge/documents/{name}", document),
         web.post("/lodge/certificates/{serial}/status", status),
         web.get("/lodge/whoami", whoami),
+        web.get("/openapi.json", openapi),
     ])
     return app
