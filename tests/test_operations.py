@@ -6,10 +6,12 @@ real sockets, real TLS."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import http.client
 import json
+import os
 import re
 import signal
 import socket
@@ -237,7 +239,8 @@ class _Serve:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen([*smki_cli(), "serve", "--config", str(conf),
                                           "--pid-file", str(self.pid_file), *extra],
-                                         stdout=log, stderr=subprocess.STDOUT, env=_env())
+                                         stdout=log, stderr=subprocess.STDOUT, env=_env(),
+                                         start_new_session=True)
 
     def ready(self, base: str) -> None:
         """Once the pid file is written and /readyz answers 200."""
@@ -254,8 +257,9 @@ class _Serve:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:  # the test failed: do not leave it running
-            self.proc.kill()
+        if self.proc.poll() is None:  # the test failed: do not leave it (or its workers) running
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
 
