@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import os
@@ -255,3 +256,53 @@ def split_frames(data: bytes) -> tuple[list[bytes], bytes]:
         frames.append(data[pos:pos + hdr + n])
         pos += hdr + n
     return frames, data[pos:]
+
+
+def parse_batch(text: bytes) -> list[Answer]:
+    """The output of `ldapsearch -c -f FILE` (extended LDIF): one Answer per filter line, in
+    order. Each search opens with a "# filter:" comment; its entries are LDIF; its "# search
+    result" block gives the code ("result: 32 No such object") and the matchedDN (a notice of
+    disconnection's block its code). A filter ldapsearch could not send has no such block:
+    code -1."""
+    answers = []
+    for section in text.split(b"\n# filter:")[1:]:
+        body, found, result = section.partition(b"\n# search result\n")
+        if not found:  # a notice of disconnection instead: its result code
+            body, found, result = section.partition(b"\n# extended result response\n")
+        answer = Answer(-1, parse_ldif(body.partition(b"\n")[2]))
+        for line in result.split(b"\n"):
+            name, _, value = line.partition(b": ")
+            if name == b"result":
+                answer.code = int(value.split()[0])
+            elif name == b"matchedDN":
+                answer.matched = value.decode()
+        answers.append(answer)
+    return answers
+
+
+async def ldapsearch_batch(url: str, base: str, scope: str, filters: list[str], attrs: list[str], *,
+                           size_limit: int = 0, types_only: bool = False,
+                           timeout: float = 60) -> list[Answer]:
+    """Many searches, one per filter, over one connection: `ldapsearch -f` (OpenLDAP's own
+    filter parser and encoder), continuing past errors (-c)."""
+    args = [LDAPSEARCH, "-x", "-c", "-o", "ldif-wrap=no", "-o", "nettimeout=10", "-H", url,
+            "-b", base, "-s", scope, "-z", str(size_limit), "-f", "-"]
+    if types_only:
+        args.append("-A")
+    # the pattern must start with "(" to be taken for one; each line fills it without its own
+    # outer parentheses, so the filter sent is the filter given
+    args += ["(%s)", *attrs]
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "LDAPNOINIT": "1"})
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(
+            "".join(f[1:-1] + "\n" for f in filters).encode()),
+                                          timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    answers = parse_batch(out)
+    assert len(answers) == len(filters), (len(answers), len(filters), err.decode()[-2000:])
+    return answers

@@ -254,7 +254,9 @@ def test_limits() -> None:
     # inner length lying about its container, bad UTF-8, bad scope, empty INTEGER
     assert bad(b"\x30\x05\x02\x01\x01\x4a\x05").message_id == 1
     assert bad(b"\x30\x06\x02\x01\x01\x4a\x01\xff").message_id == 1
-    assert bad(search_pdu("(cn=x)", 3).replace(b"\x0a\x01\x02", b"\x0a\x01\x07", 1)).message_id == 3
+    assert bad(search_pdu("(cn=x)", 3).replace(b"\x0a\x01\x02", b"\x0a\x01\xff", 1)).message_id == 3
+    # an unknown scope decodes (the server answers it with protocolError, as slapd does)
+    assert decode_one(search_pdu("(cn=x)", 3).replace(b"\x0a\x01\x02", b"\x0a\x01\x07", 1)).scope == 7
     assert bad(b"\x30\x02\x02\x00").message_id is None
     assert "unsupported protocolOp" in bad(b"\x30\x05\x02\x01\x01\x61\x00").reason
     with pytest.raises(c.ProtocolError):

@@ -229,7 +229,7 @@ class UnbindRequest:
 class SearchRequest:
     message_id: int
     base: str
-    scope: int  # 0 base, 1 one level, 2 subtree
+    scope: int  # 0 base, 1 one level, 2 subtree, 3 subordinate subtree (others: protocolError)
     deref: int
     size_limit: int
     time_limit: int
@@ -507,7 +507,8 @@ def _bind(mid: int, d: bytes, s: int, e: int, ctl: tuple[Control, ...]) -> BindR
 
 def _search(mid: int, d: bytes, s: int, e: int, ctl: tuple[Control, ...], limit: int) -> SearchRequest:
     base, p = _read_str(d, s, e, "baseObject")
-    scope, p = _read_int(d, p, e, _ENUMERATED, "scope", 0, 2)
+    # any scope decodes: one we do not know is answered, not a reason to disconnect
+    scope, p = _read_int(d, p, e, _ENUMERATED, "scope", 0, MAX_INT)
     deref, p = _read_int(d, p, e, _ENUMERATED, "derefAliases", 0, 3)
     size_limit, p = _read_int(d, p, e, _INTEGER, "sizeLimit", 0, MAX_INT)
     time_limit, p = _read_int(d, p, e, _INTEGER, "timeLimit", 0, MAX_INT)

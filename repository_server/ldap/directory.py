@@ -282,11 +282,13 @@ class Directory:
             attrs["modifytimestamp"] = [_gt(crl.lodged_at.timestamp())]
         _common(entry_dn, "cRLDistributionPoint", False, attrs)
         certs_ids = tuple((c.serial, _issuer_ndn(c.issuer_name)) for c in certs)
+        crl_ids = ((_issuer_ndn(crl.issuer_name), _gt(crl.this_update.timestamp()).decode()),) \
+            if crl is not None else ()
         # A cached answer holding a CRL is not kept past its nextUpdate (it may be served
         # from memory while PostgreSQL is unreachable: then only within its validity).
         until = crl.next_update.timestamp() if crl is not None and crl.next_update else float("inf")
         return Entry(entry_dn, ((("smkikeyid", key_hex),), (("ou", "cas"),), *self.nsuffix),
-                     attrs, certs_ids, valid_until=until)
+                     attrs, certs_ids, valid_until=until, crls=crl_ids)
 
     # -- device, organisation and other certificate entries ---------------------------------
     def unit_of(self, c: CertEntry) -> str:
@@ -355,29 +357,37 @@ class Directory:
                                  " (ou=CAs, ou=Devices, ou=Organisations, ou=Other)", matched)
         if depth == 1:
             return Node("ou", unit)
+        # below a unit: the matched DN names the deepest entry that exists (RFC 4511 §4.1.9)
         matched = f"ou={UNITS[unit][0]},{self.suffix}"
         attr, value = _single(base[depth - 2])
         try:
-            if unit == "cas" and attr == "smkikeyid" and depth == 2:
+            if unit == "cas" and attr == "smkikeyid":
                 key_id = parse_key_id(value)
-                if key_id in await self.ca_entries():
-                    return Node("ca", unit, key_id)
-            elif unit == "other" and attr == "smkiserial" and depth == 2:
+                ca = (await self.ca_entries()).get(key_id)
+                if ca is not None:
+                    if depth == 2:
+                        return Node("ca", unit, key_id)
+                    matched = ca.dn
+            elif unit == "other" and attr == "smkiserial":
                 serial = parse_serial(value)
                 if any(self.unit_of(c) == "other" for c in await self.catalog.certificates(serial)):
-                    return Node("cert", unit, b"", serial)
+                    if depth == 2:
+                        return Node("cert", unit, b"", serial)
+                    matched = f"smkiSerial={serial},{matched}"
             elif unit in ("devices", "organisations") and attr == "smkieui64":
                 eui = parse_eui64(value)
                 certs = await self.catalog.by_eui(eui, unit == "devices")
-                if certs and depth == 2:
-                    return Node("subject", unit, eui)
-                if certs and depth == 3:
+                if certs:
+                    if depth == 2:
+                        return Node("subject", unit, eui)
                     matched = f"smkiEui64={certs[0].eui_text},{matched}"
-                    attr, value = _single(base[0])
+                    attr, value = _single(base[depth - 3])
                     if attr == "smkiserial":
                         serial = parse_serial(value)
                         if any(c.serial == serial for c in certs):
-                            return Node("cert", unit, eui, serial)
+                            if depth == 3:
+                                return Node("cert", unit, eui, serial)
+                            matched = f"smkiSerial={serial},{matched}"
         except IdentifierError:
             pass
         raise DirectoryError(ResultCode.NO_SUCH_OBJECT, "no such entry", matched)
@@ -386,7 +396,10 @@ class Directory:
     async def candidates(self, node: Node, scope: int, plan: Plan, private: bool,
                          base: dn.DN) -> AsyncIterator[Entry]:
         """Entries in scope of the base that may match (a superset: the caller applies the
-        filter). `private`: include device, organisation and other certificate entries."""
+        filter). `private`: include device, organisation and other certificate entries.
+        Scopes: 0 base, 1 one level, 2 subtree, 3 subordinate subtree (the subtree without
+        the base, as `ldapsearch -s children` asks)."""
+        with_base = scope in (0, 2)
         if node.kind == "dse":
             if scope == 0:
                 yield self.root_dse()
@@ -397,7 +410,7 @@ class Directory:
                     yield e
             return
         if node.kind == "schema":
-            if scope != 1:
+            if with_base:
                 yield self.subschema()
             return
         if plan.indexed:
@@ -409,33 +422,33 @@ class Directory:
             return plan.classes is None or plan.classes <= _CLASSES[kind]
 
         if node.kind == "suffix":
-            if scope != 1 and want("suffix"):
+            if with_base and want("suffix"):
                 yield self.suffix_entry()
             if scope == 0:
                 return
             for unit in UNITS:
                 if want("ou"):
                     yield await self.unit_entry(unit)
-                if scope == 2:
+                if scope != 1:
                     async for e in self._unit_contents(unit, 2, private, want):
                         yield e
         elif node.kind == "ou":
-            if scope != 1 and want("ou"):
+            if with_base and want("ou"):
                 yield await self.unit_entry(node.unit)
             if scope != 0:
-                async for e in self._unit_contents(node.unit, scope, private, want):
+                async for e in self._unit_contents(node.unit, min(scope, 2), private, want):
                     yield e
         elif node.kind == "ca":
-            if scope != 1 and want("ca"):
+            if with_base and want("ca"):
                 yield (await self.ca_entries())[node.key]
         elif node.kind == "subject":
             certs = await self.catalog.by_eui(node.key, node.unit == "devices")
-            if scope != 1 and want("subject"):
+            if with_base and want("subject"):
                 yield self.subject_entry(node.unit, certs[0].eui_text)
             if scope != 0 and want("cert"):
                 for e in await self._certificate_entries(certs):
                     yield e
-        elif node.kind == "cert" and scope != 1 and want("cert"):
+        elif node.kind == "cert" and with_base and want("cert"):
             found = [c for c in await self.catalog.certificates(node.serial)
                      if self.unit_of(c) == node.unit and (not node.key or c.eui_text == _eui(node.key))]
             for e in await self._certificate_entries(found):

@@ -154,8 +154,9 @@ def escape_value(value: str) -> str:
 
 
 def is_within(entry: DN, base: DN, scope: int) -> bool:
-    """Is the (normalised) entry in scope 0 base, 1 one level, 2 subtree of the (normalised) base?"""
+    """Is the (normalised) entry in scope 0 base, 1 one level, 2 subtree or 3 subordinate
+    subtree (the subtree without the base) of the (normalised) base?"""
     depth = len(entry) - len(base)
     if depth < 0 or entry[depth:] != base:
         return False
-    return depth == 0 if scope == 0 else depth == 1 if scope == 1 else True
+    return depth == 0 if scope == 0 else depth == 1 if scope == 1 else depth > 0 if scope == 3 else True

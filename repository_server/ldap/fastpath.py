@@ -5,14 +5,16 @@ for. No I/O of its own.
 
 A search qualifies when its base is `ou=Devices` or `ou=Organisations`, its scope one level or
 subtree, it carries no control, and its filter is an equality on `smkiEui64` alone or ANDed
-with equalities and presences on a certificate entry's plain attributes. Then the candidates
-are exactly what the general path would read through the EUI-64 index (the subject entry and
-its certificates), every candidate satisfies the `smkiEui64` equality by construction, the
-rest of the filter is compiled once per distinct rest (a handful: `smkiKeyUsage=KA`, ...),
-and each certificate entry is built with only the attributes the filter tests and the client
-asked for, in the same order and with the same values as the whole entry. Anything else
-returns None and takes the general path. `tests/test_ldap_fastpath.py` checks that both paths
-answer byte for byte the same over a corpus of such searches.
+with equalities and presences on a certificate entry's plain attributes, each named without
+options (one with options, or a supertype such as `name`, takes the general path). Then the
+candidates are exactly what the general path would read through the EUI-64 index (the subject
+entry and its certificates), every candidate satisfies the `smkiEui64` equality by
+construction, the rest of the filter is compiled once per distinct rest (a handful:
+`smkiKeyUsage=KA`, ...), and each certificate entry is built with only the attributes the
+filter tests and the client asked for, in the same order and with the same values as the whole
+entry. Anything else returns None and takes the general path. `tests/test_ldap_fastpath.py`
+checks that both paths answer byte for byte the same over a corpus of such searches (and
+`tests/test_ldap_slapd.py` compares both with slapd).
 """
 
 from __future__ import annotations
@@ -23,13 +25,16 @@ from dataclasses import dataclass
 from . import codec, dn
 from .directory import CERT_ATTR_KEYS, Directory
 from .filters import Entry, Predicate, compile_filter
-from .schema import SCHEMA, equality_normaliser
+from .matching import equality
+from .schema import SCHEMA
 
 _PLAIN = frozenset({"objectclass", "smkikind", "smkikeyusage", "smkistatus", "smkiserial",
                     "smkirole", "smkimanufacturingflag", "smkieui64", "smkisha256"})
 _EUI = SCHEMA.attribute("smkiEui64")[0]
 assert _EUI is not None
-_EUI_NORM = equality_normaliser(_EUI)
+_EUI_EQUALITY = equality(_EUI)
+assert _EUI_EQUALITY is not None
+_EUI_NORM = _EUI_EQUALITY[1]
 
 
 def _always(_entry: Entry) -> bool:
@@ -96,7 +101,7 @@ class FastSearch:
                 rest.append(item)
             else:
                 return None
-        if eui_value is None or _EUI_NORM is None:
+        if eui_value is None:
             return None
         eui = _EUI_NORM(eui_value)
         if not isinstance(eui, bytes) or len(eui) != 8:

@@ -3,8 +3,10 @@
 :func:`compile_filter` turns a decoded filter into a predicate over :class:`Entry`, with
 every assertion value normalised once per search, not once per entry. Evaluation is
 three-valued as RFC 4511 §4.5.1.7 requires: ``True``, ``False`` or ``None`` (Undefined: an
-unknown attribute type, a value that is not valid for the matching rule, an unsupported
-rule); an entry is returned only when its filter is ``True``.
+unrecognised attribute description, a value that is not valid for the matching rule's
+syntax, an unknown rule or one that does not suit the type); an entry is returned only when
+its filter is ``True``. What descriptions, rules and values mean is ``matching.py``'s: a
+description covers its type's subtypes, a tagged one (``cn;lang-en``) no value here.
 
 :func:`plan` reads the indexable part of a filter, an equality on EUI-64, serial, key id,
 SHA-256 or ``userCertificate={ serialNumber …, issuer … }`` (certificateExactMatch), that
@@ -19,21 +21,23 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..pki.ids import IdentifierError, parse_serial, serial_to_hex
 from . import codec
-from .dn import DN, DNError, parse_normalised
-from .schema import (
-    MATCHING_RULES,
-    ORDERING_NORMALISERS,
-    RULE_BY_OID,
-    RULE_NORMALISERS,
-    SCHEMA,
-    AttributeType,
+from .dn import DN
+from .dn import parse as parse_dn
+from .matching import (
+    CertificateAssertion,
+    CertificateListAssertion,
+    Description,
     Normaliser,
-    equality_normaliser,
-    norm_case_exact,
-    norm_case_ignore,
+    Rule,
+    describe,
+    equality,
+    memoised,
+    normaliser,
+    parse_certificate_assertion,
+    rule,
 )
+from .schema import SCHEMA
 
 Tri = bool | None
 Predicate = Callable[["Entry"], Tri]
@@ -50,136 +54,132 @@ class Entry:
     certs: tuple[tuple[str, DN], ...] = ()
     public: bool = True  # readable without a bound user
     valid_until: float = float("inf")  # a time-dependent value (smkiStatus E) changes then
+    # (normalised issuer DN, thisUpdate as YYYYmmddHHMMSSZ) of each CRL or ARL value
+    crls: tuple[tuple[DN, str], ...] = ()
 
 
 class FilterError(ValueError):
     """A filter that cannot be evaluated at all (not merely Undefined)."""
 
 
-# ----------------------------------------------------------------------------- certificateExactMatch
-
-_GSER = re.compile(
-    r"""^\{\s*serialNumber\s+(?P<serial>-?\d+|'(?P<hex>[0-9A-Fa-f]*)'H)\s*,\s*"""
-    r"""issuer\s+(?:rdnSequence\s*:\s*)?"(?P<issuer>(?:[^"]|"")*)"\s*\}$""")
-
-
-@dataclass(frozen=True, slots=True)
-class CertificateAssertion:
-    serial: str  # canonical upper-case hex
-    issuer: DN  # normalised
-
-
-def parse_certificate_assertion(value: bytes) -> CertificateAssertion | None:
-    """The GSER form of a CertificateExactAssertion (RFC 4523 §2.1), as ldapsearch sends it:
-    ``{ serialNumber 123, issuer rdnSequence:"CN=..." }`` (decimal or ``'7B'H``)."""
-    try:
-        text = value.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return None
-    m = _GSER.match(text)
-    if m is None:
-        return None
-    try:
-        serial = (parse_serial(m["hex"]) if m["hex"] is not None
-                  else serial_to_hex(int(m["serial"])))
-        issuer = parse_normalised(m["issuer"].replace('""', '"'))
-    except (IdentifierError, DNError, ValueError):
-        return None
-    return CertificateAssertion(serial, issuer)
-
-
 # ----------------------------------------------------------------------------- compilation
-
-
-def _values(entry: Entry, key: str) -> list[bytes]:
-    return entry.attrs.get(key, [])
-
-
-def _attr(description: str) -> AttributeType | None:
-    attr, _ = SCHEMA.attribute(description)
-    return attr
-
-
-def _certificate_match(attr: AttributeType, assertion: bytes) -> Predicate:
-    parsed = parse_certificate_assertion(assertion)
-    key = attr.key
-    if parsed is None:  # the value itself (DER of the certificate or CRL)
-        def exact(entry: Entry) -> Tri:
-            values = entry.attrs.get(key)
-            return None if values is None else assertion in values
-
-        return exact
-    target = (parsed.serial, parsed.issuer)
-
-    def by_serial_issuer(entry: Entry) -> Tri:
-        if key not in entry.attrs:
-            return False
-        return target in entry.certs
-
-    return by_serial_issuer
 
 
 def _undefined(_entry: Entry) -> Tri:
     return None
 
 
-def _values_match(key: str, norm: Normaliser, test: Callable[[Any], bool], *,
-                  invalid_is_undefined: bool = False) -> Predicate:
-    """True if any value of the attribute, normalised, passes `test`; False if none does (or
-    the entry has no such attribute); Undefined when a value the rule cannot read was seen
-    and `invalid_is_undefined`."""
+def _false(_entry: Entry) -> Tri:
+    return False
+
+
+def _values_match(keys: tuple[str, ...], norm: Normaliser, test: Callable[[Any], bool]) -> Predicate:
+    """True if any value of the attributes (a type and its subtypes), normalised, passes
+    `test`; False if none does or the entry has none of them. A value the rule cannot read
+    is skipped (slapd does the same)."""
+    if len(keys) == 1:  # the common case, a type without subtypes: the hot path
+        key = keys[0]
+
+        def match(entry: Entry) -> Tri:
+            values = entry.attrs.get(key)
+            if values is None:
+                return False
+            for v in values:
+                got = norm(v)
+                if got is not None and test(got):
+                    return True
+            return False
+
+        return match
+
+    def match_any(entry: Entry) -> Tri:
+        for key in keys:
+            for v in entry.attrs.get(key, ()):
+                got = norm(v)
+                if got is not None and test(got):
+                    return True
+        return False
+
+    return match_any
+
+
+def _by_identity(r: Rule, keys: tuple[str, ...], want: object) -> Predicate:
+    """certificateExactMatch / certificateListExactMatch: against what the entry holds about
+    its certificates and CRLs (their serials, issuers and thisUpdates), not their DER."""
+    if isinstance(want, CertificateAssertion):
+        target: object = (want.serial, want.issuer)
+
+        def held(entry: Entry) -> Iterable[object]:
+            return entry.certs
+    else:
+        assert isinstance(want, CertificateListAssertion)
+        target = (want.issuer, want.this_update)
+
+        def held(entry: Entry) -> Iterable[object]:
+            return entry.crls
 
     def match(entry: Entry) -> Tri:
-        values = entry.attrs.get(key)
-        if values is None:
+        if not any(k in entry.attrs for k in keys):
             return False
-        undefined = False
-        for v in values:
-            got = norm(v)
-            if got is None:
-                undefined = invalid_is_undefined
-            elif test(got):
-                return True
-        return None if undefined else False
+        return target in held(entry)
 
     return match
 
 
-def _equality(attr: AttributeType | None, value: bytes, rule: str | None = None) -> Predicate:
-    if attr is None:
-        return _undefined
-    rule = rule or attr.equality
-    if rule in ("certificateExactMatch", "certificateListExactMatch"):
-        return _certificate_match(attr, value)
-    norm = equality_normaliser(attr) if rule == attr.equality else RULE_NORMALISERS.get(rule or "")
-    want = norm(value) if norm is not None else None
-    if norm is None or want is None:
-        return _undefined
-    return _values_match(attr.key, norm, lambda got: got == want, invalid_is_undefined=True)
+def _test(r: Rule, want: Any) -> Callable[[Any], bool]:
+    if r.kind == "ordering":  # RFC 4517: TRUE when the attribute value is less
+        return lambda got: got < want
+    return lambda got: got == want
 
 
-def _ordering(attr: AttributeType | None, value: bytes, greater: bool) -> Predicate:
-    if attr is None or attr.ordering is None:
+def _assertion(desc: Description, r: Rule, value: bytes) -> Predicate:
+    """`desc` compared with `value` by rule `r` (which suits the type)."""
+    norm = normaliser(r, desc.type)
+    want = norm(value)
+    if want is None:
         return _undefined
-    norm = ORDERING_NORMALISERS[attr.ordering]
+    if desc.tagged:
+        return _false
+    if r.name in ("certificateExactMatch", "certificateListExactMatch"):
+        return _by_identity(r, desc.keys, want)
+    return _values_match(desc.keys, norm, _test(r, want))
+
+
+def _equality(desc: Description | None, value: bytes) -> Predicate:
+    found = equality(desc.type) if desc is not None else None
+    if desc is None or found is None:
+        return _undefined
+    return _assertion(desc, found[0], value)
+
+
+def _ordering(desc: Description | None, value: bytes, greater: bool) -> Predicate:
+    r = rule(desc.type.ordering) if desc is not None else None
+    if desc is None or r is None:
+        return _undefined
+    norm = normaliser(r, desc.type)
     want: Any = norm(value)
     if want is None:
         return _undefined
-    return _values_match(attr.key, norm, (lambda got: got >= want) if greater
+    if desc.tagged:
+        return _false
+    return _values_match(desc.keys, norm, (lambda got: got >= want) if greater
                          else (lambda got: got <= want))
 
 
 def _substrings(f: codec.Substrings) -> Predicate:
-    attr = _attr(f.attribute)
-    if attr is None or attr.substr is None:
+    desc = describe(f.attribute)
+    r = rule(desc.type.substr) if desc is not None else None
+    if desc is None or r is None:
         return _undefined
-    norm = norm_case_exact if attr.substr == "caseExactSubstringsMatch" else norm_case_ignore
+    norm = r.normalise
     initial = norm(f.initial) if f.initial is not None else ""
     final = norm(f.final) if f.final is not None else ""
     anys = [norm(a) for a in f.any]
-    if initial is None or final is None or None in anys:
+    if not isinstance(initial, str) or not isinstance(final, str) or None in anys:
         return _undefined
-    pieces = [a for a in anys if a is not None]
+    if desc.tagged:
+        return _false
+    pieces = [a for a in anys if isinstance(a, str)]
 
     def contains(text: str) -> bool:
         if not text.startswith(initial) or len(text) - len(final) < len(initial):
@@ -195,7 +195,7 @@ def _substrings(f: codec.Substrings) -> Predicate:
             pos = i + len(piece)
         return True
 
-    return _values_match(attr.key, norm, contains)
+    return _values_match(desc.keys, norm, contains)
 
 
 def _any_of(parts: list[Predicate]) -> Predicate:
@@ -212,39 +212,81 @@ def _any_of(parts: list[Predicate]) -> Predicate:
     return any_of
 
 
-def _extensible(f: codec.ExtensibleMatch) -> Predicate:
-    rule: str | None = None
-    if f.matching_rule is not None:
-        rule = RULE_BY_OID.get(f.matching_rule) or next(
-            (n for n in MATCHING_RULES if n.lower() == f.matching_rule.lower()), None)
-        if rule is None or (rule not in RULE_NORMALISERS and rule not in (
-                "certificateExactMatch", "certificateListExactMatch")):
-            return _undefined  # an unknown or unsupported rule: Undefined
-    if f.type is not None:
-        attr = _attr(f.type)
-        base = _equality(attr, f.value, rule)
-        candidates: list[AttributeType] = [attr] if attr is not None else []
-    else:  # any attribute the rule applies to
-        candidates = [a for a in SCHEMA.attributes if a.equality == rule and not a.operational]
-        base = _any_of([_equality(a, f.value, rule) for a in candidates])
+# attribute types an extensible match without a type reaches: every one an entry holds
+_HELD = tuple(a for a in SCHEMA.attributes if not a.dynamic)
 
-    if not f.dn_attributes:
+
+def _extensible(f: codec.ExtensibleMatch) -> Predicate:
+    """RFC 4511 §4.5.1.7.7: with a type, that type's values (and subtypes') by the rule
+    (by default its equality rule), which must suit it; without one, every attribute the rule
+    suits; with :dn:, also the DN's attribute values the same way."""
+    r = rule(f.matching_rule)
+    if f.matching_rule is not None and r is None:
+        return _undefined  # an unknown or unsupported rule
+    # (description, normaliser, normalised assertion) of each type compared, for :dn:
+    compared: list[tuple[Description, Normaliser, Any]] = []
+    parts: list[Predicate] = []
+    if f.type is not None:
+        desc = describe(f.type)
+        if desc is None:
+            return _undefined
+        if r is None:
+            found = equality(desc.type)
+            if found is None:
+                return _undefined
+            r = found[0]
+        if not r.suits(desc.type):
+            return _undefined
+        part = _assertion(desc, r, f.value)
+        if part is _undefined:
+            return _undefined
+        parts.append(part)
+        norm = normaliser(r, desc.type)
+        if not desc.tagged:
+            compared.append((desc, norm, norm(f.value)))
+    else:
+        if r is None:
+            return _undefined
+        for attr in _HELD:
+            if r.suits(attr):
+                desc = Description(attr, (attr.key,), False)
+                part = _assertion(desc, r, f.value)
+                if part is not _undefined:
+                    parts.append(part)
+                    norm = normaliser(r, attr)
+                    compared.append((desc, norm, norm(f.value)))
+    base = _any_of(parts) if len(parts) != 1 else parts[0]
+    if not f.dn_attributes or not compared:
         return base
-    keys = {a.key for a in candidates}
-    norm = RULE_NORMALISERS.get(rule or "caseIgnoreMatch", norm_case_ignore)
-    want = norm(f.value)
+    assert r is not None
+    tests = [(frozenset(d.keys), norm, _test(r, want)) for d, norm, want in compared]
 
     def with_dn(entry: Entry) -> Tri:
-        r = base(entry)
-        if r:
-            return r
-        for rdn in entry.ndn:
+        result = base(entry)
+        if result:
+            return result
+        for rdn in _raw_dn(entry.dn):
             for key, value in rdn:
-                if (not keys or key in keys) and norm(value.encode()) == want:
-                    return True
-        return r
+                for keys, norm, test in tests:
+                    if key in keys:
+                        got = norm(value.encode())
+                        if got is not None and test(got):
+                            return True
+        return result
 
     return with_dn
+
+
+@memoised(4096)
+def _raw_dn(text: str) -> tuple[tuple[tuple[str, str], ...], ...]:
+    """An entry's DN with its values as written (for :dn:, where case may matter) and its
+    attribute types by key."""
+    return tuple(tuple((_type_key(t), v) for t, v in rdn) for rdn in parse_dn(text))
+
+
+def _type_key(text: str) -> str:
+    attr, _ = SCHEMA.attribute(text)
+    return attr.key if attr is not None else ""
 
 
 def compile_filter(f: codec.Filter) -> Predicate:
@@ -273,21 +315,25 @@ def compile_filter(f: codec.Filter) -> Predicate:
 
         return negate
     if isinstance(f, codec.Present):
-        attr = _attr(f.attribute)
-        if attr is None:
-            return lambda _e: False
-        key = attr.key
-        return lambda entry: key in entry.attrs
+        # an unrecognised description is FALSE here, not Undefined (RFC 4511 §4.5.1.7.5)
+        desc = describe(f.attribute)
+        if desc is None or desc.tagged:
+            return _false
+        keys = desc.keys
+        if len(keys) == 1:
+            key = keys[0]
+            return lambda entry: key in entry.attrs
+        return lambda entry: any(k in entry.attrs for k in keys)
     if isinstance(f, codec.Substrings):
         return _substrings(f)
     if isinstance(f, codec.GreaterOrEqual):
-        return _ordering(_attr(f.attribute), f.value, True)
+        return _ordering(describe(f.attribute), f.value, True)
     if isinstance(f, codec.LessOrEqual):
-        return _ordering(_attr(f.attribute), f.value, False)
+        return _ordering(describe(f.attribute), f.value, False)
     if isinstance(f, codec.ExtensibleMatch):
         return _extensible(f)
     # EqualityMatch and ApproxMatch (approximate = equality: no approximate rule is defined)
-    return _equality(_attr(f.attribute), f.value)
+    return _equality(describe(f.attribute), f.value)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -310,6 +356,9 @@ class Plan:
                 or self.sha256 is not None)
 
 
+_CERTIFICATE_EXACT = rule("certificateExactMatch")
+
+
 def _conjuncts(f: codec.Filter) -> Iterable[codec.Filter]:
     if isinstance(f, codec.And):
         for x in f.filters:
@@ -328,33 +377,35 @@ def plan(f: codec.Filter) -> Plan:
         if isinstance(item, codec.EqualityMatch):
             attr_name, value = item.attribute, item.value
         elif isinstance(item, codec.ExtensibleMatch) and item.type and not item.dn_attributes and (
-                item.matching_rule is None or RULE_BY_OID.get(item.matching_rule, item.matching_rule)
-                in ("certificateExactMatch",)):
+                item.matching_rule is None or rule(item.matching_rule) is _CERTIFICATE_EXACT):
             attr_name, value = item.type, item.value
         if attr_name is None:
             continue
-        attr = _attr(attr_name)
-        if attr is None:
+        desc = describe(attr_name)
+        found = equality(desc.type) if desc is not None and not desc.tagged else None
+        if desc is None or found is None:
             continue
-        norm = equality_normaliser(attr)
+        attr, norm = desc.type, found[1]
+        if desc.keys != (attr.key,):
+            continue  # a supertype: its subtypes' values count too
         if attr.key == "objectclass":
-            v = norm(value) if norm else None
+            v = norm(value)
             if isinstance(v, str):
                 classes.add(v)
         elif attr.key == "smkieui64":
-            v = norm(value) if norm else None
+            v = norm(value)
             if isinstance(v, bytes) and len(v) == 8:
                 eui, eui_bytes = v.hex("-").upper(), v
         elif attr.key == "smkiserial":
-            v = norm(value) if norm else None
+            v = norm(value)
             if isinstance(v, str) and re.fullmatch(r"-?[0-9A-F]+", v):
                 serial = v
         elif attr.key in ("smkikeyid", "smkisubjectkeyid"):
-            v = norm(value) if norm else None
+            v = norm(value)
             if isinstance(v, bytes):
                 key_id = v
         elif attr.key == "smkisha256":
-            v = norm(value) if norm else None
+            v = norm(value)
             if isinstance(v, bytes) and len(v) == 32:
                 sha256 = v
         elif attr.key in ("usercertificate", "cacertificate"):

@@ -8,20 +8,14 @@ defines no LDAP schema; ours lives under an X.667 UUID arc (``2.25.<UUID>``, whi
 may allocate without registration), and :func:`openldap_schema` writes it as an OpenLDAP
 schema file (``smki-repository export-ldap-schema``).
 
-Every attribute type has a normaliser per matching rule: a function from a value's bytes to
-a comparable key, or ``None`` when the bytes are not valid for the rule (RFC 4511 then makes
-the filter item Undefined). Stored values are already canonical; assertion values from
-clients are normalised once per search. No I/O here.
+The attribute-type hierarchy is here too (RFC 4512 §2.5.1: ``cn``, ``o`` and ``ou`` are
+subtypes of ``name``, RFC 4519); how values compare, the matching rules and syntaxes, is in
+``matching.py``. No I/O here.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, timezone
-
-from ..pki.ids import IdentifierError, parse_eui64, parse_key_id, parse_serial
 
 ARC = "2.25.217215305148347975516888385734658034679"  # UUID a36a2563-f477-4de8-8d07-ec324dc10bf7
 
@@ -93,6 +87,8 @@ class AttributeType:
     aliases: tuple[str, ...] = ()
     custom: bool = False  # ours (exported by export-ldap-schema)
     usage: str = "userApplications"
+    sup: str | None = None  # the supertype's name (RFC 4512 §2.5.1)
+    dynamic: bool = False  # computed for each answer, not held (slapd's are not in its entries)
 
     @property
     def key(self) -> str:
@@ -109,6 +105,8 @@ class AttributeType:
         parts = [f"( {self.oid} NAME {name}"]
         if self.desc:
             parts.append(f"DESC '{self.desc}'")
+        if self.sup:
+            parts.append(f"SUP {self.sup}")
         for keyword, rule in (("EQUALITY", self.equality), ("ORDERING", self.ordering),
                               ("SUBSTR", self.substr)):
             if rule:
@@ -172,9 +170,9 @@ ATTRIBUTES: tuple[AttributeType, ...] = (
     AttributeType("2.5.4.0", "objectClass", OID_SYNTAX, "objectIdentifierMatch"),
     AttributeType("2.5.4.41", "name", DIRECTORY_STRING, "caseIgnoreMatch", None,
                   "caseIgnoreSubstringsMatch"),
-    _named("cn", "2.5.4.3", aliases=("commonName",)),
-    _named("o", "2.5.4.10", aliases=("organizationName",)),
-    _named("ou", "2.5.4.11", aliases=("organizationalUnitName",)),
+    _named("cn", "2.5.4.3", aliases=("commonName",), sup="name"),
+    _named("o", "2.5.4.10", aliases=("organizationName",), sup="name"),
+    _named("ou", "2.5.4.11", aliases=("organizationalUnitName",), sup="name"),
     AttributeType("0.9.2342.19200300.100.1.25", "dc", IA5_STRING, "caseIgnoreIA5Match", None,
                   "caseIgnoreIA5SubstringsMatch", single=True, aliases=("domainComponent",)),
     _named("description", "2.5.4.13"),
@@ -192,13 +190,13 @@ ATTRIBUTES: tuple[AttributeType, ...] = (
     _time("modifyTimestamp", "2.5.18.2", "when the object last changed", operational=True,
           single=True, usage="directoryOperation"),
     AttributeType("2.5.18.10", "subschemaSubentry", DN_SYNTAX, "distinguishedNameMatch",
-                  single=True, operational=True, usage="directoryOperation"),
+                  single=True, operational=True, usage="directoryOperation", dynamic=True),
     AttributeType("2.5.21.9", "structuralObjectClass", OID_SYNTAX, "objectIdentifierMatch",
                   single=True, operational=True, usage="directoryOperation"),
     AttributeType("2.5.18.9", "hasSubordinates", BOOLEAN, "booleanMatch", single=True,
-                  operational=True, usage="directoryOperation"),
+                  operational=True, usage="directoryOperation", dynamic=True),
     AttributeType("1.3.6.1.1.20", "entryDN", DN_SYNTAX, "distinguishedNameMatch", single=True,
-                  operational=True, usage="directoryOperation"),
+                  operational=True, usage="directoryOperation", dynamic=True),
     AttributeType("1.3.6.1.4.1.1466.101.120.5", "namingContexts", DN_SYNTAX, operational=True,
                   usage="dSAOperation"),
     AttributeType("1.3.6.1.4.1.1466.101.120.13", "supportedControl", OID_SYNTAX, operational=True,
@@ -294,6 +292,14 @@ class Schema:
         for c in OBJECT_CLASSES:
             self._class[c.name.lower()] = c
             self._class[c.oid] = c
+        # each type with its subtypes, itself first (RFC 4512 §2.5.1)
+        self.subtypes: dict[str, tuple[AttributeType, ...]] = {a.key: (a,) for a in ATTRIBUTES}
+        for a in ATTRIBUTES:
+            sup = a.sup
+            while sup is not None:
+                parent = self._attr[sup.lower()]
+                self.subtypes[parent.key] += (a,)
+                sup = parent.sup
 
     def attribute(self, description: str) -> tuple[AttributeType | None, frozenset[str]]:
         """Resolve an attribute description ("userCertificate;binary") -> (type, options)."""
@@ -335,121 +341,3 @@ def openldap_schema() -> str:
             lines.append(f"objectclass {c.definition()}")
             lines.append("")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- normalisers
-
-Key = object
-Normaliser = Callable[[bytes], Key | None]
-
-
-def _text(v: bytes) -> str | None:
-    try:
-        return v.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
-def norm_case_ignore(v: bytes) -> str | None:
-    t = _text(v)
-    return None if t is None else " ".join(t.split()).casefold()
-
-
-def norm_case_exact(v: bytes) -> str | None:
-    t = _text(v)
-    return None if t is None else " ".join(t.split())
-
-
-_INTEGER = re.compile(r"^-?(0|[1-9][0-9]*)$")
-
-
-def norm_integer(v: bytes) -> int | None:
-    t = _text(v)
-    if t is None or not _INTEGER.match(t.strip()):
-        return None
-    return int(t)
-
-
-_GTIME = re.compile(r"^(\d{4})(\d{2})(\d{2})(\d{2})(\d{2})?(\d{2})?([.,]\d+)?(Z|[+-]\d{4})$")
-
-
-def norm_time(v: bytes) -> float | None:
-    t = _text(v)
-    m = _GTIME.match(t.strip()) if t is not None else None
-    if m is None:
-        return None
-    year, month, day, hour, minute, second, frac, zone = m.groups()
-    try:
-        tz = UTC if zone == "Z" else timezone(
-            (1 if zone[0] == "+" else -1) * timedelta(hours=int(zone[1:3]), minutes=int(zone[3:])))
-        when = datetime(int(year), int(month), int(day), int(hour), int(minute or 0),
-                        int(second or 0), tzinfo=tz)
-    except ValueError:
-        return None
-    return when.timestamp() + (float("0." + frac[1:]) if frac else 0.0)
-
-
-def generalized_time(when: datetime) -> bytes:
-    return when.astimezone(UTC).strftime("%Y%m%d%H%M%SZ").encode()
-
-
-def norm_boolean(v: bytes) -> bool | None:
-    return {b"TRUE": True, b"FALSE": False}.get(v.strip().upper())
-
-
-def norm_object_class(v: bytes) -> str | None:
-    t = _text(v)
-    if t is None:
-        return None
-    c = SCHEMA.object_class(t.strip())
-    return c.name.lower() if c is not None else t.strip().lower()
-
-
-def _ids(parse: Callable[[str], object]) -> Normaliser:
-    def norm(v: bytes) -> Key | None:
-        t = _text(v)
-        if t is None:
-            return None
-        try:
-            return parse(t)
-        except IdentifierError:
-            return norm_case_ignore(v)  # not an identifier: still compares as text
-
-    return norm
-
-
-# Our identifier attributes accept every spelling the web service does (any case, with or
-# without separators and leading zeros), as an extension of caseIgnoreMatch.
-_SPECIAL: dict[str, Normaliser] = {
-    "smkieui64": _ids(parse_eui64),
-    "smkiserial": _ids(parse_serial),
-    "smkikeyid": _ids(parse_key_id),
-    "smkiissuerkeyid": _ids(parse_key_id),
-    "smkisubjectkeyid": _ids(parse_key_id),
-    "smkisha256": _ids(parse_key_id),
-}
-
-RULE_NORMALISERS: dict[str, Normaliser] = {
-    "caseIgnoreMatch": norm_case_ignore,
-    "caseIgnoreIA5Match": norm_case_ignore,
-    "caseExactMatch": norm_case_exact,
-    "integerMatch": norm_integer,
-    "generalizedTimeMatch": norm_time,
-    "booleanMatch": norm_boolean,
-    "objectIdentifierMatch": norm_object_class,
-    "octetStringMatch": bytes,
-    "distinguishedNameMatch": norm_case_ignore,
-}
-ORDERING_NORMALISERS: dict[str, Normaliser] = {
-    "caseIgnoreOrderingMatch": norm_case_ignore,
-    "caseExactOrderingMatch": norm_case_exact,
-    "integerOrderingMatch": norm_integer,
-    "generalizedTimeOrderingMatch": norm_time,
-}
-
-
-def equality_normaliser(attr: AttributeType) -> Normaliser | None:
-    special = _SPECIAL.get(attr.key)
-    if special is not None:
-        return special
-    return RULE_NORMALISERS.get(attr.equality or "")

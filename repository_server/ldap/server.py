@@ -51,6 +51,7 @@ from .codec import PAGED_RESULTS_OID, STARTTLS_OID, ProtocolError, ResultCode
 from .directory import Directory, DirectoryError, Node
 from .fastpath import FastSearch
 from .filters import Entry, Plan, compile_filter, plan
+from .matching import selected_keys
 from .schema import SCHEMA, AttributeType
 
 log = logging.getLogger(__name__)
@@ -90,13 +91,10 @@ class Selection:
     def parse(cls, attributes: tuple[str, ...]) -> Selection:
         if not attributes:
             return cls(True, False, frozenset())
-        named = set()
+        named: set[str] = set()
         for a in attributes:
-            if a in ("*", "+", "1.1"):
-                continue
-            attr, _ = SCHEMA.attribute(a)
-            if attr is not None:
-                named.add(attr.key)
+            if a not in ("*", "+", "1.1"):  # a type covers its subtypes; a tagged one nothing
+                named.update(selected_keys(a))
         return cls("*" in attributes, "+" in attributes, frozenset(named))
 
     def pick(self, entry: Entry, types_only: bool) -> list[tuple[str, list[bytes]]]:
@@ -247,7 +245,8 @@ class LdapConnection(asyncio.Protocol):
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.pending: list[codec.Request] = []  # requests waiting behind a bind/StartTLS
         self.serial: asyncio.Task[None] | None = None
-        self.paged: OrderedDict[bytes, AsyncGenerator[Entry, None]] = OrderedDict()
+        # open paged searches: cookie -> (their entries, how many were sent so far)
+        self.paged: OrderedDict[bytes, tuple[AsyncGenerator[Entry, None], int]] = OrderedDict()
         self.writable = asyncio.Event()
         self.writable.set()
         self.closing = False
@@ -289,7 +288,7 @@ class LdapConnection(asyncio.Protocol):
             task.cancel()
         if self.serial is not None:
             self.serial.cancel()
-        for gen in self.paged.values():
+        for gen, _ in self.paged.values():
             _close_later(gen)
         self.paged.clear()
         self.writable.set()
@@ -697,6 +696,8 @@ class LdapConnection(asyncio.Protocol):
             elif control.critical:
                 return Outcome(ResultCode.UNAVAILABLE_CRITICAL_EXTENSION,
                                f"critical control {control.oid} is not supported")
+        if req.scope > 3:  # base, one level, subtree, subordinate subtree
+            return Outcome(ResultCode.PROTOCOL_ERROR, "invalid scope")
         try:
             base = self.service.base_dn(req.base)
         except dn.DNError as exc:
@@ -777,14 +778,19 @@ class LdapConnection(asyncio.Protocol):
 
     async def _paged_search(self, req: codec.SearchRequest, base: dn.DN, selection: Selection,
                             paging: tuple[int, bytes], deadline: float) -> Outcome:
+        """One page. The server's size limit bounds each page; the client's bounds the whole
+        search, which ends with sizeLimitExceeded after that many entries (RFC 2696 §3,
+        RFC 4511 §4.5.1.4; slapd does the same)."""
         page_size, cookie = paging
         settings = self.service.settings
         ended = (codec.paged_results_control(0, b""),)
+        sent_before = 0
         if cookie:
-            matches = self.paged.pop(cookie, None)
-            if matches is None:
+            found = self.paged.pop(cookie, None)
+            if found is None:
                 return Outcome(ResultCode.UNWILLING_TO_PERFORM,
                                "unknown or expired paged results cookie")
+            matches, sent_before = found
             if page_size == 0:  # the client abandons the paged search
                 _close_later(matches)
                 return Outcome(ResultCode.SUCCESS, controls=ended)
@@ -797,6 +803,8 @@ class LdapConnection(asyncio.Protocol):
                 return Outcome(ResultCode.SUCCESS, controls=ended)
             matches = self._matches(req, node, base)
         page = min(page_size, settings.size_limit) if settings.size_limit else page_size
+        if req.size_limit:
+            page = min(page, req.size_limit - sent_before)
         out = Outcome(ResultCode.SUCCESS, controls=ended)
         more = True
         while out.sent < page:
@@ -814,11 +822,20 @@ class LdapConnection(asyncio.Protocol):
             out.sent += 1
             if not self.writable.is_set():
                 await self.writable.wait()
+        if more and req.size_limit and sent_before + out.sent >= req.size_limit:
+            try:  # the client's limit is reached: is there more than it allows?
+                await anext(matches)
+            except StopAsyncIteration:
+                more = False
+            else:
+                out.code = ResultCode.SIZE_LIMIT_EXCEEDED
+                out.message = f"more than {req.size_limit} entries match"
+                more = False
         if more:
             next_cookie = secrets.token_bytes(12)
-            self.paged[next_cookie] = matches
+            self.paged[next_cookie] = (matches, sent_before + out.sent)
             while len(self.paged) > _MAX_PAGED:
-                _, old = self.paged.popitem(last=False)
+                _, (old, _) = self.paged.popitem(last=False)
                 _close_later(old)
             out.controls = (codec.paged_results_control(0, next_cookie),)
         else:
