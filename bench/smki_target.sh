@@ -16,7 +16,8 @@
 #
 # Variant `before` (load before | start before | stop before, bench/compare-target.json): an
 # earlier version of the server, SMKI_BEFORE_BIN (e.g. a `git worktree` of an older commit with
-# its own venv), with its own data in $BENCH_WORK/smki-before and bench-before.toml, measured
+# its own venv), with its own data in $BENCH_WORK/smki-before and bench-before.toml (or
+# SMKI_BEFORE_CONFIG: that version's own bench.toml when it is a replica version), measured
 # side by side with the current one.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -41,7 +42,7 @@ fi
 CONFIG=${SMKI_CONFIG:-$HERE/bench.toml}
 W=$BENCH_WORK/smki-repository
 if [ "$VARIANT" = before ]; then
-  CONFIG=$HERE/bench-before.toml
+  CONFIG=${SMKI_BEFORE_CONFIG:-$HERE/bench-before.toml}  # the earlier version's own settings
   W=$BENCH_WORK/smki-before
 fi
 DATA_DIR=$W/data
