@@ -141,18 +141,6 @@ def parse_normalised(text: str) -> DN:
     return normalise(parse(text))
 
 
-def escape_value(value: str) -> str:
-    out = []
-    for i, ch in enumerate(value):
-        if ch in _SPECIAL - {"#", "="} or (ch == "#" and i == 0) or (ch == " " and i in (0, len(value) - 1)):
-            out.append("\\" + ch)
-        elif ch == "\x00":
-            out.append("\\00")
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
 def is_within(entry: DN, base: DN, scope: int) -> bool:
     """Is the (normalised) entry in scope 0 base, 1 one level, 2 subtree or 3 subordinate
     subtree (the subtree without the base) of the (normalised) base?"""

@@ -58,10 +58,6 @@ class Entry:
     crls: tuple[tuple[DN, str], ...] = ()
 
 
-class FilterError(ValueError):
-    """A filter that cannot be evaluated at all (not merely Undefined)."""
-
-
 # ----------------------------------------------------------------------------- compilation
 
 

@@ -23,12 +23,6 @@ class Usage(enum.StrEnum):
     CA = "CA"  # keyCertSign / cRLSign
 
 
-class LodgedStatus(enum.StrEnum):
-    PENDING = "P"
-    IN_USE = "I"
-    NOT_IN_USE = "N"
-
-
 @dataclass(frozen=True, slots=True)
 class Finding:
     """One lint finding: a stable machine code and a one-line human explanation."""

@@ -80,8 +80,6 @@ _ROLE_SHORT_NAMES = {
     135: "XMLSIGNING",
     137: "DSPXMLSIGNING",
 }
-ROLE_ROOT = 0
-ROLE_ISSUING = 7
 
 MANIFEST_FORMAT = 2  # 2: device certificates listed in devices/index.csv, not in objects
 BUNDLE_MAX = 50_000  # certificates per device PEM bundle (the lodging batch limit)
