@@ -806,10 +806,10 @@ class Store:
 
     async def portal_start_session(self, token_sha256: bytes, name: str, now: datetime,
                                    audit: dict[str, Any]) -> None:
-        """A successful sign-in: failures forgotten, a new session stored, audited."""
+        """A new session after a password change, audited. (The change's password attempt
+        already forgot the failures, in `sign_in_succeeded`; clearing them again here could
+        undo a lock that concurrent wrong passwords set in between.)"""
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute("UPDATE portal_accounts SET failures = '{}', locked_until = NULL"
-                               " WHERE user_name = $1", name)
             await conn.execute("INSERT INTO portal_sessions (token_sha256, user_name, created_at,"
                                " last_seen) VALUES ($1, $2, $3, $3)", token_sha256, name, now)
             await self._audit(conn, **audit)
