@@ -245,3 +245,31 @@ async def test_a_burst_cannot_pass_the_lockout(loaded: Running, tmp_path: Path, 
     finally:
         for other in repos[1:]:
             await other.stop()
+
+
+async def test_an_attempt_left_by_a_dead_process_counts_as_a_failure(loaded: Running) -> None:
+    """Attempts still registered STALE_ATTEMPT_SECONDS after they began belonged to a process
+    that died mid-check: the next attempt counts each as a failure (and audits it), so dying
+    is not a way to get free guesses; fresh ones only hold their place."""
+    from repository_server.store.db import STALE_ATTEMPT_SECONDS
+
+    repo = loaded.repo
+    assert repo.store is not None
+    limit = repo.config.portal.lockout_failures
+    await _password_user(repo, "race-dead")
+    await repo.store.pool.execute(
+        "INSERT INTO sign_in_attempts (user_name, started_at) SELECT 'race-dead',"
+        " clock_timestamp() - make_interval(secs => $1) FROM generate_series(1, $2)",
+        STALE_ATTEMPT_SECONDS + 10, limit - 1)
+    async with PortalClient(loaded.http) as c:
+        # the stale ones become limit-1 failures: one wrong password more locks the account
+        assert (await c.sign_in("race-dead", WRONG)).status == 200
+        assert await _locked(repo, "race-dead")
+        assert (await c.sign_in("race-dead", GOOD)).status == 200  # locked: refused
+    left = await repo.store.pool.fetchval(
+        "SELECT count(*) FROM sign_in_attempts WHERE user_name = 'race-dead'")
+    assert left == 0
+    abandoned = await repo.store.pool.fetchval(
+        "SELECT detail->>'count' FROM audit WHERE action = 'auth.attempt-abandoned'"
+        " AND object = 'race-dead'")
+    assert abandoned == str(limit - 1)
