@@ -44,7 +44,7 @@ echo "demo up with $DEVICES devices; forecast $PER_DAY requests/day (08-20 band:
   "$(( PER_DAY * 70 / 100 / 43200 )) requests/s at factor 1); day in $MINUTES min per level"
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
-printf '%7s %9s %8s %8s %10s %10s %8s  %s\n' factor requests req/s p99_ms client_% server_% cpu verdict
+"$PY" "$HERE/level_row.py" header factor
 for f in $FACTORS; do
   s0=$(ticks "$SPID"); t0=$(date +%s.%N)
   set +e
@@ -56,19 +56,5 @@ for f in $FACTORS; do
   rc=$?
   set -e
   s1=$(ticks "$SPID"); t1=$(date +%s.%N)
-  "$PY" - "$W/f$f" "$f" "$rc" "$W/f$f.log" "$s0" "$s1" "$t0" "$t1" "$HZ" <<'PYEOF'
-import csv, re, sys
-base, factor, rc, logf = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-s0, s1, t0, t1, hz = (float(x) for x in sys.argv[5:10])
-rows = list(csv.DictReader(open(base + "_stats.csv")))
-agg = next(r for r in rows if r["Name"] == "Aggregated")
-log = open(logf).read()
-client = re.search(r"^\s*TOTAL\b.*?([0-9.]+)%", log, re.M)
-server = re.search(r"Server CPM 8.*?^TOTAL\s+(\d+)\s+(\d+)", log, re.S | re.M)
-print(f"{factor:>7} {int(agg['Request Count']):>9} {float(agg['Requests/s']):>8.0f}"
-      f" {float(agg['99%']):>8.0f} {client.group(1) if client else '?':>10}"
-      f" {100 * int(server.group(2)) / max(1, int(server.group(1))) if server else 0:>10.3f}"
-      f" {(s1 - s0) / hz / (t1 - t0):>8.2f}"
-      f"  {'passes (>= minimum)' if rc == 0 else 'FAILS (exit %d)' % rc}")
-PYEOF
+  "$PY" "$HERE/level_row.py" row "$f" "$W/f$f" "$W/f$f.log" "$rc" "$s0" "$s1" "$t0" "$t1" "$HZ"
 done

@@ -36,7 +36,7 @@ echo "demo up with $DEVICES devices; levels: $LEVELS requests/s, $LEVEL_SECONDS 
 SPID=$(cat "$W/server.pid")
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }  # utime + stime of the server (all threads)
 HZ=$(getconf CLK_TCK)
-printf '%8s %10s %10s %10s %12s %12s  %s\n' rate requests req/s p99_ms within_% server_cpu verdict
+"$PY" "$HERE/level_row.py" header rate
 for users in $LEVELS; do
   prof=$W/level-$users.toml
   cat >"$prof" <<TOML
@@ -59,18 +59,5 @@ TOML
   rc=$?
   set -e
   s1=$(ticks "$SPID"); t1=$(date +%s.%N)
-  "$PY" - "$W/level-$users" "$users" "$rc" "$W/level-$users.log" "$s0" "$s1" "$t0" "$t1" "$HZ" <<'PYEOF'
-import csv, re, sys
-base, users, rc, logf = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-s0, s1, t0, t1, hz = (float(x) for x in sys.argv[5:10])
-server_cpu = (s1 - s0) / hz / (t1 - t0)
-rows = list(csv.DictReader(open(base + "_stats.csv")))
-agg = next(r for r in rows if r["Name"] == "Aggregated")
-log = open(logf).read()
-m = re.search(r"TOTAL\s.*?([0-9.]+)%", log)
-within = m.group(1) if m else "?"
-print(f"{users:>8} {int(agg['Request Count']):>10} {float(agg['Requests/s']):>10.0f}"
-      f" {float(agg['99%']):>10.0f} {within:>12} {server_cpu:>12.2f}"
-      f"  {'meets target' if rc == 0 else 'FAILS (exit %d)' % rc}")
-PYEOF
+  "$PY" "$HERE/level_row.py" row "$users" "$W/level-$users" "$W/level-$users.log" "$rc" "$s0" "$s1" "$t0" "$t1" "$HZ"
 done
