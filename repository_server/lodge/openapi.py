@@ -9,25 +9,19 @@ from __future__ import annotations
 
 from typing import Any
 
-JSON = "application/json"
+from ..apidoc import JSON, json_answer, path_param, query_param
+
 _SERIAL = r"^[0-9A-Fa-f]{1,40}$"
 _DOC_NAME = r"^[A-Za-z0-9._-]{1,200}$"
-_BOOL = {"type": "string", "enum": ["true", "false", "1", "0", "yes", "no"]}
+_BOOL = {"enum": ["true", "false", "1", "0", "yes", "no"]}
 
 
 def _error(description: str) -> dict[str, Any]:
-    return {"description": description,
-            "content": {JSON: {"schema": {"$ref": "#/components/schemas/Refusal"}}}}
+    return json_answer(description, "Refusal")
 
 
 def _done(description: str) -> dict[str, Any]:
-    return {"description": description,
-            "content": {JSON: {"schema": {"$ref": "#/components/schemas/Done"}}}}
-
-
-def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": False, "description": description,
-            "schema": schema}
+    return json_answer(description, "Done")
 
 
 _ON_BEHALF = [
@@ -59,9 +53,8 @@ def _op(summary: str, responses: dict[str, Any], *, body: list[str] | None = Non
 
 def describe(version: str) -> dict[str, Any]:
     """The lodging OpenAPI document (a JSON-ready dict)."""
-    name = {"name": "name", "in": "path", "required": True,
-            "description": "the document's name (letters, digits, '.', '_', '-')",
-            "schema": {"type": "string", "pattern": _DOC_NAME}}
+    name = path_param("name", "the document's name (letters, digits, '.', '_', '-')",
+                      pattern=_DOC_NAME)
     document = _op("lodge a new version of an SMKI document (the body is the file; its"
                    " Content-Type is kept if on the allow-list, else"
                    " application/octet-stream)",
@@ -83,10 +76,11 @@ def describe(version: str) -> dict[str, Any]:
                                " why): nothing was stored")},
                 body=["application/x-pem-file", "application/pkix-cert",
                       "application/octet-stream"],
-                parameters=[_query("status", "lodged status (default I)",
-                                   {"type": "string", "enum": ["P", "I", "N", "p", "i", "n"]}),
-                            _query("manufacturing_flag", "the ManufacturingFlag", _BOOL),
-                            _query("trust_anchor", "a root lodged as a trust anchor", _BOOL)])},
+                parameters=[query_param("status", "lodged status (default I)",
+                                        enum=["P", "I", "N", "p", "i", "n"]),
+                            query_param("manufacturing_flag", "the ManufacturingFlag", **_BOOL),
+                            query_param("trust_anchor", "a root lodged as a trust anchor",
+                                        **_BOOL)])},
             "/lodge/crls": {"post": _op(
                 "lodge a CRL or ARL (DER or PEM)",
                 {"200": _done("stored, or identical to one already lodged"),
@@ -99,12 +93,10 @@ def describe(version: str) -> dict[str, Any]:
                 {"200": _done("changed (or already so)"),
                  "404": _error("no certificate with that serial"),
                  "409": _error("the serial is not unique: give issuer_key_id")},
-                parameters=[{"name": "serial", "in": "path", "required": True,
-                             "description": "the certificate's serial number, hex",
-                             "schema": {"type": "string", "pattern": _SERIAL}},
-                            _query("issuer", "issuer key identifier (hex) when the serial is"
-                                   " not unique", {"type": "string",
-                                                   "pattern": "^([0-9A-Fa-f]{2}){1,64}$"})])
+                parameters=[path_param("serial", "the certificate's serial number, hex",
+                                       pattern=_SERIAL),
+                            query_param("issuer", "issuer key identifier (hex) when the serial"
+                                        " is not unique", pattern="^([0-9A-Fa-f]{2}){1,64}$")])
                 | {"requestBody": {"required": False, "content": {JSON: {"schema": {
                     "type": "object", "additionalProperties": False,
                     "properties": {"status": {"type": "string",

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..apidoc import JSON, json_answer
+from ..apidoc import path_param as _path
+from ..apidoc import query_param as _query
+from ..apidoc import ref as _ref
 from . import doctypes
 from .downloads import MAX_CRL_NUMBER, MAX_DOC_VERSION, PEM, PKIX_CERT, PKIX_CRL
 
-JSON = "application/json"
 XML = "application/xml"
 
 _HEX_ID = r"^([0-9A-Fa-f]{2}){1,64}"
@@ -24,12 +27,8 @@ _SERIAL = r"^[0-9A-Fa-f]{1,40}(\.(pem|der|cer|crt))?$"
 _EUI64 = r"^[0-9A-Fa-f]{2}(-[0-9A-Fa-f]{2}){7}$"
 
 
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
 def _error(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {JSON: {"schema": _ref("Error")}}}
+    return json_answer(description, "Error")
 
 
 def _list(item: str, description: str) -> dict[str, Any]:
@@ -40,16 +39,6 @@ def _list(item: str, description: str) -> dict[str, Any]:
 def _bytes(description: str, *types: str) -> dict[str, Any]:
     return {"description": description,
             "content": {t: {"schema": {"type": "string", "format": "binary"}} for t in types}}
-
-
-def _path(name: str, description: str, **schema: Any) -> dict[str, Any]:
-    return {"name": name, "in": "path", "required": True, "description": description,
-            "schema": {"type": "string", "minLength": 1, **schema}}
-
-
-def _query(name: str, description: str, **schema: Any) -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": False, "description": description,
-            "schema": {"type": "string", **schema}}
 
 
 _CONDITIONAL = [
