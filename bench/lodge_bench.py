@@ -60,8 +60,8 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from repository_server.cli import lodge_manifest  # noqa: E402
-from repository_server.lodge.client import LodgeClient  # noqa: E402
+from repository_server.cli.lodge_client import LodgeClient  # noqa: E402
+from repository_server.cli.main import lodge_manifest  # noqa: E402
 
 CERT_KINDS = ("root", "ca", "organisation", "device")
 BEGIN = b"-----BEGIN CERTIFICATE-----"

@@ -1,3 +1,3 @@
-from .cli import main
+from repository_server.cli.main import main
 
 raise SystemExit(main())

@@ -261,7 +261,7 @@ class Config:
         if not (self.lodge.client_subject or self.lodge.client_eui64):
             raise ConfigError("lodge.client_subject: set it or lodge.client_eui64 (the DCC identity)")
         if self.lodge.client_eui64:
-            from .pki.ids import IdentifierError, parse_eui64
+            from repository_server.pki.ids import IdentifierError, parse_eui64
 
             try:
                 parse_eui64(self.lodge.client_eui64)
@@ -355,7 +355,7 @@ class Config:
         _check_zone(ex.timezone, "extracts.timezone")
 
     def _validate_ldap(self) -> None:
-        from .ldap import dn
+        from repository_server.listeners.ldap import dn
 
         try:
             suffix = dn.parse_normalised(self.ldap.suffix)

@@ -15,7 +15,7 @@ import os
 import ssl
 import sys
 
-from .config import ConfigError, load
+from repository_server.config import ConfigError, load
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,38 +33,44 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .auth import Credentials, User
-from .catalog import Catalog
-from .config import LISTENER_NAMES, Config, ConfigError, HostPort
-from .extracts.scheduler import ExtractScheduler
-from .extracts.sftp import SftpService
-from .extracts.writer import ExtractWriter
-from .ldap.codec import PAGED_RESULTS_OID, STARTTLS_OID
-from .ldap.directory import Directory
-from .ldap.server import WHOAMI_OID, LdapService
-from .lodge.app import ACTOR_KEY, build_lodge_app
-from .lodge.service import LodgingService
-from .obs.access import NOTE, Note, access_logger_class
-from .obs.arrival import waited
-from .obs.metrics import Metrics
-from .obs.refusals import RefusalSummary
-from .obs.refusals import classify as classify_refusal
-from .portal.app import Portal
-from .portal.auth import PortalAuth
-from .portal.security import CSRF_SECRET
-from .replica.env import Replica, ReplicaUnavailable
-from .replica.feed import Feeder, lag
-from .service_levels import ANONYMOUS, ServiceLevelCollector, ServiceLevels
-from .store import opened_store
-from .store import refusals as refusals_sql
-from .store.db import Store
-from .store.db import unavailable as store_unavailable
-from .web.apikeys import request_key
-from .web.downloads import RETRY_AFTER, Downloads, FastHandler, error, unavailable_response
-from .web.extracts import ExtractFiles
-from .web.openapi import describe as describe_api
-from .web.ops import Ops
-from .web.webservice import WebService
+from repository_server.accounts.keys import Credentials, User
+from repository_server.accounts.signin import PortalAuth
+from repository_server.config import LISTENER_NAMES, Config, ConfigError, HostPort
+from repository_server.extracts.scheduler import ExtractScheduler
+from repository_server.extracts.writer import ExtractWriter
+from repository_server.listeners.http.apikeys import request_key
+from repository_server.listeners.http.downloads import (
+    RETRY_AFTER,
+    Downloads,
+    FastHandler,
+    error,
+    unavailable_response,
+)
+from repository_server.listeners.http.extracts import ExtractFiles
+from repository_server.listeners.http.openapi import describe as describe_api
+from repository_server.listeners.http.ops import Ops
+from repository_server.listeners.http.portal.app import Portal
+from repository_server.listeners.http.portal.csrf import CSRF_SECRET
+from repository_server.listeners.http.webservice import WebService
+from repository_server.listeners.ldap.codec import PAGED_RESULTS_OID, STARTTLS_OID
+from repository_server.listeners.ldap.directory import Directory
+from repository_server.listeners.ldap.server import WHOAMI_OID, LdapService
+from repository_server.listeners.lodge.app import ACTOR_KEY, build_lodge_app
+from repository_server.listeners.sftp import SftpService
+from repository_server.lodging.service import LodgingService
+from repository_server.obs.access import NOTE, Note, access_logger_class
+from repository_server.obs.arrival import waited
+from repository_server.obs.metrics import Metrics
+from repository_server.obs.refusals import RefusalSummary
+from repository_server.obs.refusals import classify as classify_refusal
+from repository_server.readmodel.catalog import Catalog
+from repository_server.readmodel.env import Replica, ReplicaUnavailable
+from repository_server.readmodel.feed import Feeder, lag
+from repository_server.service_levels import ANONYMOUS, ServiceLevelCollector, ServiceLevels
+from repository_server.store import opened_store
+from repository_server.store import refusals as refusals_sql
+from repository_server.store.db import Store
+from repository_server.store.db import unavailable as store_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -840,7 +846,7 @@ class Repository:
                             if not feeder.source:
                                 assert self.store is not None
                                 async with self.store.pool.acquire() as conn:
-                                    from .store import feed as feed_sql
+                                    from repository_server.store import feed as feed_sql
 
                                     feeder.source = await feed_sql.identity(conn)
                             why = await asyncio.to_thread(feeder.usable, feeder.source)

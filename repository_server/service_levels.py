@@ -36,8 +36,8 @@ from zoneinfo import ZoneInfo
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .config import ServiceLevelSettings
-from .store.db import CpmRow, Store, UserRow
+from repository_server.config import ServiceLevelSettings
+from repository_server.store.db import CpmRow, Store, UserRow
 
 log = logging.getLogger(__name__)
 

@@ -138,7 +138,7 @@ class Running:
         return str(self.path(d["cert"])), str(self.path(d["key"]))
 
     def client(self, cert: tuple[str, str] | None = None) -> Any:
-        from repository_server.lodge.client import LodgeClient
+        from repository_server.cli.lodge_client import LodgeClient
 
         c, k = cert or self.client_cert
         return LodgeClient(self.lodge_url, c, k, self.tls_ca)
@@ -148,7 +148,7 @@ class Running:
 
     def ca(self, name: str) -> tuple[Any, Any]:
         """A test PKI CA by manifest name ("issuing-oca", "issuing-dca", ...): (cert, key)."""
-        from .pkitools import load_cert, load_key
+        from tests.pkitools import load_cert, load_key
 
         obj = next(o for o in self.pki["objects"] if o.get("name") == name)
         return load_cert(self.path(obj["path"])), load_key(self.path(obj["key"]))
@@ -157,7 +157,7 @@ class Running:
         """A new Organisation CRL (DER): the test PKI's, with `serials` revoked too."""
         from cryptography import x509
 
-        from .pkitools import crl
+        from tests.pkitools import crl
 
         oca, key = self.ca("issuing-oca")
         current = x509.load_der_x509_crl(self.path(self.objects("crl")[0]["path"]).read_bytes())
@@ -174,7 +174,7 @@ async def start_repository(data_dir: Path, pki: dict[str, Any], dsn: str,
 async def add_user(repo: Repository, name: str, key: str | None, role: str = "party") -> None:
     """A user with this API key, as `smki-repository users add NAME --api-key KEY` makes it,
     known to the running server before this returns."""
-    from repository_server import admin
+    from repository_server.cli import admin
 
     assert repo.store is not None and repo.credentials is not None
     await admin.users_add(repo.store, name, role=role, api_key=key, with_key=key is not None)
@@ -206,7 +206,7 @@ async def server(tmp_path: Path, pki: dict[str, Any], fresh_db: str) -> AsyncIte
 
 def lodge_pki(running: Running) -> None:
     """Lodge the whole test PKI through the real lodging API (as the demo does)."""
-    from repository_server.cli import lodge_manifest
+    from repository_server.cli.main import lodge_manifest
 
     client = running.client()
     try:

@@ -30,10 +30,9 @@ from ldap3.protocol.convert import build_controls_list
 from ldap3.protocol.rfc4511 import LDAPMessage, MessageID, ProtocolOp
 from pyasn1.codec.ber import encoder as ber_encoder
 
-from repository_server.ldap import codec
-from repository_server.ldap.server import WHOAMI_OID
-
-from .conftest import TEST_KEY, run_process
+from repository_server.listeners.ldap import codec
+from repository_server.listeners.ldap.server import WHOAMI_OID
+from tests.conftest import TEST_KEY, run_process
 
 SLAPD = Path("/usr/sbin/slapd")
 SLAPADD = Path("/usr/sbin/slapadd")

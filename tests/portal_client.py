@@ -10,10 +10,9 @@ from typing import Any
 
 import aiohttp
 
-from repository_server import admin
+from repository_server.cli import admin
 from repository_server.server import Repository
-
-from .conftest import Running
+from tests.conftest import Running
 
 _CSRF = re.compile(r'name="csrf" value="([^"]*)"')
 _PASSWORD = re.compile(r"password[^:]*: (\S+)$", re.MULTILINE)

@@ -24,8 +24,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from repository_server.config import ConfigError
-
-from .conftest import REALDATA, ROOT, TEST_KEY, Running, http_get, make_config, running_repository
+from tests.conftest import REALDATA, ROOT, TEST_KEY, Running, http_get, make_config, running_repository
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 # ../shared/realdata, or the project's shared folder when this checkout is a worktree
@@ -254,8 +253,8 @@ async def test_curl_and_cpm_counting(capped: Running) -> None:
 @pytest.mark.skipif(not REAL.is_dir(), reason="shared/realdata not available")
 async def test_real_certificates(server: Running) -> None:
     """Real GB SMKI certificates (the ZAZ1 set DCC Boxed ships): each found by every key."""
-    from repository_server.lodge.bulk import import_directory
-    from repository_server.lodge.service import Actor, LodgingService
+    from repository_server.lodging.bulk import import_directory
+    from repository_server.lodging.service import Actor, LodgingService
     from repository_server.pki.profile import load_pem_or_der_certificates
 
     folder = REAL / "dccboxed-keystore" / "keystore.json-extracted"

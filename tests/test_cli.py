@@ -10,8 +10,7 @@ import pytest
 
 from repository_server.config import ConfigError, load
 from repository_server.pki.testpki import load_manifest
-
-from .conftest import cli_env, smki_cli
+from tests.conftest import cli_env, smki_cli
 
 
 def run(*args: str, env: dict[str, str] | None = None,
@@ -79,8 +78,7 @@ def test_example_config_documents_every_setting_with_its_default() -> None:
     import dataclasses
 
     from repository_server.config import Config
-
-    from .conftest import ROOT
+    from tests.conftest import ROOT
 
     text = (ROOT / "conf" / "repository.toml").read_text()
     assert load(ROOT / "conf" / "repository.toml", environ={}) == load(None, environ={})
@@ -101,7 +99,7 @@ async def test_import_beside_a_running_server_is_served_at_once(loaded: Any, tmp
     import asyncio
     import urllib.request
 
-    from .pkitools import crl, load_cert, load_key
+    from tests.pkitools import crl, load_cert, load_key
 
     issuer_obj = next(o for o in loaded.pki["objects"] if o.get("name") == "issuing-oca")
     url = f"{loaded.http}/crls/{issuer_obj['subject_key_id']}.crl"
@@ -151,7 +149,7 @@ async def test_lodge_command_against_the_server(loaded: Any, tmp_path: Path) -> 
     entries = await loaded.repo.store.audit_entries()
     doc_entry = [e for e in entries if e["action"] == "lodge.document"][-1]
     assert doc_entry["on_behalf_of"] == "officer 9"
-    from .conftest import http_get
+    from tests.conftest import http_get
 
     status, headers, body = await asyncio.to_thread(
         http_get, f"{loaded.http}/documents/SMKI-Compliance-Policy")
@@ -164,7 +162,7 @@ async def test_lodge_command_against_the_server(loaded: Any, tmp_path: Path) -> 
     assert ("document notice version 1 stored as application/octet-stream (sent as text/html:"
             " not an allowed document type" in res.stdout), res.stdout
     # a root without --trust-anchor is refused: exit status 1 and the reason
-    from .pkitools import pem, self_signed_ca
+    from tests.pkitools import pem, self_signed_ca
 
     root, _ = self_signed_ca("Lodged By Mistake")
     bad = tmp_path / "root.pem"
@@ -179,7 +177,7 @@ async def test_batch_over_the_limit_is_refused(tmp_path: Path, pki: dict[str, An
                                                fresh_db: str) -> None:
     import asyncio
 
-    from .conftest import Running, start_repository
+    from tests.conftest import Running, start_repository
 
     repo = await start_repository(tmp_path, pki, fresh_db, lodge={"max_batch": 5})
     try:
@@ -198,7 +196,7 @@ def test_progress_lines_when_not_a_terminal() -> None:
     with the rate and the time left, plus the first and the last."""
     import io
 
-    from repository_server.lodge.client import Progress
+    from repository_server.cli.lodge_client import Progress
 
     now = [0.0]
     out = io.StringIO()

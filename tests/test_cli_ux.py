@@ -24,8 +24,7 @@ from typing import Any
 import pytest
 
 from repository_server import __version__
-
-from .conftest import ROOT, cli_env, http_get, smki_cli
+from tests.conftest import ROOT, cli_env, http_get, smki_cli
 
 JSON_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z$")
 
@@ -77,7 +76,7 @@ def _walk(ap: argparse.ArgumentParser, path: list[str]) -> list[tuple[list[str],
 
 
 def test_every_option_is_described_with_its_default_and_every_command_has_an_example() -> None:
-    from repository_server.cli import parser
+    from repository_server.cli.main import parser
 
     missing = []
     leaves = 0
@@ -166,7 +165,7 @@ async def test_exit_statuses_of_every_command(loaded: Any, tmp_path: Path) -> No
     base = ["lodge", "--cert", cert, "--key", key, "--ca", loaded.tls_ca]
     org = str(pki_dir / loaded.objects("organisation")[0]["path"])
     one_line_error(await each(*base, "--url", "https://127.0.0.1:1", org), 2, "127.0.0.1:1")
-    from .pkitools import pem, self_signed_ca
+    from tests.pkitools import pem, self_signed_ca
 
     root, _ = self_signed_ca("Lodged Without Trust Anchor")
     bad = tmp_path / "root.pem"
@@ -252,7 +251,7 @@ async def test_users_list_json_has_a_key_prefix_and_plain_times(loaded: Any) -> 
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_times_in_http_json_listings_are_utc_with_z(loaded: Any) -> None:
-    from .conftest import TEST_KEY
+    from tests.conftest import TEST_KEY
 
     status, _, body = await asyncio.to_thread(http_get, f"{loaded.http}/crls")
     assert status == 200
@@ -373,7 +372,7 @@ class _Terminal(io.StringIO):
 
 
 def test_progress_on_a_terminal_is_one_bounded_line() -> None:
-    from repository_server.lodge.client import Progress
+    from repository_server.cli.lodge_client import Progress
 
     now = [0.0]
     out = _Terminal()
@@ -418,7 +417,7 @@ async def test_json_logs_have_the_same_fields_on_every_listener(
         tmp_path: Path, pki: dict[str, Any], fresh_db: str) -> None:
     from ldap3 import Connection, Server
 
-    from .test_process import free_port
+    from tests.test_process import free_port
 
     pki_dir: Path = pki["dir"]
     dcc = pki["dcc_client"]
@@ -431,7 +430,7 @@ async def test_json_logs_have_the_same_fields_on_every_listener(
                              str(tmp_path / "var")], env=cli_env(), stderr=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, text=True)
     try:
-        from .test_process import wait_http
+        from tests.test_process import wait_http
 
         await asyncio.to_thread(wait_http, f"http://127.0.0.1:{ports['http']}/readyz")
         await asyncio.to_thread(http_get, f"http://127.0.0.1:{ports['http']}/crls")

@@ -40,13 +40,12 @@ from typing import Any
 import pytest
 import yaml
 
-from repository_server.lodge.client import LodgeClient
+from repository_server.cli.lodge_client import LodgeClient
 from repository_server.pki.testpki import load_manifest
 from repository_server.store.embedded import EmbeddedPostgres, _bin
-
-from .conftest import ROOT, Running, cli_env, http_get
-from .test_ldap import _devices
-from .test_process import free_port
+from tests.conftest import ROOT, Running, cli_env, http_get
+from tests.test_ldap import _devices
+from tests.test_process import free_port
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -28,8 +28,7 @@ import pytest
 from repository_server.config import ServiceLevelSettings
 from repository_server.service_levels import ServiceLevels, cpm_report, format_cpm_report
 from repository_server.store.db import Store
-
-from .conftest import Running, add_user, cli_env, smki_cli
+from tests.conftest import Running, add_user, cli_env, smki_cli
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -218,7 +217,7 @@ async def test_refused_requests_leave_the_percentage_alone(loaded: Running) -> N
         statuses = await asyncio.gather(*[get(f"/certificates/{serial}", f"wrong-key-{i}")
                                           for i in range(300)])
         assert set(statuses) == {403}
-        from .test_webservice import SEARCH, search_body
+        from tests.test_webservice import SEARCH, search_body
 
         async def ws(body: str, key: str) -> int:
             async with http.post(f"{loaded.http}{SEARCH}?apikey={key}", data=body.encode(),

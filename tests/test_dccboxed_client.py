@@ -35,11 +35,10 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from repository_server.lodge.bulk import import_directory
-from repository_server.lodge.service import Actor
+from repository_server.lodging.bulk import import_directory
+from repository_server.lodging.service import Actor
 from repository_server.pki.profile import load_pem_or_der_certificates
-
-from .conftest import REALDATA, ROOT, Running, add_user
+from tests.conftest import REALDATA, ROOT, Running, add_user
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -398,7 +397,7 @@ def check(lines: list[dict[str, Any]], plan: Plan, scheme: str) -> list[str]:
 @pytest_asyncio.fixture(loop_scope="session")
 async def boxed(loaded: Running) -> Running:
     """The lodged test PKI plus every realdata certificate, and the client's API key."""
-    from repository_server.lodge.service import LodgingService
+    from repository_server.lodging.service import LodgingService
 
     assert loaded.repo.store is not None
     await add_user(loaded.repo, "dcc-boxed", BOXED_API_KEY)

@@ -15,11 +15,10 @@ from typing import Any
 
 import pytest
 
-from repository_server.lodge.bulk import import_directory
-from repository_server.lodge.service import Actor
+from repository_server.lodging.bulk import import_directory
+from repository_server.lodging.service import Actor
 from repository_server.pki.profile import load_pem_or_der_certificates, parse_certificate
-
-from .conftest import REALDATA, TEST_KEY, Running, http_get
+from tests.conftest import REALDATA, TEST_KEY, Running, http_get
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
@@ -201,7 +200,7 @@ def _realdata_files() -> list[Path]:
 @pytest.mark.skipif(not REALDATA.is_dir(), reason="shared/realdata not available")
 async def test_every_realdata_certificate_imports_and_downloads_byte_identical(
         server: Running) -> None:
-    from repository_server.lodge.service import LodgingService
+    from repository_server.lodging.service import LodgingService
 
     assert server.repo.store is not None
     service = LodgingService(server.repo.store, after_commit=server.repo.catalog.synced)
@@ -263,7 +262,7 @@ async def test_serial_shared_by_two_issuers(server: Running) -> None:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    from .pkitools import aki_for, pem, self_signed_ca
+    from tests.pkitools import aki_for, pem, self_signed_ca
 
     serial = 0x1234567890ABCDEF1234567890ABCDEF
     now = dt.datetime.now(dt.UTC)
@@ -304,8 +303,8 @@ async def test_import_of_bundles_holds_back_little(server: Running, tmp_path: Pa
     """`issuing-dca.der` sorts before its own issuer `root-dca.der`, so the first chunks
     cannot verify; the devices held back go round again as soon as the CA is stored, not at
     the end with every bundle in memory (10,000,000 devices: 6 GB before this was fixed)."""
-    import repository_server.lodge.bulk as bulk
-    from repository_server.lodge.service import LodgingService
+    import repository_server.lodging.bulk as bulk
+    from repository_server.lodging.service import LodgingService
     from repository_server.pki.testpki import TestPkiParams, generate
 
     monkeypatch.setattr(bulk, "CHUNK", 100)

@@ -30,9 +30,8 @@ from repository_server.extracts import format as fmt
 from repository_server.extracts.scheduler import ExtractScheduler, latest_ticks
 from repository_server.extracts.writer import ExtractWriter
 from repository_server.pki.ids import serial_to_hex
-
-from .conftest import TEST_KEY, Running, add_user, cli_env, http_get, run_process, smki_cli
-from .pkitools import crl, load_cert, pem
+from tests.conftest import TEST_KEY, Running, add_user, cli_env, http_get, run_process, smki_cli
+from tests.pkitools import crl, load_cert, pem
 
 
 # -- the independent reader (what the README tells a relying party to do) ------------------
@@ -407,7 +406,7 @@ async def sftp_batch(running: Running, key: Path, user: str, commands: str,
 
 @needs_sftp
 async def test_sftp_with_openssh_client(server: Running, tmp_path: Path) -> None:
-    from repository_server import admin
+    from repository_server.cli import admin
 
     repo = server.repo
     assert repo.store is not None
@@ -450,7 +449,7 @@ async def test_sftp_with_openssh_client(server: Running, tmp_path: Path) -> None
 async def test_sftp_passwords_and_no_shell(server: Running) -> None:
     import asyncssh
 
-    from repository_server.auth import hash_password
+    from repository_server.accounts.keys import hash_password
 
     repo = server.repo
     assert repo.store is not None
@@ -490,7 +489,7 @@ async def test_sftp_passwords_and_no_shell(server: Running) -> None:
 async def test_portal_lists_extracts_with_downloads(server: Running) -> None:
     import re
 
-    from .portal_client import PortalClient
+    from tests.portal_client import PortalClient
 
     async with PortalClient(server.http) as c:
         await c.ready(server, "ext-viewer", "a long enough password 1")

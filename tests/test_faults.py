@@ -22,15 +22,14 @@ from urllib.parse import urlsplit
 import pytest
 
 from repository_server.store.embedded import EmbeddedPostgres
-
-from .conftest import (
+from tests.conftest import (
     TEST_KEY,
     Running,
     create_database,
     http_get,
     running_repository,
 )
-from .ldaptools import ldapsearch
+from tests.ldaptools import ldapsearch
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -91,7 +90,7 @@ class Lodger(threading.Thread):
         self.statuses: list[int] = []
 
     def run(self) -> None:
-        from repository_server.lodge.client import LodgeClient
+        from repository_server.cli.lodge_client import LodgeClient
 
         cert, key = self.running.client_cert
         client = LodgeClient(self.running.lodge_url, cert, key, self.running.tls_ca, timeout=20)
@@ -569,7 +568,7 @@ CREATE TRIGGER t_disk_full BEFORE INSERT ON certificates FOR EACH ROW EXECUTE FU
 async def test_batch_refused_half_way_by_a_full_disk_stores_nothing(server: Running) -> None:
     """PostgreSQL refusing a write half-way through a batch (as on a full disk): 503, not
     acknowledged, and none of the batch is visible; lodged again once there is room: all."""
-    from repository_server.lodge.client import lodge_files
+    from repository_server.cli.lodge_client import lodge_files
 
     store = server.repo.store
     assert store is not None

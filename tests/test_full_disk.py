@@ -19,8 +19,7 @@ import pytest
 
 from repository_server.extracts import format as fmt
 from repository_server.pki.testpki import TestPkiParams, device_objects, generate, load_manifest
-
-from .conftest import (
+from tests.conftest import (
     TEST_KEY,
     Running,
     cli_env,
@@ -29,8 +28,8 @@ from .conftest import (
     running_repository,
     smki_cli,
 )
-from .test_extracts import read_extract
-from .test_faults import eventually
+from tests.test_extracts import read_extract
+from tests.test_faults import eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -143,7 +142,7 @@ def big_pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def _lodge_small(running: Running) -> int:
     """The CAs, CRLs/ARLs and documents (every refusal counted)."""
-    from repository_server.cli import lodge_manifest
+    from repository_server.cli.main import lodge_manifest
 
     small = {**running.pki, "devices": {**running.pki["devices"], "bundles": []}}
     client = running.client()
@@ -155,7 +154,7 @@ def _lodge_small(running: Running) -> int:
 
 
 def _lodge_bundle(running: Running, bundle: bytes) -> Any:
-    from repository_server.lodge.client import LodgeClient
+    from repository_server.cli.lodge_client import LodgeClient
 
     cert, key = running.client_cert
     client = LodgeClient(running.lodge_url, cert, key, running.tls_ca, timeout=90)  # no hang

@@ -12,7 +12,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .conftest import Running
+from tests.conftest import Running
 
 
 def _mutations(seed_bodies: list[bytes], rng: random.Random, count: int) -> list[bytes]:
@@ -100,7 +100,7 @@ _WS_SEEDS = [
 
 
 def _ws_parse(body: bytes) -> None:
-    from repository_server.web.ws_xml import WsError, parse_retrieve, parse_search
+    from repository_server.listeners.http.ws_xml import WsError, parse_retrieve, parse_search
 
     for parse in (parse_search, parse_retrieve):
         try:
@@ -129,7 +129,7 @@ def test_ws_fast_path_agrees_with_the_xml_parser(eui: bytes, sep: str, upper: bo
     what defusedxml's parse would."""
     import defusedxml.ElementTree as SafeET
 
-    from repository_server.web import ws_xml
+    from repository_server.listeners.http import ws_xml
 
     text = sep.join(f"{b:02x}" for b in eui)
     text = text.upper() if upper else text

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from .conftest import Running, cli_env, smki_cli
+from tests.conftest import Running, cli_env, smki_cli
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -22,11 +22,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from ldap3.core.exceptions import LDAPException
 
-from repository_server.ldap import codec
+from repository_server.listeners.ldap import codec
 from repository_server.pki.testpki import _device_builder
-
-from .conftest import TEST_KEY, Running, add_user, start_repository
-from .pkitools import client_cert, load_cert, load_key, write_pair
+from tests.conftest import TEST_KEY, Running, add_user, start_repository
+from tests.pkitools import client_cert, load_cert, load_key, write_pair
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -435,7 +434,7 @@ async def test_protocol_errors_limits_and_slow_readers(tmp_path: Path, pki: dict
         "idle_timeout_seconds": 2, "max_request_kb": 4})
     try:
         running = Running(repo, pki)
-        from .conftest import lodge_pki
+        from tests.conftest import lodge_pki
 
         await asyncio.to_thread(lodge_pki, running)
         port = repo.bound["ldap"].port
@@ -497,7 +496,7 @@ async def test_protocol_errors_limits_and_slow_readers(tmp_path: Path, pki: dict
 
 def _subtree_search() -> bytes:
     """The protocolOp of a subtree search for everything under o=SMKI, every attribute."""
-    from repository_server.ldap.codec import _enc_int, _enc_str, _tlv_bytes
+    from repository_server.listeners.ldap.codec import _enc_int, _enc_str, _tlv_bytes
 
     body = (_enc_str(0x04, "o=SMKI") + _enc_int(2, 0x0A) + _enc_int(0, 0x0A) + _enc_int(0)
             + _enc_int(0) + b"\x01\x01\x00" + _enc_str(0x87, "objectClass") + _tlv_bytes(0x30, b""))
@@ -536,7 +535,7 @@ def _bad_requests(loaded: Running) -> None:
 async def test_password_binds_follow_the_sec_lockout(loaded: Running) -> None:
     """A portal password works as an LDAP bind; 5 wrong ones lock the account for LDAP and the
     portal alike (one set of counters in PostgreSQL)."""
-    from repository_server.auth import hash_password
+    from repository_server.accounts.keys import hash_password
 
     store = loaded.repo.store
     assert store is not None
@@ -570,7 +569,7 @@ def _exchange(port: int, data: bytes, until_done: set[int], timeout: float = 10,
     from ldap3.protocol.rfc4511 import LDAPMessage
     from pyasn1.codec.ber import decoder as ber_decoder
 
-    from .ldaptools import split_frames
+    from tests.ldaptools import split_frames
 
     s = socket.socket()
     if pause:
@@ -603,8 +602,8 @@ def _exchange(port: int, data: bytes, until_done: set[int], timeout: float = 10,
 
 async def test_busy_abandon_and_another_suffix(tmp_path: Path, pki: dict[str, Any],
                                                fresh_db: str) -> None:
-    from .conftest import lodge_pki
-    from .ldaptools import search
+    from tests.conftest import lodge_pki
+    from tests.ldaptools import search
 
     repo = await start_repository(tmp_path, pki, fresh_db, ldap={
         "open_reads": True, "max_outstanding": 1, "suffix": "dc=smki,dc=example"},
@@ -693,8 +692,8 @@ async def test_a_search_slower_than_its_time_limit(tmp_path: Path, pki: dict[str
     now: the entries come from the memory-mapped replica.)"""
     from ldap3.operation.search import search_operation
 
-    from .conftest import lodge_pki
-    from .ldaptools import pdu
+    from tests.conftest import lodge_pki
+    from tests.ldaptools import pdu
 
     repo = await start_repository(tmp_path, pki, fresh_db, ldap={"size_limit": 0})
     try:
@@ -725,7 +724,7 @@ async def test_a_search_slower_than_its_time_limit(tmp_path: Path, pki: dict[str
 async def test_expiry_of_cached_answers(loaded: Running) -> None:
     """A cached answer that holds a certificate is not served past that certificate's
     notAfter."""
-    from .test_webservice import _org_cert
+    from tests.test_webservice import _org_cert
 
     store = loaded.repo.store
     assert store is not None

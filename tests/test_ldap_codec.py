@@ -22,9 +22,8 @@ from ldap3.operation.unbind import unbind_operation
 from ldap3.protocol.rfc4511 import LDAPMessage
 from pyasn1.codec.ber import decoder as ber_decoder
 
-from repository_server.ldap import codec as c
-
-from .ldaptools import pdu, sample_requests
+from repository_server.listeners.ldap import codec as c
+from tests.ldaptools import pdu, sample_requests
 
 BENCH_FILTER = Path(__file__).resolve().parents[2] / "shared" / "bench" / "ldapfilter.py"
 

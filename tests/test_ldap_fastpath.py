@@ -17,8 +17,8 @@ import pytest
 from ldap3.operation.bind import bind_operation
 from ldap3.operation.search import search_operation
 
-from .conftest import TEST_KEY, Running, add_user, lodge_pki, start_repository
-from .ldaptools import pdu, split_frames
+from tests.conftest import TEST_KEY, Running, add_user, lodge_pki, start_repository
+from tests.ldaptools import pdu, split_frames
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -39,11 +39,10 @@ from hypothesis import strategies as st
 from ldap3.protocol.rfc4511 import LDAPMessage
 from pyasn1.codec.ber import decoder as ber_decoder
 
-from repository_server.ldap import codec
+from repository_server.listeners.ldap import codec
 from repository_server.store.embedded import EmbeddedPostgres
-
-from .conftest import TEST_KEY, Running, create_database, running_repository
-from .ldaptools import SUFFIX, sample_requests, search, split_frames
+from tests.conftest import TEST_KEY, Running, create_database, running_repository
+from tests.ldaptools import SUFFIX, sample_requests, search, split_frames
 
 EXAMPLES = int(os.environ.get("SMKI_FUZZ_EXAMPLES", "200"))
 BOUND = 5.0  # seconds a connection may take to end after the client half-closes

@@ -30,8 +30,7 @@ import pytest_asyncio
 from cryptography import x509
 
 from repository_server.store.embedded import EmbeddedPostgres
-
-from .conftest import (
+from tests.conftest import (
     Running,
     cli_env,
     create_database,
@@ -40,7 +39,7 @@ from .conftest import (
     smki_cli,
     start_repository,
 )
-from .ldaptools import (
+from tests.ldaptools import (
     LDAPSEARCH,
     SLAPADD,
     SLAPD,
@@ -742,7 +741,7 @@ async def test_unknown_scope_gets_a_result(pair: Pair) -> None:
     protocolError, as slapd does, and the connection goes on (issue 16, class 9)."""
     import socket
 
-    from .ldaptools import search, split_frames
+    from tests.ldaptools import search, split_frames
 
     def exchange(url: str) -> list[bytes]:
         host, port = url.removeprefix("ldap://").split(":")

@@ -17,8 +17,7 @@ from typing import Any
 import pytest
 
 from loadtest import shapes, verdict
-
-from .conftest import (
+from tests.conftest import (
     ROOT,
     TEST_KEY,
     Running,
@@ -400,7 +399,7 @@ async def test_sample_endpoint(tmp_path: Path, pki: dict[str, Any], fresh_db: st
     are 400s naming the parameter."""
     import json
 
-    from .conftest import http_get
+    from tests.conftest import http_get
 
     running = await _started(tmp_path, pki, fresh_db)
     base = f"{running.http}/ops/loadtest/sample"
@@ -493,7 +492,7 @@ def _change_portal_password(base: str, user: str, old: str, new: str) -> None:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     """`smki-repository demo` with its LDAP listener, its portal user's password changed."""
-    from .test_process import ports_env, start_demo
+    from tests.test_process import ports_env, start_demo
 
     data = tmp_path_factory.mktemp("demo") / "var"
     env, ports = ports_env()

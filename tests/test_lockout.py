@@ -18,11 +18,10 @@ from typing import Any
 
 import pytest
 
-from repository_server.auth import hash_password
+from repository_server.accounts.keys import hash_password
 from repository_server.server import Repository
-
-from .conftest import Running, add_user, start_repository
-from .portal_client import PortalClient
+from tests.conftest import Running, add_user, start_repository
+from tests.portal_client import PortalClient
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -17,9 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from repository_server.pki.profile import load_pem_or_der_certificates, parse_certificate
-
-from .conftest import REALDATA, Running, client_ssl, http_get, lodge_pki
-from .pkitools import client_cert, crl, load_cert, load_key, pem, self_signed_ca, tamper, write_pair
+from tests.conftest import REALDATA, Running, client_ssl, http_get, lodge_pki
+from tests.pkitools import client_cert, crl, load_cert, load_key, pem, self_signed_ca, tamper, write_pair
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -312,7 +311,7 @@ async def test_lodged_certificate_columns(loaded: Running) -> None:
 async def test_identity_by_eui64_and_role(pki: dict[str, Any]) -> None:
     """The DCC identity can also be an EUI-64 and a role (an organisation certificate)."""
     from repository_server.config import load
-    from repository_server.lodge.app import Identity
+    from repository_server.listeners.lodge.app import Identity
 
     orgs = [o for o in pki["objects"] if o["kind"] == "organisation"]
     me, other = orgs[0], next(o for o in orgs if o["eui64"] != orgs[0]["eui64"])

@@ -12,8 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from repository_server import config as config_mod
-
-from .conftest import Running, http_get
+from tests.conftest import Running, http_get
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")

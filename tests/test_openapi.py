@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import Running, add_user, http_get, run_process
+from tests.conftest import Running, add_user, http_get, run_process
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -96,7 +96,7 @@ def with_examples(spec: dict[str, Any], values: dict[str, list[str]],
 
 async def test_schemathesis_finds_nothing(loaded: Running, tmp_path: Path,
                                           caplog: pytest.LogCaptureFixture) -> None:
-    from .test_extracts import produce
+    from tests.test_extracts import produce
 
     await add_user(loaded.repo, "fuzzer", OPERATOR_KEY, role="operator")
     extract = await produce(loaded, "full")

@@ -24,11 +24,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from repository_server import admin
+from repository_server.cli import admin
 from repository_server.config import ConfigError
-
-from .conftest import TEST_KEY, Running, cli_env, http_get, run_process, smki_cli
-from .test_process import free_port
+from tests.conftest import TEST_KEY, Running, cli_env, http_get, run_process, smki_cli
+from tests.test_process import free_port
 
 
 def _env(**settings: str) -> dict[str, str]:
@@ -135,8 +134,8 @@ _SOURCE_KEY = b"smki-portal-csrf-v1"  # the constant key the source used to hold
 
 async def test_csrf_key_is_per_deployment_and_shared_by_its_nodes(
         tmp_path: Path, pki: dict[str, Any], fresh_db: str, embedded: Any) -> None:
-    from .conftest import create_database, start_repository
-    from .portal_client import PortalClient
+    from tests.conftest import create_database, start_repository
+    from tests.portal_client import PortalClient
 
     a = await start_repository(tmp_path / "a", pki, fresh_db)
     b = await start_repository(tmp_path / "b", pki, fresh_db)  # a second node, same store
@@ -315,7 +314,7 @@ def test_signals_reload_and_stop_cleanly(tmp_path: Path, pki: dict[str, Any]) ->
     certificate is refused and nothing changes; SIGTERM, SIGINT and SIGQUIT each stop it
     cleanly: pid file gone, PostgreSQL stopped, the CPM 8 counts of the last requests in the
     store (the flush interval is an hour: only the shutdown flush can have written them)."""
-    from .pkitools import key_pem, pem, self_signed_ca
+    from tests.pkitools import key_pem, pem, self_signed_ca
 
     conf, data, ports = _signal_setup(tmp_path, pki)
     pki_dir: Path = pki["dir"]
@@ -396,7 +395,7 @@ def test_workers_pass_signals_on(tmp_path: Path, pki: dict[str, Any]) -> None:
     """`serve --workers 2`: each worker's /metrics on its own port (metrics port + worker);
     SIGHUP to the supervisor reaches every worker (every new connection gets the new
     certificate); SIGQUIT to it stops all of them cleanly, each flushing its CPM 8 counts."""
-    from .pkitools import key_pem, pem, self_signed_ca
+    from tests.pkitools import key_pem, pem, self_signed_ca
 
     conf, data, ports = _signal_setup(tmp_path, pki)
     metrics = _consecutive_free_ports()
@@ -433,8 +432,8 @@ async def test_reload_takes_a_new_dcc_client_ca(tmp_path: Path, pki: dict[str, A
                                                 fresh_db: str) -> None:
     """What SIGHUP does for lodging (`Repository.reload`): a new lodge.client_ca file is
     used for new connections; one that cannot be used changes nothing."""
-    from .conftest import client_ssl, start_repository
-    from .pkitools import pem, self_signed_ca
+    from tests.conftest import client_ssl, start_repository
+    from tests.pkitools import pem, self_signed_ca
 
     ca_file = tmp_path / "client-ca.pem"
     ca_file.write_bytes((pki["dir"] / pki["dcc_client"]["ca"]).read_bytes())
@@ -493,7 +492,7 @@ def test_a_stop_signal_during_start_up_stops_cleanly(tmp_path: Path, pki: dict[s
 
 async def test_a_key_that_is_not_the_certificates_is_one_line(tmp_path: Path, pki: dict[str, Any],
                                                               fresh_db: str) -> None:
-    from .pkitools import key_pem, self_signed_ca
+    from tests.pkitools import key_pem, self_signed_ca
 
     wrong = tmp_path / "wrong.key.pem"
     wrong.write_bytes(key_pem(self_signed_ca("x")[1]))

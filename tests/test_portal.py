@@ -15,14 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from repository_server.auth import check_password
+from repository_server.accounts.keys import check_password
+from repository_server.listeners.http.portal.app import Portal
 from repository_server.pki.profile import load_pem_or_der_certificates
 from repository_server.pki.testpki import DEVICE_POLICY_OID
-from repository_server.portal.app import Portal
 from repository_server.server import Repository
-
-from .conftest import REALDATA, ROOT, Running, start_repository
-from .portal_client import PortalClient, new_user, reset_user
+from tests.conftest import REALDATA, ROOT, Running, start_repository
+from tests.portal_client import PortalClient, new_user, reset_user
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -215,7 +214,7 @@ async def test_same_answer_for_unknown_user_wrong_password_disabled_and_locked(
     assert repo.store is not None
     await new_user(repo, "erin")
     await new_user(repo, "frank")
-    from repository_server import admin
+    from repository_server.cli import admin
 
     await admin.users_disable(repo.store, "frank")
     async with PortalClient(loaded.http) as c:
@@ -290,7 +289,7 @@ async def test_failures_older_than_the_window_do_not_lock(loaded: Running) -> No
 async def test_operator_reset_and_disable_end_sessions_and_force_a_change(loaded: Running) -> None:
     repo = loaded.repo
     assert repo.store is not None
-    from repository_server import admin
+    from repository_server.cli import admin
 
     async with PortalClient(loaded.http) as c:
         await c.ready(loaded, "ivan", GOOD)
@@ -477,8 +476,8 @@ async def test_realdata_certificate_pages(server: Running) -> None:
     """Real DCC test certificates (duis-templates: the ZAZ1 issuing CA Z1 and certificates
     it issued; its root ZA is not public): their pages show the real quirks as findings and
     a chain that stops at Z1."""
-    from repository_server.lodge.bulk import import_directory
-    from repository_server.lodge.service import Actor, LodgingService
+    from repository_server.lodging.bulk import import_directory
+    from repository_server.lodging.service import Actor, LodgingService
 
     assert server.repo.store is not None
     service = LodgingService(server.repo.store, after_commit=server.repo.catalog.synced)
@@ -511,7 +510,7 @@ async def test_templates_and_stylesheet_are_in_the_wheel(tmp_path: Path) -> None
     assert res.returncode == 0, res.stderr
     (wheel,) = tmp_path.glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    templates = {p.name for p in (ROOT / "repository_server/portal/templates").glob("*.html")}
-    assert {f"repository_server/portal/templates/{t}" for t in templates} <= names
-    assert "repository_server/portal/static/portal.css" in names
+    templates = {p.name for p in (ROOT / "repository_server/listeners/http/portal/templates").glob("*.html")}
+    assert {f"repository_server/listeners/http/portal/templates/{t}" for t in templates} <= names
+    assert "repository_server/listeners/http/portal/static/portal.css" in names
     assert "repository_server/store/migrations/0003_portal.sql" in names

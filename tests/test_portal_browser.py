@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from .conftest import ROOT, Running
-from .portal_client import new_user
-from .test_portal import GOOD, move_clock
+from tests.conftest import ROOT, Running
+from tests.portal_client import new_user
+from tests.test_portal import GOOD, move_clock
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

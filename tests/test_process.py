@@ -20,10 +20,9 @@ from typing import Any
 
 import pytest
 
-from repository_server.lodge.client import LodgeClient
+from repository_server.cli.lodge_client import LodgeClient
 from repository_server.pki.testpki import TestPkiParams, generate, load_manifest
-
-from .conftest import cli_env, smki_cli
+from tests.conftest import cli_env, smki_cli
 
 pytestmark = pytest.mark.slow
 

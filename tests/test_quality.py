@@ -6,7 +6,7 @@ import shutil
 import subprocess
 import sys
 
-from .conftest import ROOT
+from tests.conftest import ROOT
 
 
 def _tool(name: str) -> list[str]:

@@ -17,10 +17,9 @@ from typing import Any
 
 import pytest
 
-from repository_server.replica.env import Replica
-from repository_server.replica.feed import verify
-
-from .conftest import (
+from repository_server.readmodel.env import Replica
+from repository_server.readmodel.feed import verify
+from tests.conftest import (
     TEST_KEY,
     Running,
     add_user,
@@ -30,7 +29,7 @@ from .conftest import (
     make_config,
     start_repository,
 )
-from .test_ldap import _devices
+from tests.test_ldap import _devices
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -309,8 +308,8 @@ async def test_a_node_fed_from_a_lagging_replica_url_says_how_far_behind(
     replica.max_lag_seconds; when the feed flows again B catches up by itself."""
     from urllib.parse import urlsplit
 
-    from .conftest import create_database
-    from .test_faults import PgProxy
+    from tests.conftest import create_database
+    from tests.test_faults import PgProxy
 
     direct = await create_database(embedded)
     dbname = urlsplit(direct).path.lstrip("/")
@@ -377,7 +376,7 @@ async def test_replica_commands_status_verify_rebuild(
     operator runs them against the node's data directory."""
     import json
 
-    from .conftest import run_process, smki_cli
+    from tests.conftest import run_process, smki_cli
 
     repo = await start_repository(tmp_path, pki, fresh_db)
     try:

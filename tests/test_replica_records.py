@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from repository_server.replica import records as rec
+from repository_server.readmodel import records as rec
 
 _NOW = datetime(2026, 12, 5, 6, 0, 0, 123456, tzinfo=UTC)
 

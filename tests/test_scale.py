@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from .conftest import TEST_KEY, Running, add_user, cli_env, lodge_pki, smki_cli, start_repository
-from .test_ldap import _devices, _exchange
-from .test_process import free_port, wait_http
+from tests.conftest import TEST_KEY, Running, add_user, cli_env, lodge_pki, smki_cli, start_repository
+from tests.test_ldap import _devices, _exchange
+from tests.test_process import free_port, wait_http
 
 
 def _listening_inodes(port: int) -> set[str]:
@@ -149,7 +149,7 @@ async def test_a_lodging_on_one_node_is_served_by_another_within_a_second(
         finally:
             client.close()
         lodged = time.monotonic()
-        from .ldaptools import search
+        from tests.ldaptools import search
 
         port = node_b.bound["ldap"].port
         seen_crl = seen_cert = seen_ldap = None

@@ -15,9 +15,17 @@ import asyncpg
 from repository_server.config import ServiceLevelSettings
 from repository_server.service_levels import ServiceLevels, band_of_hour, demand_report
 from repository_server.store.db import Store, UserRow
-
-from .conftest import TEST_KEY, Running, add_user, cli_env, http_get, lodge_pki, smki_cli, start_repository
-from .test_webservice import RETRIEVE, SEARCH, post, retrieve_body, search_body
+from tests.conftest import (
+    TEST_KEY,
+    Running,
+    add_user,
+    cli_env,
+    http_get,
+    lodge_pki,
+    smki_cli,
+    start_repository,
+)
+from tests.test_webservice import RETRIEVE, SEARCH, post, retrieve_body, search_body
 
 
 async def test_cpm_fast_and_slow_requests_survive_a_restart(tmp_path: Path, pki: dict[str, Any],
@@ -283,7 +291,7 @@ def test_counts_follow_the_period_across_a_band_boundary() -> None:
 
 
 def test_generated_secrets_never_start_like_an_option() -> None:
-    from repository_server.auth import new_api_key, new_password
+    from repository_server.accounts.keys import new_api_key, new_password
 
     for _ in range(2000):
         assert new_api_key()[0].isalnum() and new_password()[0].isalnum()

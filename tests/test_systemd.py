@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from .conftest import ROOT, cli_env, smki_cli
-from .test_process import _write_config, free_port
+from tests.conftest import ROOT, cli_env, smki_cli
+from tests.test_process import _write_config, free_port
 
 UNIT = ROOT / "conf" / "smki-repository.service"
 

@@ -21,7 +21,7 @@ import pytest
 from cryptography import x509
 from prometheus_client import generate_latest
 
-from .conftest import (
+from tests.conftest import (
     Running,
     cli_env,
     client_ssl,
@@ -31,8 +31,8 @@ from .conftest import (
     smki_cli,
     start_repository,
 )
-from .ldaptools import free_port
-from .pkitools import client_cert, load_cert, load_key, self_signed_ca, write_pair
+from tests.ldaptools import free_port
+from tests.pkitools import client_cert, load_cert, load_key, self_signed_ca, write_pair
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

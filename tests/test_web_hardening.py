@@ -16,9 +16,8 @@ from typing import Any
 
 import pytest
 
-from repository_server.lodge.service import Actor
-
-from .conftest import TEST_KEY, Running, http_get, running_repository
+from repository_server.lodging.service import Actor
+from tests.conftest import TEST_KEY, Running, http_get, running_repository
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
@@ -134,7 +133,7 @@ async def test_documents_stored_before_the_check_are_served_safely(server: Runni
 # -- 6. parameters that overflow or do not parse ----------------------------------------------
 async def test_every_parameter_out_of_range_is_a_4xx_with_a_reason(
         loaded: Running, caplog: pytest.LogCaptureFixture) -> None:
-    from .conftest import add_user
+    from tests.conftest import add_user
 
     await add_user(loaded.repo, "ops", "ops-key-7d1e0a9b44", role="operator")
     caplog.set_level(logging.WARNING)
@@ -187,7 +186,7 @@ async def test_malformed_request_is_one_log_line_not_a_traceback(
 
 # -- 6. keyed answers are private ---------------------------------------------------------------
 async def test_keyed_answers_are_private_and_public_ones_public(loaded: Running) -> None:
-    from .test_extracts import produce
+    from tests.test_extracts import produce
 
     org = loaded.objects("organisation")[0]
     serial = org["serial"]
@@ -244,7 +243,7 @@ async def test_wrong_api_key_is_not_called_missing(loaded: Running) -> None:
 
 async def test_portal_downloads_and_crl_pages_take_the_same_care(
         loaded: Running, caplog: pytest.LogCaptureFixture) -> None:
-    from .portal_client import PortalClient
+    from tests.portal_client import PortalClient
 
     caplog.set_level(logging.WARNING)
     client = loaded.client()
@@ -275,7 +274,7 @@ async def test_portal_downloads_and_crl_pages_take_the_same_care(
 async def test_document_types_and_names_without_a_server() -> None:
     """web/doctypes on its own: the allow-list, charsets, and a name the store could not hold
     today (its CHECK constraint) still quoted safely, with an RFC 6266 filename*."""
-    from repository_server.web import doctypes
+    from repository_server import doctypes
 
     assert doctypes.safe_type(" Text/XML ; Charset=\"ISO-8859-1\" ") == "text/xml; charset=iso-8859-1"
     assert doctypes.safe_type("application/xml; charset=utf-8; x=y") == "application/xml; charset=utf-8"

@@ -20,9 +20,8 @@ from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import NameOID
 
 from repository_server.pki.ids import parse_eui64
-
-from .conftest import TEST_KEY, Running, add_user, http_get, start_repository
-from .pkitools import aki_for, pem
+from tests.conftest import TEST_KEY, Running, add_user, http_get, start_repository
+from tests.pkitools import aki_for, pem
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -246,7 +245,7 @@ async def test_api_keys(loaded: Running) -> None:
     status, _, _ = await apost(loaded.http, SEARCH, "garbage", key=None)
     assert status == 403
     # disabling a user (as `users disable` does, through the store and NOTIFY) stops its key
-    from repository_server import admin
+    from repository_server.cli import admin
 
     repo = loaded.repo
     assert repo.store is not None
@@ -318,7 +317,7 @@ async def test_open_reads(tmp_path: Path, pki: dict[str, Any], fresh_db: str) ->
     repo = await start_repository(tmp_path, pki, fresh_db, web={"open_reads": True})
     try:
         running = Running(repo, pki)
-        from .conftest import lodge_pki
+        from tests.conftest import lodge_pki
 
         await asyncio.to_thread(lodge_pki, running)
         dev = running.objects("device")[0]

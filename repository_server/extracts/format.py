@@ -28,8 +28,8 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
-from ..pki.ids import format_eui64, format_key_id
-from ..store.db import CertRow, CrlRow, DocumentRow, ExtractMarkers
+from repository_server.pki.ids import format_eui64, format_key_id
+from repository_server.store.db import CertRow, CrlRow, DocumentRow, ExtractMarkers
 
 FORMAT = "smki-extract"
 VERSION = 1

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from ..config import WEEKDAYS
-from ..config import Extracts as ExtractSettings
-from ..store.db import Store
-from .writer import ExtractWriter, Produced
+from repository_server.config import WEEKDAYS
+from repository_server.config import Extracts as ExtractSettings
+from repository_server.extracts.writer import ExtractWriter, Produced
+from repository_server.store.db import Store
 
 log = logging.getLogger(__name__)
 

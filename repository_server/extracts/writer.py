@@ -25,8 +25,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from ..store.db import CertRow, CrlRow, DocumentRow, ExtractMarkers, Store
-from . import format as fmt
+from repository_server.extracts import format as fmt
+from repository_server.store.db import CertRow, CrlRow, DocumentRow, ExtractMarkers, Store
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,11 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
-from .logs import access_extra
+from repository_server.obs.logs import access_extra
 
 if TYPE_CHECKING:
-    from ..auth import User
-    from ..service_levels import Mark, ServiceLevels
+    from repository_server.accounts.keys import User
+    from repository_server.service_levels import Mark, ServiceLevels
 
 
 

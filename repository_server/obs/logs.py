@@ -16,7 +16,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from ..jsontime import json_time
+from repository_server.jsontime import json_time
 
 ACCESS = "smki_access"  # the LogRecord attribute that carries an access line's fields
 

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from ..config import Config
-    from .db import Store
+    from repository_server.config import Config
+    from repository_server.store.db import Store
 
 
 def database_name(dsn: str) -> str:
@@ -39,8 +39,8 @@ async def opened_store(config: Config, *, max_size: int | None = None,
     Only with `create` (serve, demo, import) is a store made where there is none (logged:
     "created a new store in ..."); otherwise that is NoStore, so a command pointed at a
     wrong or missing data directory says so instead of reporting on an empty store."""
-    from .db import Store
-    from .embedded import EmbeddedPostgres, NoStore
+    from repository_server.store.db import Store
+    from repository_server.store.embedded import EmbeddedPostgres, NoStore
 
     db = config.database
     embedded = None

@@ -23,8 +23,8 @@ from typing import Any
 
 import asyncpg
 
-from ..pki.model import CertInfo, CrlInfo
-from ..replica.records import CrlRecord
+from repository_server.pki.model import CertInfo, CrlInfo
+from repository_server.readmodel.records import CrlRecord
 
 log = logging.getLogger(__name__)
 

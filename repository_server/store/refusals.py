@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from ..obs.refusals import RefusalRow
-from .db import Store
+from repository_server.obs.refusals import RefusalRow
+from repository_server.store.db import Store
 
 
 async def add(store: Store, rows: list[RefusalRow]) -> None:

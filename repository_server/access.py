@@ -1,0 +1,37 @@
+"""Who may read what: the one read-access rule, for every interface (downloads, the web
+service, LDAP, the portal, extracts over HTTPS and SFTP). No I/O.
+
+An object is *public* when anyone may read it: the CA certificates (root, issuing and
+organisation CAs), every CRL and ARL, and the policy documents (`CertRecord.public`). Anything
+else (device and organisation certificates, searches over them, extracts) is *private*: it
+may be read by an authenticated reader (an API key, a bound LDAP user, a signed-in portal
+user, an SFTP user), or by anyone when the interface's `open_reads` setting says so
+(`web.open_reads` for HTTP, `ldap.open_reads` for LDAP).
+
+A reader who may not read a private object is told only that it needs credentials (HTTP 401
+or 403, LDAP insufficientAccessRights); listeners must not reveal more about it than that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ReadAccess:
+    """The read rule of one interface: its `open_reads` setting."""
+
+    open_reads: bool = False
+
+    def may_read(self, *, public: bool, authenticated: bool) -> bool:
+        """Whether a reader (authenticated or not) may read an object (public or not)."""
+        return public or self.open_reads or authenticated
+
+    def may_read_private(self, *, authenticated: bool) -> bool:
+        """Whether a reader may read private objects at all (searches over device and
+        organisation certificates, extracts)."""
+        return self.open_reads or authenticated
+
+    def may_read_all(self, publics: list[bool], *, authenticated: bool) -> bool:
+        """Whether a reader may read every one of several objects (a search's answer)."""
+        return self.may_read_private(authenticated=authenticated) or all(publics)

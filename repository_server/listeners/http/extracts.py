@@ -1,0 +1,80 @@
+"""Extract downloads on the http and https listeners.
+
+  GET /extracts          JSON list of the published extracts, newest first
+  GET /extracts/{name}   the file, with Range (resuming), If-Range and conditional requests
+
+Like organisation and device certificates, they need an API key (or a portal session, for
+the portal's download route) unless `web.open_reads`. Only names of published extracts are
+served: a `.partial-` file, or any other name, is a 404. Answers that need a key are
+`private`: no shared cache may hand them to a client without one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from repository_server.extracts import format as fmt
+from repository_server.jsontime import json_time_or_none
+from repository_server.listeners.http.apikeys import key_refusal
+from repository_server.listeners.http.downloads import Handler, error
+from repository_server.obs.access import NOTE, Note
+from repository_server.store.db import ExtractRow, Store
+
+
+class ExtractFiles:
+    def __init__(self, store: Store, directory: Path, *, open_reads: bool) -> None:
+        self.store = store
+        self.directory = directory
+        self.open_reads = open_reads
+        scope = "public" if open_reads else "private"
+        self._file_cache = f"{scope}, max-age=86400, immutable"
+        self._list_cache = "no-cache" if open_reads else "private, no-cache"
+
+    def routes(self) -> list[tuple[str, str, str, Handler]]:
+        return [("GET", "/extracts", "extract-list", self.listing),
+                ("GET", "/extracts/{name}", "extract", self.download)]
+
+    async def published(self) -> list[ExtractRow]:
+        """Published extracts whose file is here, newest first."""
+        return [r for r in await self.store.extracts() if (self.directory / r.name).is_file()]
+
+    @staticmethod
+    def describe(row: ExtractRow, url: str) -> dict[str, Any]:
+        return {"name": row.name, "kind": row.kind,
+                "published_at": json_time_or_none(row.published_at),
+                "size": row.size, "sha256": row.sha256.hex() if row.sha256 else None,
+                "counts": row.counts, "url": url + row.name}
+
+    def _refused(self, request: web.Request) -> web.Response | None:
+        if self.open_reads:
+            return None
+        note: Note | None = request.get(NOTE)
+        if note is None or note.principal is None:
+            return error(403, key_refusal(request, "extracts"))
+        return None
+
+    async def listing(self, request: web.Request) -> web.StreamResponse:
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        rows = await self.published()
+        return web.json_response([self.describe(r, "/extracts/") for r in rows],
+                                 headers={"Cache-Control": self._list_cache})
+
+    async def download(self, request: web.Request) -> web.StreamResponse:
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        name = request.match_info["name"]
+        path = self.directory / name
+        if not fmt.is_extract_name(name) or not path.is_file():
+            return error(404, f"no published extract named {name!r} (see /extracts)")
+        content_type = "application/gzip" if name.endswith(".gz") else "application/x-tar"
+        # The Content-Type is given so that aiohttp does not read ".gz" as a Content-Encoding
+        # (a client would then unpack the file it asked for).
+        return web.FileResponse(path, headers={
+            "Content-Type": content_type, "Cache-Control": self._file_cache,
+            "Content-Disposition": f'inline; filename="{name}"'})

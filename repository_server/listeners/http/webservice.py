@@ -1,0 +1,188 @@
+"""The DCC-Boxed-compatible SMKI Repository Web Service: certificate search and retrieval.
+
+  POST /services/certificatesearch?apikey=KEY      <CertificateSearchRequest>
+  POST /services/retrievecertificate?apikey=KEY    <CertificateDataRequest>
+
+Status codes are the service's own (Smart DCC's client depends on them): 200 found, 402
+nothing found, 401 invalid request (the ResponseMessage names the problem), 403 missing or
+unknown API key. Every answer carries a fresh AuditReference, also in the access log. The
+certificate status is worked out when answering (`Catalog.status`): R if on the issuer's
+current CRL/ARL, E if expired, else as lodged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from repository_server.accounts.keys import Credentials
+from repository_server.config import Config
+from repository_server.listeners.http import ws_xml
+from repository_server.listeners.http.apikeys import UNKNOWN_KEY, request_key
+from repository_server.listeners.http.downloads import RETRY_AFTER, UNAVAILABLE
+from repository_server.listeners.http.ws_xml import CertificateFields, WsError
+from repository_server.obs.access import NOTE, Note
+from repository_server.pki.ids import format_eui64
+from repository_server.readmodel.catalog import Catalog, CertEntry
+from repository_server.service_levels import ANONYMOUS, ServiceLevels
+from repository_server.store.db import unavailable as store_unavailable
+
+log = logging.getLogger(__name__)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class WebService:
+    def __init__(self, catalog: Catalog, credentials: Credentials, config: Config,
+                 levels: ServiceLevels | None) -> None:
+        self.catalog = catalog
+        self.levels = levels
+        self.credentials = credentials
+        self.open_reads = config.web.open_reads
+        self.max_body = config.web.ws_max_body_bytes
+        self.body_timeout = config.web.body_timeout_seconds
+        self.test_delay = config.web.test_delay_ms / 1000  # for load-test verification only
+        self.refs = ws_xml.AuditReferences()
+        self._headers = {"Content-Type": ws_xml.CONTENT_TYPE, "Cache-Control": "no-store"}
+
+    def routes(self) -> list[tuple[str, str, str, Handler]]:
+        """(method, path, operation, handler)."""
+        return [("*", "/services/certificatesearch", "search", self.search),
+                ("*", "/services/retrievecertificate", "retrieve", self.retrieve)]
+
+    # -- shared request handling ------------------------------------------------------------
+    def _answer(self, note: Note | None, status: int,
+                body: Callable[[str], bytes]) -> web.Response:
+        """The answer, with a fresh audit reference in its body and on the request's note."""
+        ref = self.refs.next()
+        if note is not None:
+            note.audit_ref = ref
+            note.outcome = str(status)
+        return web.Response(body=body(ref), status=status, headers=self._headers)
+
+    def _error(self, note: Note | None, root: str, status: int, message: str) -> web.Response:
+        return self._answer(note, status,
+                            lambda ref: ws_xml.error_response(root, status, message, ref))
+
+    async def _accept(self, request: web.Request,
+                      root: str) -> tuple[Note | None, bytes | web.Response]:
+        """Receive the body and check the key: (note, body) or (note, an error answer)."""
+        note: Note | None = request.get(NOTE)
+        if request.method != "POST":
+            refused = self._error(note, root, 405, "use POST with an XML body")
+            refused.headers["Allow"] = "POST"
+            return note, refused
+        declared = request.content_length
+        if declared is not None and declared > self.max_body:
+            return note, self._error(note, root, 401, f"request body of {declared} bytes"
+                                     f" exceeds the limit of {self.max_body}")
+        content = request.content
+        if content.is_eof():  # the whole body came with the headers (the usual case)
+            body = content.read_nowait(-1)
+        else:
+            try:
+                async with asyncio.timeout(self.body_timeout):
+                    body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                body = b"\0" * (self.max_body + 1)
+            except TimeoutError:  # a slow or stalled sender does not keep a handler for ever
+                answer = self._error(note, root, 408, "request body not received within"
+                                     f" {self.body_timeout:g} seconds")
+                answer.force_close()
+                return note, answer
+        if len(body) > self.max_body:
+            return note, self._error(note, root, 401, "request body exceeds the limit of"
+                                     f" {self.max_body} bytes")
+        key = request_key(request)
+        user = self.credentials.user_for_key(key) if key else None
+        if note is not None:  # the request is in: CPM 8 receipt
+            note.user = user.name if user else ANONYMOUS
+            note.principal = user
+            if self.levels is not None:
+                note.mark = self.levels.receive(note.interface, note.operation, note.user,
+                                                 started=note.started)
+        if self.test_delay > 0:  # after the CPM receipt, so the server counts the delay too
+            await asyncio.sleep(self.test_delay)
+        if user is None and not self.open_reads:
+            reason = (UNKNOWN_KEY if key else
+                      "an API key is required: add ?apikey=KEY to the URL")
+            return note, self._error(note, root, 403, reason)
+        return note, body
+
+    @staticmethod
+    def _fields(entry: CertEntry, status: str) -> CertificateFields:
+        return CertificateFields(entry.serial, entry.eui_text, entry.kind == "device", status,
+                                 entry.role, entry.usage, entry.manufacturing_flag)
+
+    def _unavailable(self, note: Note | None, root: str, exc: Exception) -> web.Response:
+        """The store cannot be reached and the answer is not in memory: 503 in the service's
+        own XML shape (DCC Boxed's client treats anything but 200/401/402 as an error, so
+        it never mistakes this for "not found"), with Retry-After."""
+        if not store_unavailable(exc):
+            raise exc
+        log.warning("store unavailable for %s: %s: %s", root, type(exc).__name__, exc)
+        response = self._error(note, root, 503, UNAVAILABLE)
+        response.headers["Retry-After"] = RETRY_AFTER
+        return response
+
+    # -- handlers -------------------------------------------------------------------------
+    async def search(self, request: web.Request) -> web.StreamResponse:
+        return await self._guarded(request, ws_xml.SEARCH_RESPONSE, self._search)
+
+    async def retrieve(self, request: web.Request) -> web.StreamResponse:
+        return await self._guarded(request, ws_xml.DATA_RESPONSE, self._retrieve)
+
+    async def _guarded(self, request: web.Request, root: str, handler: Callable[
+            [web.Request, str], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        """A handler whose store errors become the service's own 503 (see `_unavailable`)."""
+        try:
+            return await handler(request, root)
+        except Exception as exc:
+            return self._unavailable(request.get(NOTE), root, exc)
+
+    async def _search(self, request: web.Request, root: str) -> web.StreamResponse:
+        note, body = await self._accept(request, root)
+        if isinstance(body, web.Response):
+            return body
+        try:
+            wanted = ws_xml.parse_search(body)
+        except WsError as exc:
+            return self._error(note, root, exc.status, exc.message)
+        entries, statuses = await self.catalog.by_eui_now(wanted.eui64, wanted.device,
+                                                          time.time())
+        if not entries:
+            return self._error(note, root, 402, f"no certificates found for {wanted.field}"
+                               f" {format_eui64(wanted.eui64)}")
+        results = [self._fields(e, s) for e, s in zip(entries, statuses, strict=True)]
+        return self._answer(note, 200, lambda ref: ws_xml.search_response(ref, results))
+
+    async def _retrieve(self, request: web.Request, root: str) -> web.StreamResponse:
+        note, body = await self._accept(request, root)
+        if isinstance(body, web.Response):
+            return body
+        try:
+            serial = ws_xml.parse_retrieve(body)
+        except WsError as exc:
+            return self._error(note, root, exc.status, exc.message)
+        entries, statuses = await self.catalog.certificates_now(serial, time.time())
+        if not entries:
+            return self._error(note, root, 402, f"no certificate with serial {serial}")
+        # The service describes device and organisation certificates (its answer has no
+        # shape for a CA certificate: DCC Boxed's client fails on one); CA certificates are
+        # downloads. Serials are unique in the GB SMKI (16 random octets); should two issuers
+        # ever share one, the first lodged answers, as documented in the README.
+        described = [(e, s) for e, s in zip(entries, statuses, strict=True)
+                     if e.kind in ("device", "organisation")]
+        if not described:
+            return self._error(note, root, 402, f"serial {serial} is a {entries[0].kind}"
+                               " certificate, not a device or organisation certificate: download"
+                               f" it from /certificates/{serial}")
+        entry, status = described[0]
+        fields = self._fields(entry, status)
+        return self._answer(note, 200,
+                            lambda ref: ws_xml.retrieve_response(ref, fields, entry.der))

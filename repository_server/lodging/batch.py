@@ -1,0 +1,215 @@
+"""Parse and verify certificates in bulk, in worker processes (picklable, no I/O).
+
+The parent passes the issuers it knows (every CA in the repository, keyed by subject key
+id); each item comes back parsed with its issuer resolved, or with a reason. Items whose
+issuer is not among them come back `issuer_missing` and the parent resolves them (issuers
+lodged in the same batch, or non-CA issuers found by key id) in a second, in-process round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from repository_server.pki.ids import format_key_id
+from repository_server.pki.model import CertInfo, CertKind
+from repository_server.pki.profile import (
+    ParseError,
+    load_pem_or_der_certificates,
+    parse_certificate,
+    verify_signature,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Issuer:
+    id: int | None  # None: in the same batch, not stored yet
+    subject_dn: bytes
+    subject_key_id: bytes | None
+    public_key_der: bytes
+    is_ca: bool
+    root: bool = False  # self-signed CA: what it revokes on is an ARL
+
+
+IssuerMap = Mapping[bytes, Sequence[Issuer]]  # subject DN -> candidates
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    index: int
+    info: CertInfo | None
+    error: str | None = None  # refusal reason (unparseable, bad signature)
+    issuer: Issuer | None = None
+    issuer_missing: bool = False  # no candidate issuer known
+
+
+def issuer_candidates(issuer_dn: bytes, authority_key_id: bytes | None,
+                      issuers: IssuerMap) -> list[Issuer]:
+    """Certificates whose subject is this issuer name and, when both have one, whose subject
+    key id equals the authority key id (of a certificate or a CRL)."""
+    return [c for c in issuers.get(issuer_dn, ())
+            if authority_key_id is None or c.subject_key_id is None
+            or c.subject_key_id == authority_key_id]
+
+
+def resolve_issuer(info: CertInfo, issuers: IssuerMap,
+                   verify: bool = True) -> tuple[Issuer | None, str | None, bool]:
+    """(issuer, error, missing), among `issuer_candidates`."""
+    candidates = issuer_candidates(info.issuer_dn, info.issuer_key_id, issuers)
+    if not candidates:
+        return None, None, True
+    if not verify:  # operator import of a trusted source: link by name and key id only
+        return candidates[0], None, False
+    for candidate in candidates:
+        if verify_signature(info, candidate.public_key_der):
+            return candidate, None, False
+    return None, (f"signature does not verify under the public key of issuer "
+                  f"{info.issuer_name!r}"), False
+
+
+def parse_items(start: int, ders: Sequence[bytes], issuers: IssuerMap,
+                verify: bool = True) -> list[Parsed]:
+    out: list[Parsed] = []
+    for offset, der in enumerate(ders):
+        index = start + offset
+        try:
+            info = parse_certificate(der)
+        except ParseError as exc:
+            out.append(Parsed(index, None, f"not a certificate: {exc}"))
+            continue
+        if info.self_signed:
+            out.append(Parsed(index, info))
+            continue
+        issuer, err, missing = resolve_issuer(info, issuers, verify=verify)
+        out.append(Parsed(index, info, err, issuer, missing))
+    return out
+
+
+@dataclass
+class CertOptions:
+    status: str = "I"
+    manufacturing_flag: bool = False
+    trust_anchor: bool = False
+    allow_unverified_issuer: bool = False  # operator bulk import only
+    roots_are_anchors: bool = False  # operator bulk import: self-signed CAs become anchors
+    check_signatures: bool = True  # operator import may skip (trusted source), recorded as such
+
+
+
+_ISSUER_UNVERIFIED = {"code": "issuer-unverified",
+                      "message": "issuer not in the repository; signature not checked"}
+_SIGNATURE_NOT_CHECKED = {"code": "signature-not-checked",
+                          "message": "imported with --skip-signature-check"}
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    reason: str | None  # refusal, or None to store
+    verified: bool = False
+    anchor: bool = False
+    extra: list[dict[str, str]] = field(default_factory=list)  # findings beyond the profile's
+    defer: bool = False  # issuer not known yet: try again later (bulk import)
+
+
+def decide(p: Parsed, opts: CertOptions, defer_missing: bool = False) -> Decision:
+    """What to do with one parsed certificate: the lodging rules, without I/O."""
+    info = p.info
+    if info is None or p.error is not None:
+        return Decision(p.error or "not a certificate")
+    anchor = opts.trust_anchor
+    extra: list[dict[str, str]] = []
+    verified = p.issuer is not None and opts.check_signatures
+    if info.self_signed:
+        if opts.roots_are_anchors and info.kind == CertKind.ROOT:
+            anchor = True  # operator import: a self-signed CA is a root
+        elif not opts.trust_anchor:
+            return Decision("self-signed certificate: roots are lodged explicitly as trust"
+                            " anchors (trust_anchor=true)")
+        verified = True
+    elif opts.trust_anchor and info.kind not in (CertKind.ROOT, CertKind.CA):
+        return Decision("trust_anchor=true is only for CA certificates")
+    elif p.issuer_missing:
+        if defer_missing:
+            return Decision(None, defer=True)
+        if opts.trust_anchor:
+            extra.append({"code": "anchor-issuer-not-available",
+                          "message": "lodged as a trust anchor; its issuer is not in the"
+                                     " repository"})
+        elif opts.allow_unverified_issuer:
+            extra.append(dict(_ISSUER_UNVERIFIED))
+        else:
+            return Decision(f"issuer {info.issuer_name!r} (key id "
+                            f"{format_key_id(info.issuer_key_id or b'') or 'none'}) is not in"
+                            " the repository")
+    elif not opts.check_signatures:
+        extra.append(dict(_SIGNATURE_NOT_CHECKED))
+    if p.issuer is not None and not p.issuer.is_ca:
+        extra.append({"code": "issuer-not-ca",
+                      "message": "issued by a certificate that is not a CA"})
+    return Decision(None, verified, anchor, extra)
+
+
+@dataclass
+class ImportChunk:
+    """What a worker made of a chunk of files: store records ready for COPY (idx = position),
+    their serials, refusals, and certificates whose issuer it did not know yet."""
+
+    records: list[tuple[Any, ...]] = field(default_factory=list)
+    serials: list[str] = field(default_factory=list)
+    new_issuers: list[Issuer] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    deferred: list[tuple[str, bytes]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    unverified: int = 0
+    files: int = 0
+    certificates: int = 0  # read in this chunk, deferred ones included (progress counts these)
+
+
+def import_chunk(items: Sequence[tuple[str, bytes | None]], issuers: IssuerMap,
+                 opts: CertOptions, defer_missing: bool) -> ImportChunk:
+    """Bulk-import worker: read (when the bytes are None), parse, verify and decide.
+    Runs in a worker process; everything it needs comes in, everything it found goes out."""
+    from repository_server.store.db import cert_record
+
+    out = ImportChunk()
+    for name, data in items:
+        out.files += 1
+        try:
+            if data is None:
+                with open(name, "rb") as fh:
+                    raw = fh.read()
+            else:
+                raw = data
+            if data is None and b"-----BEGIN" in raw and b"CERTIFICATE-----" not in raw:
+                out.skipped.append(f"{name}: PEM file without a certificate (a key?)")
+                continue
+            ders = [raw] if data is not None else load_pem_or_der_certificates(raw)
+        except (OSError, ParseError) as exc:
+            out.refused.append(f"{name}: {exc}")
+            out.certificates += 1
+            continue
+        out.certificates += len(ders)
+        for i, der in enumerate(ders):
+            label = name if len(ders) == 1 else f"{name}[{i}]"
+            p = parse_items(0, [der], issuers, verify=opts.check_signatures)[0]
+            d = decide(p, opts, defer_missing)
+            if d.defer:
+                out.deferred.append((label, der))
+                continue
+            if d.reason is not None or p.info is None:
+                out.refused.append(f"{label}: {d.reason}")
+                continue
+            info = p.info
+            out.records.append(cert_record(
+                len(out.records), info, status=opts.status,
+                manufacturing_flag=opts.manufacturing_flag, issuer_verified=d.verified,
+                trust_anchor=d.anchor, extra_findings=d.extra))
+            out.serials.append(info.serial)
+            if any(e["code"] == "issuer-unverified" for e in d.extra):
+                out.unverified += 1
+            if info.kind in (CertKind.ROOT, CertKind.CA):
+                out.new_issuers.append(Issuer(None, info.subject_dn, info.subject_key_id,
+                                              info.public_key_der, True,
+                                              info.kind == CertKind.ROOT))
+    return out

@@ -1,0 +1,629 @@
+"""Keeping the replica equal to PostgreSQL: build, catch up, follow, verify.
+
+* **Build** (a fresh node, a damaged or foreign replica, `replica rebuild`): the whole store
+  is streamed in id order inside one repeatable-read snapshot into a new environment beside
+  the live one (`<path>.building`), which then replaces it by rename; the snapshot's newest
+  change number becomes the replica's `applied`. Processes that had the old one open notice
+  the swap (`Replica.replaced`) within a second and reopen.
+* **Catch up**: the change log rows after `applied`, read in one snapshot, each applied with
+  `applied` in one LMDB write transaction, strictly in sequence. Any process may do it (LMDB
+  serialises writers across processes and each write re-reads `applied`), so the process
+  that acknowledges a lodging first makes sure its node's replica has it (read-your-writes).
+* **Follow**: one process per node (whoever holds `<path>.feeder.lock`) wakes on NOTIFY from
+  the primary and polls (`replica.poll_seconds`, the only way to hear of changes through a
+  streaming replica), and writes a heartbeat (head seen, when, oldest change pending) that
+  every process reads for readiness and for the CRL nextUpdate rule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from repository_server.jsontime import json_time
+from repository_server.pki.certstore import index_keys
+from repository_server.readmodel import records as rec
+from repository_server.readmodel.env import Replica, ReplicaUnavailable, Writer, remove
+from repository_server.store import feed as sql
+
+if TYPE_CHECKING:
+    from repository_server.config import Config
+
+log = logging.getLogger(__name__)
+
+_PAGE = 20_000  # certificates per page of a build (and per LMDB write transaction)
+_CHANGES = 100  # change-log rows read per snapshot while catching up
+_SEARCH_PAGE = 5_000  # certificates per write transaction of fill_search (a lodging's
+# catch-up waits for at most one of them: ~50 ms)
+Progress = Callable[[int, int], None]  # (done, total)
+
+
+_EXTRAS: dict[tuple[str, bool, bool, str], bytes] = {}
+
+
+def _extra(r: Any) -> bytes:
+    """The portal's extras of a certificate, as JSON (memoised: most certificates of a
+    lodging share all four)."""
+    key = (r["lint"] or "[]", r["issuer_verified"], r["trust_anchor"], r["lodged_by"])
+    found = _EXTRAS.get(key)
+    if found is None:
+        found = json.dumps({"lint": json.loads(key[0]), "issuer_verified": key[1],
+                            "trust_anchor": key[2], "lodged_by": key[3]},
+                           separators=(",", ":")).encode()
+        if len(_EXTRAS) >= 4096:
+            _EXTRAS.clear()
+        _EXTRAS[key] = found
+    return found
+
+
+def put_certificates(w: Writer, rows: Sequence[Any], *, append: bool = False,
+                     indexes: bool = True, search: bool = True) -> int:
+    """Store certificate rows; with `search`, their RFC 4387 index entries too (a build
+    leaves those to `Feeder.fill_search`, after the replica is ready)."""
+    stored = 0
+    entries: list[tuple[bytes, bytes]] = []
+    for r in rows:
+        value = rec.pack_cert(
+            serial=r["serial"], issuer_key_id=r["issuer_key_id"], der=r["der"], sha256=r["sha256"],
+            lodged_us=r["lodged_us"], kind=r["kind"], eui64=r["eui64"], role=r["role"],
+            usage=r["usage"], status=r["status"], manufacturing_flag=r["manufacturing_flag"],
+            not_before_us=r["not_before_us"], not_after_us=r["not_after_us"],
+            subject_key_id=r["subject_key_id"], subject_name=r["subject_name"],
+            issuer_name=r["issuer_name"])
+        if w.put_cert(r["id"], value, serial=r["serial"], eui64=r["eui64"], kind=r["kind"],
+                      sha256=r["sha256"], subject_key_id=r["subject_key_id"], extra=_extra(r),
+                      append=append, indexes=indexes):
+            stored += 1
+            if search:
+                cert_key = rec.id_key(r["id"])
+                entries += [(k, cert_key) for k in index_keys(r["der"], r["subject_key_id"],
+                                                               r["subject_name"])]
+    entries.sort()  # one pass through the B-tree, left to right
+    w.put_search(entries)
+    return stored
+
+
+def crl_record(r: Any) -> rec.CrlRecord:
+    return rec.CrlRecord(r["id"], r["kind"], r["issuer_key_id"], r["issuer_name"],
+                         int(r["crl_number"]), r["this_update"], r["next_update"], r["sha256"],
+                         r["der"], r["revoked_count"], r["lodged_at"])
+
+
+def doc_record(r: Any) -> rec.DocRecord:
+    return rec.DocRecord(r["id"], r["name"], r["version"], r["content_type"], r["size"],
+                         r["sha256"], r["lodged_at"], r["body"])
+
+
+@dataclass
+class _Batch:
+    """What one snapshot of the change log holds, ready to write."""
+
+    changes: list[sql.Change]
+    certs: dict[int, list[Any]]  # seq -> rows
+    states: dict[int, list[tuple[int, str, bool]]]
+    crls: dict[int, list[tuple[rec.CrlRecord, list[tuple[str, datetime, str | None]]]]]
+    docs: dict[int, list[rec.DocRecord]]
+
+
+def _us_now() -> int:
+    return int(time.time() * 1_000_000)
+
+
+class FeedError(Exception):
+    pass
+
+
+class Feeder:
+    """Builds and feeds one node's replica from PostgreSQL (`dsn`: the primary, whose NOTIFY
+    wakes us; `feed_dsn`: where rows are read, the primary or a streaming replica of it)."""
+
+    def __init__(self, replica: Replica, *, dsn: str, feed_dsn: str = "",
+                 connect_timeout: float = 10.0, command_timeout: float = 60.0,
+                 poll_seconds: float = 1.0) -> None:
+        self.replica = replica
+        self.dsn = dsn
+        self.feed_dsn = feed_dsn or dsn
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout  # a stalled store is noticed, not waited on
+        self.poll_seconds = poll_seconds
+        self._lock = asyncio.Lock()  # one catch-up at a time in this process
+        self._wake = asyncio.Event()
+        self._conn: asyncpg.Connection | None = None  # the feed: rows and changes
+        self._beat: asyncpg.Connection | None = None  # the heartbeat: the primary's head
+        self._feeder_lock: int | None = None  # fd holding <path>.feeder.lock
+        self.is_feeder = False
+        self.source = ""  # the repository's identity, once read
+        self.last_error = ""
+        self.building: tuple[int, int] | None = None  # (done, total) while building
+
+    @classmethod
+    def for_node(cls, config: Config, dsn: str) -> Feeder:
+        """The node's replica (`replica.*`) and its feeder, as configured: the server and
+        the operator commands build them alike."""
+        replica = Replica(config.path(config.replica.path),
+                          map_size=config.replica.map_size_gb * 1024**3)
+        return cls(replica, dsn=dsn, feed_dsn=config.database.replica_url,
+                   connect_timeout=config.database.connect_timeout,
+                   command_timeout=config.database.command_timeout,
+                   poll_seconds=config.replica.poll_seconds)
+
+    # -- connections -----------------------------------------------------------------------
+    async def _connection(self) -> asyncpg.Connection:
+        conn = self._conn
+        if conn is None or conn.is_closed():
+            conn = await asyncpg.connect(self.feed_dsn, timeout=self.connect_timeout,
+                                         command_timeout=self.command_timeout)
+            self._conn = conn
+        return conn
+
+    async def close(self) -> None:
+        for conn in (self._conn, self._beat):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.close(), 2)
+        self._conn = self._beat = None
+        if self._feeder_lock is not None:
+            os.close(self._feeder_lock)
+            self._feeder_lock = None
+            self.is_feeder = False
+
+    def _lock_path(self, what: str) -> Path:
+        return self.replica.path.with_name(self.replica.path.name + f".{what}.lock")
+
+    def take_feeder_role(self) -> bool:
+        """Whether this process is (now) the node's feeder: a non-blocking flock, released
+        by the kernel when the process dies, so another takes over."""
+        if self._feeder_lock is not None:
+            return True
+        self.replica.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._lock_path("feeder"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._feeder_lock = fd
+        self.is_feeder = True
+        return True
+
+    # -- opening and building ----------------------------------------------------------------
+    def usable(self, source: str) -> str:
+        """Why the replica on disk cannot be used as it is ("" if it can)."""
+        if not self.replica.exists():
+            return "no replica yet"
+        try:
+            if self.replica.env is None or self.replica.replaced():
+                self.replica.open()
+            meta = self.replica.meta()
+        except ReplicaUnavailable as exc:
+            return str(exc)
+        if not meta.ready:
+            return "replica was never completed"
+        if meta.format != rec.FORMAT:
+            return f"replica format {meta.format}, this version uses {rec.FORMAT}"
+        if meta.source != source:
+            return "replica was built from another repository"
+        return ""
+
+    async def ensure(self, progress: Progress | None = None) -> None:
+        """Open the replica, building it first if it is missing, damaged, foreign, of another
+        format or behind a store that went back (restored from an older backup)."""
+        conn = await self._connection()
+        self.source = await sql.identity(conn)
+        why = await asyncio.to_thread(self.usable, self.source)
+        if not why:
+            head = await sql.head(conn)
+            if self.replica.applied() > head:
+                why = (f"replica is ahead of the store (change {self.replica.applied()} >"
+                       f" {head}): the store was restored")
+        if why:
+            log.warning("read replica: %s: building it from PostgreSQL", why)
+            await self.build(progress)
+
+    async def build(self, progress: Progress | None = None) -> int:
+        """A new replica from the whole store; returns the certificates written."""
+        path = self.replica.path
+        tmp = path.with_name(path.name + ".building")
+        path.parent.mkdir(parents=True, exist_ok=True)  # a data_dir not made yet (database.url)
+        lock_fd = os.open(self._lock_path("build"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            await asyncio.to_thread(fcntl.flock, lock_fd, fcntl.LOCK_EX)
+            await asyncio.to_thread(remove, tmp)
+            new = Replica(tmp, map_size=self.replica.map_size)
+            new.open()
+            try:
+                written = await self._fill(new, progress)
+            finally:
+                new.close()
+            old = path.with_name(path.name + ".old")
+            await asyncio.to_thread(remove, old)
+            if path.exists():
+                path.rename(old)
+            tmp.rename(path)
+            await asyncio.to_thread(remove, old)
+            self.replica.open()
+            return written
+        finally:
+            self.building = None
+            os.close(lock_fd)
+
+    async def _fill(self, new: Replica, progress: Progress | None) -> int:
+        conn = await self._connection()
+        started = time.perf_counter()
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            source = await sql.identity(conn)
+            head = await sql.head(conn)
+            total = await sql.certificate_count(conn)
+            self.building = (0, total)
+            done = 0
+
+            def write_page(rows: Sequence[Any]) -> int:
+                with new.write() as w:
+                    return put_certificates(w, rows, append=True, indexes=False, search=False)
+
+            rows = await sql.certificates_page(conn, 0, _PAGE)
+            while rows:
+                # the next page is read while this one is written
+                writing = asyncio.create_task(asyncio.to_thread(write_page, rows))
+                try:
+                    following = await sql.certificates_page(conn, rows[-1]["id"], _PAGE)
+                finally:
+                    await writing
+                done += len(rows)
+                self.building = (done, total)
+                if progress is not None:
+                    progress(done, total)
+                rows = following
+            # The indexes, each read from PostgreSQL in the replica's key order and appended
+            # (random inserts into a growing B-tree were two thirds of a build's time).
+            for name, query in sql.INDEX_QUERIES.items():
+                await self._append_index(conn, new, name, query)
+            crl_rows = await sql.crls(conn)
+            crls = [(crl_record(r), await sql.revoked_entries(conn, r["id"])) for r in crl_rows]
+            docs = [doc_record(r) for r in await sql.documents(conn)]
+
+        def finish() -> None:
+            with new.write() as w:
+                for crl, entries in crls:
+                    w.put_crl(crl, entries)
+                for doc in docs:
+                    w.put_doc(doc)
+                now = _us_now()
+                w.set_meta(format=rec.FORMAT, source=source, applied=head, head=head,
+                           checked=now, pending_since=0, built=now, ready=True)
+            new.sync()
+
+        await asyncio.to_thread(finish)
+        elapsed = time.perf_counter() - started
+        log.info("read replica built: %d certificates, %d CRL/ARL versions, %d document"
+                 " versions, up to change %d, in %.1f s (%.0f certificates/s), %.0f MB",
+                 done, len(crls), len(docs), head, elapsed, done / elapsed if elapsed else 0,
+                 new.size_bytes() / 1e6)
+        return done
+
+    @staticmethod
+    async def _append_index(conn: asyncpg.Connection, new: Replica, name: str,
+                            query: str) -> None:
+        def write(items: list[tuple[bytes, bytes]]) -> None:
+            with new.write() as w:
+                w.append_index(name, items)
+
+        batch: list[tuple[bytes, bytes]] = []
+        writing: asyncio.Task[None] | None = None
+        async for row in conn.cursor(query, prefetch=50_000):
+            batch.append((row[0], row[1]))
+            if len(batch) >= 100_000:
+                if writing is not None:
+                    await writing
+                writing = asyncio.create_task(asyncio.to_thread(write, batch))
+                batch = []
+        if writing is not None:
+            await writing
+        await asyncio.to_thread(write, batch)
+
+    # -- the RFC 4387 search index ----------------------------------------------------------
+    async def fill_search(self) -> int:
+        """Index every certificate of a freshly built replica for RFC 4387 searches, read
+        from the replica itself; `search_ready` at the end. Not part of the build: its
+        hashes are Python's work (~10 us a certificate), which would take a third off the
+        build rate, so the node is ready first and search.cgi answers 503 until this is done.
+        Certificates lodged meanwhile are indexed by the catch-up as always (an entry twice
+        is stored once). Returns the certificates indexed."""
+        started = time.perf_counter()
+        env = self.replica.env  # a rebuild swapping it meanwhile starts this again
+        after, done = 0, 0
+        while True:
+            page = await asyncio.to_thread(self._search_page, env, after)
+            if page is None:
+                break
+            after, count = page
+            done += count
+        await asyncio.to_thread(self._search_done, env)
+        elapsed = time.perf_counter() - started
+        log.info("read replica: RFC 4387 search index of %d certificates in %.1f s"
+                 " (%.0f certificates/s)", done, elapsed, done / elapsed if elapsed else 0)
+        return done
+
+    def _same(self, env: Any) -> None:
+        if self.replica.env is not env:
+            raise ReplicaUnavailable("the replica was rebuilt while its search index was being"
+                                     " filled")
+
+    def _search_page(self, env: Any, after: int) -> tuple[int, int] | None:
+        self._same(env)
+        certs = self.replica.certificates_after(after, _SEARCH_PAGE)
+        if not certs:
+            return None
+        entries = [(k, rec.id_key(c.id)) for c in certs
+                   for k in index_keys(c.der, c.subject_key_id, c.subject_name)]
+        entries.sort()
+        with self.replica.write() as w:
+            self._same(env)
+            w.put_search(entries)
+        return certs[-1].id, len(certs)
+
+    def _search_done(self, env: Any) -> None:
+        with self.replica.write() as w:
+            self._same(env)
+            w.set_meta(search_ready=True)
+
+    # -- catching up -------------------------------------------------------------------------
+    def wake(self, _key: str = "") -> None:
+        self._wake.set()
+
+    async def catch_up(self, upto: int | None = None) -> int:
+        """Apply every change committed so far (or at least up to `upto`); returns the
+        replica's applied sequence number."""
+        async with self._lock:
+            try:
+                return await self._catch_up(upto)
+            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError):
+                # a connection that died since its last use: once more on a new one
+                if self._conn is not None:
+                    self._conn.terminate()
+                    self._conn = None
+                return await self._catch_up(upto)
+
+    async def _catch_up(self, upto: int | None) -> int:
+        applied = self.replica.applied()
+        if upto is not None and applied >= upto:
+            return applied
+        conn = await self._connection()
+        while True:
+            batch = await self._read_batch(conn, applied)
+            if not batch.changes:
+                return applied
+            applied = await asyncio.to_thread(self._apply, batch)
+            if len(batch.changes) < _CHANGES and (upto is None or applied >= upto):
+                return applied
+
+    async def _read_batch(self, conn: asyncpg.Connection, applied: int) -> _Batch:
+        batch = _Batch([], {}, {}, {}, {})
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            batch.changes = await sql.changes_after(conn, applied, _CHANGES)
+            for ch in batch.changes:
+                if ch.kind == "certs":
+                    batch.certs[ch.seq] = await sql.lodged_certificates(conn, ch)
+                elif ch.kind == "status":
+                    batch.states[ch.seq] = await sql.certificate_states(conn, ch.ids)
+                elif ch.kind == "crl":
+                    batch.crls[ch.seq] = [(crl_record(r), await sql.revoked_entries(conn, r["id"]))
+                                          for r in await sql.crls(conn, ch.ids)]
+                elif ch.kind == "doc":
+                    batch.docs[ch.seq] = [doc_record(r) for r in await sql.documents(conn, ch.ids)]
+        return batch
+
+    def _apply(self, batch: _Batch) -> int:
+        """Each change in its own write transaction with `applied` (a reader sees a change
+        whole or not at all); changes another process applied meanwhile are skipped."""
+        applied = 0
+        for ch in batch.changes:
+            with self.replica.write() as w:
+                applied = w.meta().applied
+                if ch.seq <= applied:
+                    continue
+                if ch.seq != applied + 1:
+                    raise FeedError(f"change {applied + 1} missing from the batch (got {ch.seq})")
+                if ch.kind == "certs":
+                    put_certificates(w, batch.certs.get(ch.seq, ()))
+                elif ch.kind == "status":
+                    for cert_id, status, flag in batch.states.get(ch.seq, ()):
+                        w.set_status(cert_id, status, flag)
+                elif ch.kind == "crl":
+                    for crl, entries in batch.crls.get(ch.seq, ()):
+                        w.put_crl(crl, entries)
+                elif ch.kind == "doc":
+                    for doc in batch.docs.get(ch.seq, ()):
+                        w.put_doc(doc)
+                meta = w.meta()
+                w.set_meta(applied=ch.seq, head=max(meta.head, ch.seq),
+                           pending_since=0 if ch.seq >= meta.head else meta.pending_since_us)
+                applied = ch.seq
+        return applied
+
+    async def heartbeat(self) -> None:
+        """Record the head of the change log on the primary and when it was seen, and since
+        when the oldest change not yet applied is waiting (readiness, lag). Read from the
+        primary on a connection of its own, so a feed that stalls (a lagging or unreachable
+        streaming replica) shows as a growing lag instead of hiding it."""
+        conn = self._beat
+        if conn is None or conn.is_closed():
+            conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout,
+                                         command_timeout=self.command_timeout)
+            self._beat = conn
+        head = await sql.head(conn)
+        applied = self.replica.applied()
+        pending = await sql.change_time(conn, applied + 1) if head > applied else None
+
+        def write() -> None:
+            with self.replica.write() as w:
+                w.set_meta(head=max(head, w.meta().applied), checked=_us_now(),
+                           pending_since=rec.to_us(pending) if pending else 0)
+
+        await asyncio.to_thread(write)
+
+    async def _beat_forever(self) -> None:
+        while True:
+            try:
+                await self.heartbeat()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("read replica heartbeat: %s: %s", type(exc).__name__, exc)
+                if self._beat is not None:
+                    self._beat.terminate()
+                    self._beat = None
+            await asyncio.sleep(self.poll_seconds)
+
+    # -- following ---------------------------------------------------------------------------
+    async def follow(self) -> None:
+        """Forever (the node's feeder): catch up on every wake-up and every poll; a heartbeat
+        beside it."""
+        delay = 0.25
+        beat = asyncio.create_task(self._beat_forever(), name="replica-heartbeat")
+        filling: asyncio.Task[int] | None = None
+        try:
+            while True:
+                try:
+                    self._wake.clear()
+                    if ((filling is None or filling.done())
+                            and not self.replica.search_ready()):  # built (or rebuilt) anew
+                        if filling is not None and filling.exception() is not None:
+                            log.warning("RFC 4387 search index: %s (again)", filling.exception())
+                        filling = asyncio.create_task(self.fill_search(), name="replica-search")
+                    await self.catch_up()
+                    self.last_error = ""
+                    delay = 0.25
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    text = f"{type(exc).__name__}: {exc}"
+                    if text != self.last_error:
+                        log.warning("read replica feed: %s (retrying)", text)
+                    self.last_error = text
+                    async with self._lock:  # not under a catch-up a lodging is waiting on
+                        if self._conn is not None:
+                            self._conn.terminate()
+                            self._conn = None
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+        finally:
+            for task in (beat, filling):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+
+
+# -- verify ------------------------------------------------------------------------------------
+@dataclass
+class VerifyReport:
+    store_applied: int  # the change-log head the comparison was made at
+    replica_applied: int
+    differences: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.differences
+
+
+def replica_digests(replica: Replica) -> dict[int, tuple[int, str]]:
+    import hashlib
+
+    out: dict[int, tuple[int, str]] = {}
+    current: int | None = None
+    h = hashlib.md5(usedforsecurity=False)
+    n = 0
+    with replica._read() as txn, txn.cursor(db=replica._db["certs"]) as cur:
+        for key, value in cur:
+            cert_id = rec.key_id(key)
+            bucket = cert_id // sql.DIGEST_BUCKET
+            if bucket != current:
+                if current is not None:
+                    out[current] = (n, h.hexdigest())
+                current, h, n = bucket, hashlib.md5(usedforsecurity=False), 0
+            c = rec.unpack_cert(cert_id, value)
+            h.update(f"{cert_id} {c.sha_hex} {c.lodged_status} {'t' if c.manufacturing_flag else 'f'}\n"
+                     .encode())
+            n += 1
+    if current is not None:
+        out[current] = (n, h.hexdigest())
+    return out
+
+
+def _replica_others(replica: Replica) -> dict[str, Any]:
+    import hashlib
+
+    crl_rows: list[tuple[int, bytes]] = []
+    with replica._read() as txn, txn.cursor(db=replica._db["crls"]) as cur:
+        for key, value in cur:
+            crl = rec.unpack_crl(key, value)
+            crl_rows.append((crl.id, crl.sha256))
+    docs = sorted((d.id, d.sha256) for d in replica._docs())
+    counts = replica.counts()
+
+    def digest(items: list[tuple[int, bytes]]) -> str:
+        return hashlib.md5(",".join(s.hex() for _, s in sorted(items)).encode(),
+                           usedforsecurity=False).hexdigest() if items else ""
+
+    return {"crls": len(crl_rows), "revoked": counts["revoked"], "docs": len(docs),
+            "crl_digest": digest(crl_rows), "doc_digest": digest(docs)}
+
+
+async def verify(replica: Replica, conn: asyncpg.Connection) -> VerifyReport:
+    """Compare the replica with the store, at the replica's applied change: caught up first
+    if it is behind (the caller's job), then both read in one snapshot."""
+    differences: list[str] = []
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        head = await sql.head(conn)
+        store_digests = await sql.certificate_digests(conn)
+        store_others = await sql.other_counts(conn)
+        source = await sql.identity(conn)
+    meta = replica.meta()
+    if meta.source != source:
+        differences.append(f"replica was built from repository {meta.source or '?'}, the store"
+                           f" is {source}")
+    if meta.applied != head:
+        differences.append(f"replica has applied change {meta.applied}, the store is at {head}")
+    ours = await asyncio.to_thread(replica_digests, replica)
+    for bucket in sorted(set(store_digests) | set(ours)):
+        lo, hi = bucket * sql.DIGEST_BUCKET, (bucket + 1) * sql.DIGEST_BUCKET - 1
+        s = store_digests.get(bucket, (0, ""))
+        r = ours.get(bucket, (0, ""))
+        if s != r:
+            differences.append(f"certificates with ids {lo}-{hi}: store has {s[0]}, replica"
+                               f" {r[0]}" + ("" if s[0] != r[0] else " (same count, different"
+                                             " contents: status, flag or bytes)"))
+    others = await asyncio.to_thread(_replica_others, replica)
+    for key in ("crls", "revoked", "docs", "crl_digest", "doc_digest"):
+        if store_others[key] != others[key]:
+            differences.append(f"{key}: store {store_others[key]!r}, replica {others[key]!r}")
+    return VerifyReport(head, meta.applied, differences)
+
+
+def lag(replica: Replica, now: float | None = None) -> dict[str, Any]:
+    """How far behind the store this node's replica is (readiness)."""
+    meta = replica.meta()
+    now_us = int((now if now is not None else time.time()) * 1_000_000)
+    behind = max(0, meta.head - meta.applied)
+    return {"applied": meta.applied, "head": meta.head, "behind_changes": behind,
+            "behind_seconds": round((now_us - meta.pending_since_us) / 1e6, 3)
+            if behind and meta.pending_since_us else 0.0,
+            "checked_seconds_ago": round((now_us - meta.checked_us) / 1e6, 3)
+            if meta.checked_us else None,
+            "built": json_time(datetime.fromtimestamp(meta.built_us / 1e6, UTC))
+            if meta.built_us else None}

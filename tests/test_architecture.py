@@ -1,0 +1,70 @@
+"""The layering of docs/architecture.md, checked on the source: a listener never imports
+another listener, and nothing below the listeners imports one (only the wiring in `server`
+and the `cli` commands see them all)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+PKG = ROOT / "repository_server"
+LISTENERS = ("http", "ldap", "lodge", "sftp")
+# The wiring sees every listener; the config asks a listener to check its own settings' syntax
+# (the LDAP suffix is parsed by the LDAP DN parser).
+WIRING = ("server", "cli", "__main__", "config")
+
+
+def _module(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return {m for m in found if m.startswith("repository_server")}
+
+
+def _listener_of(module: str) -> str | None:
+    parts = module.split(".")
+    if len(parts) >= 3 and parts[1] == "listeners" and parts[2] in LISTENERS:
+        return parts[2]
+    return None
+
+
+def _violations() -> list[str]:
+    bad = []
+    for path in sorted(PKG.rglob("*.py")):
+        module = _module(path)
+        top = module.split(".")[1] if "." in module else ""
+        own = _listener_of(module)
+        for imported in sorted(_imports(path)):
+            other = _listener_of(imported)
+            if other is None or top in WIRING:
+                continue
+            if own is None:
+                bad.append(f"{module} (below the listeners) imports {imported}")
+            elif other != own:
+                bad.append(f"{module} (listener {own}) imports {imported}")
+    return bad
+
+
+def test_no_listener_imports_another_and_no_service_imports_a_listener() -> None:
+    assert _violations() == []
+
+
+def test_the_checker_finds_imports_and_listeners() -> None:
+    """The checker itself, so that the rule above cannot pass by seeing nothing."""
+    assert any(m.startswith("repository_server.listeners.http.")
+               for m in _imports(PKG / "listeners" / "http" / "portal" / "app.py"))
+    assert _listener_of("repository_server.listeners.ldap.server") == "ldap"
+    assert _listener_of(_module(PKG / "listeners" / "sftp.py")) == "sftp"
+    assert _listener_of("repository_server.listeners.apidoc") is None
