@@ -121,7 +121,6 @@ class Web:
     search_max_results: int = 100
     client_max_size_kb: int = 64  # request bodies on the read listeners
     ws_max_body_bytes: int = 8192  # web service requests (a real one is under 300 bytes)
-    test_delay_ms: int = 0  # for load-test verification only: web service answers this much later
     # Slow or stalled clients (http and https listeners, per listener and process):
     max_connections: int = 4096  # more are answered 503 and closed at once
     idle_timeout_seconds: float = 30.0  # no complete request head this long (idle, slowloris)
@@ -281,8 +280,6 @@ class Config:
             raise ConfigError("web.search_max_results: must be between 1 and 10000")
         if not 64 <= self.web.ws_max_body_bytes <= 1024 * 1024:
             raise ConfigError("web.ws_max_body_bytes: must be between 64 and 1048576")
-        if self.web.test_delay_ms < 0:
-            raise ConfigError("web.test_delay_ms: must be >= 0")
         for key in ("max_connections", "idle_timeout_seconds", "body_timeout_seconds",
                     "max_headers"):
             if getattr(self.web, key) <= 0:

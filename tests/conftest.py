@@ -9,6 +9,7 @@ import contextlib
 import os
 import ssl
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -278,3 +279,22 @@ def http_get(url: str, headers: dict[str, str] | None = None, method: str = "GET
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     finally:
         conn.close()
+
+
+@contextlib.asynccontextmanager
+async def loop_stalls(stall: float, every: float) -> AsyncIterator[None]:
+    """A server running in this process stops answering for `stall` seconds in every `every`:
+    the event loop is blocked, as a starved or paused process is, while clients (in other
+    threads or processes) keep sending; their requests wait in the kernel's buffers."""
+    async def stall_forever() -> None:
+        while True:
+            await asyncio.sleep(every - stall)
+            time.sleep(stall)  # blocks the loop: the fault under test
+
+    task = asyncio.create_task(stall_forever())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
