@@ -207,7 +207,7 @@ async def server(tmp_path: Path, pki: dict[str, Any], fresh_db: str) -> AsyncIte
 
 def lodge_pki(running: Running) -> None:
     """Lodge the whole test PKI through the real lodging API (as the demo does)."""
-    from repository_server.cli.main import lodge_manifest
+    from repository_server.cli.lodge_client import lodge_manifest
 
     client = running.client()
     try:
