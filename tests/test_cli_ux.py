@@ -358,7 +358,7 @@ def test_wheel_and_sdist_ship_the_configuration_files(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     env = cli_env()
     env["PYTHONPATH"] = str(target)
-    res = subprocess.run([sys.executable, "-c", "import sys; from repository_server.cli import"
+    res = subprocess.run([sys.executable, "-c", "import sys; from repository_server.cli.main import"
                           " main; sys.exit(main(['config', 'show', '--defaults']))"],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
     assert res.returncode == 0, res.stderr
