@@ -8,7 +8,6 @@ import contextlib
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from repository_server.listeners.http.downloads import error
 from repository_server.obs.metrics import Metrics
 from repository_server.readmodel.env import Replica, ReplicaUnavailable
 from repository_server.readmodel.feed import lag
@@ -29,7 +28,8 @@ def build_metrics_app(metrics: Metrics, replica: Replica) -> web.Application:
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def not_found(request: web.Request) -> web.Response:
-        return error(404, f"no such resource: {request.path} (this listener serves /metrics)")
+        return web.json_response({"status": 404, "reason": f"no such resource: {request.path[:200]}"
+                                  " (this listener serves /metrics)"}, status=404)
 
     app = web.Application()
     app.router.add_get("/metrics", metrics_handler, allow_head=True)
