@@ -64,8 +64,9 @@ from repository_server.obs.metrics import Metrics
 from repository_server.obs.refusals import RefusalSummary
 from repository_server.obs.refusals import classify as classify_refusal
 from repository_server.readmodel.catalog import Catalog
+from repository_server.readmodel.check import lag
 from repository_server.readmodel.env import Replica, ReplicaUnavailable
-from repository_server.readmodel.feed import Feeder, lag
+from repository_server.readmodel.feed import Feeder
 from repository_server.service_levels import ANONYMOUS, ServiceLevelCollector, ServiceLevels
 from repository_server.store import opened_store
 from repository_server.store import refusals as refusals_sql
