@@ -33,6 +33,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from repository_server.access import ReadAccess
 from repository_server.accounts import Accounts
 from repository_server.accounts.keys import Credentials, User
 from repository_server.config import LISTENER_NAMES, Config, ConfigError, HostPort
@@ -694,7 +695,7 @@ class Repository:
         downloads = self.downloads
         assert downloads is not None
         fast_paths = downloads.fast_paths()
-        webservice = WebService(self.catalog, self.accounts, self.config, levels)
+        webservice = WebService(self.catalog, self.accounts, self.config, levels, downloads.access)
         self.webservices.append(webservice)
         ops = Ops(store, self.accounts, self.levels, self.catalog)
         app = web.Application(client_max_size=self.config.web.client_max_size_kb * 1024)
@@ -912,9 +913,10 @@ class Repository:
         if cfg.service_levels.enabled:
             self.counting = self.levels
             self.levels.start()
-        self.downloads = Downloads(self.catalog, cfg)
+        web_access = ReadAccess(cfg.web.open_reads)  # the HTTP interface's read rule
+        self.downloads = Downloads(self.catalog, cfg, web_access)
         extracts_dir = cfg.path(cfg.extracts.dir)
-        self.extract_files = ExtractFiles(self.store, extracts_dir, open_reads=cfg.web.open_reads)
+        self.extract_files = ExtractFiles(self.store, extracts_dir, web_access)
         if cfg.extracts.schedule:
             writer = ExtractWriter(self.store, extracts_dir, compression=cfg.extracts.compression,
                                    page_size=cfg.extracts.page_size,

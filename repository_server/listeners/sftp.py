@@ -34,6 +34,7 @@ from asyncssh import (
     SFTPPermissionDenied,
 )
 
+from repository_server.access import ReadAccess
 from repository_server.accounts import Accounts
 from repository_server.config import Config
 from repository_server.extracts import format as fmt
@@ -106,7 +107,8 @@ class _Auth(asyncssh.SSHServer):
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
 
     def begin_auth(self, username: str) -> bool:
-        return True  # every user authenticates
+        """Whether the user must authenticate: extracts are private (`ReadAccess`)."""
+        return not self.service.access.may_read_private(authenticated=False)
 
     def password_auth_supported(self) -> bool:
         return True
@@ -135,6 +137,7 @@ class SftpService:
         self.config = config
         self.accounts = accounts
         self.directory = directory
+        self.access = ReadAccess()  # no setting opens SFTP: every session authenticates
         self.server: asyncssh.SSHAcceptor | None = None
 
     async def start(self, host: str, port: int) -> tuple[str, int]:

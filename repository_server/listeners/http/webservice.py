@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from repository_server.access import ReadAccess
 from repository_server.accounts import Accounts
 from repository_server.config import Config
 from repository_server.listeners.http import ws_xml
@@ -39,11 +40,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 class WebService:
     def __init__(self, catalog: Catalog, accounts: Accounts, config: Config,
-                 levels: ServiceLevels | None) -> None:
+                 levels: ServiceLevels | None, access: ReadAccess) -> None:
         self.catalog = catalog
         self.levels = levels
         self.accounts = accounts
-        self.open_reads = config.web.open_reads
+        self.access = access  # the read rule of the HTTP interface: answers are private
         self.max_body = config.web.ws_max_body_bytes
         self.body_timeout = config.web.body_timeout_seconds
         self.test_delay = config.web.test_delay_ms / 1000  # for load-test verification only
@@ -108,7 +109,7 @@ class WebService:
                                                  started=note.started)
         if self.test_delay > 0:  # after the CPM receipt, so the server counts the delay too
             await asyncio.sleep(self.test_delay)
-        if user is None and not self.open_reads:
+        if not self.access.may_read_private(authenticated=user is not None):
             reason = (UNKNOWN_KEY if key else
                       "an API key is required: add ?apikey=KEY to the URL")
             return note, self._error(note, root, 403, reason)
