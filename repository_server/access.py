@@ -10,6 +10,13 @@ user, an SFTP user), or by anyone when the interface's `open_reads` setting says
 
 A reader who may not read a private object is told only that it needs credentials (HTTP 401
 or 403, LDAP insufficientAccessRights); listeners must not reveal more about it than that.
+Who may keep an answer follows from the same rule (`cache_scope`): one anyone may read may
+be kept by shared caches (`Cache-Control: public`), any other only by the reader's own.
+
+Each interface holds one `ReadAccess` built from its configuration: HTTP (downloads, the web
+service, extracts over HTTPS) from `web.open_reads`, LDAP from `ldap.open_reads`. SFTP has no
+such setting, so every SFTP session authenticates. The portal asks for a signed-in user on
+every page; its downloads go through the HTTP rule with that user as the reader.
 """
 
 from __future__ import annotations
@@ -35,3 +42,13 @@ class ReadAccess:
     def may_read_all(self, publics: list[bool], *, authenticated: bool) -> bool:
         """Whether a reader may read every one of several objects (a search's answer)."""
         return self.may_read_private(authenticated=authenticated) or all(publics)
+
+    def shared(self, *, public: bool) -> bool:
+        """Whether anyone may read the object (it is public, or reads are open), so that a
+        shared cache may keep the answer (`Cache-Control: public`); otherwise the answer is
+        for the reader who asked and only its own cache may keep it (`private`)."""
+        return self.may_read(public=public, authenticated=False)
+
+    def cache_scope(self, *, public: bool) -> str:
+        """The Cache-Control scope of an answer about the object: "public" or "private"."""
+        return "public" if self.shared(public=public) else "private"

@@ -28,8 +28,9 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from repository_server.access import ReadAccess
+from repository_server.accounts import Accounts
 from repository_server.accounts.keys import Credentials
-from repository_server.accounts.signin import PortalAuth
 from repository_server.config import LISTENER_NAMES, Config, ConfigError, HostPort
 from repository_server.extracts.scheduler import ExtractScheduler
 from repository_server.extracts.writer import ExtractWriter
@@ -62,8 +63,9 @@ from repository_server.obs.metrics import Metrics
 from repository_server.obs.refusals import RefusalSummary
 from repository_server.obs.refusals import classify as classify_refusal
 from repository_server.readmodel.catalog import Catalog
+from repository_server.readmodel.check import lag
 from repository_server.readmodel.env import Replica, ReplicaUnavailable
-from repository_server.readmodel.feed import Feeder, lag
+from repository_server.readmodel.feed import Feeder
 from repository_server.service_levels import ServiceLevelCollector, ServiceLevels
 from repository_server.store import opened_store
 from repository_server.store import refusals as refusals_sql
@@ -173,7 +175,8 @@ class Repository:
         self._replica_task: asyncio.Task[None] | None = None
         self._replica_ready = asyncio.Event()
         self.lodging: LodgingService | None = None
-        self.credentials: Credentials | None = None
+        self.accounts: Accounts | None = None
+        self.credentials: Credentials | None = None  # the accounts' API keys
         self.levels: ServiceLevels | None = None
         self.ldap: LdapService | None = None
         self.counting: ServiceLevels | None = None  # `levels` when service_levels.enabled
@@ -377,9 +380,11 @@ class Repository:
         self.catalog.sync_to = self.feeder.catch_up
         for kind in ("certs", "status", "crl", "doc", "serials"):
             self.catalog.subscribe(kind, self.feeder.wake)
-        self.credentials = Credentials(self.store)
-        await self.credentials.load()
-        self.catalog.subscribe("users", self.credentials.changed)
+        self.accounts = Accounts(self.store, cfg.portal)
+        self.credentials = self.accounts.credentials
+        await self.accounts.load()
+        self.catalog.subscribe("users", self.accounts.user_changed)
+        self.catalog.subscribe("portal-session", self.accounts.session_ended)
         await self.catalog.start()
         self._replica_task = asyncio.create_task(self._keep_replica(), name="replica")
         await self._replica_ready.wait()
@@ -388,21 +393,19 @@ class Repository:
         if cfg.service_levels.enabled:
             self.counting = self.levels
             self.levels.start()
-        self.downloads = Downloads(self.catalog, cfg)
+        web_access = ReadAccess(cfg.web.open_reads)  # the HTTP interface's read rule
+        self.downloads = Downloads(self.catalog, cfg, web_access)
         extracts_dir = cfg.path(cfg.extracts.dir)
-        self.extract_files = ExtractFiles(self.store, extracts_dir, open_reads=cfg.web.open_reads)
+        self.extract_files = ExtractFiles(self.store, extracts_dir, web_access)
         if cfg.extracts.schedule:
             writer = ExtractWriter(self.store, extracts_dir, compression=cfg.extracts.compression,
                                    page_size=cfg.extracts.page_size,
                                    retain_full=cfg.extracts.retain_full)
             self.extract_scheduler = ExtractScheduler(self.store, writer, cfg.extracts)
         if cfg.portal.enabled:
-            auth = PortalAuth(self.store, cfg.portal)
-            self.portal = Portal(self.catalog, auth, self.downloads, self.counting, cfg.portal,
-                                 self.extract_files, csrf_key=await self.store.deployment_secret(
-                                     CSRF_SECRET))
-            self.catalog.subscribe("portal-session", auth.session_ended)
-            self.catalog.subscribe("users", auth.user_changed)
+            self.portal = Portal(self.catalog, self.accounts, self.downloads, self.counting,
+                                 cfg.portal, self.extract_files,
+                                 csrf_key=await self.store.deployment_secret(CSRF_SECRET))
             self.catalog.subscribe("certs", self.portal.views.certificates_lodged)
         self.lodging = LodgingService(
             self.store, max_batch=cfg.lodge.max_batch, max_crl_bytes=cfg.lodge.max_crl_bytes,
@@ -411,7 +414,7 @@ class Repository:
             after_commit=self.catalog.synced)
         read_parts = ReadParts(
             config=cfg, version=_our_version(), metrics=self.metrics, store=self.store,
-            catalog=self.catalog, credentials=self.credentials, levels=self.levels,
+            catalog=self.catalog, accounts=self.accounts, levels=self.levels,
             counting=self.counting, downloads=self.downloads, extract_files=self.extract_files,
             portal=self.portal, readiness=self.readiness)
         for name, ctx in (("http", None), ("https", https_ctx)):
@@ -454,7 +457,7 @@ class Repository:
         await self._start_ldap(ldap_ctx)
         addr = cfg.listeners.address("sftp")
         if addr is not None:
-            self.sftp = SftpService(cfg, self.store, extracts_dir)
+            self.sftp = SftpService(cfg, self.accounts, extracts_dir)
             with _listening("sftp", addr):
                 host, port = await self.sftp.start(addr.host, addr.port)
             self.bound["sftp"] = HostPort(host, port)
@@ -503,10 +506,11 @@ class Repository:
         cfg = self.config
         if not (cfg.listeners.ldap or cfg.listeners.ldaps):
             return
-        assert self.catalog is not None and self.store is not None
+        assert self.catalog is not None and self.store is not None and self.accounts is not None
         directory = Directory(self.catalog, self.store, suffix=cfg.ldap.suffix,
                               root_dse=_root_dse(cfg, ctx is not None))
-        self.ldap = service = LdapService(cfg, directory, self.store, self.counting, ctx)
+        self.ldap = service = LdapService(cfg, directory, self.store, self.counting, ctx,
+                                          accounts=self.accounts)
         service.on_over_cap = lambda listener: self.metrics.over_cap.labels(listener).inc()
         for name, tls in (("ldap", None), ("ldaps", ctx)):
             addr = cfg.listeners.address(name)

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
+from repository_server.readmodel.check import verify
 from repository_server.readmodel.env import Replica
-from repository_server.readmodel.feed import verify
 from tests.conftest import (
     TEST_KEY,
     Running,

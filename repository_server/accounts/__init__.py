@@ -1,4 +1,8 @@
-"""Accounts, one service for every interface that has users: API keys and password hashes
-(`keys`), the lockout, session and password rules with no I/O (`policy`), and sign-in,
-password attempts and sessions over the store (`signin`). The portal, LDAP binds and SFTP
-all call it; none of them keeps a rule of its own."""
+"""Accounts, one service for every interface that has users (`Accounts`, in `service`):
+API keys and password hashes (`keys`), the lockout, session and password rules with no I/O
+(`policy`) and the password attempt under the lockout (`signin`). The read listeners, the
+portal, LDAP binds and SFTP all call `Accounts`; none of them keeps a rule of its own."""
+
+from repository_server.accounts.service import Accounts
+
+__all__ = ["Accounts"]

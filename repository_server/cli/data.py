@@ -195,8 +195,9 @@ async def opened_replica(config: Config, store: Any,
 
 def cmd_replica(args: argparse.Namespace) -> int:
     """`replica status|verify|rebuild`: this node's read replica against the store."""
+    from repository_server.readmodel.check import lag, verify
     from repository_server.readmodel.env import ReplicaUnavailable
-    from repository_server.readmodel.feed import Feeder, lag, verify
+    from repository_server.readmodel.feed import Feeder
     from repository_server.store import opened_store
 
     config = load_config(args)

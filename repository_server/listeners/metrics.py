@@ -9,8 +9,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from repository_server.obs.metrics import Metrics
+from repository_server.readmodel.check import lag
 from repository_server.readmodel.env import Replica, ReplicaUnavailable
-from repository_server.readmodel.feed import lag
 
 
 def build_metrics_app(metrics: Metrics, replica: Replica) -> web.Application:

@@ -34,11 +34,10 @@ from asyncssh import (
     SFTPPermissionDenied,
 )
 
-from repository_server.accounts.policy import LockoutPolicy
-from repository_server.accounts.signin import password_accepted
+from repository_server.access import ReadAccess
+from repository_server.accounts import Accounts
 from repository_server.config import Config
 from repository_server.extracts import format as fmt
-from repository_server.store.db import Store
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +107,8 @@ class _Auth(asyncssh.SSHServer):
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
 
     def begin_auth(self, username: str) -> bool:
-        return True  # every user authenticates
+        """Whether the user must authenticate: extracts are private (`ReadAccess`)."""
+        return not self.service.access.may_read_private(authenticated=False)
 
     def password_auth_supported(self) -> bool:
         return True
@@ -120,29 +120,24 @@ class _Auth(asyncssh.SSHServer):
         return False  # passwords through the password method only: one attempt counts once
 
     async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-        found = await self.service.store.user_ssh_keys(username)
-        if found is None or found[0].disabled:
-            return False
         offered = key.public_data
-        for line in found[1]:
+        for line in await self.service.accounts.ssh_keys(username):
             with contextlib.suppress(asyncssh.KeyImportError, ValueError):
                 if asyncssh.import_public_key(line).public_data == offered:
                     return True
         return False
 
     async def validate_password(self, username: str, password: str) -> bool:
-        service = self.service
-        return await password_accepted(
-            service.store, service.lockout, await service.store.portal_account(username),
-            password, actor="sftp", action="sftp.login", peer=self.peer)
+        return await self.service.accounts.password_login(
+            username, password, actor="sftp", action="sftp.login", peer=self.peer) is not None
 
 
 class SftpService:
-    def __init__(self, config: Config, store: Store, directory: Path) -> None:
+    def __init__(self, config: Config, accounts: Accounts, directory: Path) -> None:
         self.config = config
-        self.store = store
+        self.accounts = accounts
         self.directory = directory
-        self.lockout = LockoutPolicy.from_settings(config.portal)
+        self.access = ReadAccess()  # no setting opens SFTP: every session authenticates
         self.server: asyncssh.SSHAcceptor | None = None
 
     async def start(self, host: str, port: int) -> tuple[str, int]:

@@ -1,8 +1,11 @@
-"""The API key a read request carries, and what to say when it is missing or wrong. No I/O."""
+"""The API key a read request carries, whether the request has an authenticated reader, and
+what to say when a key is missing or wrong. No I/O."""
 
 from __future__ import annotations
 
 from aiohttp import web
+
+from repository_server.obs.access import NOTE, Note
 
 UNKNOWN_KEY = "unknown or disabled API key"
 
@@ -32,3 +35,10 @@ def key_refusal(request: web.BaseRequest, needed_for: str) -> str:
         return (f"{UNKNOWN_KEY}: {needed_for} need the key of an enabled user (?apikey=KEY or"
                 " the header X-API-Key)")
     return f"an API key is required for {needed_for}: add ?apikey=KEY or the header X-API-Key"
+
+
+def authenticated(request: web.BaseRequest) -> bool:
+    """Whether the request has an authenticated reader: a known API key, or a signed-in portal
+    session (the principal on the request's note, set before the handler runs)."""
+    note: Note | None = request.get(NOTE)
+    return note is not None and note.principal is not None

@@ -15,7 +15,8 @@ from typing import Any
 
 from aiohttp import web
 
-from repository_server.accounts.keys import Credentials, User
+from repository_server.accounts import Accounts
+from repository_server.accounts.keys import User
 from repository_server.config import Config
 from repository_server.listeners.http.apikeys import request_key
 from repository_server.listeners.http.downloads import (
@@ -52,7 +53,7 @@ class ReadParts:
     metrics: Metrics
     store: Store
     catalog: Catalog
-    credentials: Credentials
+    accounts: Accounts
     levels: ServiceLevels
     counting: ServiceLevels | None  # `levels` when service_levels.enabled
     downloads: Downloads
@@ -66,12 +67,12 @@ def build_read_app(listener: str, parts: ReadParts) -> tuple[web.Application, We
     service (tests reach it)."""
     metrics = parts.metrics
     levels = parts.counting
-    credentials = parts.credentials
+    accounts = parts.accounts
 
     def identify(request: web.Request) -> User | None:
         """The user whose API key a read request carries, if any."""
         key = request_key(request)
-        return credentials.user_for_key(key) if key else None
+        return accounts.user_for_key(key) if key else None
 
     def observed(route: str, handler: Handler, cpm: tuple[str, str] | None,
                  receipt_in_handler: bool = False) -> Handler:
@@ -160,8 +161,8 @@ def build_read_app(listener: str, parts: ReadParts) -> tuple[web.Application, We
 
     downloads = parts.downloads
     fast_paths = downloads.fast_paths()
-    webservice = WebService(parts.catalog, credentials, parts.config, levels)
-    ops = Ops(parts.store, credentials, parts.levels, parts.catalog)
+    webservice = WebService(parts.catalog, accounts, parts.config, levels, downloads.access)
+    ops = Ops(parts.store, accounts, parts.levels, parts.catalog)
     app = web.Application(client_max_size=parts.config.web.client_max_size_kb * 1024)
 
     def add(method: str, path: str, wrapped: Handler) -> None:

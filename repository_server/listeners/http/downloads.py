@@ -34,12 +34,12 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from repository_server import doctypes
+from repository_server.access import ReadAccess
 from repository_server.accounts.keys import User
 from repository_server.config import Config
 from repository_server.jsontime import json_time, json_time_or_none
-from repository_server.listeners.http.apikeys import key_refusal
+from repository_server.listeners.http.apikeys import authenticated, key_refusal
 from repository_server.listeners.http.http_cache import not_modified
-from repository_server.obs.access import NOTE, Note
 from repository_server.pki.certstore import CERT_ATTRIBUTES, CRL_ATTRIBUTES, SearchKeyError, parse_query
 from repository_server.pki.ids import IdentifierError, format_key_id, parse_key_id, parse_serial
 from repository_server.readmodel.catalog import (
@@ -122,11 +122,11 @@ def _search_answer(content_type: str, bodies: list[bytes], total: int, cache_con
 
 
 class Downloads:
-    def __init__(self, catalog: Catalog, config: Config) -> None:
+    def __init__(self, catalog: Catalog, config: Config, access: ReadAccess) -> None:
         self.catalog = catalog
         self.config = config
+        self.access = access  # the read rule of the HTTP interface (web.open_reads)
         web_cfg = config.web
-        self.open_reads = web_cfg.open_reads
         # certificates, CRL versions and document versions never change; those that need a
         # key may be kept by the client's own cache only
         self._immutable = f"public, max-age={web_cfg.cert_max_age}, immutable"
@@ -138,7 +138,7 @@ class Downloads:
 
     def _cache_control(self, public: bool) -> str:
         """Cache-Control of a certificate: `private` when it needs an API key."""
-        return self._immutable if public or self.open_reads else self._private
+        return self._immutable if self.access.shared(public=public) else self._private
 
     def routes(self) -> list[tuple[str, str, str, Handler]]:
         """(method, path, operation, handler); HEAD is answered for every GET. The operation
@@ -177,10 +177,11 @@ class Downloads:
         if found is None:
             return None
         der, etag, last_modified, public = found
-        if user is None and not public and not self.open_reads:
+        access = self.access
+        if not access.may_read(public=public, authenticated=user is not None):
             return None
         return web.Response(body=der, headers={
-            **self._cert_static[public or self.open_reads], "ETag": etag,
+            **self._cert_static[access.shared(public=public)], "ETag": etag,
             "Last-Modified": last_modified})
 
     async def certificate(self, request: web.Request) -> web.StreamResponse:
@@ -204,11 +205,10 @@ class Downloads:
         if len(entries) > 1:
             choices = ", ".join(format_key_id(e.issuer_key_id) for e in entries if e.issuer_key_id)
             return error(300, f"serial {serial} is not unique: add ?issuer= one of {choices}")
-        if not entries[0].public and not self.open_reads:
-            note: Note | None = request.get(NOTE)
-            if note is None or note.principal is None:
-                return error(403, key_refusal(request, "organisation and device certificates")
-                             + " (CA certificates, CRLs and documents need none)")
+        if not self.access.may_read(public=entries[0].public,
+                                    authenticated=authenticated(request)):
+            return error(403, key_refusal(request, "organisation and device certificates")
+                         + " (CA certificates, CRLs and documents need none)")
         return self._cert_response(request, entries[0], pem)
 
     def _cert_response(self, request: web.Request, entry: CertEntry, pem: bool) -> web.Response:
@@ -241,15 +241,14 @@ class Downloads:
             return response
         if not found:
             return error(404, "no certificate matches the search")
-        if not self.open_reads and not all(c.public for c in found):
-            note: Note | None = request.get(NOTE)
-            if note is None or note.principal is None:
-                return error(403, key_refusal(request, "organisation and device certificates")
-                             + " (CA certificates and CRLs need none)")
+        publics = [c.public for c in found]
+        if not self.access.may_read_all(publics, authenticated=authenticated(request)):
+            return error(403, key_refusal(request, "organisation and device certificates")
+                         + " (CA certificates and CRLs need none)")
         # what matches a key grows with lodgings: revalidated, never `immutable`
-        shared = self.open_reads or all(c.public for c in found)
-        return _search_answer(PKIX_CERT, [c.der for c in found], total,
-                              "public, no-cache" if shared else "private, no-cache", limit)
+        scope = self.access.cache_scope(public=all(publics))
+        return _search_answer(PKIX_CERT, [c.der for c in found], total, f"{scope}, no-cache",
+                              limit)
 
     async def search_crls(self, request: web.Request) -> web.StreamResponse:
         """The current CRL/ARL of each issuer the key names."""

@@ -16,22 +16,21 @@ from typing import Any
 
 from aiohttp import web
 
+from repository_server.access import ReadAccess
 from repository_server.extracts import format as fmt
 from repository_server.jsontime import json_time_or_none
-from repository_server.listeners.http.apikeys import key_refusal
+from repository_server.listeners.http.apikeys import authenticated, key_refusal
 from repository_server.listeners.http.downloads import Handler, error
-from repository_server.obs.access import NOTE, Note
 from repository_server.store.db import ExtractRow, Store
 
 
 class ExtractFiles:
-    def __init__(self, store: Store, directory: Path, *, open_reads: bool) -> None:
+    def __init__(self, store: Store, directory: Path, access: ReadAccess) -> None:
         self.store = store
         self.directory = directory
-        self.open_reads = open_reads
-        scope = "public" if open_reads else "private"
-        self._file_cache = f"{scope}, max-age=86400, immutable"
-        self._list_cache = "no-cache" if open_reads else "private, no-cache"
+        self.access = access  # the read rule of the HTTP interface: extracts are private
+        self._file_cache = f"{access.cache_scope(public=False)}, max-age=86400, immutable"
+        self._list_cache = "no-cache" if access.shared(public=False) else "private, no-cache"
 
     def routes(self) -> list[tuple[str, str, str, Handler]]:
         return [("GET", "/extracts", "extract-list", self.listing),
@@ -49,12 +48,9 @@ class ExtractFiles:
                 "counts": row.counts, "url": url + row.name}
 
     def _refused(self, request: web.Request) -> web.Response | None:
-        if self.open_reads:
+        if self.access.may_read_private(authenticated=authenticated(request)):
             return None
-        note: Note | None = request.get(NOTE)
-        if note is None or note.principal is None:
-            return error(403, key_refusal(request, "extracts"))
-        return None
+        return error(403, key_refusal(request, "extracts"))
 
     async def listing(self, request: web.Request) -> web.StreamResponse:
         refused = self._refused(request)

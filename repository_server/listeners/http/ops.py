@@ -19,7 +19,7 @@ from datetime import date
 
 from aiohttp import web
 
-from repository_server.accounts.keys import Credentials
+from repository_server.accounts import Accounts
 from repository_server.listeners.http.apikeys import request_key
 from repository_server.listeners.http.downloads import error
 from repository_server.readmodel.catalog import Catalog
@@ -35,11 +35,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Ops:
-    def __init__(self, store: Store, credentials: Credentials, levels: ServiceLevels,
+    def __init__(self, store: Store, accounts: Accounts, levels: ServiceLevels,
                  catalog: Catalog) -> None:
         self.store = store
         self.catalog = catalog
-        self.credentials = credentials
+        self.accounts = accounts
         self.levels = levels
 
     def routes(self) -> list[tuple[str, str, Handler]]:
@@ -48,7 +48,7 @@ class Ops:
 
     def _refused(self, request: web.Request) -> web.Response | None:
         key = request_key(request)
-        user = self.credentials.user_for_key(key) if key else None
+        user = self.accounts.user_for_key(key) if key else None
         if user is None:
             return error(403, "an operator's API key is required (?apikey= or X-API-Key)")
         if not user.operator:

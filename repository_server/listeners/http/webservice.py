@@ -19,7 +19,8 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from repository_server.accounts.keys import Credentials
+from repository_server.access import ReadAccess
+from repository_server.accounts import Accounts
 from repository_server.config import Config
 from repository_server.listeners.http import ws_xml
 from repository_server.listeners.http.apikeys import UNKNOWN_KEY, request_key
@@ -38,12 +39,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class WebService:
-    def __init__(self, catalog: Catalog, credentials: Credentials, config: Config,
-                 levels: ServiceLevels | None) -> None:
+    def __init__(self, catalog: Catalog, accounts: Accounts, config: Config,
+                 levels: ServiceLevels | None, access: ReadAccess) -> None:
         self.catalog = catalog
         self.levels = levels
-        self.credentials = credentials
-        self.open_reads = config.web.open_reads
+        self.accounts = accounts
+        self.access = access  # the read rule of the HTTP interface: answers are private
         self.max_body = config.web.ws_max_body_bytes
         self.body_timeout = config.web.body_timeout_seconds
         self.refs = ws_xml.AuditReferences()
@@ -98,14 +99,14 @@ class WebService:
             return note, self._error(note, root, 401, "request body exceeds the limit of"
                                      f" {self.max_body} bytes")
         key = request_key(request)
-        user = self.credentials.user_for_key(key) if key else None
+        user = self.accounts.user_for_key(key) if key else None
         if note is not None:  # the request is in: CPM 8 receipt
             note.user = user.name if user else ANONYMOUS
             note.principal = user
             if self.levels is not None:
                 note.mark = self.levels.receive(note.interface, note.operation, note.user,
                                                  started=note.started)
-        if user is None and not self.open_reads:
+        if not self.access.may_read_private(authenticated=user is not None):
             reason = (UNKNOWN_KEY if key else
                       "an API key is required: add ?apikey=KEY to the URL")
             return note, self._error(note, root, 403, reason)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import itertools
 import logging
 import secrets
@@ -37,9 +36,8 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from repository_server.accounts.keys import User, api_key_sha256
-from repository_server.accounts.policy import LockoutPolicy
-from repository_server.accounts.signin import password_accepted
+from repository_server.accounts import Accounts
+from repository_server.accounts.keys import User
 from repository_server.config import Config
 from repository_server.listeners.ldap import codec, dn
 from repository_server.listeners.ldap.codec import PAGED_RESULTS_OID, STARTTLS_OID, ProtocolError, ResultCode
@@ -164,7 +162,8 @@ class LdapService:
     """What every connection shares: the directory, settings, limits, the response cache."""
 
     def __init__(self, config: Config, directory: Directory, store: Store,
-                 levels: ServiceLevels | None, tls: ssl.SSLContext | None) -> None:
+                 levels: ServiceLevels | None, tls: ssl.SSLContext | None, *,
+                 accounts: Accounts) -> None:
         self.config = config
         self.settings = config.ldap
         self.directory = directory
@@ -176,7 +175,7 @@ class LdapService:
         directory.on_change(self.cache.clear)
         self.connections: set[LdapConnection] = set()
         self.ids = itertools.count(1)
-        self.lockout = LockoutPolicy.from_settings(config.portal)
+        self.accounts = accounts
         self.users_dn = f"{USERS_RDN},{directory.suffix}"
         self._nusers = dn.parse_normalised(self.users_dn)
         self._bases: dict[str, dn.DN] = {}
@@ -506,18 +505,8 @@ class LdapConnection(asyncio.Protocol):
             text = secret.decode("utf-8")
         except UnicodeDecodeError:
             return None
-        store = self.service.store
-        account = await store.portal_account(name)
-        if account is not None:
-            row = account[0]
-            if (not row.disabled and row.api_key_sha256 is not None
-                    and hmac.compare_digest(api_key_sha256(text), row.api_key_sha256)):
-                return User(row.name, row.role)
-        if await password_accepted(store, self.service.lockout, account, text, actor="ldap",
-                                   action="ldap.bind", peer=self.peer):
-            assert account is not None
-            return User(account[0].name, account[0].role)
-        return None
+        return await self.service.accounts.key_or_password_login(
+            name, text, actor="ldap", action="ldap.bind", peer=self.peer)
 
     async def _bind_sasl(self, req: codec.BindRequest) -> None:
         mid = req.message_id

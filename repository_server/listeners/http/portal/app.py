@@ -25,9 +25,9 @@ import jinja2
 from aiohttp import web
 from markupsafe import Markup
 
-from repository_server.accounts import policy
+from repository_server.accounts import Accounts, policy
 from repository_server.accounts.keys import User
-from repository_server.accounts.signin import PortalAuth, Session
+from repository_server.accounts.signin import Session
 from repository_server.config import Portal as PortalSettings
 from repository_server.doctypes import safe_type
 from repository_server.listeners.http.downloads import MAX_CRL_NUMBER, Downloads, path_number
@@ -73,7 +73,7 @@ def _static_files() -> dict[str, tuple[bytes, str, str]]:
 
 
 class Portal:
-    def __init__(self, catalog: Catalog, auth: PortalAuth, downloads: Downloads,
+    def __init__(self, catalog: Catalog, auth: Accounts, downloads: Downloads,
                  levels: ServiceLevels | None, settings: PortalSettings,
                  extract_files: ExtractFiles | None = None, *, csrf_key: bytes) -> None:
         self.catalog = catalog
