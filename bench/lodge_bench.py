@@ -15,7 +15,7 @@ Each repetition, in a fresh work folder:
  (b) lodging: `smki-repository serve` (subprocess, fresh --data-dir, its own embedded
      PostgreSQL, lodging listener on a free loopback port with the generated server TLS
      certificate, DCC client CA and DCC subject); the roots (as trust anchors) and issuing CAs
-     are lodged first (cli.lodge_manifest), then each device bundle (devices/devices-NNNN.pem,
+     are lodged first (cli.lodge_client.lodge_manifest), then each device bundle (devices/devices-NNNN.pem,
      up to 50,000 certificates, the lodging batch limit) is POSTed to /lodge/certificates with
      LodgeClient.certificates(body). Rate = device certificates / wall time from the start of
      the request to the acknowledged (HTTP 200, every certificate stored) response, summed over
@@ -60,8 +60,7 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from repository_server.cli.lodge_client import LodgeClient  # noqa: E402
-from repository_server.cli.main import lodge_manifest  # noqa: E402
+from repository_server.cli.lodge_client import LodgeClient, lodge_manifest  # noqa: E402
 
 CERT_KINDS = ("root", "ca", "organisation", "device")
 BEGIN = b"-----BEGIN CERTIFICATE-----"

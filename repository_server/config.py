@@ -9,6 +9,7 @@ import os
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,6 @@ class Web:
     search_max_results: int = 100
     client_max_size_kb: int = 64  # request bodies on the read listeners
     ws_max_body_bytes: int = 8192  # web service requests (a real one is under 300 bytes)
-    test_delay_ms: int = 0  # for load-test verification only: web service answers this much later
     # Slow or stalled clients (http and https listeners, per listener and process):
     max_connections: int = 4096  # more are answered 503 and closed at once
     idle_timeout_seconds: float = 30.0  # no complete request head this long (idle, slowloris)
@@ -248,129 +248,155 @@ class Config:
         return p if p.is_absolute() else Path(self.data_dir).expanduser() / p
 
     def validate(self) -> Config:
-        for name in LISTENER_NAMES:
-            self.listeners.address(name)
-        if self.database.pool_min < 1 or self.database.pool_max < self.database.pool_min:
-            raise ConfigError("database.pool_min/pool_max: need 1 <= pool_min <= pool_max")
-        if self.database.url and not self.database.url.startswith(("postgres://", "postgresql://")):
-            raise ConfigError("database.url: must start with postgresql:// (or be empty)")
-        if not 1 <= self.lodge.max_batch <= 1_000_000:
-            raise ConfigError("lodge.max_batch: must be between 1 and 1,000,000")
-        if self.lodge.client_role != -1 and not 0 <= self.lodge.client_role <= 255:
-            raise ConfigError("lodge.client_role: must be -1 (unchecked) or 0-255")
-        if not (self.lodge.client_subject or self.lodge.client_eui64):
-            raise ConfigError("lodge.client_subject: set it or lodge.client_eui64 (the DCC identity)")
-        if self.lodge.client_eui64:
-            from repository_server.pki.ids import IdentifierError, parse_eui64
-
-            try:
-                parse_eui64(self.lodge.client_eui64)
-            except IdentifierError as exc:
-                raise ConfigError(f"lodge.client_eui64: {exc}") from None
-        if self.lodge.client_subject:
-            from cryptography.x509 import Name
-
-            try:
-                Name.from_rfc4514_string(self.lodge.client_subject)
-            except ValueError as exc:
-                raise ConfigError(f"lodge.client_subject: not an RFC 4514 name: {exc}") from None
-        for key in ("max_body_mb", "max_crl_bytes", "max_document_mb", "max_connections"):
-            if getattr(self.lodge, key) <= 0:
-                raise ConfigError(f"lodge.{key}: must be positive")
-        if not 1 <= self.web.search_max_results <= 10_000:
-            raise ConfigError("web.search_max_results: must be between 1 and 10000")
-        if not 64 <= self.web.ws_max_body_bytes <= 1024 * 1024:
-            raise ConfigError("web.ws_max_body_bytes: must be between 64 and 1048576")
-        if self.web.test_delay_ms < 0:
-            raise ConfigError("web.test_delay_ms: must be >= 0")
-        for key in ("max_connections", "idle_timeout_seconds", "body_timeout_seconds",
-                    "max_headers"):
-            if getattr(self.web, key) <= 0:
-                raise ConfigError(f"web.{key}: must be positive")
-        if not 256 <= self.web.max_header_bytes <= 1024 * 1024:
-            raise ConfigError("web.max_header_bytes: must be between 256 and 1048576")
-        self._validate_ldap()
-        if not 0.1 <= self.tls.handshake_timeout_seconds <= 300:
-            raise ConfigError("tls.handshake_timeout_seconds: must be between 0.1 and 300")
-        if not 1 <= self.tls.refusal_peers_per_minute <= 100_000:
-            raise ConfigError("tls.refusal_peers_per_minute: must be between 1 and 100000")
-        if not 0.1 <= self.tls.refusal_flush_seconds <= 3600:
-            raise ConfigError("tls.refusal_flush_seconds: must be between 0.1 and 3600")
-        sl = self.service_levels
-        if sl.trt_seconds <= 0:
-            raise ConfigError("service_levels.trt_seconds: must be positive")
-        if not 0 <= sl.minimum_percent <= sl.target_percent <= 100:
-            raise ConfigError("service_levels.minimum_percent/target_percent: need"
-                              " 0 <= minimum_percent <= target_percent <= 100")
-        if sl.flush_seconds <= 0:
-            raise ConfigError("service_levels.flush_seconds: must be positive")
-        if sl.demand_threshold_percent <= 0:
-            raise ConfigError("service_levels.demand_threshold_percent: must be positive")
-        _check_zone(sl.timezone, "service_levels.timezone")
-        po = self.portal
-        for key in ("session_idle_seconds", "session_absolute_seconds", "lockout_failures",
-                    "lockout_window_seconds", "lockout_seconds", "page_size"):
-            if getattr(po, key) <= 0:
-                raise ConfigError(f"portal.{key}: must be positive")
-        if not 8 <= po.password_min_length <= 128:
-            raise ConfigError("portal.password_min_length: must be between 8 and 128")
-        if po.detail_cache_entries < 0:
-            raise ConfigError("portal.detail_cache_entries: must be >= 0")
-        self._validate_extracts()
-        if not 1 <= self.replica.map_size_gb <= 65536:
-            raise ConfigError("replica.map_size_gb: must be between 1 and 65536")
-        if not 0.05 <= self.replica.poll_seconds <= 60:
-            raise ConfigError("replica.poll_seconds: must be between 0.05 and 60")
-        if self.replica.max_lag_seconds <= 0:
-            raise ConfigError("replica.max_lag_seconds: must be positive")
-        if self.database.replica_url and not self.database.replica_url.startswith(
-                ("postgres://", "postgresql://")):
-            raise ConfigError("database.replica_url: must start with postgresql:// (or be empty)")
-        if self.log.level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-            raise ConfigError("log.level: one of DEBUG, INFO, WARNING, ERROR")
-        if self.log.format not in ("text", "json"):
-            raise ConfigError(f"log.format: text or json (got {self.log.format!r})")
+        """Every setting checked, section by section (`_SECTION_CHECKS`); the first problem is
+        a ConfigError naming the setting."""
+        for section, check in _SECTION_CHECKS:
+            check(getattr(self, section))
         return self
 
 
-    def _validate_extracts(self) -> None:
-        ex = self.extracts
-        if not ex.dir:
-            raise ConfigError("extracts.dir: must not be empty")
-        if ex.full_weekday.lower() not in WEEKDAYS:
-            raise ConfigError(f"extracts.full_weekday: one of {', '.join(WEEKDAYS)}")
-        ex.times()
-        if ex.compression not in ("gzip", "none"):
-            raise ConfigError("extracts.compression: gzip or none")
-        if ex.retain_full < 1:
-            raise ConfigError("extracts.retain_full: must be at least 1")
-        if not 1 <= ex.page_size <= 100_000:
-            raise ConfigError("extracts.page_size: must be between 1 and 100000")
-        if ex.check_seconds <= 0:
-            raise ConfigError("extracts.check_seconds: must be positive")
-        if not ex.sftp_host_key:
-            raise ConfigError("extracts.sftp_host_key: must not be empty")
-        if ex.sftp_login_timeout_seconds <= 0:
-            raise ConfigError("extracts.sftp_login_timeout_seconds: must be positive")
-        _check_zone(ex.timezone, "extracts.timezone")
+def _check_listeners(lis: Listeners) -> None:
+    for name in LISTENER_NAMES:
+        lis.address(name)
 
-    def _validate_ldap(self) -> None:
-        from repository_server.listeners.ldap import dn
+
+def _check_database(db: Database) -> None:
+    if db.pool_min < 1 or db.pool_max < db.pool_min:
+        raise ConfigError("database.pool_min/pool_max: need 1 <= pool_min <= pool_max")
+    for key in ("url", "replica_url"):
+        if getattr(db, key) and not getattr(db, key).startswith(("postgres://", "postgresql://")):
+            raise ConfigError(f"database.{key}: must start with postgresql:// (or be empty)")
+
+
+def _positive(section: str, settings: object, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if getattr(settings, key) <= 0:
+            raise ConfigError(f"{section}.{key}: must be positive")
+
+
+def _check_lodge(lodge: Lodge) -> None:
+    if not 1 <= lodge.max_batch <= 1_000_000:
+        raise ConfigError("lodge.max_batch: must be between 1 and 1,000,000")
+    if lodge.client_role != -1 and not 0 <= lodge.client_role <= 255:
+        raise ConfigError("lodge.client_role: must be -1 (unchecked) or 0-255")
+    if not (lodge.client_subject or lodge.client_eui64):
+        raise ConfigError("lodge.client_subject: set it or lodge.client_eui64 (the DCC identity)")
+    if lodge.client_eui64:
+        from repository_server.pki.ids import IdentifierError, parse_eui64
 
         try:
-            suffix = dn.parse_normalised(self.ldap.suffix)
-        except dn.DNError as exc:
-            raise ConfigError(f"ldap.suffix: not a DN: {exc}") from None
-        if not suffix or len(suffix[0]) != 1 or suffix[0][0][0] not in ("o", "ou", "dc"):
-            raise ConfigError("ldap.suffix: must be a DN whose first RDN is o=, ou= or dc="
-                              f" (got {self.ldap.suffix!r})")
-        for key in ("size_limit", "time_limit_seconds", "response_cache_mb"):
-            if getattr(self.ldap, key) < 0:
-                raise ConfigError(f"ldap.{key}: must be >= 0")
-        for key in ("max_connections", "max_outstanding", "max_request_kb", "idle_timeout_seconds",
-                    "write_timeout_seconds"):
-            if getattr(self.ldap, key) <= 0:
-                raise ConfigError(f"ldap.{key}: must be positive")
+            parse_eui64(lodge.client_eui64)
+        except IdentifierError as exc:
+            raise ConfigError(f"lodge.client_eui64: {exc}") from None
+    if lodge.client_subject:
+        from cryptography.x509 import Name
+
+        try:
+            Name.from_rfc4514_string(lodge.client_subject)
+        except ValueError as exc:
+            raise ConfigError(f"lodge.client_subject: not an RFC 4514 name: {exc}") from None
+    _positive("lodge", lodge, ("max_body_mb", "max_crl_bytes", "max_document_mb",
+                               "max_connections"))
+
+
+def _check_web(web: Web) -> None:
+    if not 1 <= web.search_max_results <= 10_000:
+        raise ConfigError("web.search_max_results: must be between 1 and 10000")
+    if not 64 <= web.ws_max_body_bytes <= 1024 * 1024:
+        raise ConfigError("web.ws_max_body_bytes: must be between 64 and 1048576")
+    _positive("web", web, ("max_connections", "idle_timeout_seconds", "body_timeout_seconds",
+                           "max_headers"))
+    if not 256 <= web.max_header_bytes <= 1024 * 1024:
+        raise ConfigError("web.max_header_bytes: must be between 256 and 1048576")
+
+
+def _check_ldap(ldap: Ldap) -> None:
+    from repository_server.listeners.ldap import dn
+
+    try:
+        suffix = dn.parse_normalised(ldap.suffix)
+    except dn.DNError as exc:
+        raise ConfigError(f"ldap.suffix: not a DN: {exc}") from None
+    if not suffix or len(suffix[0]) != 1 or suffix[0][0][0] not in ("o", "ou", "dc"):
+        raise ConfigError("ldap.suffix: must be a DN whose first RDN is o=, ou= or dc="
+                          f" (got {ldap.suffix!r})")
+    for key in ("size_limit", "time_limit_seconds", "response_cache_mb"):
+        if getattr(ldap, key) < 0:
+            raise ConfigError(f"ldap.{key}: must be >= 0")
+    _positive("ldap", ldap, ("max_connections", "max_outstanding", "max_request_kb",
+                             "idle_timeout_seconds", "write_timeout_seconds"))
+
+
+def _check_tls(tls: Tls) -> None:
+    if not 0.1 <= tls.handshake_timeout_seconds <= 300:
+        raise ConfigError("tls.handshake_timeout_seconds: must be between 0.1 and 300")
+    if not 1 <= tls.refusal_peers_per_minute <= 100_000:
+        raise ConfigError("tls.refusal_peers_per_minute: must be between 1 and 100000")
+    if not 0.1 <= tls.refusal_flush_seconds <= 3600:
+        raise ConfigError("tls.refusal_flush_seconds: must be between 0.1 and 3600")
+
+
+def _check_service_levels(sl: ServiceLevelSettings) -> None:
+    if sl.trt_seconds <= 0:
+        raise ConfigError("service_levels.trt_seconds: must be positive")
+    if not 0 <= sl.minimum_percent <= sl.target_percent <= 100:
+        raise ConfigError("service_levels.minimum_percent/target_percent: need"
+                          " 0 <= minimum_percent <= target_percent <= 100")
+    _positive("service_levels", sl, ("flush_seconds", "demand_threshold_percent"))
+    _check_zone(sl.timezone, "service_levels.timezone")
+
+
+def _check_portal(po: Portal) -> None:
+    _positive("portal", po, ("session_idle_seconds", "session_absolute_seconds",
+                             "lockout_failures", "lockout_window_seconds", "lockout_seconds",
+                             "page_size"))
+    if not 8 <= po.password_min_length <= 128:
+        raise ConfigError("portal.password_min_length: must be between 8 and 128")
+    if po.detail_cache_entries < 0:
+        raise ConfigError("portal.detail_cache_entries: must be >= 0")
+
+
+def _check_extracts(ex: Extracts) -> None:
+    if not ex.dir:
+        raise ConfigError("extracts.dir: must not be empty")
+    if ex.full_weekday.lower() not in WEEKDAYS:
+        raise ConfigError(f"extracts.full_weekday: one of {', '.join(WEEKDAYS)}")
+    ex.times()
+    if ex.compression not in ("gzip", "none"):
+        raise ConfigError("extracts.compression: gzip or none")
+    if ex.retain_full < 1:
+        raise ConfigError("extracts.retain_full: must be at least 1")
+    if not 1 <= ex.page_size <= 100_000:
+        raise ConfigError("extracts.page_size: must be between 1 and 100000")
+    _positive("extracts", ex, ("check_seconds",))
+    if not ex.sftp_host_key:
+        raise ConfigError("extracts.sftp_host_key: must not be empty")
+    _positive("extracts", ex, ("sftp_login_timeout_seconds",))
+    _check_zone(ex.timezone, "extracts.timezone")
+
+
+def _check_replica(rep: Replica) -> None:
+    if not 1 <= rep.map_size_gb <= 65536:
+        raise ConfigError("replica.map_size_gb: must be between 1 and 65536")
+    if not 0.05 <= rep.poll_seconds <= 60:
+        raise ConfigError("replica.poll_seconds: must be between 0.05 and 60")
+    _positive("replica", rep, ("max_lag_seconds",))
+
+
+def _check_log(lg: Log) -> None:
+    if lg.level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ConfigError("log.level: one of DEBUG, INFO, WARNING, ERROR")
+    if lg.format not in ("text", "json"):
+        raise ConfigError(f"log.format: text or json (got {lg.format!r})")
+
+
+# (section, its check), in the order problems are reported
+_SECTION_CHECKS: tuple[tuple[str, Callable[[Any], None]], ...] = (
+    ("listeners", _check_listeners), ("database", _check_database), ("lodge", _check_lodge),
+    ("web", _check_web), ("ldap", _check_ldap), ("tls", _check_tls),
+    ("service_levels", _check_service_levels), ("portal", _check_portal),
+    ("extracts", _check_extracts), ("replica", _check_replica), ("log", _check_log),
+)
 
 
 def _check_zone(name: str, setting: str) -> None:

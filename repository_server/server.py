@@ -2,12 +2,10 @@
 
 `Repository.start()` brings the pieces up in data-flow order (store → catalog → lodging →
 listeners) and `stop()` takes them down in reverse, releasing the embedded PostgreSQL last
-so that Ctrl-C leaves no orphan. The TLS listeners (lodge, https, ldaps) accept TCP
-themselves (`_TlsGate`) and hand a connection to the loop's TLS protocol only when its
-first bytes arrive: connections in their handshake count against the listener's cap, a
-refused handshake (no client certificate, unknown CA, expired, timed out) is counted per
-minute, reason and peer (obs/refusals.py) rather than silently dropped inside the TLS layer,
-and the client gets the TLS alert that says why.
+so that Ctrl-C leaves no orphan. This module only wires: the read application is
+`listeners/http/app.py`, the TLS gate of the TLS listeners `listeners/tls.py`, and each
+listener's protocol lives in its own package. Refused TLS handshakes reported by the gate are
+counted here (metric, and per minute, reason and peer into the store: obs/refusals.py).
 """
 
 from __future__ import annotations
@@ -18,12 +16,10 @@ import dataclasses
 import errno
 import functools
 import gc
-import json
 import logging
 import os
 import ssl
 import time
-import typing
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -31,25 +27,16 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from repository_server.access import ReadAccess
 from repository_server.accounts import Accounts
-from repository_server.accounts.keys import Credentials, User
+from repository_server.accounts.keys import Credentials
 from repository_server.config import LISTENER_NAMES, Config, ConfigError, HostPort
 from repository_server.extracts.scheduler import ExtractScheduler
 from repository_server.extracts.writer import ExtractWriter
-from repository_server.listeners.http.apikeys import request_key
-from repository_server.listeners.http.downloads import (
-    RETRY_AFTER,
-    Downloads,
-    FastHandler,
-    error,
-    unavailable_response,
-)
+from repository_server.listeners.http.app import ReadParts, build_read_app
+from repository_server.listeners.http.downloads import Downloads
 from repository_server.listeners.http.extracts import ExtractFiles
-from repository_server.listeners.http.openapi import describe as describe_api
-from repository_server.listeners.http.ops import Ops
 from repository_server.listeners.http.portal.app import Portal
 from repository_server.listeners.http.portal.csrf import CSRF_SECRET
 from repository_server.listeners.http.webservice import WebService
@@ -57,10 +44,21 @@ from repository_server.listeners.ldap.codec import PAGED_RESULTS_OID, STARTTLS_O
 from repository_server.listeners.ldap.directory import Directory
 from repository_server.listeners.ldap.server import WHOAMI_OID, LdapService
 from repository_server.listeners.lodge.app import ACTOR_KEY, build_lodge_app
+from repository_server.listeners.metrics import build_metrics_app
 from repository_server.listeners.sftp import SftpService
+from repository_server.listeners.tls import (
+    TRIM_AFTER_REFUSALS,
+    TlsListener,
+    capped,
+    ldap_tls_context,
+    lodge_tls_context,
+    open_connections,
+    release_freed_memory,
+    require_file,
+    server_tls_context,
+)
 from repository_server.lodging.service import LodgingService
-from repository_server.obs.access import NOTE, Note, access_logger_class
-from repository_server.obs.arrival import waited
+from repository_server.obs.access import access_logger_class
 from repository_server.obs.metrics import Metrics
 from repository_server.obs.refusals import RefusalSummary
 from repository_server.obs.refusals import classify as classify_refusal
@@ -68,97 +66,19 @@ from repository_server.readmodel.catalog import Catalog
 from repository_server.readmodel.check import lag
 from repository_server.readmodel.env import Replica, ReplicaUnavailable
 from repository_server.readmodel.feed import Feeder
-from repository_server.service_levels import ANONYMOUS, ServiceLevelCollector, ServiceLevels
+from repository_server.service_levels import ServiceLevelCollector, ServiceLevels
 from repository_server.store import opened_store
 from repository_server.store import refusals as refusals_sql
 from repository_server.store.db import Store
-from repository_server.store.db import unavailable as store_unavailable
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-_LODGE_CIPHERS = "ECDHE+AESGCM"  # TLS 1.2: ECDHE with AES-GCM only
-_TLS13_AES_GCM = ("TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256")
-
-
-def _require_file(config: Config, value: str, setting: str) -> Path:
-    path = config.path(value)
-    if not path.is_file():
-        raise ConfigError(f"{setting}: file not found: {path} (run `smki-repository demo` or"
-                          " `smki-repository testpki`, or point the setting at your file)")
-    return path
-
-
-def server_tls_context(config: Config) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    cert = _require_file(config, config.tls.cert, "tls.cert")
-    key = _require_file(config, config.tls.key, "tls.key")
-    try:
-        ctx.load_cert_chain(cert, key)
-    except ssl.SSLError as exc:  # not PEM, or a key that is not the certificate's
-        raise ConfigError(f"tls.cert/tls.key: cannot use {cert} with {key}:"
-                          f" {exc.reason or exc}") from None
-    return ctx
-
-
-def lodge_tls_context(config: Config) -> ssl.SSLContext:
-    ctx = server_tls_context(config)
-    ctx.set_ciphers(_LODGE_CIPHERS)
-    ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_COMPRESSION
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
-    ca = _require_file(config, config.lodge.client_ca, "lodge.client_ca")
-    try:
-        ctx.load_verify_locations(cafile=str(ca))
-    except ssl.SSLError as exc:
-        raise ConfigError(f"lodge.client_ca: no usable CA certificate in {ca}:"
-                          f" {exc.reason or exc}") from None
-    return ctx
-
 
 def _lodging_user(request: web.BaseRequest) -> str | None:
     actor = request.get(ACTOR_KEY)
     return actor.name if actor is not None else None
-
-
-def tls_problems(config: Config) -> list[str]:
-    """Every problem `start` would stop at in the TLS files the configuration names (all of
-    them, not just the first: `smki-repository config check`)."""
-    problems: list[str] = []
-
-    def check(what: Callable[[], object]) -> bool:
-        try:
-            what()
-        except ConfigError as exc:
-            problems.append(str(exc))
-            return False
-        return True
-
-    lis = config.listeners
-    if lis.https or lis.lodge or lis.ldaps:
-        cert = check(lambda: _require_file(config, config.tls.cert, "tls.cert"))
-        key = check(lambda: _require_file(config, config.tls.key, "tls.key"))
-        if cert and key:
-            check(lambda: server_tls_context(config))
-    if lis.lodge and check(lambda: _require_file(config, config.lodge.client_ca,
-                                                 "lodge.client_ca")) and not problems:
-        check(lambda: lodge_tls_context(config))
-    if (lis.ldap or lis.ldaps) and config.ldap.client_ca:
-        check(lambda: _require_file(config, config.ldap.client_ca, "ldap.client_ca"))
-    return problems
-
-
-def ldap_tls_context(config: Config) -> ssl.SSLContext:
-    """LDAPS and StartTLS: the server certificate; client certificates are asked for (and
-    verified) only when ldap.client_ca names the CAs allowed to SASL EXTERNAL bind."""
-    ctx = server_tls_context(config)
-    if config.ldap.client_ca:
-        ctx.verify_mode = ssl.CERT_OPTIONAL
-        ctx.load_verify_locations(cafile=str(_require_file(config, config.ldap.client_ca,
-                                                           "ldap.client_ca")))
-    return ctx
 
 
 def _our_version() -> str:
@@ -184,290 +104,6 @@ def _root_dse(config: Config, tls: bool) -> dict[str, list[bytes]]:
         "vendorname": [b"smki-repository"],
         "vendorversion": [ours.encode()],
     }
-
-
-def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Any:
-    """The loop's own TLS protocol (what `loop.start_tls` uses internally)."""
-    if type(loop).__module__.startswith("uvloop"):
-        import uvloop.loop
-
-        return uvloop.loop.SSLProtocol  # type: ignore[attr-defined]
-    import asyncio.sslproto
-
-    return asyncio.sslproto.SSLProtocol
-
-
-class _TlsListener:
-    """One TLS listener (https, lodge, ldaps): its context, the protocol a connection gets
-    once its handshake is done, and its connection cap. Connections in their handshake are
-    counted here; those past it by their owner (`established`: aiohttp's server, the LDAP
-    service), so the cap holds for both."""
-
-    def __init__(self, name: str, ctx: ssl.SSLContext, factory: Callable[[], asyncio.Protocol],
-                 *, limit: int, established: Callable[[], int], timeout: float,
-                 on_refused: Callable[[str, str, BaseException | None], None],
-                 on_over_cap: Callable[[], None]) -> None:
-        self.name = name
-        self.ctx = ctx
-        self.factory = factory
-        self.limit = limit
-        self.established = established
-        self.timeout = timeout
-        self.on_refused = on_refused
-        self.on_over_cap = on_over_cap
-        self.handshaking = 0
-
-    def protocol(self) -> asyncio.Protocol:
-        return _TlsGate(self)
-
-
-class _AlertingTransport:
-    """The TCP transport as the loop's TLS protocol sees it: its own methods, except that a
-    handshake refused with an SSL error (no client certificate, unknown CA, expired, ...)
-    sends the alert OpenSSL wrote for it (certificate_required, unknown_ca,
-    certificate_expired, ...) before closing. The loop's TLS protocol force-closes without
-    sending it, and clients saw only "Empty reply from server"."""
-
-    __slots__ = ("_tcp", "abort", "close", "get_extra_info", "outgoing", "pause_reading",
-                 "resume_reading", "write")
-
-    def __init__(self, tcp: asyncio.Transport) -> None:
-        self._tcp = tcp
-        self.outgoing: ssl.MemoryBIO | None = None
-        # the TCP transport's methods themselves: no extra call on the data path
-        self.write = tcp.write
-        self.close = tcp.close
-        self.abort = tcp.abort
-        self.get_extra_info = tcp.get_extra_info
-        self.pause_reading = tcp.pause_reading
-        self.resume_reading = tcp.resume_reading
-
-    def _force_close(self, exc: BaseException | None) -> None:
-        alert = self.outgoing.read() if self.outgoing is not None else b""
-        if alert and isinstance(exc, ssl.SSLError):
-            # not here: this runs inside uvloop's read callback for the TLS protocol, which
-            # must not change under it
-            self._tcp.pause_reading()
-            asyncio.get_running_loop().call_soon(_Lingering.close_after, self._tcp, alert)
-        else:
-            self._tcp._force_close(exc)  # type: ignore[attr-defined]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._tcp, name)
-
-
-class _Lingering(asyncio.Protocol):
-    """A refused connection after its TLS alert: our side is shut (the alert, then FIN) and
-    what the client still sends (a TLS 1.3 client sends its request right after its
-    Finished) is read and dropped until it closes, for a second at most. Closing at once
-    would answer that data with a reset, and the client's kernel would drop the unread
-    alert with it."""
-
-    LINGER_SECONDS = 1.0
-
-    def __init__(self, tcp: asyncio.Transport) -> None:
-        self.tcp = tcp
-        self.timer = asyncio.get_running_loop().call_later(self.LINGER_SECONDS, tcp.abort)
-
-    @classmethod
-    def close_after(cls, tcp: asyncio.Transport, last: bytes) -> None:
-        if tcp.is_closing():
-            return
-        tcp.pause_reading()  # (again: the gate may have resumed it) so that reading resumes
-        tcp.set_protocol(cls(tcp))  # with this protocol's callbacks
-        tcp.write(last)
-        tcp.write_eof()
-        tcp.resume_reading()
-
-    def data_received(self, data: bytes) -> None:
-        pass
-
-    def eof_received(self) -> bool | None:
-        return None  # close
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.timer.cancel()
-
-
-class _OneConnectionContext:
-    """The SSL context as the TLS protocol of one connection sees it: `wrap_bio` also hands
-    the connection's outgoing BIO to its `_AlertingTransport`."""
-
-    __slots__ = ("_ctx", "_transport")
-
-    def __init__(self, ctx: ssl.SSLContext, transport: _AlertingTransport) -> None:
-        self._ctx = ctx
-        self._transport = transport
-
-    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
-                 server_side: bool = False, server_hostname: str | None = None,
-                 session: ssl.SSLSession | None = None) -> ssl.SSLObject:
-        self._transport.outgoing = outgoing
-        return self._ctx.wrap_bio(incoming, outgoing, server_side=server_side,
-                                  server_hostname=server_hostname, session=session)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._ctx, name)
-
-
-class _TlsGate(asyncio.Protocol):
-    """A TCP connection to a TLS listener until its handshake is done.
-
-    Over the listener's cap it is closed at once. Otherwise nothing TLS is allocated until
-    the client's first bytes (its ClientHello) arrive: a connection that sends nothing costs
-    this object and a timer, and is closed after tls.handshake_timeout_seconds. (Before, the
-    loop's TLS protocol made OpenSSL's connection state and buffers at accept; thousands of
-    idle sockets left tens of MB that glibc's malloc kept after they were freed, more after
-    every round: the RSS never came back.) On the first bytes the loop's TLS protocol takes
-    the connection over, synchronously (uvloop starts reading at once, so `await
-    loop.start_tls(...)` from a task could lose bytes), and calls the listener's protocol
-    once the handshake succeeds; a refused handshake is reported with the peer's address."""
-
-    def __init__(self, listener: _TlsListener) -> None:
-        self.listener = listener
-        self.tcp: asyncio.Transport | None = None
-        self.peer = "?"
-        self.started = 0.0
-        self.timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        listener = self.listener
-        tcp = typing.cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        if listener.handshaking + listener.established() >= listener.limit:
-            listener.on_over_cap()
-            tcp.abort()
-            return
-        listener.handshaking += 1
-        self.tcp = tcp
-        peer = tcp.get_extra_info("peername")
-        self.peer = str(peer[0]) if isinstance(peer, tuple) else "?"
-        loop = asyncio.get_running_loop()
-        self.started = loop.time()
-        self.timer = loop.call_later(listener.timeout, self._timed_out)
-
-    def _ended(self, exc: BaseException | None) -> None:
-        """The handshake is over, refused if `exc` is not None (or the TLS protocol never
-        started)."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.listener.handshaking -= 1
-        self.tcp = None
-        if exc is not None:
-            self.listener.on_refused(self.listener.name, self.peer, exc)
-
-    def _timed_out(self) -> None:
-        self.timer = None
-        tcp = self.tcp
-        if tcp is not None:
-            self._ended(TimeoutError("no ClientHello"))
-            tcp.abort()
-
-    def data_received(self, data: bytes) -> None:
-        tcp = self.tcp
-        if tcp is None:
-            return
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.tcp = None  # the TLS protocol has it from here
-        listener = self.listener
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
-        waiter.add_done_callback(self._handshake_done)
-        remaining = max(0.01, listener.timeout - (loop.time() - self.started))
-        shim = _AlertingTransport(tcp)
-        tls = _ssl_protocol_class(loop)(loop, listener.factory(),
-                                        _OneConnectionContext(listener.ctx, shim), waiter,
-                                        server_side=True, ssl_handshake_timeout=remaining)
-        tcp.pause_reading()  # so that reading resumes with the TLS protocol's callbacks
-        tcp.set_protocol(tls)
-        tls.connection_made(shim)
-        view = memoryview(data)
-        while view and not tcp.is_closing():
-            buf = tls.get_buffer(len(view))
-            n = min(len(buf), len(view))
-            buf[:n] = view[:n]
-            tls.buffer_updated(n)
-            view = view[n:]
-        tcp.resume_reading()
-
-    def _handshake_done(self, fut: asyncio.Future[None]) -> None:
-        self.listener.handshaking -= 1
-        exc = None if fut.cancelled() else fut.exception()
-        if exc is not None:
-            self.listener.on_refused(self.listener.name, self.peer, exc)
-
-    def eof_received(self) -> bool | None:
-        return None  # close
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.tcp is not None:  # before any byte: a port scan, a health check
-            self._ended(exc or ConnectionResetError("closed before the TLS handshake"))
-
-
-_BUSY_BODY = (b'{"status": 503, "reason": "too many connections to this listener;'
-              b' try again shortly"}')
-_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-         b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
-         + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY)
-
-
-class _Busy(asyncio.Protocol):
-    """A connection beyond web.max_connections: answered 503 at once and closed, without
-    reading its request (the client may retry after a second)."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        tcp = typing.cast(asyncio.Transport, transport)
-        tcp.write(_BUSY)
-        tcp.close()
-
-    def data_received(self, data: bytes) -> None:
-        pass
-
-
-# Refused handshakes between two flushes after which freed memory is handed back (below).
-_TRIM_AFTER_REFUSALS = 100
-
-
-def _release_freed_memory() -> None:
-    """Hand the memory malloc keeps after it was freed back to the system. Handshakes that
-    fail after the ClientHello (a partial one, a refused certificate) free OpenSSL's
-    per-connection state (tens of KB), but glibc keeps freed heap memory that lies between
-    live allocations, and after each burst the process was tens of MB bigger. malloc_trim
-    gives those pages back (a few ms; glibc only, elsewhere a no-op)."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-            import ctypes.util
-
-            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim: Any = None
-
-
-def _open_connections(handlers: web.Server) -> int:
-    return len(handlers.connections)
-
-
-def _capped(handlers: web.Server, limit: int, on_over_cap: Callable[[], None],
-            ) -> Callable[[], asyncio.Protocol]:
-    """aiohttp has no connection limit: this protocol factory is one, for plain HTTP (TLS
-    listeners are capped by their `_TlsListener`, handshakes included)."""
-
-    def factory() -> asyncio.Protocol:
-        if len(handlers.connections) >= limit:
-            on_over_cap()
-            return _Busy()
-        return handlers()
-
-    return factory
 
 
 class _OneLineForBadRequests(logging.Filter):
@@ -557,201 +193,45 @@ class Repository:
         self._refusal_task: asyncio.Task[None] | None = None
         self.bound: dict[str, HostPort] = {}
         self._lodge_ctx: ssl.SSLContext | None = None
-        self._lodge_listener: _TlsListener | None = None
+        self._lodge_listener: TlsListener | None = None
         self._tls_contexts: list[ssl.SSLContext] = []  # https, ldaps and StartTLS
         self._opening: asyncio.Future[Store] | None = None
 
     # -- apps -----------------------------------------------------------------------------
-    def _identify(self, request: web.Request) -> User | None:
-        """The user whose API key a read request carries, if any."""
-        assert self.accounts is not None
-        key = request_key(request)
-        return self.accounts.user_for_key(key) if key else None
-
-    def _read_app(self, listener: str) -> web.Application:
-        assert self.catalog is not None and self.store is not None
-        assert self.accounts is not None and self.levels is not None
-        metrics = self.metrics
-        store = self.store
-        catalog = self.catalog
-        levels = self.counting
-        identify = self._identify
-
-        def observed(route: str, handler: Handler, cpm: tuple[str, str] | None,
-                     receipt_in_handler: bool = False) -> Handler:
-            """Per-route wrapper (cheaper than a middleware): timing, status counts, the
-            request's Note (CPM 8 receipt: here, or in the handler once the body is in), and
-            errors turned into JSON answers with a reason, never a stack trace."""
-            stats = metrics.http.route(listener, route)
-            clock = time.perf_counter
-
-            async def wrapper(request: web.Request) -> web.StreamResponse:
-                started = clock()
-                if cpm is not None:
-                    arrived = started - waited(request.transport)
-                    user = None if receipt_in_handler else identify(request)
-                    name = user.name if user else ANONYMOUS
-                    mark = None if receipt_in_handler or levels is None else levels.receive(
-                        cpm[0], cpm[1], name, started=arrived)
-                    request[NOTE] = Note(cpm[0], cpm[1], name, mark, user, arrived)
-                try:
-                    response = await handler(request)
-                except web.HTTPException as exc:
-                    response = error(exc.status, exc.reason)
-                except Exception as exc:
-                    if store_unavailable(exc):
-                        log.warning("store unavailable for %s: %s: %s", request.path,
-                                    type(exc).__name__, exc)
-                        response = unavailable_response()
-                    else:
-                        log.exception("internal error on %s %s", request.method, request.path)
-                        response = error(500, "internal error (logged on the server)")
-                stats.record(response.status, clock() - started)
-                return response
-
-            return wrapper
-
-        async def healthz(_request: web.Request) -> web.Response:
-            return web.json_response({"status": "ok"})
-
+    async def readiness(self) -> tuple[int, dict[str, Any]]:
+        """Ready = the read interfaces can answer from this node's replica, and it is not
+        further behind the store than replica.max_lag_seconds. The database may be down
+        meanwhile (reads are served; lodging answers 503): said in the body. (HTTP status,
+        body) for /readyz."""
+        store, replica, catalog = self.store, self.replica, self.catalog
+        assert store is not None and replica is not None and catalog is not None
         max_lag = self.config.replica.max_lag_seconds
-        replica = self.replica
-        assert replica is not None
-
-        async def readyz(_request: web.Request) -> web.Response:
-            """Ready = the read interfaces can answer from this node's replica, and it is
-            not further behind the store than replica.max_lag_seconds. The database may be
-            down meanwhile (reads are served; lodging answers 503): said in the body."""
-            body: dict[str, Any] = {"status": "ready"}
-            try:
-                await store.ping()
-                body["database"] = "ok"
-            except Exception as exc:
-                body["database"] = f"unavailable: {type(exc).__name__}: {exc}".rstrip(": ")
-                body["lodging"] = "unavailable until the database is back"
-            try:
-                body["replica"] = lag(replica)
-            except ReplicaUnavailable as exc:
-                body["replica"] = {"error": str(exc)}
-            if not catalog.ready:
-                body["status"] = "unavailable"
-                body["reason"] = "the read replica is being built"
-                building = self.feeder.building if self.feeder else None
-                if building:
-                    body["replica"]["building"] = {"done": building[0], "total": building[1]}
-            elif body["replica"].get("behind_seconds", 0) > max_lag:
-                body["status"] = "unavailable"
-                body["reason"] = (f"the read replica is more than {max_lag:g} s behind the"
-                                  " store")
-            elif body["database"] != "ok":
-                body["status"] = "degraded"
-            if body["status"] == "unavailable":
-                return web.json_response(body, status=503, headers={"Retry-After": RETRY_AFTER})
-            return web.json_response(body)
-
-        described = json.dumps(describe_api(_our_version()), indent=1).encode()
-
-        async def openapi(_request: web.Request) -> web.Response:
-            return web.Response(body=described, content_type="application/json",
-                                headers={"Cache-Control": "no-cache"})
-
-        async def not_found(request: web.Request) -> web.Response:
-            """No route took the request: 405 with Allow when the path is served with other
-            methods, else 404 (this path runs only for requests nothing else matched)."""
-            allowed: set[str] = set()
-            for resource in request.app.router.resources():
-                match, methods = await resource.resolve(request)
-                if match is None:
-                    allowed |= methods
-            if allowed:
-                response = error(405, f"{request.method} is not allowed on {request.path[:200]}:"
-                                 f" use {', '.join(sorted(allowed))}")
-                response.headers["Allow"] = ", ".join(sorted(allowed))
-                return response
-            return error(404, f"no such resource: {request.path[:200]} (see /openapi.json or"
-                         " the README for the URL scheme)")
-
-        def with_fast_path(route: str, operation: str, fast: FastHandler,
-                           handler: Handler) -> Handler:
-            """Try the synchronous answer first: one coroutine less per hot request."""
-            stats = metrics.http.route(listener, route)
-            clock = time.perf_counter
-
-            async def wrapper(request: web.Request) -> web.StreamResponse:
-                started = clock()
-                user = identify(request)
-                response = fast(request, user)
-                if response is None:
-                    return await handler(request)
-                name = user.name if user else ANONYMOUS
-                request[NOTE] = Note("download", operation, name, levels.receive(
-                    "download", operation, name, started=started - waited(request.transport))
-                    if levels else None)
-                stats.record(200, clock() - started)
-                return response
-
-            return wrapper
-
-        downloads = self.downloads
-        assert downloads is not None
-        fast_paths = downloads.fast_paths()
-        webservice = WebService(self.catalog, self.accounts, self.config, levels, downloads.access)
-        self.webservices.append(webservice)
-        ops = Ops(store, self.accounts, self.levels, self.catalog)
-        app = web.Application(client_max_size=self.config.web.client_max_size_kb * 1024)
-
-        def add(method: str, path: str, wrapped: Handler) -> None:
-            if method == "GET":
-                app.router.add_get(path, wrapped, allow_head=True)
-            else:
-                app.router.add_route(method, path, wrapped)
-
-        for method, path, operation, handler in webservice.routes():
-            add(method, path, observed(path, handler, ("ws", operation), receipt_in_handler=True))
-        for method, path, operation, handler in downloads.routes():
-            wrapped = observed(path, handler, ("download", operation))
-            if path in fast_paths:
-                wrapped = with_fast_path(path, operation, fast_paths[path], wrapped)
-            add(method, path, wrapped)
-        assert self.extract_files is not None
-        for method, path, operation, handler in self.extract_files.routes():
-            add(method, path, observed(path, handler, ("download", operation)))
-        if self.portal is not None:
-            self.portal.setup(app)
-            for method, path, counted, handler in self.portal.routes():
-                add(method, path, observed(path, handler, ("portal", counted) if counted
-                                           else None, receipt_in_handler=True))
-        for method, path, handler in [*ops.routes(),
-                                      ("GET", "/healthz", healthz), ("GET", "/readyz", readyz),
-                                      ("GET", "/openapi.json", openapi),
-                                      ("*", "/{tail:.*}", not_found)]:
-            add(method, path, observed(path, handler, None))
-        return app
-
-    def _metrics_app(self) -> web.Application:
-        """The operations listener (listeners.metrics): Prometheus metrics, which name users
-        (demand per user), so never on the public read listeners."""
-        metrics = self.metrics
-        replica = self.replica
-        assert replica is not None
-
-        async def metrics_handler(_request: web.Request) -> web.Response:
-            with contextlib.suppress(ReplicaUnavailable):
-                state = lag(replica)
-                metrics.replica_applied.set(state["applied"])
-                metrics.replica_behind.set(state["behind_changes"])
-                metrics.replica_behind_seconds.set(state["behind_seconds"])
-                metrics.replica_bytes.set(replica.size_bytes())
-            return web.Response(body=generate_latest(metrics.registry),
-                                headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-        async def not_found(request: web.Request) -> web.Response:
-            return error(404, f"no such resource: {request.path} (this listener serves /metrics)")
-
-        app = web.Application()
-        app.router.add_get("/metrics", metrics_handler, allow_head=True)
-        app.router.add_route("*", "/{tail:.*}", not_found)
-        return app
+        body: dict[str, Any] = {"status": "ready"}
+        try:
+            await store.ping()
+            body["database"] = "ok"
+        except Exception as exc:
+            body["database"] = f"unavailable: {type(exc).__name__}: {exc}".rstrip(": ")
+            body["lodging"] = "unavailable until the database is back"
+        try:
+            body["replica"] = lag(replica)
+        except ReplicaUnavailable as exc:
+            body["replica"] = {"error": str(exc)}
+        if not catalog.ready:
+            body["status"] = "unavailable"
+            body["reason"] = "the read replica is being built"
+            building = self.feeder.building if self.feeder else None
+            if building:
+                body["replica"]["building"] = {"done": building[0], "total": building[1]}
+        elif body["replica"].get("behind_seconds", 0) > max_lag:
+            body["status"] = "unavailable"
+            body["reason"] = (f"the read replica is more than {max_lag:g} s behind the"
+                              " store")
+        elif body["database"] != "ok":
+            body["status"] = "degraded"
+        if body["status"] == "unavailable":
+            return 503, body
+        return 200, body
 
     async def _runner(self, app: web.Application, *, reads: bool = False,
                       listener: str | None = None,
@@ -794,8 +274,8 @@ class Repository:
     async def flush_refusals(self) -> None:
         """The refusal counts to the store and one log line per listener and minute."""
         rows = self.refusals.take()
-        if sum(row.count for row in rows) >= _TRIM_AFTER_REFUSALS:
-            _release_freed_memory()
+        if sum(row.count for row in rows) >= TRIM_AFTER_REFUSALS:
+            release_freed_memory()
         if rows and self.store is not None:
             try:
                 await refusals_sql.add(self.store, rows)
@@ -813,8 +293,8 @@ class Repository:
 
     def _tls_listener(self, name: str, ctx: ssl.SSLContext,
                       factory: Callable[[], asyncio.Protocol], limit: int,
-                      established: Callable[[], int]) -> _TlsListener:
-        return _TlsListener(name, ctx, factory, limit=limit, established=established,
+                      established: Callable[[], int]) -> TlsListener:
+        return TlsListener(name, ctx, factory, limit=limit, established=established,
                             timeout=self.config.tls.handshake_timeout_seconds,
                             on_refused=self._on_tls_refused, on_over_cap=self._over_cap(name))
 
@@ -932,11 +412,18 @@ class Repository:
             clock_skew=timedelta(seconds=cfg.lodge.clock_skew_seconds),
             parse_workers=cfg.lodge.parse_workers, on_change=self.catalog.invalidate,
             after_commit=self.catalog.synced)
+        read_parts = ReadParts(
+            config=cfg, version=_our_version(), metrics=self.metrics, store=self.store,
+            catalog=self.catalog, accounts=self.accounts, levels=self.levels,
+            counting=self.counting, downloads=self.downloads, extract_files=self.extract_files,
+            portal=self.portal, readiness=self.readiness)
         for name, ctx in (("http", None), ("https", https_ctx)):
             addr = cfg.listeners.address(name)
             if addr is None:
                 continue
-            runner = await self._runner(self._read_app(name), reads=True)
+            app, webservice = build_read_app(name, read_parts)
+            self.webservices.append(webservice)
+            runner = await self._runner(app, reads=True)
             handlers = runner.server
             assert handlers is not None
             factory: Callable[[], asyncio.Protocol]
@@ -948,11 +435,11 @@ class Repository:
                     busy.record(503, 0.0)
                     over()
 
-                factory = _capped(handlers, cfg.web.max_connections, on_over_cap)
+                factory = capped(handlers, cfg.web.max_connections, on_over_cap)
             else:
                 factory = self._tls_listener(
                     name, ctx, handlers, cfg.web.max_connections,
-                    functools.partial(_open_connections, handlers)).protocol
+                    functools.partial(open_connections, handlers)).protocol
             await self._listen(name, addr, factory)
         addr = cfg.listeners.address("lodge")
         if addr is not None and lodge_ctx is not None:
@@ -965,7 +452,7 @@ class Repository:
             # SIGHUP (`reload`) puts a new context on it: each new connection takes it
             self._lodge_listener = self._tls_listener(
                 "lodge", lodge_ctx, lodge_handlers, cfg.lodge.max_connections,
-                functools.partial(_open_connections, lodge_handlers))
+                functools.partial(open_connections, lodge_handlers))
             await self._listen("lodge", addr, self._lodge_listener.protocol, backlog=128)
         await self._start_ldap(ldap_ctx)
         addr = cfg.listeners.address("sftp")
@@ -976,7 +463,8 @@ class Repository:
             self.bound["sftp"] = HostPort(host, port)
         addr = cfg.listeners.address("metrics")
         if addr is not None:
-            runner = await self._runner(self._metrics_app(), listener="metrics")
+            runner = await self._runner(build_metrics_app(self.metrics, self.replica),
+                                        listener="metrics")
             handlers = runner.server
             assert handlers is not None
             # its own port per process, never shared: a scrape must reach the process it names
@@ -1000,8 +488,8 @@ class Repository:
         lodge = lodge_tls_context(config) if self._lodge_ctx is not None else None
         done = []
         if checked is not None:
-            cert = _require_file(config, config.tls.cert, "tls.cert")
-            key = _require_file(config, config.tls.key, "tls.key")
+            cert = require_file(config, config.tls.cert, "tls.cert")
+            key = require_file(config, config.tls.key, "tls.key")
             for ctx in self._tls_contexts:  # the listening sockets keep their context object
                 ctx.load_cert_chain(cert, key)
             done.append(f"tls.cert {cert}")
@@ -1038,7 +526,7 @@ class Repository:
 
     async def _listen(self, name: str, addr: HostPort, factory: Callable[[], asyncio.Protocol],
                       *, backlog: int = 1024, reuse_port: bool | None = None) -> None:
-        """Listen on listeners.NAME (TLS, where there is any, is the factory's: `_TlsGate`);
+        """Listen on listeners.NAME (TLS, where there is any, is the factory's: `TlsGate`);
         an address that cannot be had is a ConfigError naming the setting, not a
         traceback."""
         shared = self.config.listeners.reuse_port if reuse_port is None else reuse_port

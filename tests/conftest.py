@@ -9,6 +9,7 @@ import contextlib
 import os
 import ssl
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -206,7 +207,7 @@ async def server(tmp_path: Path, pki: dict[str, Any], fresh_db: str) -> AsyncIte
 
 def lodge_pki(running: Running) -> None:
     """Lodge the whole test PKI through the real lodging API (as the demo does)."""
-    from repository_server.cli.main import lodge_manifest
+    from repository_server.cli.lodge_client import lodge_manifest
 
     client = running.client()
     try:
@@ -278,3 +279,22 @@ def http_get(url: str, headers: dict[str, str] | None = None, method: str = "GET
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     finally:
         conn.close()
+
+
+@contextlib.asynccontextmanager
+async def loop_stalls(stall: float, every: float) -> AsyncIterator[None]:
+    """A server running in this process stops answering for `stall` seconds in every `every`:
+    the event loop is blocked, as a starved or paused process is, while clients (in other
+    threads or processes) keep sending; their requests wait in the kernel's buffers."""
+    async def stall_forever() -> None:
+        while True:
+            await asyncio.sleep(every - stall)
+            time.sleep(stall)  # blocks the loop: the fault under test
+
+    task = asyncio.create_task(stall_forever())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -10,7 +10,7 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 PKG = ROOT / "repository_server"
-LISTENERS = ("http", "ldap", "lodge", "sftp")
+LISTENERS = ("http", "ldap", "lodge", "sftp", "metrics")
 # The wiring sees every listener; the config asks a listener to check its own settings' syntax
 # (the LDAP suffix is parsed by the LDAP DN parser).
 WIRING = ("server", "cli", "__main__", "config")

@@ -45,7 +45,9 @@ def test_config_file_env_and_errors(tmp_path: Path) -> None:
     res = run("serve", "--config", str(conf))
     assert res.returncode == 2
     assert "listeners.lodge" in res.stderr and "Traceback" not in res.stderr
-    res = run("serve", "--data-dir", str(tmp_path / "empty"), "--http", "127.0.0.1:0")
+    res = run("serve", "--data-dir", str(tmp_path / "empty"), "--http", "127.0.0.1:0",
+              "--https", "127.0.0.1:0", "--lodge", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
+              "--ldap", "", "--ldaps", "", "--sftp", "")  # no fixed port: tests run in parallel
     assert res.returncode == 2 and "tls.cert" in res.stderr and "Traceback" not in res.stderr
 
 

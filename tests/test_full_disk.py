@@ -142,7 +142,7 @@ def big_pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def _lodge_small(running: Running) -> int:
     """The CAs, CRLs/ARLs and documents (every refusal counted)."""
-    from repository_server.cli.main import lodge_manifest
+    from repository_server.cli.lodge_client import lodge_manifest
 
     small = {**running.pki, "devices": {**running.pki["devices"], "bundles": []}}
     client = running.client()

@@ -1,6 +1,6 @@
 """The Locust load test (loadtest/): its shapes and verdict math (pure), and short headless
-runs against a real server: one that passes the verdict and one, with an injected delay
-(`web.test_delay_ms`), that fails it. Locust (gevent) only ever runs in a subprocess."""
+runs against a real server: one that passes the verdict and one, stalled (its event loop
+blocked 2.5 s in every 3.1 s), that fails it. Locust (gevent) only ever runs in a subprocess."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from tests.conftest import (
     add_user,
     cli_env,
     lodge_pki,
+    loop_stalls,
     run_process,
     smki_cli,
     start_repository,
@@ -324,12 +325,16 @@ async def test_shipped_day_profile_lodges_and_passes(tmp_path: Path, pki: dict[s
     assert 'failures="0" errors="0"' in (tmp_path / "report_verdict.xml").read_text()
 
 
-async def test_headless_run_with_injected_delay_fails(tmp_path: Path, pki: dict[str, Any],
+async def test_headless_run_against_a_stalled_server_fails(tmp_path: Path, pki: dict[str, Any],
                                                       fresh_db: str) -> None:
-    running = await _started(tmp_path, pki, fresh_db, web={"test_delay_ms": 1500})
+    """The server stalls 2.5 s in every 3.1 s (its event loop blocked). Arrivals come about
+    once a second, so every stall's first 1.5 s holds one, which waits longer than the 1 s
+    TRT: the verdict fails."""
+    running = await _started(tmp_path, pki, fresh_db)
     try:
-        code, out = await _locust(running, tmp_path, _steady(6, 3), "--trt", "1",
-                                  lodging=False)
+        async with loop_stalls(2.5, 3.1):
+            code, out = await _locust(running, tmp_path, _steady(6, 3), "--trt", "1",
+                                      lodging=False)
     finally:
         await running.repo.stop()
     assert code == 1, out

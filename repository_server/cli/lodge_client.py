@@ -289,3 +289,28 @@ def _report(out: Callable[[str], None], path: Path, reply: Reply,
             out(f"  item {item.get('index')} serial {item.get('serial', '?')}:"
                 f" {item.get('reason')}")
     return 1
+
+
+def lodge_manifest(client: Any, pki_dir: Path, manifest: dict[str, Any],
+                   out: Any = print) -> int:
+    """Lodge a test PKI through the lodging API, in a safe order; return refusals."""
+    objects = manifest["objects"]
+    failures = 0
+
+    def files(kind: str) -> list[Path]:
+        if kind == "device":
+            return [pki_dir / p for p in manifest["devices"]["bundles"]]
+        seen: dict[str, None] = {}
+        for obj in objects:
+            if obj["kind"] == kind:
+                seen.setdefault(obj["path"], None)
+        return [pki_dir / p for p in seen]
+
+    failures += lodge_files(client, files("root"), trust_anchor=True, out=out)
+    for kind in ("ca", "organisation", "device", "crl", "arl"):
+        failures += lodge_files(client, files(kind), out=out, progress=Progress())
+    for obj in objects:
+        if obj["kind"] == "document":
+            failures += lodge_files(client, [pki_dir / obj["path"]], name=obj.get("name"),
+                                    content_type=obj.get("content_type"), out=out)
+    return failures

@@ -47,7 +47,6 @@ class WebService:
         self.access = access  # the read rule of the HTTP interface: answers are private
         self.max_body = config.web.ws_max_body_bytes
         self.body_timeout = config.web.body_timeout_seconds
-        self.test_delay = config.web.test_delay_ms / 1000  # for load-test verification only
         self.refs = ws_xml.AuditReferences()
         self._headers = {"Content-Type": ws_xml.CONTENT_TYPE, "Cache-Control": "no-store"}
 
@@ -107,8 +106,6 @@ class WebService:
             if self.levels is not None:
                 note.mark = self.levels.receive(note.interface, note.operation, note.user,
                                                  started=note.started)
-        if self.test_delay > 0:  # after the CPM receipt, so the server counts the delay too
-            await asyncio.sleep(self.test_delay)
         if not self.access.may_read_private(authenticated=user is not None):
             reason = (UNKNOWN_KEY if key else
                       "an API key is required: add ?apikey=KEY to the URL")
