@@ -63,6 +63,7 @@ def test_high_tag_number_form_is_skipped() -> None:
         (b"\x04", "truncated element"),
         (b"\x04\x05abc", "runs past its container"),
         (b"\x04\x82\x01", "truncated length"),
+        (b"\x04\x81", "truncated length"),
         (b"\x30\x80\x02\x01\x01\x00\x00", "indefinite length"),
         (b"\x04\x85\x00\x00\x00\x00\x01", "oversized length field"),
         (b"\x1f\x01", "truncated element"),  # a high tag number, then no length
@@ -86,6 +87,8 @@ def test_an_element_never_reads_past_its_container() -> None:
 def test_read_header_waits_for_more_bytes() -> None:
     assert read_header(b"\x30", 0, 1) is None
     assert read_header(b"\x30\x82\x01", 0, 3) is None
+    assert read_header(b"\x30\x81", 0, 2) is None
+    assert read_header(b"\x30\x81\x80", 0, 3) == (3, 128)
     assert read_header(b"\x30\x82\x01\x00", 0, 4) == (4, 256)  # content not there yet
     with pytest.raises(TlvError, match="indefinite"):
         read_header(b"\x30\x80", 0, 2)

@@ -496,11 +496,11 @@ async def test_protocol_errors_limits_and_slow_readers(tmp_path: Path, pki: dict
 
 def _subtree_search() -> bytes:
     """The protocolOp of a subtree search for everything under o=SMKI, every attribute."""
-    from repository_server.listeners.ldap.codec import _enc_int, _enc_str, _tlv_bytes
+    from repository_server.listeners.ldap.ber import enc_int, enc_str, enc_tlv
 
-    body = (_enc_str(0x04, "o=SMKI") + _enc_int(2, 0x0A) + _enc_int(0, 0x0A) + _enc_int(0)
-            + _enc_int(0) + b"\x01\x01\x00" + _enc_str(0x87, "objectClass") + _tlv_bytes(0x30, b""))
-    return _tlv_bytes(0x63, body)
+    body = (enc_str(0x04, "o=SMKI") + enc_int(2, 0x0A) + enc_int(0, 0x0A) + enc_int(0)
+            + enc_int(0) + b"\x01\x01\x00" + enc_str(0x87, "objectClass") + enc_tlv(0x30, b""))
+    return enc_tlv(0x63, body)
 
 
 async def test_bad_requests_get_ldap_result_codes(loaded: Running) -> None:

@@ -43,32 +43,41 @@ class TlvError(ValueError):
 def read_tlv(buf: bytes | bytearray, pos: int, end: int) -> Tlv:
     """The element starting at `pos`, which must end no later than `end`.
 
-    This is on the LDAP server's hot path (a SearchRequest reads about twenty elements):
-    keep it one flat function with the short forms first."""
+    On the LDAP server's hot path (a SearchRequest reads about twenty elements): one flat
+    function for the common case (one tag octet, short or one-octet long-form length)."""
     if pos + 2 > end:
         raise TlvError(f"truncated element at offset {pos}")
     tag = buf[pos]
-    at = pos + 1
-    if tag & 0x1F == 0x1F:  # high tag number form: skip the tag number octets
-        while True:
-            if at >= end:
-                raise TlvError(f"truncated tag at offset {pos}")
-            more = buf[at] & 0x80
-            at += 1
-            if not more:
-                break
-        if at >= end:
-            raise TlvError(f"truncated element at offset {pos}")
+    at = pos + 1 if tag & 0x1F != 0x1F else _skip_tag_number(buf, pos, end)
     length = buf[at]
     at += 1
     if length & 0x80:
-        long_form = _long_form(buf, pos, at, end)
-        if long_form is None:
-            raise TlvError(f"truncated length at offset {pos}")
-        at, length = long_form
+        if length == 0x81 and at < end:  # 128..255 octets: most long forms LDAP reads
+            length = buf[at]
+            at += 1
+        else:
+            long_form = _long_form(buf, pos, at, end)
+            if long_form is None:
+                raise TlvError(f"truncated length at offset {pos}")
+            at, length = long_form
     if at + length > end:
         raise TlvError(f"element at offset {pos} runs past its container")
     return tag, pos, at, at + length
+
+
+def _skip_tag_number(buf: bytes | bytearray, pos: int, end: int) -> int:
+    """Where the length octets start after the high tag number form identifier at `pos`."""
+    at = pos + 1
+    while True:
+        if at >= end:
+            raise TlvError(f"truncated tag at offset {pos}")
+        more = buf[at] & 0x80
+        at += 1
+        if not more:
+            break
+    if at >= end:
+        raise TlvError(f"truncated element at offset {pos}")
+    return at
 
 
 def read_header(buf: bytes | bytearray, pos: int, end: int) -> tuple[int, int] | None:
@@ -81,6 +90,8 @@ def read_header(buf: bytes | bytearray, pos: int, end: int) -> tuple[int, int] |
     length = buf[pos + 1]
     at = pos + 2
     if length & 0x80:
+        if length == 0x81 and at < end:  # as in read_tlv
+            return at + 1, buf[at]
         return _long_form(buf, pos, at, end)
     return at, length
 
