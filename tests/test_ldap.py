@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ldap3.core.exceptions import LDAPException
 
 from repository_server.listeners.ldap import codec
-from repository_server.pki.testpki import _device_builder
+from repository_server.pki.testpki import device_builder
 from tests.conftest import TEST_KEY, Running, add_user, start_repository
 from tests.pkitools import client_cert, load_cert, load_key, write_pair
 
@@ -300,7 +300,7 @@ def _devices(running: Running, count: int, first_eui: int) -> tuple[bytes, list[
     for i in range(count):
         eui = (0x00DB12F000000000 + first_eui + i).to_bytes(8, "big")
         serial = int.from_bytes(os.urandom(15), "big") | (1 << 120)
-        builder = _device_builder(dca.subject, now, "KA", serial, key.public_key(), eui, aki)
+        builder = device_builder(dca.subject, now, "KA", serial, key.public_key(), eui, aki)
         certs.append(builder.sign(dca_key, hashes.SHA256()))
     pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
     return pem, certs
