@@ -5,6 +5,8 @@ independent encoder and fuzzed so that only `TlvError` ever escapes."""
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -135,3 +137,31 @@ def test_fuzz_only_tlv_error_escapes(data: bytes, start: int) -> None:
             assert pos < c <= e <= len(data)
     except TlvError:
         pass
+
+
+@pytest.mark.parametrize(
+    ("inner", "reason"),
+    [
+        (b"\x04\x80\x00\x00", "indefinite length"),  # an indefinite baseObject
+        (b"\x04\x85\x00\x00\x00\x00\x01", "oversized length field"),
+        (b"\x04\x09abc", "runs past its container"),
+    ],
+)
+def test_both_parsers_report_reader_errors_in_their_own_terms(inner: bytes, reason: str) -> None:
+    """The same malformed element is a protocolError (with the message id) for LDAP and a
+    one-line ParseError for the PKI: neither lets TlvError or IndexError escape."""
+    from repository_server.listeners.ldap import codec
+    from repository_server.pki.certificates import parse_certificate
+    from repository_server.pki.errors import ParseError
+    from repository_server.pki.pem import load_pem_or_der_certificates
+
+    op = tlv(0x63, inner)
+    with pytest.raises(codec.ProtocolError) as ldap_error:
+        codec.decode_message(b"\x02\x01\x09" + op)
+    assert ldap_error.value.message_id == 9 and reason in ldap_error.value.reason
+
+    with pytest.raises(ParseError, match=f"^DER: .*{reason}"):
+        parse_certificate(tlv(0x30, inner))
+    with pytest.raises(ParseError, match=f"PEM block 1: not a DER certificate: DER: .*{reason}"):
+        load_pem_or_der_certificates(b"-----BEGIN CERTIFICATE-----\n" + base64.b64encode(inner)
+                                     + b"\n-----END CERTIFICATE-----\n")
