@@ -46,8 +46,8 @@ def read_tlv(buf: bytes | bytearray, pos: int, end: int) -> Tlv:
     On the LDAP server's hot path (a SearchRequest reads about twenty elements): one flat
     function for the common case (one tag octet, short or one-octet long-form length). The
     one-octet long form (elements of 128 to 255 octets, such as a typical SearchRequest) is
-    read inline: through `_long_form` it took 0.33 us instead of 0.18 us (timeit, Python
-    3.11), which made decoding a SearchRequest slower than the codec's own reader was."""
+    read inline because a helper call costs more than the read itself (0.33 us against
+    0.18 us an element through `_long_form`, timeit, Python 3.11)."""
     if pos + 2 > end:
         raise TlvError(f"truncated element at offset {pos}")
     tag = buf[pos]
