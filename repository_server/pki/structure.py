@@ -29,12 +29,13 @@ __all__ = [
     "strip_ecdsa_null",
 ]
 
-# DER tags used below (first identifier octet).
+# DER tags the PKI checks (first identifier octet).
 INTEGER, BIT_STRING, OCTET_STRING, OID = 0x02, 0x03, 0x04, 0x06
 SEQUENCE, SET, CTX0 = 0x30, 0x31, 0xA0
 
 
 def expect(item: Tlv, tag: int, what: str) -> Tlv:
+    """`item`, if it has `tag`; else a ParseError naming `what` was expected."""
     if item[0] != tag:
         raise ParseError(f"DER: {what} has tag 0x{item[0]:02X}, expected 0x{tag:02X}")
     return item
