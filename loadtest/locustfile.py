@@ -840,9 +840,9 @@ class LodgerUser(_Arrivals, HttpUser):  # type: ignore[misc]
             serial = int.from_bytes(secrets.token_bytes(16), "big") | (1 << 126)
             serial &= (1 << 127) - 1  # positive, 16 octets in DER
             pub = ec.generate_private_key(ec.SECP256R1()).public_key()
-            cert = testpki._device_builder(self._dca_cert.subject, not_before,
-                                           random.choice(("DS", "KA")), serial, pub, eui,
-                                           self._key_id).sign(self._dca_key, hashes.SHA256())
+            cert = testpki.device_builder(self._dca_cert.subject, not_before,
+                                          random.choice(("DS", "KA")), serial, pub, eui,
+                                          self._key_id).sign(self._dca_key, hashes.SHA256())
             out.append(cert.public_bytes(serialization.Encoding.PEM))
         return b"".join(out)
 

@@ -90,7 +90,7 @@ async def capped(tmp_path: Path, pki: dict[str, Any], fresh_db: str) -> Any:
 
 
 def _load(running: Running, kind: str) -> list[tuple[x509.Certificate, bytes]]:
-    from repository_server.pki.profile import load_pem_or_der_certificates
+    from repository_server.pki.pem import load_pem_or_der_certificates
 
     out = []
     for obj in running.objects(kind):  # device certificates come in bundles: one per index
@@ -255,7 +255,7 @@ async def test_real_certificates(server: Running) -> None:
     """Real GB SMKI certificates (the ZAZ1 set DCC Boxed ships): each found by every key."""
     from repository_server.lodging.bulk import import_directory
     from repository_server.lodging.service import Actor, LodgingService
-    from repository_server.pki.profile import load_pem_or_der_certificates
+    from repository_server.pki.pem import load_pem_or_der_certificates
 
     folder = REAL / "dccboxed-keystore" / "keystore.json-extracted"
     assert server.repo.store is not None and server.repo.catalog is not None

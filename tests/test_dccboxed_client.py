@@ -37,7 +37,7 @@ import pytest_asyncio
 
 from repository_server.lodging.bulk import import_directory
 from repository_server.lodging.service import Actor
-from repository_server.pki.profile import load_pem_or_der_certificates
+from repository_server.pki.pem import load_pem_or_der_certificates
 from tests.conftest import REALDATA, ROOT, Running, add_user
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -17,7 +17,8 @@ import pytest
 
 from repository_server.lodging.bulk import import_directory
 from repository_server.lodging.service import Actor
-from repository_server.pki.profile import load_pem_or_der_certificates, parse_certificate
+from repository_server.pki.certificates import parse_certificate
+from repository_server.pki.pem import load_pem_or_der_certificates
 from tests.conftest import REALDATA, TEST_KEY, Running, http_get
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

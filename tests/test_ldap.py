@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ldap3.core.exceptions import LDAPException
 
 from repository_server.listeners.ldap import codec
-from repository_server.pki.testpki import _device_builder
+from repository_server.pki.testpki import device_builder
 from tests.conftest import TEST_KEY, Running, add_user, start_repository
 from tests.pkitools import client_cert, load_cert, load_key, write_pair
 
@@ -300,7 +300,7 @@ def _devices(running: Running, count: int, first_eui: int) -> tuple[bytes, list[
     for i in range(count):
         eui = (0x00DB12F000000000 + first_eui + i).to_bytes(8, "big")
         serial = int.from_bytes(os.urandom(15), "big") | (1 << 120)
-        builder = _device_builder(dca.subject, now, "KA", serial, key.public_key(), eui, aki)
+        builder = device_builder(dca.subject, now, "KA", serial, key.public_key(), eui, aki)
         certs.append(builder.sign(dca_key, hashes.SHA256()))
     pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
     return pem, certs
@@ -496,11 +496,11 @@ async def test_protocol_errors_limits_and_slow_readers(tmp_path: Path, pki: dict
 
 def _subtree_search() -> bytes:
     """The protocolOp of a subtree search for everything under o=SMKI, every attribute."""
-    from repository_server.listeners.ldap.codec import _enc_int, _enc_str, _tlv_bytes
+    from repository_server.listeners.ldap.ber import enc_int, enc_str, enc_tlv
 
-    body = (_enc_str(0x04, "o=SMKI") + _enc_int(2, 0x0A) + _enc_int(0, 0x0A) + _enc_int(0)
-            + _enc_int(0) + b"\x01\x01\x00" + _enc_str(0x87, "objectClass") + _tlv_bytes(0x30, b""))
-    return _tlv_bytes(0x63, body)
+    body = (enc_str(0x04, "o=SMKI") + enc_int(2, 0x0A) + enc_int(0, 0x0A) + enc_int(0)
+            + enc_int(0) + b"\x01\x01\x00" + enc_str(0x87, "objectClass") + enc_tlv(0x30, b""))
+    return enc_tlv(0x63, body)
 
 
 async def test_bad_requests_get_ldap_result_codes(loaded: Running) -> None:

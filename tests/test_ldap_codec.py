@@ -22,6 +22,7 @@ from ldap3.operation.unbind import unbind_operation
 from ldap3.protocol.rfc4511 import LDAPMessage
 from pyasn1.codec.ber import decoder as ber_decoder
 
+from repository_server.listeners.ldap import ber
 from repository_server.listeners.ldap import codec as c
 from tests.ldaptools import pdu, sample_requests
 
@@ -145,10 +146,10 @@ def test_bench_filter_compiler() -> None:
     }
     for text, want in cases.items():
         fber = mod.encode_filter(text, placeholders=False)
-        op = (c._enc_str(0x04, "dc=smki") + b"\x0a\x01\x02\x0a\x01\x00\x02\x01\x00\x02\x01\x00\x01\x01\x00"
+        op = (ber.enc_str(0x04, "dc=smki") + b"\x0a\x01\x02\x0a\x01\x00\x02\x01\x00\x02\x01\x00\x01\x01\x00"
               + fber + b"\x30\x00")
-        body = b"\x02\x01\x02" + c._tlv_bytes(0x63, op)
-        req = decode_one(c._tlv_bytes(0x30, body))
+        body = b"\x02\x01\x02" + ber.enc_tlv(0x63, op)
+        req = decode_one(ber.enc_tlv(0x30, body))
         assert isinstance(req, c.SearchRequest) and req.filter == want, text
 
 
@@ -196,9 +197,9 @@ def test_responses_decode_with_pyasn1() -> None:
 
 def test_integer_encoding_roundtrip() -> None:
     for v in (0, 1, 127, 128, 255, 256, -1, -128, -129, 2**31 - 1, -(2**31)):
-        enc = c._enc_int(v)
+        enc = ber.enc_int(v)
         assert int(ber_decoder.decode(enc)[0]) == v
-        assert c._int(enc, 2, len(enc)) == v
+        assert ber.integer(enc, 2, len(enc)) == v
 
 
 # ------------------------------------------------------------------ streaming
@@ -245,9 +246,9 @@ def test_limits() -> None:
     # nesting: 40 nested NOTs
     fber = b"\x87\x02cn"
     for _ in range(40):
-        fber = c._tlv_bytes(0xA2, fber)
+        fber = ber.enc_tlv(0xA2, fber)
     op = (b"\x04\x00\x0a\x01\x02\x0a\x01\x00\x02\x01\x00\x02\x01\x00\x01\x01\x00" + fber + b"\x30\x00")
-    deep = c._tlv_bytes(0x30, b"\x02\x01\x05" + c._tlv_bytes(0x63, op))
+    deep = ber.enc_tlv(0x30, b"\x02\x01\x05" + ber.enc_tlv(0x63, op))
     err = bad(deep)
     assert err.message_id == 5 and "deeply" in err.reason
     # inner length lying about its container, bad UTF-8, bad scope, empty INTEGER
@@ -266,9 +267,9 @@ def test_depth_limit_boundary() -> None:
     def nested(n: int) -> bytes:
         fber = b"\x87\x02cn"
         for _ in range(n):
-            fber = c._tlv_bytes(0xA2, fber)
+            fber = ber.enc_tlv(0xA2, fber)
         op = b"\x04\x00\x0a\x01\x02\x0a\x01\x00\x02\x01\x00\x02\x01\x00\x01\x01\x00" + fber + b"\x30\x00"
-        return c._tlv_bytes(0x30, b"\x02\x01\x05" + c._tlv_bytes(0x63, op))
+        return ber.enc_tlv(0x30, b"\x02\x01\x05" + ber.enc_tlv(0x63, op))
 
     assert isinstance(c.Decoder(max_depth=32).feed(nested(29))[0], c.SearchRequest)
     with pytest.raises(c.ProtocolError):

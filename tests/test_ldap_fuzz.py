@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 from ldap3.protocol.rfc4511 import LDAPMessage
 from pyasn1.codec.ber import decoder as ber_decoder
 
-from repository_server.listeners.ldap import codec
+from repository_server.listeners.ldap import ber, codec
 from repository_server.store.embedded import EmbeddedPostgres
 from tests.conftest import TEST_KEY, Running, create_database, running_repository
 from tests.ldaptools import SUFFIX, sample_requests, search, split_frames
@@ -264,10 +264,10 @@ async def test_valid_requests_are_answered(loaded_module: Running, errors: Error
 def nested_not_search(depth: int) -> bytes:
     fber = b"\x87\x0bobjectClass"
     for _ in range(depth):
-        fber = codec._tlv_bytes(0xA2, fber)
-    op = (codec._enc_str(0x04, SUFFIX) + b"\x0a\x01\x02\x0a\x01\x00\x02\x01\x00\x02\x01\x00\x01\x01\x00"
+        fber = ber.enc_tlv(0xA2, fber)
+    op = (ber.enc_str(0x04, SUFFIX) + b"\x0a\x01\x02\x0a\x01\x00\x02\x01\x00\x02\x01\x00\x01\x01\x00"
           + fber + b"\x30\x00")
-    return codec._tlv_bytes(0x30, b"\x02\x01\x05" + codec._tlv_bytes(0x63, op))
+    return ber.enc_tlv(0x30, b"\x02\x01\x05" + ber.enc_tlv(0x63, op))
 
 
 async def test_oversized_and_deeply_nested(loaded_module: Running, errors: ErrorRecords) -> None:

@@ -16,7 +16,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from repository_server.pki.profile import load_pem_or_der_certificates, parse_certificate
+from repository_server.pki.certificates import parse_certificate
+from repository_server.pki.pem import load_pem_or_der_certificates
 from tests.conftest import REALDATA, Running, client_ssl, http_get, lodge_pki
 from tests.pkitools import client_cert, crl, load_cert, load_key, pem, self_signed_ca, tamper, write_pair
 

@@ -17,7 +17,7 @@ import pytest
 
 from repository_server.accounts.keys import check_password
 from repository_server.listeners.http.portal.app import Portal
-from repository_server.pki.profile import load_pem_or_der_certificates
+from repository_server.pki.pem import load_pem_or_der_certificates
 from repository_server.pki.testpki import DEVICE_POLICY_OID
 from repository_server.server import Repository
 from tests.conftest import REALDATA, ROOT, Running, start_repository

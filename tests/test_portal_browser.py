@@ -217,7 +217,7 @@ async def test_a_relying_party_day_in_the_browser(loaded: Running, browser: Any)
 
 
 def _pem_der(pem: bytes) -> bytes:
-    from repository_server.pki.profile import load_pem_or_der_certificates
+    from repository_server.pki.pem import load_pem_or_der_certificates
 
     (der,) = load_pem_or_der_certificates(pem)
     return der

@@ -1,6 +1,6 @@
-"""Tests of `repository_server.pki.profile`: real DCC test certificates (../shared/realdata),
-synthetic GB-profile certificates and CRLs built with `cryptography`, malformed input and a
-hypothesis fuzz that only `ParseError` ever escapes."""
+"""Tests of the certificate and CRL parsers (`repository_server.pki`): real DCC test
+certificates (../shared/realdata), synthetic GB-profile certificates and CRLs built with
+`cryptography`, malformed input and a hypothesis fuzz that only `ParseError` ever escapes."""
 
 from __future__ import annotations
 
@@ -21,16 +21,12 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from repository_server.pki.certificates import parse_certificate
+from repository_server.pki.crls import parse_crl
+from repository_server.pki.errors import ParseError
 from repository_server.pki.model import CertInfo, CertKind, Usage
-from repository_server.pki.profile import (
-    ParseError,
-    load_pem_or_der_certificates,
-    load_pem_or_der_crl,
-    parse_certificate,
-    parse_crl,
-    verify_crl_signature,
-    verify_signature,
-)
+from repository_server.pki.pem import load_pem_or_der_certificates, load_pem_or_der_crl
+from repository_server.pki.signatures import verify_crl_signature, verify_signature
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 Z1_FILE = "duis-templates/Certificate.71872BDBC82789BC1401CE01BA06ADA3.der"

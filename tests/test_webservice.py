@@ -107,7 +107,7 @@ async def test_search_device_any_spelling_and_retrieve(loaded: Running) -> None:
 
 
 def _device_der(running: Running, dev: dict[str, Any]) -> bytes:
-    from repository_server.pki.profile import load_pem_or_der_certificates
+    from repository_server.pki.pem import load_pem_or_der_certificates
 
     bundle = load_pem_or_der_certificates(running.path(dev["path"]).read_bytes())
     return bundle[dev["index"]]

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from repository_server import __version__
-from repository_server.pki.profile import ParseError, load_pem_or_der_certificates
+from repository_server.pki.errors import ParseError
+from repository_server.pki.pem import load_pem_or_der_certificates
 
 CERT_SUFFIXES = {".pem", ".der", ".cer", ".crt"}
 CRL_SUFFIXES = {".crl", ".arl"}

@@ -12,14 +12,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from repository_server.pki.certificates import parse_certificate
+from repository_server.pki.errors import ParseError
 from repository_server.pki.ids import format_key_id
 from repository_server.pki.model import CertInfo, CertKind
-from repository_server.pki.profile import (
-    ParseError,
-    load_pem_or_der_certificates,
-    parse_certificate,
-    verify_signature,
-)
+from repository_server.pki.pem import load_pem_or_der_certificates
+from repository_server.pki.signatures import verify_signature
 
 
 @dataclass(frozen=True, slots=True)

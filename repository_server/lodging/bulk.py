@@ -29,7 +29,8 @@ from pathlib import Path
 
 from repository_server.lodging.batch import CertOptions, ImportChunk, Issuer, import_chunk
 from repository_server.lodging.service import Actor, LodgeError, LodgingService
-from repository_server.pki.profile import ParseError, load_pem_or_der_certificates
+from repository_server.pki.errors import ParseError
+from repository_server.pki.pem import load_pem_or_der_certificates
 from repository_server.store.db import ConflictError
 
 CERT_SUFFIXES = {".pem", ".der", ".cer", ".crt"}

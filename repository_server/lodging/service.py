@@ -36,16 +36,13 @@ from repository_server.lodging.batch import (
     parse_items,
     resolve_issuer,
 )
+from repository_server.pki.certificates import parse_certificate
+from repository_server.pki.crls import parse_crl
+from repository_server.pki.errors import ParseError
 from repository_server.pki.ids import format_key_id
 from repository_server.pki.model import CertKind
-from repository_server.pki.profile import (
-    ParseError,
-    load_pem_or_der_certificates,
-    load_pem_or_der_crl,
-    parse_certificate,
-    parse_crl,
-    verify_crl_signature,
-)
+from repository_server.pki.pem import load_pem_or_der_certificates, load_pem_or_der_crl
+from repository_server.pki.signatures import verify_crl_signature
 from repository_server.store.db import ConflictError, IssuerRow, Store, cert_record
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
-"""Typed results of parsing lodged objects. Produced by `pki.profile`, consumed by the
-store and the lodging path; plain frozen dataclasses so they cross process boundaries
-(the batch parser runs in a process pool) by pickling."""
+"""Typed results of parsing lodged objects. Produced by `pki.certificates` and `pki.crls`,
+consumed by the store and the lodging path; plain frozen dataclasses so they cross process
+boundaries (the batch parser runs in a process pool) by pickling."""
 
 from __future__ import annotations
 

@@ -16,8 +16,9 @@ from repository_server.config import Config
 from repository_server.listeners.lodge.openapi import describe as describe_api
 from repository_server.lodging.batch import CertOptions
 from repository_server.lodging.service import Actor, LodgeError, LodgingService
+from repository_server.pki.certificates import parse_certificate
+from repository_server.pki.errors import ParseError
 from repository_server.pki.ids import IdentifierError, format_eui64, parse_eui64, parse_key_id, parse_serial
-from repository_server.pki.profile import ParseError, parse_certificate
 from repository_server.store.db import unavailable as store_unavailable
 
 log = logging.getLogger(__name__)

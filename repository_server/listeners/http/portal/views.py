@@ -2,7 +2,7 @@
 for the templates, no HTML and no aiohttp.
 
 A certificate's decoded fields never change once lodged (only its status does), so its page
-(fields from `pki.profile`, the stored lint and the chain up to its root) is built once per
+(fields from `pki.certificates`, the stored lint and the chain up to its root) is built once per
 process and kept in a bounded LRU; the status is worked out on every request. A chain that
 stops short of a root may be completed by a later lodging, so those pages are dropped when
 certificates are lodged (NOTIFY certs:…).
@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from repository_server.pki.certificates import parse_certificate
+from repository_server.pki.errors import ParseError
 from repository_server.pki.ids import IdentifierError, format_eui64, format_key_id, parse_eui64, parse_serial
-from repository_server.pki.profile import KNOWN_ROLES, ParseError, parse_certificate
+from repository_server.pki.lint import KNOWN_ROLES
 from repository_server.readmodel.catalog import Catalog, CertEntry
 
 MAX_QUERY = 200  # characters in a search box; anything longer is refused with a message
