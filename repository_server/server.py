@@ -33,6 +33,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from repository_server.access import ReadAccess
 from repository_server.accounts.keys import Credentials, User
 from repository_server.accounts.signin import PortalAuth
 from repository_server.config import LISTENER_NAMES, Config, ConfigError, HostPort
@@ -1016,8 +1017,9 @@ class Repository:
         if not (cfg.listeners.ldap or cfg.listeners.ldaps):
             return
         assert self.catalog is not None and self.store is not None
-        directory = Directory(self.catalog, self.store, suffix=cfg.ldap.suffix,
-                              root_dse=_root_dse(cfg, ctx is not None))
+        directory = Directory(self.catalog, suffix=cfg.ldap.suffix,
+                              root_dse=_root_dse(cfg, ctx is not None),
+                              access=ReadAccess(cfg.ldap.open_reads))
         self.ldap = service = LdapService(cfg, directory, self.store, self.counting, ctx)
         service.on_over_cap = lambda listener: self.metrics.over_cap.labels(listener).inc()
         for name, tls in (("ldap", None), ("ldaps", ctx)):

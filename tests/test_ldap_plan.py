@@ -1,15 +1,18 @@
-"""Search planning, piece by piece (pure functions: a filter in, a plan out). Fast: no
-server, no store."""
+"""Search planning, piece by piece (pure functions: a filter in, a plan out), and the
+directory's scope and objectClass pruning. Fast: no server, no store."""
 
 from __future__ import annotations
 
 import pytest
 
 from repository_server.listeners.ldap import codec as c
+from repository_server.listeners.ldap import dn
+from repository_server.listeners.ldap.directory import unit_in_reach, wanted, with_base
 from repository_server.listeners.ldap.filters import Plan, asserted, conjuncts, constraint, plan
 
 EUI = "00-DB-12-34-56-78-90-A4"
 SHA = "ab" * 32
+SUFFIX = dn.parse_normalised("o=SMKI")
 
 
 def eq(attribute: str, value: str) -> c.EqualityMatch:
@@ -95,3 +98,23 @@ def test_the_index_a_plan_reads_through_in_order_of_preference() -> None:
     assert Plan(serial="01", key_id=key).index == "serial"
     assert Plan(key_id=key).index == "key_id"
     assert Plan(classes=frozenset({"top"})).index is None
+
+
+def test_which_kinds_of_entry_an_objectclass_plan_keeps() -> None:
+    everything = wanted(None)
+    assert all(everything(kind) for kind in ("suffix", "ou", "ca", "subject", "cert"))
+    certs = wanted(frozenset({"smkicertificate"}))
+    assert certs("cert") and not certs("subject") and not certs("ca") and not certs("ou")
+    tops = wanted(frozenset({"top"}))
+    assert all(tops(kind) for kind in ("suffix", "ou", "ca", "subject", "cert"))
+    assert not wanted(frozenset({"nosuchclass"}))("cert")
+
+
+def test_scopes_and_the_units_a_base_reaches() -> None:
+    assert [with_base(scope) for scope in range(4)] == [True, False, True, False]
+    devices = dn.parse_normalised("ou=Devices,o=SMKI")
+    below = dn.parse_normalised(f"smkiEui64={EUI},ou=Devices,o=SMKI")
+    assert unit_in_reach("devices", SUFFIX, SUFFIX)
+    assert unit_in_reach("devices", devices, SUFFIX) and unit_in_reach("devices", below, SUFFIX)
+    assert not unit_in_reach("organisations", devices, SUFFIX)
+    assert not unit_in_reach("organisations", below, SUFFIX)

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from repository_server.listeners.ldap import codec, dn
-from repository_server.listeners.ldap.directory import CERT_ATTR_KEYS, Directory
+from repository_server.listeners.ldap.directory import Directory
+from repository_server.listeners.ldap.entries import CERT_ATTR_KEYS
 from repository_server.listeners.ldap.filters import Entry, Predicate, compile_filter
 from repository_server.listeners.ldap.matching import equality
 from repository_server.listeners.ldap.schema import SCHEMA
@@ -113,19 +114,18 @@ class FastSearch:
         if keys is not None and not keys <= CERT_ATTR_KEYS:
             return None
         unit_name, device = unit
-        self.catalog._check_ready()
-        certs, statuses = self.catalog.replica.by_eui_now(eui, device, now)
+        certs, statuses = self.catalog.subject_now(eui, device, now)
         out: list[Entry] = []
         self.answered += 1
         if not certs:
             return out
-        directory = self.directory
-        subject = directory.subject_entry(unit_name, certs[0].eui_text)
+        entries = self.directory.entries
+        subject = entries.subject_entry(unit_name, certs[0].eui_text)
         if shape.rest(subject) is True:
             out.append(subject)
         if req.scope == 2:
             for c, status in zip(certs, statuses, strict=True):
-                entry = directory.certificate_entry(c, status, keys)
+                entry = entries.certificate_entry(c, status, keys)
                 if shape.rest(entry) is True:
                     out.append(entry)
         return out
