@@ -17,8 +17,8 @@ plus the root DSE ("") and the subschema entry (``cn=Subschema``). Nothing is ma
 a search resolves its base, then reads candidates through the cheapest index the filter
 allows (:func:`filters.plan`), and walks a subtree a page at a time in (EUI-64, id) order
 when it has to (the replica's subject index is in that order), so memory stays bounded
-whatever the store holds. Everything is read through the read model (`Catalog`), never
-PostgreSQL. The entries themselves are built in `entries.py`.
+whatever the store holds. Everything is read through the read model (`DirectoryReads`, which
+`Catalog` implements), never PostgreSQL. The entries themselves are built in `entries.py`.
 
 Who may read what is `access.ReadAccess`'s rule: entries of devices, organisations and other
 certificates are private (``public=False``). A reader who may not read them sees neither
@@ -34,6 +34,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from repository_server.access import ReadAccess
 from repository_server.listeners.ldap import dn
@@ -49,7 +50,7 @@ from repository_server.listeners.ldap.entries import (
 )
 from repository_server.listeners.ldap.filters import Entry, Plan
 from repository_server.pki.ids import IdentifierError, parse_eui64, parse_key_id, parse_serial
-from repository_server.readmodel.catalog import Catalog, CertEntry, ReplicaUnavailable
+from repository_server.readmodel.catalog import CertEntry, CrlEntry, ReplicaUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,47 @@ class Node:
     unit: str = ""  # cas, devices, organisations, other
     key: bytes = b""  # CA key id or EUI-64
     serial: str = ""
+
+
+class DirectoryReads(Protocol):
+    """What the directory reads from the read model (`readmodel.catalog.Catalog`). Each
+    raises ReplicaUnavailable while the replica cannot answer."""
+
+    @property
+    def live(self) -> bool: ...
+
+    def version(self) -> int: ...
+
+    def has_subjects(self, device: bool) -> bool: ...
+
+    def has_other(self) -> bool: ...
+
+    def ca_certificates(self) -> list[CertEntry]: ...
+
+    def current_crls(self) -> list[CrlEntry]: ...
+
+    def by_sha256(self, sha256: bytes) -> list[CertEntry]: ...
+
+    def by_subject_key_id(self, key_id: bytes) -> list[CertEntry]: ...
+
+    def subjects_page(self, device: bool, after_eui: bytes, limit: int) -> list[bytes]: ...
+
+    def subject_certificates_page(self, device: bool, after_eui: bytes, after_id: int,
+                                  limit: int) -> list[CertEntry]: ...
+
+    def other_certificates_page(self, after_id: int, limit: int) -> list[CertEntry]: ...
+
+    def subject_now(self, eui64: bytes, device: bool, now: float
+                    ) -> tuple[tuple[CertEntry, ...], list[str]]: ...
+
+    async def certificates(self, serial: str) -> tuple[CertEntry, ...]: ...
+
+    async def by_eui(self, eui64: bytes, device: bool) -> tuple[CertEntry, ...]: ...
+
+    async def by_eui_now(self, eui64: bytes, device: bool, now: float
+                         ) -> tuple[tuple[CertEntry, ...], list[str]]: ...
+
+    async def statuses(self, entries: Sequence[CertEntry], now: float) -> list[str]: ...
 
 
 Want = Callable[[str], bool]  # may entries of this kind (CLASSES' keys) match the filter?
@@ -97,7 +139,7 @@ def unit_in_reach(unit: str, base: dn.DN, nsuffix: dn.DN) -> bool:
 
 
 class Directory:
-    def __init__(self, catalog: Catalog, *, suffix: str, root_dse: dict[str, list[bytes]],
+    def __init__(self, catalog: DirectoryReads, *, suffix: str, root_dse: dict[str, list[bytes]],
                  access: ReadAccess | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.catalog = catalog
