@@ -81,7 +81,9 @@ class FastSearch:
     def entries(self, req: codec.SearchRequest, base: dn.DN, private: bool,
                 named: frozenset[str], everything: bool, now: float) -> list[Entry] | None:
         """The entries the search returns, in the general path's order; None when it does
-        not qualify (`named`: the attribute keys asked for; `everything`: "*" or "+")."""
+        not qualify (`private`: the reader may read private entries, as
+        `access.ReadAccess.may_read_private` says, else it never does; `named`: the attribute
+        keys asked for; `everything`: "*" or "+")."""
         if req.controls or req.types_only or req.scope not in (1, 2) or not private:
             return None
         unit = self._units.get(base)
