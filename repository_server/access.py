@@ -8,8 +8,12 @@ may be read by an authenticated reader (an API key, a bound LDAP user, a signed-
 user, an SFTP user), or by anyone when the interface's `open_reads` setting says so
 (`web.open_reads` for HTTP, `ldap.open_reads` for LDAP).
 
-A reader who may not read a private object is told only that it needs credentials (HTTP 401
-or 403, LDAP insufficientAccessRights); listeners must not reveal more about it than that.
+A reader who may not read a private object learns no more about it than the interface must
+say. Over HTTP, where the URL itself names the object, that is that it needs credentials
+(401 or 403). Over LDAP a private entry the reader may not read is not disclosed at all: a
+base at or below one is noSuchObject, with only the readable organisational unit as the
+matched DN, exactly as for an entry that does not exist (what slapd answers with
+`access to dn.children=... by users read by * none`); searches leave such entries out.
 Who may keep an answer follows from the same rule (`cache_scope`): one anyone may read may
 be kept by shared caches (`Cache-Control: public`), any other only by the reader's own.
 

@@ -507,8 +507,9 @@ class Repository:
         if not (cfg.listeners.ldap or cfg.listeners.ldaps):
             return
         assert self.catalog is not None and self.store is not None and self.accounts is not None
-        directory = Directory(self.catalog, self.store, suffix=cfg.ldap.suffix,
-                              root_dse=_root_dse(cfg, ctx is not None))
+        directory = Directory(self.catalog, suffix=cfg.ldap.suffix,
+                              root_dse=_root_dse(cfg, ctx is not None),
+                              access=ReadAccess(cfg.ldap.open_reads))
         self.ldap = service = LdapService(cfg, directory, self.store, self.counting, ctx,
                                           accounts=self.accounts)
         service.on_over_cap = lambda listener: self.metrics.over_cap.labels(listener).inc()

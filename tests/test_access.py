@@ -36,7 +36,8 @@ SUFFIX = "o=SMKI"
 # -- the table ------------------------------------------------------------------------------
 # (interface, object kind): what each reader gets with open_reads off, and with it on.
 # "ok" is the object; anything else is the refusal: an HTTP status, an LDAP result code
-# (49 invalid credentials at the bind, 50 insufficient access rights), "denied" (SSH
+# (49 invalid credentials at the bind; 32 noSuchObject: an entry the reader may not read is
+# not disclosed, as slapd does), "denied" (SSH
 # authentication refused). 402 is the web service's "nothing found": it describes device
 # and organisation certificates only. The portal asks everyone to sign in (303) whatever
 # open_reads says; SFTP has no open_reads.
@@ -57,8 +58,8 @@ TABLE: dict[tuple[str, str], dict[str, tuple[str, str]]] = {
                                      "valid": OK},
     ("ldap", "root"):           {"anonymous": OK, "wrong": ("49", "49"), "valid": OK},
     ("ldap", "ca"):             {"anonymous": OK, "wrong": ("49", "49"), "valid": OK},
-    ("ldap", "device"):         {"anonymous": ("50", "ok"), "wrong": ("49", "49"), "valid": OK},
-    ("ldap", "organisation"):   {"anonymous": ("50", "ok"), "wrong": ("49", "49"), "valid": OK},
+    ("ldap", "device"):         {"anonymous": ("32", "ok"), "wrong": ("49", "49"), "valid": OK},
+    ("ldap", "organisation"):   {"anonymous": ("32", "ok"), "wrong": ("49", "49"), "valid": OK},
     ("ldap", "crl"):            {"anonymous": OK, "wrong": ("49", "49"), "valid": OK},
     ("ldap", "arl"):            {"anonymous": OK, "wrong": ("49", "49"), "valid": OK},
     ("portal", "root"):         {"anonymous": ("303", "303"), "wrong": ("303", "303"), "valid": OK},

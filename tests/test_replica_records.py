@@ -32,11 +32,11 @@ def test_a_certificate_record_round_trips() -> None:
     assert (c.id, c.serial, c.kind, c.usage, c.lodged_status, c.manufacturing_flag) == (
         42, "13E6E3409C880FDBE71A429ACF375746", "device", "KA", "I", True)
     assert c.eui_text == "00-DB-12-34-56-78-90-A4" and c.eui64 == bytes.fromhex("00DB1234567890A4")
-    assert c.der == b"\x30" * 480 and c.etag == '"' + "ab" * 32 + '"'
-    assert c.last_modified == "Sat, 05 Dec 2026 06:00:00 GMT" and c.lodged_at == _NOW
+    assert c.der == b"\x30" * 480 and c.sha_hex == "ab" * 32
+    assert c.http_last_modified == "Sat, 05 Dec 2026 06:00:00 GMT" and c.lodged_at == _NOW
     assert c.not_after_ts == datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()
     assert c.role is None and c.issuer_name == "CN=Z1,OU=07" and c.subject_name == ""
-    assert rec.unpack_download(value) == (c.der, c.etag, c.last_modified, False)
+    assert rec.unpack_download(value) == (c.der, c.sha_hex, c.http_last_modified, False)
     changed = rec.unpack_cert(42, rec.with_status(value, "N", False))
     assert (changed.lodged_status, changed.manufacturing_flag, changed.der) == ("N", False, c.der)
     org = rec.unpack_cert(1, _cert(kind="organisation", role=2, usage="DS", subject_name="CN=é"))

@@ -105,6 +105,12 @@ class Accounts:
             return User(account[0].name, account[0].role)
         return None
 
+    async def enabled_user(self, name: str) -> User | None:
+        """The user of that name if it exists and is enabled (a client certificate's common
+        name, for LDAP SASL EXTERNAL: the TLS layer has already proved it)."""
+        row = await self.store.user(name)
+        return None if row is None or row.disabled else User(row.name, row.role)
+
     async def ssh_keys(self, name: str) -> list[str]:
         """The SFTP public keys (OpenSSH lines) of an enabled user; none for anyone else."""
         found = await self.store.user_ssh_keys(name)

@@ -273,7 +273,7 @@ def cmd_export_ldif(args: argparse.Namespace) -> int:
         count = 0
         async with opened_store(config, max_size=2) as store, \
                 opened_replica(config, store) as catalog:
-            directory = Directory(catalog, store, suffix=config.ldap.suffix, root_dse={})
+            directory = Directory(catalog, suffix=config.ldap.suffix, root_dse={})
             async for entry in directory.all_entries():
                 out.write(entry_ldif(entry))
                 count += 1

@@ -30,7 +30,7 @@ import asyncpg
 from repository_server.pki.certstore import INDEX_BYTES, certificate_keys, crl_keys
 from repository_server.pki.ids import format_eui64, format_key_id
 from repository_server.readmodel.env import Replica, ReplicaUnavailable, RevokedEntry
-from repository_server.readmodel.records import CertRecord, CrlRecord, DocRecord, http_date
+from repository_server.readmodel.records import CertRecord, CrlRecord, DocRecord
 from repository_server.store.db import NOTIFY_CHANNEL, Store
 
 log = logging.getLogger(__name__)
@@ -51,30 +51,29 @@ class SearchIndexBuilding(ReplicaUnavailable):
 CertEntry = CertRecord  # what the listeners format (records.CertRecord)
 
 __all__ = ["Catalog", "CertEntry", "CrlEntry", "DocEntry", "ReplicaUnavailable",
-           "SearchIndexBuilding", "http_date"]
+           "SearchIndexBuilding"]
 
 
 @dataclass(frozen=True, slots=True)
 class CrlEntry:
+    """A CRL/ARL version with the values every interface derives from it, worked out once per
+    version (versions never change). Neutral values: each interface formats them its own way
+    (HTTP its ETag and dates, LDAP its GeneralizedTime)."""
+
     row: CrlRecord
-    etag: str
-    last_modified: str
-    modified_ts: float
-    expires: str | None  # HTTP date of nextUpdate
-    next_update_ts: float | None
-    disposition: str
+    sha_hex: str  # lower-case hex SHA-256 of the DER
+    modified_ts: float  # thisUpdate, whole seconds since the epoch
+    next_update_ts: float | None  # nextUpdate, seconds since the epoch
+    filename: str  # <ISSUER KEY ID>-<CRL number>.crl
 
 
 @dataclass(frozen=True, slots=True)
 class DocEntry:
+    """A document version with its neutral validators (see CrlEntry)."""
+
     row: DocRecord
-    etag: str
-    last_modified: str
-    modified_ts: float
-
-
-def _etag(digest: bytes) -> str:
-    return '"' + digest.hex() + '"'
+    sha_hex: str  # lower-case hex SHA-256 of the body
+    modified_ts: float  # lodging time, whole seconds since the epoch
 
 
 class Catalog:
@@ -204,8 +203,10 @@ class Catalog:
 
     # -- certificates ---------------------------------------------------------------------
     def download(self, serial: str) -> tuple[bytes, str, str, bool] | None:
-        """(DER, ETag, Last-Modified, public) when exactly one certificate has this serial;
-        None otherwise or while the replica is not ready (the full handler says which)."""
+        """(DER, hex SHA-256, HTTP Last-Modified, public) when exactly one certificate has
+        this serial; None otherwise or while the replica is not ready (the full handler says
+        which). The replica stores the lodging's HTTP date ready-made for this, the hottest
+        HTTP path; nothing else should use it."""
         if not self.ready:
             return None
         return self.replica.download(serial)
@@ -229,8 +230,57 @@ class Catalog:
     async def by_eui_now(self, eui64: bytes, device: bool, now: float
                          ) -> tuple[tuple[CertEntry, ...], list[str]]:
         """A subject's certificates and their statuses now (one replica read)."""
+        return self.subject_now(eui64, device, now)
+
+    def subject_now(self, eui64: bytes, device: bool, now: float
+                    ) -> tuple[tuple[CertEntry, ...], list[str]]:
+        """`by_eui_now` without a coroutine, for callers answering synchronously (the LDAP
+        fast path): one replica read."""
         self._check_ready()
         return self.replica.by_eui_now(eui64, device, now)
+
+    def by_sha256(self, sha256: bytes) -> list[CertEntry]:
+        """The certificate with this SHA-256 (none or one)."""
+        self._check_ready()
+        return self.replica.by_sha256(sha256)
+
+    def by_subject_key_id(self, key_id: bytes) -> list[CertEntry]:
+        """Every certificate with this subject key identifier, in id order."""
+        self._check_ready()
+        return self.replica.by_subject_key_id(key_id)
+
+    def ca_certificates(self) -> list[CertEntry]:
+        """Every root and issuing CA certificate that has a subject key identifier."""
+        self._check_ready()
+        return self.replica.ca_certificates()
+
+    def has_subjects(self, device: bool) -> bool:
+        """Whether any device (device=True) or organisation has a certificate."""
+        self._check_ready()
+        return self.replica.has_subjects(device)
+
+    def has_other(self) -> bool:
+        """Whether any certificate is of neither a CA, a device nor an organisation."""
+        self._check_ready()
+        return self.replica.has_other()
+
+    # Walks in pages, so that memory stays bounded whatever the store holds: each page
+    # starts after the position the previous one ended at (the indexes' own order).
+    def subjects_page(self, device: bool, after_eui: bytes, limit: int) -> list[bytes]:
+        """Distinct EUI-64s of devices or organisations, in order, after `after_eui`."""
+        self._check_ready()
+        return self.replica.subjects_page(device, after_eui, limit)
+
+    def subject_certificates_page(self, device: bool, after_eui: bytes, after_id: int,
+                                  limit: int) -> list[CertEntry]:
+        """Certificates of devices or organisations in (EUI-64, id) order after a position."""
+        self._check_ready()
+        return self.replica.subject_certificates_page(device, after_eui, after_id, limit)
+
+    def other_certificates_page(self, after_id: int, limit: int) -> list[CertEntry]:
+        """Certificates of neither kind, in id order after `after_id`."""
+        self._check_ready()
+        return self.replica.other_certificates_page(after_id, limit)
 
     # -- status ------------------------------------------------------------------------------
     async def statuses(self, entries: typing.Sequence[CertEntry], now: float) -> list[str]:
@@ -241,12 +291,9 @@ class Catalog:
     def _crl_entry(self, row: CrlRecord) -> CrlEntry:
         entry = self._crl_entries.get(row.id)
         if entry is None:
-            filename = f"{row.issuer_key_id.hex().upper()}-{row.crl_number}.crl"
-            entry = CrlEntry(row, _etag(row.sha256), http_date(row.this_update),
-                             float(int(row.this_update.timestamp())),
-                             http_date(row.next_update) if row.next_update else None,
+            entry = CrlEntry(row, row.sha256.hex(), float(int(row.this_update.timestamp())),
                              row.next_update.timestamp() if row.next_update else None,
-                             f'inline; filename="{filename}"')
+                             f"{row.issuer_key_id.hex().upper()}-{row.crl_number}.crl")
             if len(self._crl_entries) >= 256:
                 self._crl_entries.clear()
             self._crl_entries[row.id] = entry
@@ -257,12 +304,24 @@ class Catalog:
         row = self.replica.current_crl(issuer_key_id)
         if row is None:
             return None
-        if (row.next_update is not None and row.next_update.timestamp() <= time.time()
-                and not self.live):
-            # past nextUpdate a newer one may have been issued, and the replica cannot hear
-            # of it while the store is unreachable: say so rather than serve a stale one
-            raise ReplicaUnavailable(_STALE_CRL)
+        self._check_current((row,))
         return self._crl_entry(row)
+
+    def current_crls(self) -> list[CrlEntry]:
+        """Every issuer's current CRL/ARL, by issuer key id (from the one CRL cache);
+        ReplicaUnavailable while one is past its nextUpdate and the replica is not live."""
+        self._check_ready()
+        rows = sorted(self.replica.current_crls(), key=lambda c: c.issuer_key_id)
+        self._check_current(rows)
+        return [self._crl_entry(r) for r in rows]
+
+    def _check_current(self, rows: typing.Iterable[CrlRecord]) -> None:
+        """Past nextUpdate a newer CRL/ARL may have been issued, and the replica cannot hear
+        of it while the store is unreachable: say so rather than serve a stale one."""
+        now = time.time()
+        if (any(r.next_update is not None and r.next_update.timestamp() <= now for r in rows)
+                and not self.live):
+            raise ReplicaUnavailable(_STALE_CRL)
 
     async def search_certificates(self, key: bytes, limit: int
                                   ) -> tuple[list[CertEntry], int]:
@@ -290,9 +349,7 @@ class Catalog:
                                                          row.issuer_name)
             if key in keys:
                 found.append(row)
-        if (any(r.next_update is not None and r.next_update.timestamp() <= time.time()
-                for r in found) and not self.live):
-            raise ReplicaUnavailable(_STALE_CRL)
+        self._check_current(found)
         return [self._crl_entry(r) for r in found]
 
     async def crl_version(self, issuer_key_id: bytes, number: int) -> CrlEntry | None:
@@ -303,8 +360,7 @@ class Catalog:
     # -- documents -------------------------------------------------------------------------
     @staticmethod
     def _doc_entry(row: DocRecord) -> DocEntry:
-        return DocEntry(row, _etag(row.sha256), http_date(row.lodged_at),
-                        float(int(row.lodged_at.timestamp())))
+        return DocEntry(row, row.sha256.hex(), float(int(row.lodged_at.timestamp())))
 
     async def document(self, name: str, version: int | None = None) -> DocEntry | None:
         self._check_ready()

@@ -210,7 +210,7 @@ class Replica:
         return [ids[i:i + 8] for i in range(0, len(ids), 8)]
 
     def download(self, serial: str) -> tuple[bytes, str, str, bool] | None:
-        """What a certificate download by serial sends: (DER, ETag, Last-Modified, public),
+        """What a certificate download by serial sends: (DER, hex SHA-256, Last-Modified, public),
         with the least decoding (the hottest HTTP path); None unless exactly one
         certificate has this serial."""
         with self._read() as txn:

@@ -90,7 +90,7 @@ class CertRecord:
     sha256: bytes
     sha_hex: str  # lower-case hex of sha256 (ETag, LDAP smkiSha256)
     lodged_us: int
-    last_modified: str  # HTTP date of the lodging
+    http_last_modified: str  # the lodging as an HTTP date (stored ready-made for HTTP only)
     kind: str  # root, ca, organisation, device, other
     eui64: bytes | None
     eui_text: str  # 00-DB-12-... (written form), "" if none
@@ -109,10 +109,6 @@ class CertRecord:
         """CA certificates are readable without credentials (SPEC: relying parties must
         always reach what they need to check revocation)."""
         return self.kind in ("root", "ca")
-
-    @property
-    def etag(self) -> str:
-        return '"' + self.sha_hex + '"'
 
     @property
     def modified_ts(self) -> float:
@@ -210,8 +206,8 @@ _KIND_PUBLIC = tuple(k in ("root", "ca") for k in KINDS)
 
 
 def unpack_download(value: bytes) -> tuple[bytes, str, str, bool]:
-    """(DER, quoted ETag, Last-Modified, public) of a certificate record, without decoding
-    the rest (a download by serial needs nothing else)."""
+    """(DER, hex SHA-256, HTTP Last-Modified, public) of a certificate record, without
+    decoding the rest (a download by serial needs nothing else)."""
     try:
         head = _CERT.unpack_from(value)
         start = _CERT.size + sum(head[9:15])  # serial, key ids, EUI-64, names
@@ -219,7 +215,7 @@ def unpack_download(value: bytes) -> tuple[bytes, str, str, bool]:
         der = value[start + _LAST_MODIFIED_LEN:]
         if len(der) != head[15]:
             raise RecordError("certificate record: wrong length")
-        return der, '"' + head[3].hex() + '"', lm, _KIND_PUBLIC[head[4]]
+        return der, head[3].hex(), lm, _KIND_PUBLIC[head[4]]
     except (struct.error, IndexError, UnicodeDecodeError, OverflowError) as exc:
         raise RecordError(f"certificate record: {exc}") from exc
 

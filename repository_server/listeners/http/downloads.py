@@ -48,9 +48,8 @@ from repository_server.readmodel.catalog import (
     CrlEntry,
     DocEntry,
     SearchIndexBuilding,
-    http_date,
 )
-from repository_server.readmodel.records import DocRecord
+from repository_server.readmodel.records import DocRecord, http_date
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 FastHandler = Callable[[web.Request, User | None], web.Response | None]
@@ -79,6 +78,12 @@ def unavailable_response() -> web.Response:
     response = error(503, UNAVAILABLE)
     response.headers["Retry-After"] = RETRY_AFTER
     return response
+
+
+def etag(sha_hex: str, variant: str = "") -> str:
+    """The strong ETag of stored bytes: their SHA-256 (a variant, such as "-pem", for
+    another representation of the same bytes)."""
+    return '"' + sha_hex + variant + '"'
 
 
 def _pem(der: bytes) -> bytes:
@@ -176,12 +181,12 @@ class Downloads:
         found = self.catalog.download(request.match_info["serial"])
         if found is None:
             return None
-        der, etag, last_modified, public = found
+        der, sha_hex, last_modified, public = found
         access = self.access
         if not access.may_read(public=public, authenticated=user is not None):
             return None
         return web.Response(body=der, headers={
-            **self._cert_static[access.shared(public=public)], "ETag": etag,
+            **self._cert_static[access.shared(public=public)], "ETag": etag(sha_hex),
             "Last-Modified": last_modified})
 
     async def certificate(self, request: web.Request) -> web.StreamResponse:
@@ -213,8 +218,8 @@ class Downloads:
 
     def _cert_response(self, request: web.Request, entry: CertEntry, pem: bool) -> web.Response:
         headers = {
-            "ETag": entry.etag if not pem else entry.etag[:-1] + '-pem"',
-            "Last-Modified": entry.last_modified,
+            "ETag": etag(entry.sha_hex, "-pem" if pem else ""),
+            "Last-Modified": entry.http_last_modified,
             "Cache-Control": self._cache_control(entry.public),
             "Vary": "Accept",
         }
@@ -272,23 +277,24 @@ class Downloads:
         return parse_key_id(raw)
 
     def _crl_response(self, request: web.Request, entry: CrlEntry, current: bool) -> web.Response:
-        headers = {"ETag": entry.etag, "Last-Modified": entry.last_modified}
+        row = entry.row
+        headers = {"ETag": etag(entry.sha_hex), "Last-Modified": http_date(row.this_update)}
         if current:
             now = time.time()
             max_age = self.config.web.crl_max_age
-            if entry.next_update_ts is not None and entry.expires is not None:
+            if entry.next_update_ts is not None and row.next_update is not None:
                 max_age = max(0, min(max_age, int(entry.next_update_ts - now)))
-                headers["Expires"] = entry.expires
+                headers["Expires"] = http_date(row.next_update)
             else:
                 headers["Expires"] = http_date(datetime.fromtimestamp(now + max_age, UTC))
             headers["Cache-Control"] = f"public, max-age={max_age}, must-revalidate"
         else:
             headers["Cache-Control"] = self._immutable
-        if not_modified(request.headers, entry.etag, entry.modified_ts):
+        if not_modified(request.headers, headers["ETag"], entry.modified_ts):
             return web.Response(status=304, headers=headers)
-        headers["Content-Disposition"] = entry.disposition
+        headers["Content-Disposition"] = f'inline; filename="{entry.filename}"'
         headers["Content-Type"] = PKIX_CRL
-        return web.Response(body=entry.row.der, headers=headers)
+        return web.Response(body=row.der, headers=headers)
 
     async def crl_current(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -359,15 +365,15 @@ class Downloads:
         row = entry.row
         content_type = doctypes.safe_type(row.content_type)
         headers = {
-            "ETag": entry.etag,
-            "Last-Modified": entry.last_modified,
+            "ETag": etag(entry.sha_hex),
+            "Last-Modified": http_date(row.lodged_at),
             "Cache-Control": (f"public, max-age={self.config.web.document_max_age}"
                               if current else self._immutable),
             "Content-Disposition": doctypes.disposition(row.name, content_type),
             "X-Document-Version": str(row.version),
             **doctypes.DOWNLOAD_HEADERS,
         }
-        if not_modified(request.headers, entry.etag, entry.modified_ts):
+        if not_modified(request.headers, headers["ETag"], entry.modified_ts):
             return web.Response(status=304, headers=headers)
         assert row.body is not None
         headers["Content-Type"] = content_type

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from repository_server.listeners.ldap import codec, dn
-from repository_server.listeners.ldap.directory import CERT_ATTR_KEYS, Directory
+from repository_server.listeners.ldap.directory import Directory
+from repository_server.listeners.ldap.entries import CERT_ATTR_KEYS
 from repository_server.listeners.ldap.filters import Entry, Predicate, compile_filter
 from repository_server.listeners.ldap.matching import equality
 from repository_server.listeners.ldap.schema import SCHEMA
@@ -80,7 +81,9 @@ class FastSearch:
     def entries(self, req: codec.SearchRequest, base: dn.DN, private: bool,
                 named: frozenset[str], everything: bool, now: float) -> list[Entry] | None:
         """The entries the search returns, in the general path's order; None when it does
-        not qualify (`named`: the attribute keys asked for; `everything`: "*" or "+")."""
+        not qualify (`private`: the reader may read private entries, as
+        `access.ReadAccess.may_read_private` says, else it never does; `named`: the attribute
+        keys asked for; `everything`: "*" or "+")."""
         if req.controls or req.types_only or req.scope not in (1, 2) or not private:
             return None
         unit = self._units.get(base)
@@ -113,19 +116,18 @@ class FastSearch:
         if keys is not None and not keys <= CERT_ATTR_KEYS:
             return None
         unit_name, device = unit
-        self.catalog._check_ready()
-        certs, statuses = self.catalog.replica.by_eui_now(eui, device, now)
+        certs, statuses = self.catalog.subject_now(eui, device, now)
         out: list[Entry] = []
         self.answered += 1
         if not certs:
             return out
-        directory = self.directory
-        subject = directory.subject_entry(unit_name, certs[0].eui_text)
+        entries = self.directory.entries
+        subject = entries.subject_entry(unit_name, certs[0].eui_text)
         if shape.rest(subject) is True:
             out.append(subject)
         if req.scope == 2:
             for c, status in zip(certs, statuses, strict=True):
-                entry = directory.certificate_entry(c, status, keys)
+                entry = entries.certificate_entry(c, status, keys)
                 if shape.rest(entry) is True:
                     out.append(entry)
         return out

@@ -348,64 +348,94 @@ class Plan:
 
     @property
     def indexed(self) -> bool:
-        return (self.eui is not None or self.serial is not None or self.key_id is not None
-                or self.sha256 is not None)
+        return self.index is not None
+
+    @property
+    def index(self) -> str | None:
+        """The index candidates are read through: "eui", "sha256", "serial" or "key_id"
+        (the first the plan has, in that order), or None (walk the subtree)."""
+        if self.eui is not None:
+            return "eui"
+        if self.sha256 is not None:
+            return "sha256"
+        if self.serial is not None:
+            return "serial"
+        if self.key_id is not None:
+            return "key_id"
+        return None
 
 
 _CERTIFICATE_EXACT = rule("certificateExactMatch")
+# the attributes an equality on which narrows the candidates (objectClass: by entry kind)
+_PLANNED = frozenset({"objectclass", "smkieui64", "smkiserial", "smkikeyid", "smkisubjectkeyid",
+                      "smkisha256", "usercertificate", "cacertificate"})
 
 
-def _conjuncts(f: codec.Filter) -> Iterable[codec.Filter]:
+def conjuncts(f: codec.Filter) -> Iterable[codec.Filter]:
+    """The filters a filter ANDs together (itself if it is no AND), nested ANDs flattened."""
     if isinstance(f, codec.And):
         for x in f.filters:
-            yield from _conjuncts(x)
+            yield from conjuncts(x)
     else:
         yield f
 
 
+def asserted(item: codec.Filter) -> tuple[str, bytes] | None:
+    """(attribute description, value) of an equality an index may serve: an equality
+    match, or an extensible match on a type by its equality rule or certificateExactMatch,
+    without :dn:. None for anything else."""
+    if isinstance(item, codec.EqualityMatch):
+        return item.attribute, item.value
+    if isinstance(item, codec.ExtensibleMatch) and item.type and not item.dn_attributes and (
+            item.matching_rule is None or rule(item.matching_rule) is _CERTIFICATE_EXACT):
+        return item.type, item.value
+    return None
+
+
+def constraint(description: str, value: bytes) -> tuple[str, Any] | None:
+    """What an equality on an attribute description tells the plan: (Plan field, value),
+    with the value normalised as the attribute's equality rule does; None when it tells
+    nothing (an attribute that is not indexed, a supertype whose subtypes' values count too,
+    a tagged description, or a value no entry can hold)."""
+    desc = describe(description)
+    found = equality(desc.type) if desc is not None and not desc.tagged else None
+    if desc is None or found is None:
+        return None
+    key, norm = desc.type.key, found[1]
+    if key not in _PLANNED or desc.keys != (key,):
+        return None  # not indexed, or a supertype: its subtypes' values count too
+    if key in ("usercertificate", "cacertificate"):
+        parsed = parse_certificate_assertion(value)
+        return ("serial", parsed.serial) if parsed is not None else None
+    v = norm(value)
+    if key == "objectclass":
+        return ("classes", v) if isinstance(v, str) else None
+    if key == "smkieui64":
+        return ("eui", v) if isinstance(v, bytes) and len(v) == 8 else None
+    if key == "smkiserial":
+        return ("serial", v) if isinstance(v, str) and re.fullmatch(r"-?[0-9A-F]+", v) else None
+    if key in ("smkikeyid", "smkisubjectkeyid"):
+        return ("key_id", v) if isinstance(v, bytes) else None
+    if key == "smkisha256":
+        return ("sha256", v) if isinstance(v, bytes) and len(v) == 32 else None
+    return None
+
+
 def plan(f: codec.Filter) -> Plan:
-    eui = serial = None
-    key_id = sha256 = eui_bytes = None
+    """The equalities on indexed attributes every entry matching `f` satisfies (the last one
+    of each kind wins; objectClass values accumulate)."""
+    found: dict[str, Any] = {}
     classes: set[str] = set()
-    for item in _conjuncts(f):
-        attr_name: str | None = None
-        value = b""
-        if isinstance(item, codec.EqualityMatch):
-            attr_name, value = item.attribute, item.value
-        elif isinstance(item, codec.ExtensibleMatch) and item.type and not item.dn_attributes and (
-                item.matching_rule is None or rule(item.matching_rule) is _CERTIFICATE_EXACT):
-            attr_name, value = item.type, item.value
-        if attr_name is None:
+    for item in conjuncts(f):
+        pair = asserted(item)
+        told = constraint(*pair) if pair is not None else None
+        if told is None:
             continue
-        desc = describe(attr_name)
-        found = equality(desc.type) if desc is not None and not desc.tagged else None
-        if desc is None or found is None:
-            continue
-        attr, norm = desc.type, found[1]
-        if desc.keys != (attr.key,):
-            continue  # a supertype: its subtypes' values count too
-        if attr.key == "objectclass":
-            v = norm(value)
-            if isinstance(v, str):
-                classes.add(v)
-        elif attr.key == "smkieui64":
-            v = norm(value)
-            if isinstance(v, bytes) and len(v) == 8:
-                eui, eui_bytes = v.hex("-").upper(), v
-        elif attr.key == "smkiserial":
-            v = norm(value)
-            if isinstance(v, str) and re.fullmatch(r"-?[0-9A-F]+", v):
-                serial = v
-        elif attr.key in ("smkikeyid", "smkisubjectkeyid"):
-            v = norm(value)
-            if isinstance(v, bytes):
-                key_id = v
-        elif attr.key == "smkisha256":
-            v = norm(value)
-            if isinstance(v, bytes) and len(v) == 32:
-                sha256 = v
-        elif attr.key in ("usercertificate", "cacertificate"):
-            parsed = parse_certificate_assertion(value)
-            if parsed is not None:
-                serial = parsed.serial
-    return Plan(eui, serial, key_id, sha256, frozenset(classes) or None, eui_bytes)
+        field, value = told
+        if field == "classes":
+            classes.add(value)
+        else:
+            found[field] = value
+    eui: bytes | None = found.get("eui")
+    return Plan(eui.hex("-").upper() if eui is not None else None, found.get("serial"),
+                found.get("key_id"), found.get("sha256"), frozenset(classes) or None, eui)

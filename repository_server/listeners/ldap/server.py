@@ -15,9 +15,12 @@ in the spirit of aiosmtpd. Rules:
   too. A client that reads nothing for ``ldap.write_timeout_seconds`` is disconnected.
 * A malformed or oversized PDU gets a notice of disconnection (protocolError) and the
   connection is closed; idle connections are closed after ``ldap.idle_timeout_seconds``.
-* Device, organisation and other certificate entries are visible to bound users only,
-  unless ``ldap.open_reads``. Writes are refused (unwillingToPerform): the repository is
-  written only through the mutual-TLS lodging listener.
+* Who may read what is `access.ReadAccess` (device, organisation and other certificate
+  entries: bound users, or anyone with ``ldap.open_reads``; see `directory.py` for what
+  others are told). Writes are refused (unwillingToPerform): the repository is written only
+  through the mutual-TLS lodging listener.
+* The search itself is `search.py`, credential checks `binds.py`, the response cache and
+  attribute selection `answers.py`; this module is the protocol around them.
 * Every search for lodged material (anything but the root DSE and the subschema entry) is
   timed for Code Performance Measure 8 from receipt to the SearchResultDone being written.
 """
@@ -28,26 +31,26 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import secrets
 import ssl
 import time
-from collections import OrderedDict
-from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from repository_server.accounts import Accounts
 from repository_server.accounts.keys import User
 from repository_server.config import Config
 from repository_server.listeners.ldap import codec, dn
-from repository_server.listeners.ldap.codec import PAGED_RESULTS_OID, STARTTLS_OID, ProtocolError, ResultCode
-from repository_server.listeners.ldap.directory import Directory, DirectoryError, Node
+from repository_server.listeners.ldap.answers import Outcome, ResponseCache
+from repository_server.listeners.ldap.binds import BindCredentials
+from repository_server.listeners.ldap.codec import STARTTLS_OID, ProtocolError, ResultCode
+from repository_server.listeners.ldap.directory import Directory, DirectoryError
 from repository_server.listeners.ldap.fastpath import FastSearch
-from repository_server.listeners.ldap.filters import Entry, Plan, compile_filter, plan
-from repository_server.listeners.ldap.matching import selected_keys
-from repository_server.listeners.ldap.schema import SCHEMA, AttributeType
+from repository_server.listeners.ldap.filters import Entry, Plan, compile_filter
+from repository_server.listeners.ldap.schema import SCHEMA
+from repository_server.listeners.ldap.search import Searches, SearchService
 from repository_server.obs.arrival import socket_waited
 from repository_server.obs.logs import access_extra
+from repository_server.readmodel.catalog import ReplicaUnavailable
 from repository_server.service_levels import ANONYMOUS, ServiceLevels
 from repository_server.store.db import Store
 from repository_server.store.db import unavailable as store_unavailable
@@ -66,96 +69,9 @@ _CPM_STATUS: dict[int, int] = {ResultCode.OTHER: 500, ResultCode.UNAVAILABLE: 50
 access_log = logging.getLogger("repository_server.access")
 
 WHOAMI_OID = "1.3.6.1.4.1.4203.1.11.3"
-USERS_RDN = "ou=Users"
 _SEARCH_DONE = 5
-_CACHEABLE_ENTRIES = 16
-_CACHEABLE_BYTES = 256 * 1024
-_MAX_PAGED = 8  # paged searches kept open per connection
 _READ_ONLY = ("the repository is read-only over LDAP: the DCC lodges through the mutual-TLS"
               " lodging API")
-_PRIVATE = ("device and organisation entries need a bound repository user (simple bind with"
-            " an API key or password, or SASL EXTERNAL)")
-
-
-@dataclass(frozen=True, slots=True)
-class Selection:
-    """Which attributes a search asked for (RFC 4511 §4.5.1.8)."""
-
-    all_user: bool
-    all_operational: bool
-    named: frozenset[str]  # canonical lower-case keys
-
-    @classmethod
-    def parse(cls, attributes: tuple[str, ...]) -> Selection:
-        if not attributes:
-            return cls(True, False, frozenset())
-        named: set[str] = set()
-        for a in attributes:
-            if a not in ("*", "+", "1.1"):  # a type covers its subtypes; a tagged one nothing
-                named.update(selected_keys(a))
-        return cls("*" in attributes, "+" in attributes, frozenset(named))
-
-    def pick(self, entry: Entry, types_only: bool) -> list[tuple[str, list[bytes]]]:
-        out = []
-        for key, values in entry.attrs.items():
-            attr = _BY_KEY.get(key)
-            if attr is None:
-                continue
-            if key in self.named or (self.all_operational if attr.operational else self.all_user):
-                out.append((attr.wire_name, [] if types_only else values))
-        return out
-
-
-_BY_KEY: dict[str, AttributeType] = {a.key: a for a in SCHEMA.attributes}
-
-
-@dataclass(slots=True)
-class Outcome:
-    """How a search ended, and what it holds back for the final write."""
-
-    code: int
-    message: str = ""
-    matched: str = ""
-    controls: tuple[codec.Control, ...] = ()
-    sent: int = 0
-    held: list[bytes] = field(default_factory=list)  # entry ops not written yet
-    cache_until: float | None = None  # set while the answer may go into the response cache
-
-
-class ResponseCache:
-    """Pre-encoded answers to searches, keyed by the request's bytes after its message id, one
-    map per access level (anonymous, or allowed to see device entries); LRU, bounded in bytes."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self.maps: tuple[OrderedDict[bytes, tuple[tuple[bytes, ...], float]], ...] = (
-            OrderedDict(), OrderedDict())
-        self.hits = 0
-
-    def clear(self) -> None:
-        for m in self.maps:
-            m.clear()
-        self.bytes = 0
-
-    @staticmethod
-    def _size(key: bytes, ops: tuple[bytes, ...]) -> int:
-        return len(key) + sum(len(o) for o in ops) + 200
-
-    def put(self, private: bool, key: bytes, ops: tuple[bytes, ...], valid_until: float) -> None:
-        size = self._size(key, ops)
-        if size > self.max_bytes // 8:
-            return
-        target = self.maps[private]
-        old = target.pop(key, None)
-        if old is not None:
-            self.bytes -= self._size(key, old[0])
-        target[key] = (ops, valid_until)
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            victim = max(self.maps, key=len)
-            k, (o, _) = victim.popitem(last=False)
-            self.bytes -= self._size(k, o)
 
 
 class LdapService:
@@ -171,59 +87,24 @@ class LdapService:
         self.levels = levels
         self.tls = tls
         self.access_log = config.log.access_log
+        self.access = directory.access
         self.cache = ResponseCache(self.settings.response_cache_mb * 1024 * 1024)
         directory.on_change(self.cache.clear)
         self.connections: set[LdapConnection] = set()
         self.ids = itertools.count(1)
-        self.accounts = accounts
-        self.users_dn = f"{USERS_RDN},{directory.suffix}"
-        self._nusers = dn.parse_normalised(self.users_dn)
-        self._bases: dict[str, dn.DN] = {}
-        self._selections: dict[tuple[str, ...], Selection] = {}
-        # the short way for searches by EUI-64 (ldap/fastpath.py); off: everything the long way
-        self.fast = FastSearch(directory) if self.settings.fast_path else None
+        self.credentials = BindCredentials(accounts, directory.suffix)
+        self.users_dn = self.credentials.users_dn
+        self.search = SearchService(self.settings, directory)
         # told of each connection refused for ldap.max_connections (a metric): (listener)
         self.on_over_cap: Callable[[str], None] | None = None
 
-    def selection(self, attributes: tuple[str, ...]) -> Selection:
-        """The attributes a search asks for (memoised: clients ask for a few lists)."""
-        found = self._selections.get(attributes)
-        if found is None:
-            found = Selection.parse(attributes)
-            if len(self._selections) >= 1024:
-                self._selections.clear()
-            self._selections[attributes] = found
-        return found
-
-    def base_dn(self, text: str) -> dn.DN:
-        """A search base, normalised (memoised: clients ask under a few bases)."""
-        found = self._bases.get(text)
-        if found is None:
-            found = dn.parse_normalised(text)
-            if len(self._bases) >= 1024:
-                self._bases.clear()
-            self._bases[text] = found
-        return found
+    @property
+    def fast(self) -> FastSearch | None:
+        """The short way for searches by EUI-64, None when ldap.fast_path is off."""
+        return self.search.fast
 
     def factory(self, *, ldaps: bool) -> LdapConnection:
         return LdapConnection(self, ldaps=ldaps)
-
-    def user_name(self, bind_dn: str) -> str | None:
-        """The repository user a bind DN names: uid=NAME,ou=Users,<suffix>, or NAME itself.
-        None if it names none (a NUL can be in no user's name: PostgreSQL text refuses it)."""
-        if "\x00" in bind_dn:
-            return None
-        if "=" not in bind_dn:
-            return bind_dn.strip() or None
-        try:
-            parsed = dn.parse(bind_dn)
-            normal = dn.normalise(parsed)
-        except dn.DNError:
-            return None
-        if len(parsed) == len(self._nusers) + 1 and normal[1:] == self._nusers and \
-                len(parsed[0]) == 1 and normal[0][0][0] in ("uid", "cn"):
-            return parsed[0][0][1]
-        return None
 
     def close_all(self) -> None:
         for conn in list(self.connections):
@@ -238,16 +119,16 @@ class LdapConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.tls = ldaps
         self.user: User | None = None
-        self.private = s.open_reads
+        # may read private entries (access.ReadAccess): also which response cache map serves
+        self.private = service.access.may_read_private(authenticated=False)
         self.peer = "?"
         self.conn_id = 0
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.pending: list[codec.Request] = []  # requests waiting behind a bind/StartTLS
         self.serial: asyncio.Task[None] | None = None
-        # open paged searches: cookie -> (their entries, how many were sent so far)
-        self.paged: OrderedDict[bytes, tuple[AsyncGenerator[Entry, None], int]] = OrderedDict()
         self.writable = asyncio.Event()
         self.writable.set()
+        self.searches = Searches(service.search, self)
         self.closing = False
         self.last_activity = 0.0
         self.sock: Any = None  # the TCP socket, for when each request's bytes arrived
@@ -287,9 +168,7 @@ class LdapConnection(asyncio.Protocol):
             task.cancel()
         if self.serial is not None:
             self.serial.cancel()
-        for gen, _ in self.paged.values():
-            _close_later(gen)
-        self.paged.clear()
+        self.searches.close()
         self.writable.set()
 
     def pause_writing(self) -> None:
@@ -322,6 +201,11 @@ class LdapConnection(asyncio.Protocol):
             self._idle = loop.call_later(max(limit - idle, 1.0), self._check_idle)
             return
         self.disconnect(ResultCode.UNAVAILABLE, f"idle for {limit} s; connection closed")
+
+    @property
+    def authenticated(self) -> bool:
+        """Bound as a repository user."""
+        return self.user is not None
 
     def disconnect(self, code: ResultCode, message: str) -> None:
         """Notice of disconnection (RFC 4511 §4.4.1), then close."""
@@ -467,8 +351,7 @@ class LdapConnection(asyncio.Protocol):
 
     async def _bind(self, req: codec.BindRequest) -> None:
         mid = req.message_id
-        self.user = None
-        self.private = self.service.settings.open_reads
+        self._set_user(None)
         if req.version != 3:
             self.write(codec.bind_response(mid, ResultCode.PROTOCOL_ERROR, "",
                                            "only LDAP version 3 is supported"))
@@ -488,25 +371,15 @@ class LdapConnection(asyncio.Protocol):
             self.write(codec.bind_response(mid, ResultCode.CONFIDENTIALITY_REQUIRED, "",
                                            "use StartTLS or LDAPS before binding with a password"))
             return
-        name = self.service.user_name(req.name)
-        user = await self._check_secret(name, password) if name else None
+        credentials = self.service.credentials
+        name = credentials.user_name(req.name)
+        user = await credentials.check_secret(name, password, self.peer) if name else None
         if user is None:
             self._audit("ldap.bind", "refused", name or req.name[:100])
             self.write(codec.bind_response(mid, ResultCode.INVALID_CREDENTIALS, "",
                                            "invalid credentials"))
             return
         self._bound(mid, user, "simple")
-
-    async def _check_secret(self, name: str, secret: bytes) -> User | None:
-        """The user, if `secret` is its API key or its portal password. Passwords follow the
-        portal's SEC lockout (the same counters in PostgreSQL); API keys are random secrets
-        and are not counted."""
-        try:
-            text = secret.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-        return await self.service.accounts.key_or_password_login(
-            name, text, actor="ldap", action="ldap.bind", peer=self.peer)
 
     async def _bind_sasl(self, req: codec.BindRequest) -> None:
         mid = req.message_id
@@ -522,19 +395,21 @@ class LdapConnection(asyncio.Protocol):
             return
         cn = next((value for rdn in cert.get("subject", ()) for key, value in rdn
                    if key == "commonName"), None)
-        row = await self.service.store.user(cn) if cn else None
         wanted = (req.sasl_credentials or b"").decode("utf-8", "replace")
-        if row is None or row.disabled or (wanted and self.service.user_name(
-                wanted.removeprefix("dn:").removeprefix("u:")) != row.name):
+        user = await self.service.credentials.external(cn, wanted)
+        if user is None:
             self._audit("ldap.bind", "refused", f"EXTERNAL {cn}")
             self.write(codec.bind_response(mid, ResultCode.INVALID_CREDENTIALS, "",
                                            "the client certificate names no enabled repository user"))
             return
-        self._bound(mid, User(row.name, row.role), "EXTERNAL")
+        self._bound(mid, user, "EXTERNAL")
+
+    def _set_user(self, user: User | None) -> None:
+        self.user = user
+        self.private = self.service.access.may_read_private(authenticated=user is not None)
 
     def _bound(self, mid: int, user: User | None, how: str) -> None:
-        self.user = user
-        self.private = self.service.settings.open_reads or user is not None
+        self._set_user(user)
         self.write(codec.bind_response(mid, ResultCode.SUCCESS))
         if self.service.access_log:
             access_log.info("ldap conn=%d op=%d bind %s user=%s result=0", self.conn_id, mid, how,
@@ -624,21 +499,14 @@ class LdapConnection(asyncio.Protocol):
 
     async def _entry(self, name: str) -> Entry:
         try:
-            base = self.service.base_dn(name)
+            base = self.service.search.base_dn(name)
         except dn.DNError as exc:
             raise DirectoryError(ResultCode.INVALID_DN_SYNTAX, f"invalid DN: {exc}") from None
-        node = await self._readable(base)
-        async for entry in self.service.directory.candidates(node, 0, Plan(), self.private, base):
+        node = await self.service.search.readable(base, self.authenticated)
+        async for entry in self.service.directory.candidates(node, 0, Plan(), self.authenticated,
+                                                             base):
             return entry
         raise DirectoryError(ResultCode.NO_SUCH_OBJECT, "no such entry")
-
-    async def _readable(self, base: dn.DN) -> Node:
-        """The node a base names, if this connection may read it (device, organisation and
-        other certificate entries need a bound user unless ldap.open_reads)."""
-        node = await self.service.directory.resolve(base)
-        if node.kind in ("subject", "cert") and not self.private:
-            raise DirectoryError(ResultCode.INSUFFICIENT_ACCESS_RIGHTS, _PRIVATE)
-        return node
 
     # -- search --------------------------------------------------------------------------------------
     async def op_search(self, req: codec.SearchRequest, content: bytes | None, received: float) -> None:
@@ -651,7 +519,7 @@ class LdapConnection(asyncio.Protocol):
         mark = levels.receive("ldap", "search", self.user.name if self.user else ANONYMOUS,
                               started=received) if lodged and levels is not None else None
         try:
-            out = await self._search(req, content if lodged else None)
+            out = await self.searches.search(req, content if lodged else None)
         except asyncio.CancelledError:  # abandoned, or the connection went away
             raise
         except Exception as exc:
@@ -676,171 +544,12 @@ class LdapConnection(asyncio.Protocol):
                                                entries=out.sent, base=req.base[:200],
                                                scope=req.scope))
 
-    async def _search(self, req: codec.SearchRequest, content: bytes | None) -> Outcome:
-        settings = self.service.settings
-        paging: tuple[int, bytes] | None = None
-        for control in req.controls:
-            if control.oid == PAGED_RESULTS_OID:
-                paging = codec.decode_paged_results(control.value)
-            elif control.critical:
-                return Outcome(ResultCode.UNAVAILABLE_CRITICAL_EXTENSION,
-                               f"critical control {control.oid} is not supported")
-        if req.scope > 3:  # base, one level, subtree, subordinate subtree
-            return Outcome(ResultCode.PROTOCOL_ERROR, "invalid scope")
-        try:
-            base = self.service.base_dn(req.base)
-        except dn.DNError as exc:
-            return Outcome(ResultCode.INVALID_DN_SYNTAX, f"invalid base DN: {exc}")
-        selection = self.service.selection(req.attributes)
-        limits = [x for x in (req.size_limit, settings.size_limit) if x > 0]
-        size_limit = min(limits) if limits else 0
-        if paging is None and self.service.fast is not None:
-            found = self.service.fast.entries(
-                req, base, self.private, selection.named,
-                selection.all_user or selection.all_operational, self.service.directory.clock())
-            if found is not None and (not size_limit or len(found) <= size_limit):
-                return self._fast_outcome(req, found, selection, content is not None)
-        times = [x for x in (req.time_limit, settings.time_limit_seconds) if x > 0]
-        deadline = time.monotonic() + min(times) if times else float("inf")
-
-        if paging is not None:
-            return await self._paged_search(req, base, selection, paging, deadline)
-        try:
-            node = await self._readable(base)
-        except DirectoryError as exc:
-            return Outcome(exc.code, exc.message, exc.matched)
-        # Entries are held back (and written with the done) while the answer is small enough
-        # to be cached; beyond that they are written as found, pausing while the client lags.
-        out = Outcome(ResultCode.SUCCESS, cache_until=float("inf") if content is not None else None)
-        held = out.held
-        held_bytes = 0
-        mid = req.message_id
-        matches = self._matches(req, node, base)
-        try:
-            async for entry in matches:
-                # checked between entries; one store read is bounded by database.command_timeout
-                if time.monotonic() > deadline:
-                    out.code, out.message = ResultCode.TIME_LIMIT_EXCEEDED, "time limit exceeded"
-                    break
-                if size_limit and out.sent >= size_limit:
-                    out.code = ResultCode.SIZE_LIMIT_EXCEEDED
-                    out.message = f"more than {size_limit} entries match"
-                    break
-                op = codec.entry_op(entry.dn, selection.pick(entry, req.types_only))
-                out.sent += 1
-                held.append(op)
-                if out.cache_until is not None:
-                    out.cache_until = min(out.cache_until, entry.valid_until)
-                    held_bytes += len(op)
-                    if len(held) <= _CACHEABLE_ENTRIES and held_bytes <= _CACHEABLE_BYTES:
-                        continue
-                    out.cache_until = None
-                self.write(codec.frames(mid, held))
-                held.clear()
-                if not self.writable.is_set():
-                    await self.writable.wait()
-        finally:
-            await matches.aclose()
-        return out
-
-    def _fast_outcome(self, req: codec.SearchRequest, found: list[Entry],
-                      selection: Selection, cacheable: bool) -> Outcome:
-        """The answer of ldap/fastpath.py's short way, shaped as the general path's."""
-        out = Outcome(ResultCode.SUCCESS, cache_until=float("inf") if cacheable else None)
-        for entry in found:
-            out.held.append(codec.entry_op(entry.dn, selection.pick(entry, req.types_only)))
-            if out.cache_until is not None:
-                out.cache_until = min(out.cache_until, entry.valid_until)
-        out.sent = len(found)
-        if len(found) > _CACHEABLE_ENTRIES or sum(map(len, out.held)) > _CACHEABLE_BYTES:
-            out.cache_until = None
-        return out
-
-    async def _matches(self, req: codec.SearchRequest, node: Node,
-                       base: dn.DN) -> AsyncGenerator[Entry, None]:
-        predicate = compile_filter(req.filter)
-        private = self.private
-        async for entry in self.service.directory.candidates(node, req.scope, plan(req.filter),
-                                                             private, base):
-            if (entry.public or private) and predicate(entry) is True:
-                yield entry
-
-    async def _paged_search(self, req: codec.SearchRequest, base: dn.DN, selection: Selection,
-                            paging: tuple[int, bytes], deadline: float) -> Outcome:
-        """One page. The server's size limit bounds each page; the client's bounds the whole
-        search, which ends with sizeLimitExceeded after that many entries (RFC 2696 §3,
-        RFC 4511 §4.5.1.4; slapd does the same)."""
-        page_size, cookie = paging
-        settings = self.service.settings
-        ended = (codec.paged_results_control(0, b""),)
-        sent_before = 0
-        if cookie:
-            found = self.paged.pop(cookie, None)
-            if found is None:
-                return Outcome(ResultCode.UNWILLING_TO_PERFORM,
-                               "unknown or expired paged results cookie")
-            matches, sent_before = found
-            if page_size == 0:  # the client abandons the paged search
-                _close_later(matches)
-                return Outcome(ResultCode.SUCCESS, controls=ended)
-        else:
-            try:
-                node = await self._readable(base)
-            except DirectoryError as exc:
-                return Outcome(exc.code, exc.message, exc.matched)
-            if page_size == 0:
-                return Outcome(ResultCode.SUCCESS, controls=ended)
-            matches = self._matches(req, node, base)
-        page = min(page_size, settings.size_limit) if settings.size_limit else page_size
-        if req.size_limit:
-            page = min(page, req.size_limit - sent_before)
-        out = Outcome(ResultCode.SUCCESS, controls=ended)
-        more = True
-        while out.sent < page:
-            if time.monotonic() > deadline:
-                _close_later(matches)
-                out.code, out.message = ResultCode.TIME_LIMIT_EXCEEDED, "time limit exceeded"
-                return out
-            try:
-                entry = await anext(matches)
-            except StopAsyncIteration:
-                more = False
-                break
-            self.write(codec.frame(req.message_id, codec.entry_op(
-                entry.dn, selection.pick(entry, req.types_only))))
-            out.sent += 1
-            if not self.writable.is_set():
-                await self.writable.wait()
-        if more and req.size_limit and sent_before + out.sent >= req.size_limit:
-            try:  # the client's limit is reached: is there more than it allows?
-                await anext(matches)
-            except StopAsyncIteration:
-                more = False
-            else:
-                out.code = ResultCode.SIZE_LIMIT_EXCEEDED
-                out.message = f"more than {req.size_limit} entries match"
-                more = False
-        if more:
-            next_cookie = secrets.token_bytes(12)
-            self.paged[next_cookie] = (matches, sent_before + out.sent)
-            while len(self.paged) > _MAX_PAGED:
-                _, (old, _) = self.paged.popitem(last=False)
-                _close_later(old)
-            out.controls = (codec.paged_results_control(0, next_cookie),)
-        else:
-            _close_later(matches)
-        return out
-
-
-def _close_later(gen: AsyncGenerator[Entry, None]) -> None:
-    with contextlib.suppress(RuntimeError):
-        task = asyncio.get_running_loop().create_task(gen.aclose())
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-
-
 def _failure(exc: BaseException, conn_id: int) -> tuple[int, str]:
     if isinstance(exc, ProtocolError):
         return ResultCode.PROTOCOL_ERROR, exc.reason
+    if isinstance(exc, ReplicaUnavailable):  # says why (being built, a CRL gone stale)
+        log.warning("ldap conn=%d: read replica unavailable: %s", conn_id, exc)
+        return ResultCode.UNAVAILABLE, str(exc)
     if store_unavailable(exc):
         log.warning("ldap conn=%d: store unavailable: %s", conn_id, exc)
         return ResultCode.UNAVAILABLE, "the repository store is unavailable; try again shortly"

@@ -366,14 +366,14 @@ class Portal:
     def _certificate_body(self, request: web.Request, view: CertificateView) -> Markup:
         """The fields, chain and findings of a certificate page, rendered once per
         certificate (they never change; about half the cost of rendering the page)."""
-        etag = view.entry.etag
-        cached = self._bodies.get(etag)
+        sha = view.entry.sha_hex
+        cached = self._bodies.get(sha)
         if cached is not None and cached[0] is view:
             return cached[1]
         template = aiohttp_jinja2.get_env(request.app).get_template("_certificate_body.html")
         body = Markup(template.render(view=view))
         if self.settings.detail_cache_entries:
-            self._bodies[etag] = (view, body)
+            self._bodies[sha] = (view, body)
             if len(self._bodies) > self.settings.detail_cache_entries:
                 self._bodies.popitem(last=False)
         return body

@@ -1,5 +1,5 @@
-"""What the portal's pages show, worked out from the read model and the store: plain values
-for the templates, no HTML and no aiohttp.
+"""What the portal's pages show, worked out from the read model: plain values for the
+templates, no HTML and no aiohttp.
 
 A certificate's decoded fields never change once lodged (only its status does), so its page
 (fields from `pki.certificates`, the stored lint and the chain up to its root) is built once per
@@ -116,39 +116,38 @@ def parse_query(text: str, by: str) -> Query:
 class Views:
     def __init__(self, catalog: Catalog, *, cache_entries: int) -> None:
         self.catalog = catalog
-        self.store = catalog.store
         self.cache_entries = cache_entries
-        self._pages: OrderedDict[str, CertificateView] = OrderedDict()  # by ETag (SHA-256)
-        self._summaries: OrderedDict[str, Summary] = OrderedDict()
+        self._pages: OrderedDict[bytes, CertificateView] = OrderedDict()  # by SHA-256
+        self._summaries: OrderedDict[bytes, Summary] = OrderedDict()  # by SHA-256
         # issuer key id -> the chain above it (every certificate of one CA shares it)
         self._chains: dict[bytes, tuple[tuple[ChainLink, ...], bool]] = {}
 
     def certificates_lodged(self, _key: str = "") -> None:
         """New certificates may complete a chain that stopped short: rebuild those pages."""
-        for etag in [k for k, v in self._pages.items() if not v.complete]:
-            del self._pages[etag]
+        for sha in [k for k, v in self._pages.items() if not v.complete]:
+            del self._pages[sha]
         for key in [k for k, (_links, complete) in self._chains.items() if not complete]:
             del self._chains[key]
 
     # -- search ----------------------------------------------------------------------------
     async def search(self, query: Query) -> list[CertEntry]:
-        found: dict[str, CertEntry] = {}
+        found: dict[bytes, CertEntry] = {}
         if query.eui64 is not None:
             for device in (True, False):
                 for e in await self.catalog.by_eui(query.eui64, device):
-                    found.setdefault(e.etag, e)
+                    found.setdefault(e.sha256, e)
         if query.serial is not None:
             for e in await self.catalog.certificates(query.serial):
-                found.setdefault(e.etag, e)
+                found.setdefault(e.sha256, e)
         return list(found.values())
 
     def summary(self, entry: CertEntry) -> Summary:
-        cached = self._summaries.get(entry.etag)
+        cached = self._summaries.get(entry.sha256)
         if cached is None:
             info = parse_certificate(entry.der)  # it was parsed when lodged: it parses
             cached = Summary(info.not_before, info.not_after, info.subject_name or "(empty)",
                              info.issuer_name)
-            self._summaries[entry.etag] = cached
+            self._summaries[entry.sha256] = cached
             if len(self._summaries) > _CACHE_SUMMARIES:
                 self._summaries.popitem(last=False)
         return cached
@@ -168,15 +167,15 @@ class Views:
 
     # -- one certificate ---------------------------------------------------------------------
     async def certificate(self, entry: CertEntry) -> CertificateView:
-        page = self._pages.get(entry.etag)
+        page = self._pages.get(entry.sha256)
         if page is not None:
-            self._pages.move_to_end(entry.etag)
+            self._pages.move_to_end(entry.sha256)
             return page
         try:
             info = parse_certificate(entry.der)
         except ParseError as exc:  # stored certificates parsed when lodged; be safe anyway
             raise ValueError(str(exc)) from exc
-        record = await self.catalog.reads.certificate_record(bytes.fromhex(entry.etag.strip('"'))) or {}
+        record = await self.catalog.reads.certificate_record(entry.sha256) or {}
         chain, complete = await self._chain(entry, info.self_signed)
         summary = self.summary(entry)
         fields = (
@@ -199,13 +198,13 @@ class Views:
              if record.get("issuer_verified") else "not verified (issuer not available)"),
             ("Trust anchor", "yes" if record.get("trust_anchor") else "no"),
             ("Lodged", when(record.get("lodged_at"))),
-            ("SHA-256", entry.etag.strip('"').upper()),
+            ("SHA-256", entry.sha_hex.upper()),
         )
         lint = tuple((str(f.get("code", "")), str(f.get("message", "")))
                      for f in record.get("lint") or ())
         page = CertificateView(entry, summary, fields, info.policies, lint, chain, complete)
         if self.cache_entries:
-            self._pages[entry.etag] = page
+            self._pages[entry.sha256] = page
             if len(self._pages) > self.cache_entries:
                 self._pages.popitem(last=False)
         return page
@@ -227,7 +226,7 @@ class Views:
 
     async def _walk(self, entry: CertEntry) -> tuple[tuple[ChainLink, ...], bool]:
         links: list[ChainLink] = []
-        current, seen = entry, {entry.etag}
+        current, seen = entry, {entry.sha256}
         while len(links) < _MAX_CHAIN:
             key = current.issuer_key_id
             if key is None:
@@ -235,17 +234,16 @@ class Views:
                                        " identifier)", None, None, ""))
                 return tuple(links), False
             rows = await self.catalog.reads.certificates_with_key_id(key)
-            issuers = [r for r in rows if '"' + r.sha256.hex() + '"' not in seen]
+            issuers = [r for r in rows if r.sha256 not in seen]
             if not issuers:
                 links.append(ChainLink(f"issuer with key identifier {format_key_id(key)} is not"
                                        " in the repository", None, None, ""))
                 return tuple(links), False
             issuer = (await self.catalog.certificates(issuers[0].serial))
-            parent = next((e for e in issuer if e.etag == '"' + issuers[0].sha256.hex() + '"'),
-                          None)
+            parent = next((e for e in issuer if e.sha256 == issuers[0].sha256), None)
             if parent is None:
                 return tuple(links), False
-            seen.add(parent.etag)
+            seen.add(parent.sha256)
             summary = self.summary(parent)
             links.append(ChainLink(summary.subject, parent.serial,
                                    format_key_id(parent.issuer_key_id)
