@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from repository_server.pki.ids import format_key_id
 from repository_server.pki.model import CertInfo, CertKind
@@ -20,6 +20,9 @@ from repository_server.pki.profile import (
     parse_certificate,
     verify_signature,
 )
+
+if TYPE_CHECKING:
+    from repository_server.store.models import NewCertificate
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +158,7 @@ class ImportChunk:
     """What a worker made of a chunk of files: store records ready for COPY (idx = position),
     their serials, refusals, and certificates whose issuer it did not know yet."""
 
-    records: list[tuple[Any, ...]] = field(default_factory=list)
+    records: list[NewCertificate] = field(default_factory=list)
     serials: list[str] = field(default_factory=list)
     new_issuers: list[Issuer] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
@@ -170,7 +173,7 @@ def import_chunk(items: Sequence[tuple[str, bytes | None]], issuers: IssuerMap,
                  opts: CertOptions, defer_missing: bool) -> ImportChunk:
     """Bulk-import worker: read (when the bytes are None), parse, verify and decide.
     Runs in a worker process; everything it needs comes in, everything it found goes out."""
-    from repository_server.store.db import cert_record
+    from repository_server.store.models import NewCertificate
 
     out = ImportChunk()
     for name, data in items:
@@ -201,7 +204,7 @@ def import_chunk(items: Sequence[tuple[str, bytes | None]], issuers: IssuerMap,
                 out.refused.append(f"{label}: {d.reason}")
                 continue
             info = p.info
-            out.records.append(cert_record(
+            out.records.append(NewCertificate.of(
                 len(out.records), info, status=opts.status,
                 manufacturing_flag=opts.manufacturing_flag, issuer_verified=d.verified,
                 trust_anchor=d.anchor, extra_findings=d.extra))

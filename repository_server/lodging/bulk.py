@@ -30,7 +30,7 @@ from pathlib import Path
 from repository_server.lodging.batch import CertOptions, ImportChunk, Issuer, import_chunk
 from repository_server.lodging.service import Actor, LodgeError, LodgingService
 from repository_server.pki.profile import ParseError, load_pem_or_der_certificates
-from repository_server.store.db import ConflictError
+from repository_server.store.models import ConflictError
 
 CERT_SUFFIXES = {".pem", ".der", ".cer", ".crt"}
 CRL_SUFFIXES = {".crl", ".arl"}
@@ -178,8 +178,7 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
             else:
                 report.stored += len(stored)
                 report.identical += len(identical)
-                for payload in changes:
-                    service.on_change(payload)
+                service.changed(changes)
                 await service.committed(seq)
         advance(chunk.certificates - len(chunk.deferred))  # held-back ones count when settled
 

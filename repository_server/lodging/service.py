@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from repository_server import events
 from repository_server.doctypes import is_document_name, safe_type
 from repository_server.jsontime import json_time, json_time_or_none
 from repository_server.lodging.batch import (
@@ -46,7 +47,8 @@ from repository_server.pki.profile import (
     parse_crl,
     verify_crl_signature,
 )
-from repository_server.store.db import ConflictError, IssuerRow, Store, cert_record
+from repository_server.store.models import ConflictError, IssuerRow, NewCertificate
+from repository_server.store.protocols import CertificateWrites, LodgingStore
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,7 @@ class BatchResult:
 class IssuerRegistry:
     """Every CA certificate in the repository by subject DN, refreshed on demand."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: CertificateWrites) -> None:
         self.store = store
         self.by_dn: dict[bytes, list[Issuer]] = {}
         self._loaded = False
@@ -145,10 +147,10 @@ def _pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
 
 
 class LodgingService:
-    def __init__(self, store: Store, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    def __init__(self, store: LodgingStore, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  max_batch: int = 50_000, max_crl_bytes: int = 16 * 1024 * 1024,
                  clock_skew: timedelta = timedelta(minutes=5), parse_workers: int = 0,
-                 on_change: Callable[[str], None] | None = None,
+                 on_change: Callable[[events.Event], None] | None = None,
                  after_commit: Callable[[int], Awaitable[None]] | None = None) -> None:
         self.store = store
         self.clock = clock
@@ -158,8 +160,15 @@ class LodgingService:
         self.issuers = IssuerRegistry(store)
         self._workers = parse_workers or os.cpu_count() or 1
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
-        self.on_change = on_change or (lambda _payload: None)
+        # Hears at once of what this process's lodgings changed (the catalog: it then skips
+        # their NOTIFY when that comes back).
+        self.on_change = on_change or (lambda _event: None)
         self._after_commit = after_commit
+
+    def changed(self, changes: Sequence[events.Event]) -> None:
+        """This process's lodging committed these changes: its own caches hear of them now."""
+        for event in changes:
+            self.on_change(event)
 
     async def committed(self, seq: int) -> None:
         """Before a lodging is acknowledged: this node's read replica has it (read-your-
@@ -285,13 +294,13 @@ class LodgingService:
 
     async def validate(self, ders: Sequence[bytes], opts: CertOptions,
                        defer_missing: bool = False) -> tuple[list[dict[str, Any]],
-                                                             list[tuple[Any, ...]], list[int]]:
+                                                             list[NewCertificate], list[int]]:
         """Parse and check every certificate. Returns (per-item results, store records for
         the acceptable ones, indexes deferred because their issuer is not known yet — only
         with `defer_missing`, for bulk import where the CA may come later)."""
         parsed = await self._resolve_missing(await self._parse(ders), opts)
         results: list[dict[str, Any]] = []
-        records: list[tuple[Any, ...]] = []
+        records: list[NewCertificate] = []
         deferred: list[int] = []
         for p in parsed:
             item: dict[str, Any] = {"index": p.index}
@@ -306,7 +315,7 @@ class LodgingService:
                 results.append(item)
                 continue
             item["record"] = len(records)
-            records.append(cert_record(
+            records.append(NewCertificate.of(
                 len(records), p.info, status=opts.status,
                 manufacturing_flag=opts.manufacturing_flag, issuer_verified=d.verified,
                 trust_anchor=d.anchor, extra_findings=d.extra))
@@ -315,7 +324,7 @@ class LodgingService:
             results.append(item)
         return results, records, deferred
 
-    async def store_records(self, records: list[tuple[Any, ...]], results: list[dict[str, Any]],
+    async def store_records(self, records: list[NewCertificate], results: list[dict[str, Any]],
                             actor: Actor, action: str, obj: str,
                             detail: dict[str, Any]) -> BatchResult:
         """Write validated records in one transaction and fill in the per-item outcomes.
@@ -337,8 +346,7 @@ class LodgingService:
             raise await self._refuse(actor, action, 409, f"{len(exc.items)} conflicting"
                                      f" certificate(s): {exc}; nothing was stored", obj=obj,
                                      results=results, outcome="conflict") from None
-        for payload in changes:
-            self.on_change(payload)
+        self.changed(changes)
         await self.committed(seq)
         for i in stored:
             pending[i]["outcome"] = "stored"
@@ -346,8 +354,7 @@ class LodgingService:
             pending[i]["outcome"] = "identical"
         for r in results:
             r.pop("record", None)
-        kind_col = 11  # cert_record: kind
-        if stored and any(records[i][kind_col] in ("root", "ca") for i in stored):
+        if any(records[i].kind in ("root", "ca") for i in stored):
             await self.issuers.refresh()
         return BatchResult(results, len(stored), len(identical))
 
@@ -392,7 +399,7 @@ class LodgingService:
             raise await self._refuse(actor, action, 400,
                                      "give status and/or manufacturing_flag", serial)
         try:
-            rows, seq = await self.store.set_status(
+            rows, seq, changes = await self.store.set_status(
                 serial, issuer_key_id, status, manufacturing_flag,
                 actor.audit(action, "ok", serial, {"status": status,
                                                    "manufacturing_flag": manufacturing_flag}))
@@ -402,8 +409,7 @@ class LodgingService:
             raise await self._refuse(actor, action, 404, f"no certificate with serial {serial}",
                                      serial)
         row = rows[0]
-        eui = row["eui64"]
-        self.on_change(f"status:{row['serial']}:{eui.hex() if eui else ''}")
+        self.changed(changes)
         await self.committed(seq)
         return {"serial": row["serial"], "status": row["status"],
                 "manufacturing_flag": row["manufacturing_flag"],
@@ -446,7 +452,7 @@ class LodgingService:
         kind = "arl" if issuer.root else "crl"
         lint = [{"code": f.code, "message": f.message} for f in info.findings]
         try:
-            outcome, previous, seq = await self.store.insert_crl(
+            outcome, previous, seq, changes = await self.store.insert_crl(
                 info, kind=kind, issuer_key_id=key_id, issuer_cert_id=issuer.id,
                 lodged_by=actor.name, lint=lint,
                 audit=actor.audit(action, "ok", obj, {"sha256": info.sha256.hex(),
@@ -454,7 +460,7 @@ class LodgingService:
         except ConflictError as exc:
             raise await self._refuse(actor, action, 409, str(exc), obj,
                                      outcome="conflict") from None
-        self.on_change("crl:" + key_id.hex())
+        self.changed(changes)
         await self.committed(seq)
         return {"outcome": outcome, "kind": kind, "issuer": info.issuer_name,
                 "issuer_key_id": format_key_id(key_id), "crl_number": info.crl_number,
@@ -476,12 +482,12 @@ class LodgingService:
         declared = content_type.strip()
         content_type = safe_type(declared)  # never a type a browser would run (web/doctypes)
         sha = hashlib.sha256(body).digest()
-        outcome, version, seq = await self.store.insert_document(
+        outcome, version, seq, changes = await self.store.insert_document(
             name, content_type, body, sha, lodged_by=actor.name,
             audit=actor.audit(action, "ok", name, {"sha256": sha.hex(), "size": len(body),
                                                    "content_type": content_type,
                                                    "declared_type": declared[:200]}))
-        self.on_change("doc:" + name)
+        self.changed(changes)
         await self.committed(seq)
         return {"outcome": outcome, "name": name, "version": version,
                 "content_type": content_type, "size": len(body), "sha256": sha.hex(),
