@@ -36,9 +36,10 @@ from repository_server.lodging.batch import (
     issuer_candidates,
     parse_items,
     resolve_issuer,
+    resolve_within_batch,
 )
 from repository_server.pki.ids import format_key_id
-from repository_server.pki.model import CertKind
+from repository_server.pki.model import CrlInfo
 from repository_server.pki.profile import (
     ParseError,
     load_pem_or_der_certificates,
@@ -237,60 +238,20 @@ class LodgingService:
 
     async def _resolve_missing(self, parsed: list[Parsed], opts: CertOptions) -> list[Parsed]:
         """Second round for items whose issuer was unknown to the workers: issuers from the
-        same batch (in batch order, repeatedly) and non-CA issuers found in the store."""
-        missing = [p for p in parsed if p.issuer_missing and p.info is not None]
-        if not missing:
+        same batch (`batch.resolve_within_batch`), then non-CA issuers found in the store."""
+        if not any(p.issuer_missing and p.info is not None for p in parsed):
             return parsed
         await self.issuers.refresh()  # another process may have lodged the CA meanwhile
-        local: dict[bytes, list[Issuer]] = {k: list(v) for k, v in self.issuers.by_dn.items()}
-        by_index = {p.index: p for p in parsed}
-
-        def add_local(p: Parsed) -> None:
-            assert p.info is not None
-            if p.info.kind in (CertKind.ROOT, CertKind.CA):
-                local.setdefault(p.info.subject_dn, []).append(Issuer(
-                    None, p.info.subject_dn, p.info.subject_key_id, p.info.public_key_der, True,
-                    p.info.kind == CertKind.ROOT))
-
-        anchor_ok = opts.trust_anchor or opts.roots_are_anchors
-        for p in parsed:
-            if p.info is not None and p.error is None and not p.issuer_missing and (
-                    p.issuer is not None or (p.info.self_signed and anchor_ok)):
-                add_local(p)
-        pending = missing
-        # CAs that will be stored without a verified issuer (anchors, operator import) still
-        # vouch for what they issued in the same batch.
-        unanchored_ok = opts.allow_unverified_issuer or opts.trust_anchor
-        vouched: set[int] = set()
-        while pending:
-            progress = False
-            still: list[Parsed] = []
-            for p in pending:
-                assert p.info is not None
-                issuer, err, gone = resolve_issuer(p.info, local)
-                if gone:
-                    still.append(p)
-                    continue
-                by_index[p.index] = Parsed(p.index, p.info, err, issuer, False)
-                if err is None:
-                    add_local(by_index[p.index])
-                progress = True
-            pending = still
-            if not progress and unanchored_ok:
-                cas = [p for p in pending if p.index not in vouched and p.info is not None
-                       and p.info.kind in (CertKind.ROOT, CertKind.CA)]
-                for p in cas:
-                    add_local(p)
-                    vouched.add(p.index)
-                progress = bool(cas)
-            if not progress:
-                break
+        by_index, pending = resolve_within_batch(parsed, self.issuers.by_dn, opts)
         for p in pending:  # last resort: a non-CA issuer (real data has these)
-            assert p.info is not None
-            cands = await self.issuers.non_ca_candidates(p.info.issuer_dn, p.info.issuer_key_id)
-            issuer, err, gone = resolve_issuer(p.info, {p.info.issuer_dn: cands})
-            by_index[p.index] = Parsed(p.index, p.info, err, issuer, gone)
+            by_index[p.index] = await self._resolve_non_ca(p)
         return [by_index[i] for i in sorted(by_index)]
+
+    async def _resolve_non_ca(self, p: Parsed) -> Parsed:
+        assert p.info is not None
+        cands = await self.issuers.non_ca_candidates(p.info.issuer_dn, p.info.issuer_key_id)
+        issuer, err, missing = resolve_issuer(p.info, {p.info.issuer_dn: cands})
+        return Parsed(p.index, p.info, err, issuer, missing)
 
     async def validate(self, ders: Sequence[bytes], opts: CertOptions,
                        defer_missing: bool = False) -> tuple[list[dict[str, Any]],
@@ -416,8 +377,11 @@ class LodgingService:
                 "issuer_key_id": format_key_id(row["issuer_key_id"] or b"")}
 
     # -- CRLs ---------------------------------------------------------------------------
-    async def lodge_crl(self, body: bytes, actor: Actor) -> dict[str, Any]:
-        action = "lodge.crl"
+    async def _checked_crl(self, body: bytes, actor: Actor,
+                           action: str) -> tuple[CrlInfo, Issuer, bytes, str]:
+        """A lodged CRL/ARL checked in Boulder's order (size cap, parse, issuer present,
+        signature, CRL number present, thisUpdate not in the future): (the CRL, its issuer,
+        the issuer's key id, the audit object); anything else is refused (audited)."""
         if len(body) > self.max_crl_bytes:
             raise await self._refuse(actor, action, 413, f"CRL of {len(body)} bytes exceeds the"
                                      f" limit of {self.max_crl_bytes}")
@@ -426,20 +390,9 @@ class LodgingService:
         except ParseError as exc:
             raise await self._refuse(actor, action, 400, f"not a CRL: {exc}") from None
         obj = f"crl issuer={info.issuer_name!r} number={info.crl_number}"
-        await self.issuers.ensure()
-        candidates = issuer_candidates(info.issuer_dn, info.issuer_key_id, self.issuers.by_dn)
-        if not candidates:  # another process may have lodged the CA meanwhile
-            await self.issuers.refresh()
-            candidates = issuer_candidates(info.issuer_dn, info.issuer_key_id,
-                                           self.issuers.by_dn)
-        if not candidates:
-            raise await self._refuse(actor, action, 422, f"issuer {info.issuer_name!r} is not a CA"
-                                     " certificate in the repository", obj)
-        issuer = next((c for c in candidates
-                       if verify_crl_signature(info.der, c.public_key_der)), None)
+        issuer, reason = await self._crl_issuer(info)
         if issuer is None:
-            raise await self._refuse(actor, action, 422, "CRL signature does not verify under"
-                                     f" issuer {info.issuer_name!r}", obj)
+            raise await self._refuse(actor, action, 422, reason, obj)
         if info.crl_number is None:
             raise await self._refuse(actor, action, 422, "CRL has no CRL number extension", obj)
         now = self.clock()
@@ -449,6 +402,28 @@ class LodgingService:
         key_id = info.issuer_key_id or issuer.subject_key_id
         if key_id is None or issuer.id is None:
             raise await self._refuse(actor, action, 422, "issuer has no key identifier", obj)
+        return info, issuer, key_id, obj
+
+    async def _crl_issuer(self, info: CrlInfo) -> tuple[Issuer | None, str]:
+        """The CA certificate in the repository whose key signed this CRL, or why none."""
+        await self.issuers.ensure()
+        candidates = issuer_candidates(info.issuer_dn, info.issuer_key_id, self.issuers.by_dn)
+        if not candidates:  # another process may have lodged the CA meanwhile
+            await self.issuers.refresh()
+            candidates = issuer_candidates(info.issuer_dn, info.issuer_key_id,
+                                           self.issuers.by_dn)
+        if not candidates:
+            return None, f"issuer {info.issuer_name!r} is not a CA certificate in the repository"
+        issuer = next((c for c in candidates
+                       if verify_crl_signature(info.der, c.public_key_der)), None)
+        if issuer is None:
+            return None, f"CRL signature does not verify under issuer {info.issuer_name!r}"
+        return issuer, ""
+
+    async def lodge_crl(self, body: bytes, actor: Actor) -> dict[str, Any]:
+        action = "lodge.crl"
+        info, issuer, key_id, obj = await self._checked_crl(body, actor, action)
+        assert issuer.id is not None
         kind = "arl" if issuer.root else "crl"
         lint = [{"code": f.code, "message": f.message} for f in info.findings]
         try:
