@@ -91,8 +91,8 @@ class CertificateStore(StoreBase):
         direct_cols = [c for c in CERT_COLUMNS if c != "idx"] + ["lodged_by"]
         try:
             async with conn.transaction():
-                await copy_records(conn, "certificates",
-                                   [(*r.row()[1:], lodged_by) for r in records],
+                await copy_records(conn, "certificates",  # every column but idx
+                                   [(*r[1:], lodged_by) for r in records],
                                    direct_cols, self.command_timeout)
             return list(range(len(records))), []
         except asyncpg.UniqueViolationError:
@@ -120,8 +120,7 @@ class CertificateStore(StoreBase):
             " idx integer NOT NULL) ON COMMIT DROP")
         await conn.execute("ALTER TABLE incoming DROP COLUMN id, DROP COLUMN lodged_at,"
                            " DROP COLUMN lodged_by")
-        await copy_records(conn, "incoming", [r.row() for r in records], CERT_COLUMNS,
-                           self.command_timeout)
+        await copy_records(conn, "incoming", records, CERT_COLUMNS, self.command_timeout)
         await conn.execute("ANALYZE incoming")
         conflicts = await conn.fetch(
             "SELECT i.idx FROM incoming i JOIN certificates c"
