@@ -88,4 +88,4 @@ async def test_a_lodging_reaches_its_own_process_once(server: Running) -> None:
     await server.repo.store.create_user("echo-user", "party", api_key_sha256=None,
                                         api_key_hint=None, password_hash=None, actor="test")
     await _until(lambda: "echo-user" in users)
-    assert users == ["echo-user"]
+    assert users.count("echo-user") == 1  # (the fixture's own user may come in before it)
