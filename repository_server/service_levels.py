@@ -37,7 +37,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from repository_server.config import ServiceLevelSettings
-from repository_server.store.db import CpmRow, Store, UserRow
+from repository_server.store.models import CpmRow, UserRow
+from repository_server.store.protocols import ServiceLevelCounts
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class Period:
 
 
 class ServiceLevels:
-    def __init__(self, settings: ServiceLevelSettings, store: Store | None, *,
+    def __init__(self, settings: ServiceLevelSettings, store: ServiceLevelCounts | None, *,
                  clock: Callable[[], float] = time.time,
                  perf: Callable[[], float] = time.perf_counter) -> None:
         self.settings = settings

@@ -19,7 +19,7 @@ import logging
 import secrets
 from dataclasses import dataclass
 
-from repository_server.store.db import Store
+from repository_server.store.protocols import UserDirectory
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class User:
 class Credentials:
     """API key → user, for enabled users that have a key."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: UserDirectory) -> None:
         self.store = store
         self._by_key: dict[bytes, User] = {}
         self._seen: dict[str, User | None] = {}  # key as sent -> user: no hash per request

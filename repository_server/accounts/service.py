@@ -41,7 +41,7 @@ from repository_server.accounts.signin import (
     password_accepted,
 )
 from repository_server.config import Portal as PortalSettings
-from repository_server.store.db import Store
+from repository_server.store.protocols import AccountsStore
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class Accounts:
     sessions and password changes. One per process, shared by the read listeners (API
     keys), the portal, LDAP binds and SFTP."""
 
-    def __init__(self, store: Store, settings: PortalSettings, *,
+    def __init__(self, store: AccountsStore, settings: PortalSettings, *,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.settings = settings

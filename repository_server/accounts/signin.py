@@ -18,7 +18,8 @@ from functools import partial
 
 from repository_server.accounts.keys import check_password, hash_password
 from repository_server.accounts.policy import LockoutPolicy
-from repository_server.store.db import Failures, Store, UserRow
+from repository_server.store.models import Failures, UserRow
+from repository_server.store.protocols import SignInStore
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ Account = tuple[UserRow, Failures, datetime | None]
 _IN_FLIGHT: set[asyncio.Task[str]] = set()  # attempts whose caller may have gone away
 
 
-async def attempt_password(store: Store, policy: LockoutPolicy, user: UserRow, password: str,
+async def attempt_password(store: SignInStore, policy: LockoutPolicy, user: UserRow, password: str,
                            now: datetime, *, failure_audit: dict[str, object],
                            success_audit: dict[str, object] | None = None,
                            session: bytes | None = None) -> str:
@@ -55,7 +56,7 @@ async def attempt_password(store: Store, policy: LockoutPolicy, user: UserRow, p
     return await asyncio.shield(task)
 
 
-async def _attempt(store: Store, policy: LockoutPolicy, user: UserRow, password: str,
+async def _attempt(store: SignInStore, policy: LockoutPolicy, user: UserRow, password: str,
                    now: datetime, failure_audit: dict[str, object],
                    success_audit: dict[str, object] | None, session: bytes | None) -> str:
     attempt = await store.sign_in_begin(user.name, partial(policy.may_try, now=now),
@@ -75,7 +76,7 @@ async def _attempt(store: Store, policy: LockoutPolicy, user: UserRow, password:
     return "ok" if accepted else "locked"
 
 
-async def password_accepted(store: Store, policy: LockoutPolicy, account: Account | None,
+async def password_accepted(store: SignInStore, policy: LockoutPolicy, account: Account | None,
                             password: str, *, actor: str, action: str, peer: str | None,
                             now: datetime | None = None) -> bool:
     """Whether `password` lets this account in over a non-portal interface (LDAP bind, SFTP):

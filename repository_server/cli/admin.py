@@ -33,6 +33,7 @@ from repository_server.service_levels import (
     format_demand_report,
 )
 from repository_server.store.db import ConflictError, Store, UserRow
+from repository_server.store.protocols import ServiceLevelReports, UserAdmin
 
 # The web service puts the key in the URL: only characters that need no escaping there.
 _KEY = re.compile(r"^[A-Za-z0-9._~-]{8,200}$")
@@ -55,14 +56,14 @@ def _check_key(key: str) -> str:
     return key
 
 
-async def _need(store: Store, name: str) -> UserRow:
+async def _need(store: UserAdmin, name: str) -> UserRow:
     row = await store.user(name)
     if row is None:
         raise AdminError(f"no user named {name!r} (see `smki-repository users list`)")
     return row
 
 
-async def users_add(store: Store, name: str, *, role: str = "party", api_key: str | None = None,
+async def users_add(store: UserAdmin, name: str, *, role: str = "party", api_key: str | None = None,
                     with_key: bool = True) -> str:
     if role not in ROLES:
         raise UsageError(f"role: one of {', '.join(ROLES)}")
@@ -100,7 +101,7 @@ def _user_json(u: UserRow) -> dict[str, Any]:
             "created_at": json_time(u.created_at), "updated_at": json_time(u.updated_at)}
 
 
-async def users_list(store: Store, *, as_json: bool = False) -> str:
+async def users_list(store: UserAdmin, *, as_json: bool = False) -> str:
     rows = await store.users()
     if as_json:
         return json.dumps([_user_json(u) for u in rows], indent=2)
@@ -117,7 +118,7 @@ async def users_list(store: Store, *, as_json: bool = False) -> str:
     return "\n".join(lines)
 
 
-async def _update(store: Store, name: str, action: str, **fields: Any) -> UserRow:
+async def _update(store: UserAdmin, name: str, action: str, **fields: Any) -> UserRow:
     await _need(store, name)
     try:
         row = await store.update_user(name, actor=operator_name(), action=action, **fields)
@@ -128,12 +129,12 @@ async def _update(store: Store, name: str, action: str, **fields: Any) -> UserRo
     return row
 
 
-async def users_disable(store: Store, name: str, disabled: bool = True) -> str:
+async def users_disable(store: UserAdmin, name: str, disabled: bool = True) -> str:
     await _update(store, name, "users.disable" if disabled else "users.enable", disabled=disabled)
     return f"user {name} {'disabled: its API key no longer works' if disabled else 'enabled'}"
 
 
-async def users_reset(store: Store, name: str) -> str:
+async def users_reset(store: UserAdmin, name: str) -> str:
     password = new_password()
     await _update(store, name, "users.reset", password_hash=hash_password(password),
                   must_change_password=True)
@@ -141,7 +142,7 @@ async def users_reset(store: Store, name: str) -> str:
             f" the next sign-in): {password}")
 
 
-async def users_apikey(store: Store, name: str, value: str | None = None) -> str:
+async def users_apikey(store: UserAdmin, name: str, value: str | None = None) -> str:
     key = _check_key(value) if value else new_api_key()
     await _update(store, name, "users.apikey", api_key_sha256=api_key_sha256(key),
                   api_key_hint=api_key_hint(key))
@@ -162,7 +163,7 @@ def parse_ssh_key(text: str) -> tuple[str, str]:
     return line, key.get_fingerprint("sha256")
 
 
-async def users_sshkey(store: Store, name: str, add: str | None, clear: bool) -> str:
+async def users_sshkey(store: UserAdmin, name: str, add: str | None, clear: bool) -> str:
     """Add a public key (a .pub file's contents) to a user's SFTP keys, or clear them."""
     found = await store.user_ssh_keys(name)
     if found is None:
@@ -193,7 +194,7 @@ def parse_bands(text: str) -> tuple[int, int, int, int]:
     return parts[0], parts[1], parts[2], parts[3]
 
 
-async def users_forecast(store: Store, name: str, per_day: int | None, bands: str | None,
+async def users_forecast(store: UserAdmin, name: str, per_day: int | None, bands: str | None,
                          clear: bool = False) -> str:
     if clear:
         await _update(store, name, "users.forecast", forecast_per_day=None, forecast_bands=None)
@@ -207,7 +208,7 @@ async def users_forecast(store: Store, name: str, per_day: int | None, bands: st
             + ", ".join(f"{b} {p}%" for b, p in zip(BANDS, split, strict=True)))
 
 
-async def report_cpm(store: Store, settings: ServiceLevelSettings, month: str | None,
+async def report_cpm(store: ServiceLevelReports, settings: ServiceLevelSettings, month: str | None,
                      as_json: bool) -> str:
     if month is None:
         month = ServiceLevels(settings, None).current().month
@@ -217,7 +218,7 @@ async def report_cpm(store: Store, settings: ServiceLevelSettings, month: str | 
     return json.dumps(report, indent=2) if as_json else format_cpm_report(report)
 
 
-async def report_demand(store: Store, settings: ServiceLevelSettings, day_text: str | None,
+async def report_demand(store: ServiceLevelReports, settings: ServiceLevelSettings, day_text: str | None,
                         as_json: bool) -> str:
     try:
         day = (date.fromisoformat(day_text) if day_text

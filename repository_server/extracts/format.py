@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from repository_server.pki.ids import format_eui64, format_key_id
-from repository_server.store.db import CertRow, CrlRow, DocumentRow, ExtractMarkers
+from repository_server.store.models import CertRow, CrlRow, DocumentRow, ExtractMarkers
 
 FORMAT = "smki-extract"
 VERSION = 1

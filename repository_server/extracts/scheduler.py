@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 from repository_server.config import WEEKDAYS
 from repository_server.config import Extracts as ExtractSettings
 from repository_server.extracts.writer import ExtractWriter, Produced
-from repository_server.store.db import Store
+from repository_server.store.protocols import ExtractSchedule
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def latest_ticks(now: datetime, settings: ExtractSettings) -> list[tuple[str, st
 
 
 class ExtractScheduler:
-    def __init__(self, store: Store, writer: ExtractWriter, settings: ExtractSettings,
+    def __init__(self, store: ExtractSchedule, writer: ExtractWriter, settings: ExtractSettings,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.store = store
         self.writer = writer

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from repository_server.extracts import format as fmt
-from repository_server.store.db import CertRow, CrlRow, DocumentRow, ExtractMarkers, Store
+from repository_server.store.models import CertRow, CrlRow, DocumentRow, ExtractMarkers
+from repository_server.store.protocols import ExtractStorer
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ def _fsync_dir(directory: Path) -> None:
 
 
 class ExtractWriter:
-    def __init__(self, store: Store, directory: Path, *, compression: str = "gzip",
+    def __init__(self, store: ExtractStorer, directory: Path, *, compression: str = "gzip",
                  page_size: int = 5000, retain_full: int | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  progress: Callable[[str, int, int], None] | None = None) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from repository_server.pki.certificates import parse_certificate
 from repository_server.pki.errors import ParseError
@@ -18,6 +18,9 @@ from repository_server.pki.ids import format_key_id
 from repository_server.pki.model import CertInfo, CertKind
 from repository_server.pki.pem import load_pem_or_der_certificates
 from repository_server.pki.signatures import verify_signature
+
+if TYPE_CHECKING:
+    from repository_server.store.models import NewCertificate
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,12 +151,90 @@ def decide(p: Parsed, opts: CertOptions, defer_missing: bool = False) -> Decisio
     return Decision(None, verified, anchor, extra)
 
 
+class BatchIssuers:
+    """The issuers a batch's items may name: the repository's CAs, and the batch's own CA
+    certificates as they become acceptable (in batch order)."""
+
+    def __init__(self, known: IssuerMap) -> None:
+        self.by_dn: dict[bytes, list[Issuer]] = {k: list(v) for k, v in known.items()}
+
+    def add(self, p: Parsed) -> None:
+        """A certificate of the batch that will be stored: if it is a CA, it may issue."""
+        info = p.info
+        assert info is not None
+        if info.kind in (CertKind.ROOT, CertKind.CA):
+            self.by_dn.setdefault(info.subject_dn, []).append(Issuer(
+                None, info.subject_dn, info.subject_key_id, info.public_key_der, True,
+                info.kind == CertKind.ROOT))
+
+
+def _acceptable(p: Parsed, opts: CertOptions) -> bool:
+    """Whether a first-round item will be stored with its issuer settled (resolved, or a
+    self-signed root lodged as an anchor): its CA certificate may then issue others."""
+    anchor_ok = opts.trust_anchor or opts.roots_are_anchors
+    return (p.info is not None and p.error is None and not p.issuer_missing
+            and (p.issuer is not None or (p.info.self_signed and anchor_ok)))
+
+
+def _resolve_round(pending: Sequence[Parsed], local: BatchIssuers,
+                   by_index: dict[int, Parsed]) -> tuple[list[Parsed], bool]:
+    """One pass over the items still without an issuer, in batch order: those whose issuer
+    is now known are settled in `by_index` (and, if CAs, may issue the next ones). Returns
+    the items still missing theirs and whether any was settled."""
+    still: list[Parsed] = []
+    progress = False
+    for p in pending:
+        assert p.info is not None
+        issuer, err, missing = resolve_issuer(p.info, local.by_dn)
+        if missing:
+            still.append(p)
+            continue
+        settled = by_index[p.index] = Parsed(p.index, p.info, err, issuer, False)
+        if err is None:
+            local.add(settled)
+        progress = True
+    return still, progress
+
+
+def _vouch(pending: Sequence[Parsed], local: BatchIssuers, vouched: set[int]) -> bool:
+    """CAs still without an issuer that will be stored unverified anyway (anchors, operator
+    import) vouch for what they issued in the same batch. Returns whether any new one did."""
+    cas = [p for p in pending if p.index not in vouched and p.info is not None
+           and p.info.kind in (CertKind.ROOT, CertKind.CA)]
+    for p in cas:
+        local.add(p)
+        vouched.add(p.index)
+    return bool(cas)
+
+
+def resolve_within_batch(parsed: Sequence[Parsed], known: IssuerMap, opts: CertOptions
+                         ) -> tuple[dict[int, Parsed], list[Parsed]]:
+    """The second round for items whose issuer was unknown to the workers: issuers from the
+    same batch, repeatedly, until no more can be settled. Returns every item by index (the
+    settled ones replaced) and the items still without an issuer."""
+    local = BatchIssuers(known)
+    for p in parsed:
+        if _acceptable(p, opts):
+            local.add(p)
+    by_index = {p.index: p for p in parsed}
+    pending = [p for p in parsed if p.issuer_missing and p.info is not None]
+    may_vouch = opts.allow_unverified_issuer or opts.trust_anchor
+    vouched: set[int] = set()
+    while pending:
+        pending, progress = _resolve_round(pending, local, by_index)
+        if not progress and may_vouch:
+            progress = _vouch(pending, local, vouched)
+        if not progress:
+            break
+    return by_index, pending
+
+
 @dataclass
 class ImportChunk:
     """What a worker made of a chunk of files: store records ready for COPY (idx = position),
     their serials, refusals, and certificates whose issuer it did not know yet."""
 
-    records: list[tuple[Any, ...]] = field(default_factory=list)
+    records: list[NewCertificate] = field(default_factory=list)
     serials: list[str] = field(default_factory=list)
     new_issuers: list[Issuer] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
@@ -168,7 +249,7 @@ def import_chunk(items: Sequence[tuple[str, bytes | None]], issuers: IssuerMap,
                  opts: CertOptions, defer_missing: bool) -> ImportChunk:
     """Bulk-import worker: read (when the bytes are None), parse, verify and decide.
     Runs in a worker process; everything it needs comes in, everything it found goes out."""
-    from repository_server.store.db import cert_record
+    from repository_server.store.models import NewCertificate
 
     out = ImportChunk()
     for name, data in items:
@@ -199,7 +280,7 @@ def import_chunk(items: Sequence[tuple[str, bytes | None]], issuers: IssuerMap,
                 out.refused.append(f"{label}: {d.reason}")
                 continue
             info = p.info
-            out.records.append(cert_record(
+            out.records.append(NewCertificate.of(
                 len(out.records), info, status=opts.status,
                 manufacturing_flag=opts.manufacturing_flag, issuer_verified=d.verified,
                 trust_anchor=d.anchor, extra_findings=d.extra))

@@ -23,7 +23,7 @@ import itertools
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from repository_server.lodging.batch import CertOptions, ImportChunk, Issuer, im
 from repository_server.lodging.service import Actor, LodgeError, LodgingService
 from repository_server.pki.errors import ParseError
 from repository_server.pki.pem import load_pem_or_der_certificates
-from repository_server.store.db import ConflictError
+from repository_server.store.models import ConflictError
 
 CERT_SUFFIXES = {".pem", ".der", ".cer", ".crt"}
 CRL_SUFFIXES = {".crl", ".arl"}
@@ -111,14 +111,10 @@ def test_pki_files(root: Path) -> tuple[list[str], list[Path], int] | None:
     return list(certs), [Path(c) for c in crls], others
 
 
-async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
-                           allow_unverified_issuer: bool = False, check_signatures: bool = True,
-                           progress: Callable[[str, int, int], None] | None = None,
-                           note: Callable[[str], None] = print) -> ImportReport:
-    report = ImportReport()
-    started = time.perf_counter()
-    cert_files: list[str] = []
-    crl_files: list[Path] = []
+def _find_files(root: Path, report: ImportReport,
+                note: Callable[[str], None]) -> tuple[list[str], list[Path]]:
+    """The certificate files and CRL/ARL files to import (a test PKI's own list, or every
+    file by suffix); files of neither kind are reported as skipped."""
     pki = test_pki_files(root)
     if pki is not None:
         cert_files, crl_files, others = pki
@@ -126,7 +122,10 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
              f" ({len(cert_files)} certificate files, {len(crl_files)} CRL/ARL files); its"
              f" other {others} files (TLS and DCC lodging-client certificates, keys, documents)"
              " are not imported")
-    for path in walk(root) if pki is None else ():
+        return cert_files, crl_files
+    cert_files = []
+    crl_files = []
+    for path in walk(root):
         suffix = path.suffix.lower()
         if suffix in CERT_SUFFIXES:
             cert_files.append(str(path))
@@ -135,96 +134,13 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
         else:
             report.skipped.append(str(path))
             note(f"skipped {path}: not a certificate or CRL file (.pem .der .cer .crt .crl .arl)")
-    report.files = len(cert_files) + len(crl_files)
-    opts = CertOptions(allow_unverified_issuer=allow_unverified_issuer, roots_are_anchors=True,
-                       check_signatures=check_signatures)
-    await service.issuers.refresh()
-    issuers: dict[bytes, list[Issuer]] = {k: list(v) for k, v in service.issuers.by_dn.items()}
-    loop = asyncio.get_running_loop()
-    executor = service.executor()
-    deferred: list[tuple[str, bytes]] = []
-    issuers_grew = False
-    done = 0  # certificates settled (stored, identical or refused); held-back ones later
+    return cert_files, crl_files
 
-    def advance(count: int) -> None:
-        nonlocal done
-        done += count
-        if progress:
-            progress("import", max(0, min(done, total)), total)
 
-    async def write(chunk: ImportChunk) -> None:
-        nonlocal issuers_grew
-        report.refused.extend(chunk.refused)
-        for line in chunk.skipped:
-            report.skipped.append(line)
-            note(f"skipped {line}")
-        deferred.extend(chunk.deferred)
-        report.held_back_peak = max(report.held_back_peak, len(deferred))
-        report.unverified += chunk.unverified
-        for issuer in chunk.new_issuers:  # later submissions can verify against them
-            issuers.setdefault(issuer.subject_dn, []).append(issuer)
-            issuers_grew = True
-        if chunk.records:
-            try:
-                stored, identical, changes, seq = await service.store.insert_certificates(
-                    chunk.records, lodged_by=actor.name, audit=actor.audit(
-                        "import.certificates", "ok", f"import {root}",
-                        {"count": len(chunk.records), "first_serial": chunk.serials[0],
-                         "last_serial": chunk.serials[-1]}))
-            except ConflictError as exc:
-                for i in exc.items:
-                    report.refused.append(f"serial {chunk.serials[i]}: {exc}")
-                report.refused.append(f"a chunk of {len(chunk.records)} certificates was not"
-                                      " stored because of the conflict(s) above")
-            else:
-                report.stored += len(stored)
-                report.identical += len(identical)
-                for payload in changes:
-                    service.on_change(payload)
-                await service.committed(seq)
-        advance(chunk.certificates - len(chunk.deferred))  # held-back ones count when settled
-
-    async def run(items: Iterable[tuple[str, bytes | None]], defer: bool) -> None:
-        pending: deque[asyncio.Future[ImportChunk]] = deque()
-        it = iter(items)
-        while part := list(itertools.islice(it, CHUNK)):
-            # the issuer map is copied at submission, so the worker sees the CAs known so far
-            pending.append(loop.run_in_executor(executor, import_chunk, part,
-                                                {k: list(v) for k, v in issuers.items()},
-                                                opts, defer))
-            if len(pending) >= IN_FLIGHT:
-                await write(await pending.popleft())
-        while pending:
-            await write(await pending.popleft())
-
-    def items() -> Iterator[tuple[str, bytes | None]]:
-        """Every certificate to import, streamed: small files first (CAs come one to a file;
-        the workers read those themselves), then each big PEM bundle (devices come 50,000
-        to a file), split here so that every worker gets a share, one bundle in memory at a
-        time. Certificates held back for want of an issuer go round again as soon as a new
-        issuer has been stored, not at the end: a CA that sorts after its own issuer
-        (issuing-dca.der before root-dca.der) would otherwise hold back every certificate
-        it issued, all in memory (measured: 10,000,000 devices, 6 GB and one wasted pass)."""
-        nonlocal issuers_grew
-        for name in [n for n in cert_files if n not in big] + [n for n in cert_files if n in big]:
-            if issuers_grew and deferred:
-                issuers_grew = False
-                retry = list(deferred)
-                deferred.clear()
-                yield from retry
-            if name not in big:
-                yield name, None
-                continue
-            try:
-                with open(name, "rb") as fh:
-                    ders = load_pem_or_der_certificates(fh.read())
-            except (OSError, ParseError) as exc:
-                report.refused.append(f"{name}: {exc}")
-                continue
-            yield from ((f"{name}[{i}]", der) for i, der in enumerate(ders))
-
-    # Count certificates first (PEM markers, read in blocks; a DER file is one), so that
-    # progress shows a true total: a PEM file may hold none (a key) or many (a bundle).
+def _measure(cert_files: Sequence[str]) -> tuple[set[str], int]:
+    """The big files (PEM bundles split across workers) and how many certificates there are
+    in all (PEM markers, read in blocks; a DER file is one), so that progress shows a true
+    total: a PEM file may hold none (a key) or many (a bundle)."""
     big: set[str] = set()
     total = 0
     for name in cert_files:
@@ -235,29 +151,137 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
         if is_big:
             big.add(name)
         total += _count_pem_certificates(name) if name.lower().endswith(".pem") else 1
-    if progress and total:
-        progress("import", 0, total)
-    await run(items(), True)
-    # Held-back certificates: their CA may have arrived since; repeat while that helps.
-    previous = -1
-    while deferred and len(deferred) != previous:
-        previous = len(deferred)
-        retry: list[tuple[str, bytes | None]] = list(deferred)
-        deferred.clear()
-        await run(retry, True)
-    if deferred:  # no issuer anywhere: the lodging path decides (non-CA issuers, unverified)
-        retry_ders = list(deferred)
-        deferred.clear()
+    return big, total
+
+
+class _Import:
+    """One import's state: the issuers known so far (the store's and those imported since),
+    certificates held back for want of an issuer, and progress."""
+
+    def __init__(self, service: LodgingService, root: Path, actor: Actor, opts: CertOptions,
+                 report: ImportReport, progress: Callable[[str, int, int], None] | None,
+                 note: Callable[[str], None]) -> None:
+        self.service = service
+        self.root = root
+        self.actor = actor
+        self.opts = opts
+        self.report = report
+        self.progress = progress
+        self.note = note
+        self.issuers: dict[bytes, list[Issuer]] = {}
+        self.deferred: list[tuple[str, bytes]] = []
+        self.issuers_grew = False
+        self.done = 0  # certificates settled (stored, identical or refused); held-back later
+        self.total = 0
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        if self.progress:
+            self.progress("import", max(0, min(self.done, self.total)), self.total)
+
+    async def write(self, chunk: ImportChunk) -> None:
+        """Store what a worker made of a chunk (its own transaction) and note the rest."""
+        report = self.report
+        report.refused.extend(chunk.refused)
+        for line in chunk.skipped:
+            report.skipped.append(line)
+            self.note(f"skipped {line}")
+        self.deferred.extend(chunk.deferred)
+        report.held_back_peak = max(report.held_back_peak, len(self.deferred))
+        report.unverified += chunk.unverified
+        for issuer in chunk.new_issuers:  # later submissions can verify against them
+            self.issuers.setdefault(issuer.subject_dn, []).append(issuer)
+            self.issuers_grew = True
+        if chunk.records:
+            await self._store(chunk)
+        self.advance(chunk.certificates - len(chunk.deferred))  # held back: when settled
+
+    async def _store(self, chunk: ImportChunk) -> None:
+        service = self.service
+        try:
+            stored, identical, changes, seq = await service.store.insert_certificates(
+                chunk.records, lodged_by=self.actor.name, audit=self.actor.audit(
+                    "import.certificates", "ok", f"import {self.root}",
+                    {"count": len(chunk.records), "first_serial": chunk.serials[0],
+                     "last_serial": chunk.serials[-1]}))
+        except ConflictError as exc:
+            for i in exc.items:
+                self.report.refused.append(f"serial {chunk.serials[i]}: {exc}")
+            self.report.refused.append(f"a chunk of {len(chunk.records)} certificates was not"
+                                       " stored because of the conflict(s) above")
+        else:
+            self.report.stored += len(stored)
+            self.report.identical += len(identical)
+            service.changed(changes)
+            await service.committed(seq)
+
+    async def run(self, items: Iterable[tuple[str, bytes | None]], defer: bool) -> None:
+        """Chunks to the workers, IN_FLIGHT ahead of the writer."""
+        loop = asyncio.get_running_loop()
+        executor = self.service.executor()
+        pending: deque[asyncio.Future[ImportChunk]] = deque()
+        it = iter(items)
+        while part := list(itertools.islice(it, CHUNK)):
+            # the issuer map is copied at submission, so the worker sees the CAs known so far
+            pending.append(loop.run_in_executor(executor, import_chunk, part,
+                                                {k: list(v) for k, v in self.issuers.items()},
+                                                self.opts, defer))
+            if len(pending) >= IN_FLIGHT:
+                await self.write(await pending.popleft())
+        while pending:
+            await self.write(await pending.popleft())
+
+    def items(self, cert_files: Sequence[str],
+              big: set[str]) -> Iterator[tuple[str, bytes | None]]:
+        """Every certificate to import, streamed: small files first (CAs come one to a file;
+        the workers read those themselves), then each big PEM bundle (devices come 50,000
+        to a file), split here so that every worker gets a share, one bundle in memory at a
+        time. Certificates held back for want of an issuer go round again as soon as a new
+        issuer has been stored, not at the end: a CA that sorts after its own issuer
+        (issuing-dca.der before root-dca.der) would otherwise hold back every certificate
+        it issued, all in memory (millions of device certificates, and one wasted pass)."""
+        for name in [n for n in cert_files if n not in big] + [n for n in cert_files if n in big]:
+            if self.issuers_grew and self.deferred:
+                self.issuers_grew = False
+                retry = list(self.deferred)
+                self.deferred.clear()
+                yield from retry
+            if name not in big:
+                yield name, None
+                continue
+            try:
+                with open(name, "rb") as fh:
+                    ders = load_pem_or_der_certificates(fh.read())
+            except (OSError, ParseError) as exc:
+                self.report.refused.append(f"{name}: {exc}")
+                continue
+            yield from ((f"{name}[{i}]", der) for i, der in enumerate(ders))
+
+    async def settle_held_back(self) -> None:
+        """Held-back certificates: their CA may have arrived since; repeat while that helps."""
+        previous = -1
+        while self.deferred and len(self.deferred) != previous:
+            previous = len(self.deferred)
+            retry: list[tuple[str, bytes | None]] = list(self.deferred)
+            self.deferred.clear()
+            await self.run(retry, True)
+
+    async def lodge_without_issuer(self) -> None:
+        """Certificates with no issuer anywhere in the import: the lodging path decides
+        (non-CA issuers found in the store, or stored unverified)."""
+        retry_ders = list(self.deferred)
+        self.deferred.clear()
+        service, report = self.service, self.report
         for start in range(0, len(retry_ders), CHUNK):
             part = retry_ders[start:start + CHUNK]
-            results, records, _ = await service.validate([d for _, d in part], opts)
+            results, records, _ = await service.validate([d for _, d in part], self.opts)
             for r in results:
                 if r["outcome"] == "refused":
                     report.refused.append(f"{part[r['index']][0]}: {r['reason']}")
             pending_results = [r for r in results if r["outcome"] == "pending"]
             try:
-                batch = await service.store_records(records, pending_results, actor,
-                                                    "import.certificates", f"import {root}",
+                batch = await service.store_records(records, pending_results, self.actor,
+                                                    "import.certificates", f"import {self.root}",
                                                     {"files": len(part)})
             except LodgeError as exc:
                 report.refused.append(f"chunk of {len(part)}: {exc.reason}")
@@ -266,16 +290,42 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
             report.identical += batch.identical
             report.unverified += sum(1 for r in results
                                      if "issuer-unverified" in r.get("findings", []))
-            advance(len(part))
-    for path in crl_files:
-        try:
-            result = await service.lodge_crl(path.read_bytes(), actor)
-            report.crls += 1
-            note(f"{path}: {result['kind'].upper()} number {result['crl_number']}"
-                 f" {result['outcome']}")
-        except LodgeError as exc:
-            report.refused.append(f"{path}: {exc.reason}")
-        except OSError as exc:
-            report.refused.append(f"{path}: {exc}")
+            self.advance(len(part))
+
+    async def lodge_crls(self, crl_files: Sequence[Path]) -> None:
+        for path in crl_files:
+            try:
+                result = await self.service.lodge_crl(path.read_bytes(), self.actor)
+                self.report.crls += 1
+                self.note(f"{path}: {result['kind'].upper()} number {result['crl_number']}"
+                          f" {result['outcome']}")
+            except LodgeError as exc:
+                self.report.refused.append(f"{path}: {exc.reason}")
+            except OSError as exc:
+                self.report.refused.append(f"{path}: {exc}")
+
+
+async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
+                           allow_unverified_issuer: bool = False, check_signatures: bool = True,
+                           progress: Callable[[str, int, int], None] | None = None,
+                           note: Callable[[str], None] = print) -> ImportReport:
+    report = ImportReport()
+    started = time.perf_counter()
+    cert_files, crl_files = _find_files(root, report, note)
+    report.files = len(cert_files) + len(crl_files)
+    opts = CertOptions(allow_unverified_issuer=allow_unverified_issuer, roots_are_anchors=True,
+                       check_signatures=check_signatures)
+    job = _Import(service, root, actor, opts, report, progress, note)
+    await service.issuers.refresh()
+    job.issuers = {k: list(v) for k, v in service.issuers.by_dn.items()}
+    service.executor()  # the workers start while the files are counted
+    big, job.total = _measure(cert_files)
+    if progress and job.total:
+        progress("import", 0, job.total)
+    await job.run(job.items(cert_files, big), True)
+    await job.settle_held_back()
+    if job.deferred:
+        await job.lodge_without_issuer()
+    await job.lodge_crls(crl_files)
     report.seconds = time.perf_counter() - started
     return report

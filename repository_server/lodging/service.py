@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from repository_server import events
 from repository_server.doctypes import is_document_name, safe_type
 from repository_server.jsontime import json_time, json_time_or_none
 from repository_server.lodging.batch import (
@@ -35,15 +36,17 @@ from repository_server.lodging.batch import (
     issuer_candidates,
     parse_items,
     resolve_issuer,
+    resolve_within_batch,
 )
 from repository_server.pki.certificates import parse_certificate
 from repository_server.pki.crls import parse_crl
 from repository_server.pki.errors import ParseError
 from repository_server.pki.ids import format_key_id
-from repository_server.pki.model import CertKind
+from repository_server.pki.model import CrlInfo
 from repository_server.pki.pem import load_pem_or_der_certificates, load_pem_or_der_crl
 from repository_server.pki.signatures import verify_crl_signature
-from repository_server.store.db import ConflictError, IssuerRow, Store, cert_record
+from repository_server.store.models import ConflictError, IssuerRow, NewCertificate
+from repository_server.store.protocols import CertificateWrites, LodgingStore
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +90,7 @@ class BatchResult:
 class IssuerRegistry:
     """Every CA certificate in the repository by subject DN, refreshed on demand."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: CertificateWrites) -> None:
         self.store = store
         self.by_dn: dict[bytes, list[Issuer]] = {}
         self._loaded = False
@@ -142,10 +145,10 @@ def _pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
 
 
 class LodgingService:
-    def __init__(self, store: Store, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    def __init__(self, store: LodgingStore, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  max_batch: int = 50_000, max_crl_bytes: int = 16 * 1024 * 1024,
                  clock_skew: timedelta = timedelta(minutes=5), parse_workers: int = 0,
-                 on_change: Callable[[str], None] | None = None,
+                 on_change: Callable[[events.Event], None] | None = None,
                  after_commit: Callable[[int], Awaitable[None]] | None = None) -> None:
         self.store = store
         self.clock = clock
@@ -155,8 +158,15 @@ class LodgingService:
         self.issuers = IssuerRegistry(store)
         self._workers = parse_workers or os.cpu_count() or 1
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
-        self.on_change = on_change or (lambda _payload: None)
+        # Hears at once of what this process's lodgings changed (the catalog: it then skips
+        # their NOTIFY when that comes back).
+        self.on_change = on_change or (lambda _event: None)
         self._after_commit = after_commit
+
+    def changed(self, changes: Sequence[events.Event]) -> None:
+        """This process's lodging committed these changes: its own caches hear of them now."""
+        for event in changes:
+            self.on_change(event)
 
     async def committed(self, seq: int) -> None:
         """Before a lodging is acknowledged: this node's read replica has it (read-your-
@@ -225,70 +235,30 @@ class LodgingService:
 
     async def _resolve_missing(self, parsed: list[Parsed], opts: CertOptions) -> list[Parsed]:
         """Second round for items whose issuer was unknown to the workers: issuers from the
-        same batch (in batch order, repeatedly) and non-CA issuers found in the store."""
-        missing = [p for p in parsed if p.issuer_missing and p.info is not None]
-        if not missing:
+        same batch (`batch.resolve_within_batch`), then non-CA issuers found in the store."""
+        if not any(p.issuer_missing and p.info is not None for p in parsed):
             return parsed
         await self.issuers.refresh()  # another process may have lodged the CA meanwhile
-        local: dict[bytes, list[Issuer]] = {k: list(v) for k, v in self.issuers.by_dn.items()}
-        by_index = {p.index: p for p in parsed}
-
-        def add_local(p: Parsed) -> None:
-            assert p.info is not None
-            if p.info.kind in (CertKind.ROOT, CertKind.CA):
-                local.setdefault(p.info.subject_dn, []).append(Issuer(
-                    None, p.info.subject_dn, p.info.subject_key_id, p.info.public_key_der, True,
-                    p.info.kind == CertKind.ROOT))
-
-        anchor_ok = opts.trust_anchor or opts.roots_are_anchors
-        for p in parsed:
-            if p.info is not None and p.error is None and not p.issuer_missing and (
-                    p.issuer is not None or (p.info.self_signed and anchor_ok)):
-                add_local(p)
-        pending = missing
-        # CAs that will be stored without a verified issuer (anchors, operator import) still
-        # vouch for what they issued in the same batch.
-        unanchored_ok = opts.allow_unverified_issuer or opts.trust_anchor
-        vouched: set[int] = set()
-        while pending:
-            progress = False
-            still: list[Parsed] = []
-            for p in pending:
-                assert p.info is not None
-                issuer, err, gone = resolve_issuer(p.info, local)
-                if gone:
-                    still.append(p)
-                    continue
-                by_index[p.index] = Parsed(p.index, p.info, err, issuer, False)
-                if err is None:
-                    add_local(by_index[p.index])
-                progress = True
-            pending = still
-            if not progress and unanchored_ok:
-                cas = [p for p in pending if p.index not in vouched and p.info is not None
-                       and p.info.kind in (CertKind.ROOT, CertKind.CA)]
-                for p in cas:
-                    add_local(p)
-                    vouched.add(p.index)
-                progress = bool(cas)
-            if not progress:
-                break
+        by_index, pending = resolve_within_batch(parsed, self.issuers.by_dn, opts)
         for p in pending:  # last resort: a non-CA issuer (real data has these)
-            assert p.info is not None
-            cands = await self.issuers.non_ca_candidates(p.info.issuer_dn, p.info.issuer_key_id)
-            issuer, err, gone = resolve_issuer(p.info, {p.info.issuer_dn: cands})
-            by_index[p.index] = Parsed(p.index, p.info, err, issuer, gone)
+            by_index[p.index] = await self._resolve_non_ca(p)
         return [by_index[i] for i in sorted(by_index)]
+
+    async def _resolve_non_ca(self, p: Parsed) -> Parsed:
+        assert p.info is not None
+        cands = await self.issuers.non_ca_candidates(p.info.issuer_dn, p.info.issuer_key_id)
+        issuer, err, missing = resolve_issuer(p.info, {p.info.issuer_dn: cands})
+        return Parsed(p.index, p.info, err, issuer, missing)
 
     async def validate(self, ders: Sequence[bytes], opts: CertOptions,
                        defer_missing: bool = False) -> tuple[list[dict[str, Any]],
-                                                             list[tuple[Any, ...]], list[int]]:
+                                                             list[NewCertificate], list[int]]:
         """Parse and check every certificate. Returns (per-item results, store records for
         the acceptable ones, indexes deferred because their issuer is not known yet — only
         with `defer_missing`, for bulk import where the CA may come later)."""
         parsed = await self._resolve_missing(await self._parse(ders), opts)
         results: list[dict[str, Any]] = []
-        records: list[tuple[Any, ...]] = []
+        records: list[NewCertificate] = []
         deferred: list[int] = []
         for p in parsed:
             item: dict[str, Any] = {"index": p.index}
@@ -303,7 +273,7 @@ class LodgingService:
                 results.append(item)
                 continue
             item["record"] = len(records)
-            records.append(cert_record(
+            records.append(NewCertificate.of(
                 len(records), p.info, status=opts.status,
                 manufacturing_flag=opts.manufacturing_flag, issuer_verified=d.verified,
                 trust_anchor=d.anchor, extra_findings=d.extra))
@@ -312,7 +282,7 @@ class LodgingService:
             results.append(item)
         return results, records, deferred
 
-    async def store_records(self, records: list[tuple[Any, ...]], results: list[dict[str, Any]],
+    async def store_records(self, records: list[NewCertificate], results: list[dict[str, Any]],
                             actor: Actor, action: str, obj: str,
                             detail: dict[str, Any]) -> BatchResult:
         """Write validated records in one transaction and fill in the per-item outcomes.
@@ -334,8 +304,7 @@ class LodgingService:
             raise await self._refuse(actor, action, 409, f"{len(exc.items)} conflicting"
                                      f" certificate(s): {exc}; nothing was stored", obj=obj,
                                      results=results, outcome="conflict") from None
-        for payload in changes:
-            self.on_change(payload)
+        self.changed(changes)
         await self.committed(seq)
         for i in stored:
             pending[i]["outcome"] = "stored"
@@ -343,8 +312,7 @@ class LodgingService:
             pending[i]["outcome"] = "identical"
         for r in results:
             r.pop("record", None)
-        kind_col = 11  # cert_record: kind
-        if stored and any(records[i][kind_col] in ("root", "ca") for i in stored):
+        if any(records[i].kind in ("root", "ca") for i in stored):
             await self.issuers.refresh()
         return BatchResult(results, len(stored), len(identical))
 
@@ -389,7 +357,7 @@ class LodgingService:
             raise await self._refuse(actor, action, 400,
                                      "give status and/or manufacturing_flag", serial)
         try:
-            rows, seq = await self.store.set_status(
+            rows, seq, changes = await self.store.set_status(
                 serial, issuer_key_id, status, manufacturing_flag,
                 actor.audit(action, "ok", serial, {"status": status,
                                                    "manufacturing_flag": manufacturing_flag}))
@@ -399,16 +367,18 @@ class LodgingService:
             raise await self._refuse(actor, action, 404, f"no certificate with serial {serial}",
                                      serial)
         row = rows[0]
-        eui = row["eui64"]
-        self.on_change(f"status:{row['serial']}:{eui.hex() if eui else ''}")
+        self.changed(changes)
         await self.committed(seq)
         return {"serial": row["serial"], "status": row["status"],
                 "manufacturing_flag": row["manufacturing_flag"],
                 "issuer_key_id": format_key_id(row["issuer_key_id"] or b"")}
 
     # -- CRLs ---------------------------------------------------------------------------
-    async def lodge_crl(self, body: bytes, actor: Actor) -> dict[str, Any]:
-        action = "lodge.crl"
+    async def _checked_crl(self, body: bytes, actor: Actor,
+                           action: str) -> tuple[CrlInfo, Issuer, bytes, str]:
+        """A lodged CRL/ARL checked in Boulder's order (size cap, parse, issuer present,
+        signature, CRL number present, thisUpdate not in the future): (the CRL, its issuer,
+        the issuer's key id, the audit object); anything else is refused (audited)."""
         if len(body) > self.max_crl_bytes:
             raise await self._refuse(actor, action, 413, f"CRL of {len(body)} bytes exceeds the"
                                      f" limit of {self.max_crl_bytes}")
@@ -417,20 +387,9 @@ class LodgingService:
         except ParseError as exc:
             raise await self._refuse(actor, action, 400, f"not a CRL: {exc}") from None
         obj = f"crl issuer={info.issuer_name!r} number={info.crl_number}"
-        await self.issuers.ensure()
-        candidates = issuer_candidates(info.issuer_dn, info.issuer_key_id, self.issuers.by_dn)
-        if not candidates:  # another process may have lodged the CA meanwhile
-            await self.issuers.refresh()
-            candidates = issuer_candidates(info.issuer_dn, info.issuer_key_id,
-                                           self.issuers.by_dn)
-        if not candidates:
-            raise await self._refuse(actor, action, 422, f"issuer {info.issuer_name!r} is not a CA"
-                                     " certificate in the repository", obj)
-        issuer = next((c for c in candidates
-                       if verify_crl_signature(info.der, c.public_key_der)), None)
+        issuer, reason = await self._crl_issuer(info)
         if issuer is None:
-            raise await self._refuse(actor, action, 422, "CRL signature does not verify under"
-                                     f" issuer {info.issuer_name!r}", obj)
+            raise await self._refuse(actor, action, 422, reason, obj)
         if info.crl_number is None:
             raise await self._refuse(actor, action, 422, "CRL has no CRL number extension", obj)
         now = self.clock()
@@ -440,10 +399,32 @@ class LodgingService:
         key_id = info.issuer_key_id or issuer.subject_key_id
         if key_id is None or issuer.id is None:
             raise await self._refuse(actor, action, 422, "issuer has no key identifier", obj)
+        return info, issuer, key_id, obj
+
+    async def _crl_issuer(self, info: CrlInfo) -> tuple[Issuer | None, str]:
+        """The CA certificate in the repository whose key signed this CRL, or why none."""
+        await self.issuers.ensure()
+        candidates = issuer_candidates(info.issuer_dn, info.issuer_key_id, self.issuers.by_dn)
+        if not candidates:  # another process may have lodged the CA meanwhile
+            await self.issuers.refresh()
+            candidates = issuer_candidates(info.issuer_dn, info.issuer_key_id,
+                                           self.issuers.by_dn)
+        if not candidates:
+            return None, f"issuer {info.issuer_name!r} is not a CA certificate in the repository"
+        issuer = next((c for c in candidates
+                       if verify_crl_signature(info.der, c.public_key_der)), None)
+        if issuer is None:
+            return None, f"CRL signature does not verify under issuer {info.issuer_name!r}"
+        return issuer, ""
+
+    async def lodge_crl(self, body: bytes, actor: Actor) -> dict[str, Any]:
+        action = "lodge.crl"
+        info, issuer, key_id, obj = await self._checked_crl(body, actor, action)
+        assert issuer.id is not None
         kind = "arl" if issuer.root else "crl"
         lint = [{"code": f.code, "message": f.message} for f in info.findings]
         try:
-            outcome, previous, seq = await self.store.insert_crl(
+            outcome, previous, seq, changes = await self.store.insert_crl(
                 info, kind=kind, issuer_key_id=key_id, issuer_cert_id=issuer.id,
                 lodged_by=actor.name, lint=lint,
                 audit=actor.audit(action, "ok", obj, {"sha256": info.sha256.hex(),
@@ -451,7 +432,7 @@ class LodgingService:
         except ConflictError as exc:
             raise await self._refuse(actor, action, 409, str(exc), obj,
                                      outcome="conflict") from None
-        self.on_change("crl:" + key_id.hex())
+        self.changed(changes)
         await self.committed(seq)
         return {"outcome": outcome, "kind": kind, "issuer": info.issuer_name,
                 "issuer_key_id": format_key_id(key_id), "crl_number": info.crl_number,
@@ -473,12 +454,12 @@ class LodgingService:
         declared = content_type.strip()
         content_type = safe_type(declared)  # never a type a browser would run (web/doctypes)
         sha = hashlib.sha256(body).digest()
-        outcome, version, seq = await self.store.insert_document(
+        outcome, version, seq, changes = await self.store.insert_document(
             name, content_type, body, sha, lodged_by=actor.name,
             audit=actor.audit(action, "ok", name, {"sha256": sha.hex(), "size": len(body),
                                                    "content_type": content_type,
                                                    "declared_type": declared[:200]}))
-        self.on_change("doc:" + name)
+        self.changed(changes)
         await self.committed(seq)
         return {"outcome": outcome, "name": name, "version": version,
                 "content_type": content_type, "size": len(body), "sha256": sha.hex(),

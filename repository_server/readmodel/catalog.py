@@ -27,6 +27,7 @@ from datetime import datetime
 
 import asyncpg
 
+from repository_server import events
 from repository_server.pki.certstore import INDEX_BYTES, certificate_keys, crl_keys
 from repository_server.pki.ids import format_eui64, format_key_id
 from repository_server.readmodel.env import Replica, ReplicaUnavailable, RevokedEntry
@@ -183,18 +184,35 @@ class Catalog:
                 return
             await conn.fetchval("SELECT 1", timeout=_PING_TIMEOUT)
 
-    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        self.invalidate(payload)
+    def _on_notify(self, _conn: object, pid: int, _channel: str, payload: str) -> None:
+        """A change event from any process on the store. The events of this process's own
+        lodgings were delivered at commit (`invalidate`): when their NOTIFY comes back from
+        one of this process's connections, it is skipped."""
+        try:
+            event = events.decode(payload)
+        except events.EventError as exc:
+            log.warning("ignored a change notification: %s", exc)
+            return
+        if pid in self.store.backend_pids and isinstance(event, events.LODGED):
+            return
+        self._deliver(event)
 
-    def subscribe(self, kind: str, callback: Callable[[str], None]) -> None:
-        """Call `callback(key)` on every change notification of this kind (e.g. "users"),
-        and with "" when notifications may have been missed."""
-        self._subscribers.setdefault(kind, []).append(callback)
+    def subscribe(self, kind: str | events.EventType, callback: Callable[[str], None]) -> None:
+        """Call `callback(key)` on every change event of this kind (an event type, or its
+        `kind`, e.g. "users"), and with "" when events may have been missed."""
+        name = kind if isinstance(kind, str) else kind.kind
+        if name not in events.TYPES:
+            raise ValueError(f"no change event of kind {name!r}")
+        self._subscribers.setdefault(name, []).append(callback)
 
-    def invalidate(self, payload: str) -> None:
-        kind, _, key = payload.partition(":")
-        for callback in self._subscribers.get(kind, ()):
-            callback(key)
+    def invalidate(self, event: events.Event) -> None:
+        """A change this process has just committed (a lodging): its subscribers hear of it
+        now, not when its NOTIFY comes back."""
+        self._deliver(event)
+
+    def _deliver(self, event: events.Event) -> None:
+        for callback in self._subscribers.get(event.kind, ()):
+            callback(event.key)
 
     def missed(self) -> None:
         for callbacks in self._subscribers.values():

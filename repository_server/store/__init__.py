@@ -1,4 +1,5 @@
-"""The store of record: PostgreSQL through asyncpg. All SQL lives in `store.db`."""
+"""The store of record: PostgreSQL through asyncpg. All SQL lives in this package: `db.Store`
+composed of one module per area, `feed` for the read replica, `refusals` for TLS refusals."""
 
 from __future__ import annotations
 

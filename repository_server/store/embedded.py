@@ -182,11 +182,11 @@ class EmbeddedPostgres:
                 "synchronous_commit = on\n"
                 "full_page_writes = on\n"
                 "wal_compression = on\n"
-                # Bulk imports at national scale: with 2GB, checkpoints came every 30 s at
-                # 10M certificates and full-page images of the random index pages made the
-                # WAL ~7 KB per certificate (import fell to ~2,000/s); with 16GB / 30min,
-                # measured on the same running import, 4,600/s. WAL only grows this big
-                # under such loads; crash recovery replays at most this much.
+                # Bulk imports at national scale: with a small WAL, checkpoints come every
+                # few seconds and the full-page images of the random index pages written
+                # after each make the WAL several KB per certificate, halving the import
+                # rate. WAL only grows this big under such loads; crash recovery replays
+                # at most this much.
                 "max_wal_size = '16GB'\n"
                 "checkpoint_timeout = '30min'\n"
                 "unix_socket_permissions = 0777\n"

@@ -1,0 +1,91 @@
+"""Change events: one text form for every type (encode/decode), refusals of what is not an
+event, and, on a running server, that a lodging reaches its own process's subscribers once
+(at commit, its NOTIFY's echo skipped) while other processes' events still arrive."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import asyncpg
+import pytest
+
+from repository_server import events
+from tests.conftest import Running
+
+EVERY_TYPE: list[events.Event] = [
+    events.CertificatesLodged(41, 4041),
+    events.SerialsShared(("0A1B", "77FF00")),
+    events.StatusChanged("7CA692EEDA324658711548B8B196EEC1", bytes.fromhex("90b3d51f303b52a7")),
+    events.StatusChanged("01", None),
+    events.CrlLodged(bytes.fromhex("443abf41064e2750")),
+    events.DocumentLodged("SMKI-RAPP_v2.1"),
+    events.UserChanged("dcc-boxed"),
+    events.SessionEnded(bytes(range(32))),
+]
+
+
+@pytest.mark.parametrize("event", EVERY_TYPE, ids=lambda e: type(e).__name__)
+def test_every_event_survives_its_text_form(event: events.Event) -> None:
+    payload = events.encode(event)
+    assert payload.startswith(event.kind + ":")
+    assert events.decode(payload) == event
+
+
+def test_the_text_form_is_the_one_every_process_reads() -> None:
+    """Processes of one deployment share the channel: the form is fixed."""
+    assert events.encode(events.CertificatesLodged(1, 9)) == "certs:1:9"
+    assert events.encode(events.StatusChanged("AB", None)) == "status:AB:"
+    assert events.encode(events.SessionEnded(b"\x01\xff")) == "portal-session:01ff"
+    assert set(events.TYPES) == {"certs", "serials", "status", "crl", "doc", "users",
+                                 "portal-session"}
+
+
+@pytest.mark.parametrize("payload", [
+    "", "certs", "nonsense:1", "certs:1", "certs:a:b", "certs:1:2:3", "status:AB",
+    "status::", "crl:zz", "portal-session:0", "doc:", "users:", "serials:", "serials:a,,b",
+    "\x00:\x00",
+])
+def test_what_is_not_an_event_is_refused_clearly(payload: str) -> None:
+    with pytest.raises(events.EventError):
+        events.decode(payload)
+
+
+async def _until(done: Callable[[], bool], seconds: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not done():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_lodging_reaches_its_own_process_once(server: Running) -> None:
+    catalog = server.repo.catalog
+    assert catalog is not None and server.repo.store is not None
+    await _until(lambda: catalog.listening)
+    heard: list[str] = []
+    users: list[str] = []
+    catalog.subscribe(events.DocumentLodged, heard.append)
+    catalog.subscribe("users", users.append)
+    client = server.client()
+    try:
+        reply = await asyncio.to_thread(client.document, "Echo-Test", b"one", "text/plain")
+    finally:
+        client.close()
+    assert reply.status == 200
+    assert heard == ["Echo-Test"]  # at commit, before the acknowledgement
+    # Another process's events arrive (and a malformed payload is ignored on the way);
+    # NOTIFYs come in commit order, so once "Other" is heard, the lodging's own echo,
+    # sent before it, has come back and been skipped.
+    conn = await asyncpg.connect(server.repo.store.dsn)
+    try:
+        for payload in ("bogus:1", "certs:x", events.encode(events.DocumentLodged("Other"))):
+            await conn.execute("SELECT pg_notify($1, $2)", events.CHANNEL, payload)
+    finally:
+        await conn.close()
+    await _until(lambda: "Other" in heard)
+    assert heard == ["Echo-Test", "Other"]
+    # what this process changes outside lodging is heard through its NOTIFY only
+    await server.repo.store.create_user("echo-user", "party", api_key_sha256=None,
+                                        api_key_hint=None, password_hash=None, actor="test")
+    await _until(lambda: "echo-user" in users)
+    assert users.count("echo-user") == 1  # (the fixture's own user may come in before it)
