@@ -114,7 +114,7 @@ async def test_documents_stored_before_the_check_are_served_safely(server: Runni
                                ("injected", "text/plain; charset=utf-8\r\nX-Injected: 1"),
                                ("legacy-notes", "TEXT/PLAIN;charset=latin-1")]:
         body = b"<script>alert(1)</script>"
-        _, _, seq = await repo.store.insert_document(
+        _, _, seq, _ = await repo.store.insert_document(
             name, content_type, body, hashlib.sha256(body).digest(), lodged_by="earlier",
             audit=Actor("earlier", None, None).audit("lodge.document", "ok", name, {}))
     await repo.catalog.synced(seq)
