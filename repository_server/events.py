@@ -5,7 +5,7 @@ Every write that changes what readers see sends its events inside its transactio
 listeners on every process and node hear of them at commit, never before); the catalog
 decodes them and calls its subscribers, keyed by the event's `kind`, with the event's `key`.
 The lodging path also hands the events it caused to its own process's catalog at once (see
-`LODGED`), which then skips their NOTIFY when it comes back.
+`LODGED`), which then delivers each once (`Echoes`).
 
 Pure: no I/O. The text form is `kind:key`, as read by every process sharing the store, so
 it must stay stable (a payload is at most 8,000 bytes).
@@ -13,6 +13,7 @@ it must stay stable (a payload is at most 8,000 bytes).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar, Self
 
@@ -174,3 +175,39 @@ def decode(payload: str) -> Event:
         return event_type.parse(key)
     except ValueError as exc:
         raise EventError(f"malformed {kind} event {payload[:100]!r}: {exc}") from None
+
+
+class Echoes:
+    """This process's own lodged events come to its catalog twice: handed over at commit
+    (`local`) and as their NOTIFY from one of its own connections (`echo`), in either
+    order. Each says whether to deliver: the first of the two is, the second is not. An
+    entry whose twin never comes (LISTEN was down; a write outside the lodging path) is
+    dropped by `forget` (LISTEN re-established) or when too many are kept: at worst an
+    event is delivered twice, or once when its NOTIFY arrives."""
+
+    LIMIT = 1024
+
+    def __init__(self) -> None:
+        self._local: Counter[str] = Counter()
+        self._echoed: Counter[str] = Counter()
+
+    def local(self, payload: str) -> bool:
+        return self._first(payload, self._local, self._echoed)
+
+    def echo(self, payload: str) -> bool:
+        return self._first(payload, self._echoed, self._local)
+
+    def forget(self) -> None:
+        self._local.clear()
+        self._echoed.clear()
+
+    def _first(self, payload: str, mine: Counter[str], twins: Counter[str]) -> bool:
+        if twins[payload] > 0:
+            twins[payload] -= 1
+            if not twins[payload]:
+                del twins[payload]
+            return False
+        if len(mine) >= self.LIMIT:
+            mine.clear()
+        mine[payload] += 1
+        return True

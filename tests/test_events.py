@@ -51,6 +51,21 @@ def test_what_is_not_an_event_is_refused_clearly(payload: str) -> None:
         events.decode(payload)
 
 
+def test_a_lodging_and_its_echo_are_delivered_once_in_either_order() -> None:
+    echoes = events.Echoes()
+    assert echoes.local("doc:a") and not echoes.echo("doc:a")  # handed over, then NOTIFY
+    assert echoes.echo("doc:b") and not echoes.local("doc:b")  # NOTIFY came back first
+    assert echoes.local("doc:c") and echoes.local("doc:c")  # two lodgings, two echoes
+    assert not echoes.echo("doc:c") and not echoes.echo("doc:c")
+    # a write outside the lodging path (no handing over): every NOTIFY is delivered
+    assert echoes.echo("doc:d") and echoes.echo("doc:d")
+    echoes.forget()  # LISTEN re-established: what was kept is forgotten
+    assert echoes.local("doc:d") and echoes.local("doc:a")
+    for i in range(events.Echoes.LIMIT + 10):  # bounded, whatever never comes back
+        echoes.local(f"doc:{i}")
+    assert echoes.echo("doc:a")
+
+
 async def _until(done: Callable[[], bool], seconds: float = 10.0) -> None:
     deadline = asyncio.get_running_loop().time() + seconds
     while not done():

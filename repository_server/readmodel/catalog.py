@@ -88,6 +88,7 @@ class Catalog:
         self._crl_entries: dict[int, CrlEntry] = {}  # by CRL id: versions never change
         self._crl_keys: dict[int, set[bytes]] = {}  # RFC 4387 search keys, by CRL id
         self._subscribers: dict[str, list[Callable[[str], None]]] = {}
+        self._echoes = events.Echoes()  # this process's lodged events: delivered once
         self._listener: asyncpg.Connection | None = None
         self._listen_task: asyncio.Task[None] | None = None
         self.listening = False  # LISTEN in place
@@ -186,14 +187,15 @@ class Catalog:
 
     def _on_notify(self, _conn: object, pid: int, _channel: str, payload: str) -> None:
         """A change event from any process on the store. The events of this process's own
-        lodgings were delivered at commit (`invalidate`): when their NOTIFY comes back from
-        one of this process's connections, it is skipped."""
+        lodgings are also handed over at commit (`invalidate`): when their NOTIFY comes from
+        one of this process's connections, the two are delivered once."""
         try:
             event = events.decode(payload)
         except events.EventError as exc:
             log.warning("ignored a change notification: %s", exc)
             return
-        if pid in self.store.backend_pids and isinstance(event, events.LODGED):
+        if (pid in self.store.backend_pids and isinstance(event, events.LODGED)
+                and not self._echoes.echo(payload)):
             return
         self._deliver(event)
 
@@ -206,15 +208,17 @@ class Catalog:
         self._subscribers.setdefault(name, []).append(callback)
 
     def invalidate(self, event: events.Event) -> None:
-        """A change this process has just committed (a lodging): its subscribers hear of it
-        now, not when its NOTIFY comes back."""
-        self._deliver(event)
+        """A change this process's lodging has just committed: its subscribers hear of it
+        now (unless its NOTIFY came back first), not again when its NOTIFY comes back."""
+        if self._echoes.local(events.encode(event)):
+            self._deliver(event)
 
     def _deliver(self, event: events.Event) -> None:
         for callback in self._subscribers.get(event.kind, ()):
             callback(event.key)
 
     def missed(self) -> None:
+        self._echoes.forget()
         for callbacks in self._subscribers.values():
             for callback in callbacks:
                 callback("")
