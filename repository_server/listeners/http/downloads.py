@@ -140,6 +140,13 @@ class Downloads:
                                     "Vary": "Accept"},
                              False: {"Content-Type": PKIX_CERT, "Cache-Control": self._private,
                                      "Vary": "Accept"}}
+        # The read rule's answer for one certificate, per (public, authenticated reader): its
+        # static headers, or None (refused). Worked out once from `access` for the hottest
+        # path, the download by serial; the rule itself stays in access.py.
+        self._cert_answer = {
+            (public, reader): self._cert_static[access.shared(public=public)]
+            if access.may_read(public=public, authenticated=reader) else None
+            for public in (False, True) for reader in (False, True)}
 
     def _cache_control(self, public: bool) -> str:
         """Cache-Control of a certificate: `private` when it needs an API key."""
@@ -182,12 +189,11 @@ class Downloads:
         if found is None:
             return None
         der, sha_hex, last_modified, public = found
-        access = self.access
-        if not access.may_read(public=public, authenticated=user is not None):
+        static = self._cert_answer[public, user is not None]
+        if static is None:
             return None
-        return web.Response(body=der, headers={
-            **self._cert_static[access.shared(public=public)], "ETag": etag(sha_hex),
-            "Last-Modified": last_modified})
+        return web.Response(body=der, headers={**static, "ETag": etag(sha_hex),
+                                               "Last-Modified": last_modified})
 
     async def certificate(self, request: web.Request) -> web.StreamResponse:
         raw = request.match_info["serial"]
