@@ -1,6 +1,7 @@
 """The layering of docs/architecture.md, checked on the source: a listener never imports
 another listener, and nothing below the listeners imports one (only the wiring in `server`
-and the `cli` commands see them all)."""
+and the `cli` commands see them all); pure domain code imports only pure domain code, the
+store only that (and the config), and the services nothing above them."""
 
 from __future__ import annotations
 
@@ -68,3 +69,45 @@ def test_the_checker_finds_imports_and_listeners() -> None:
     assert _listener_of("repository_server.listeners.ldap.server") == "ldap"
     assert _listener_of(_module(PKG / "listeners" / "sftp.py")) == "sftp"
     assert _listener_of("repository_server.listeners.apidoc") is None
+
+
+PURE = {"pki", "access", "events", "doctypes", "jsontime", "errors"}
+# what each layer below the listeners may import besides itself (docs/architecture.md)
+MAY_IMPORT = {
+    **{top: PURE for top in PURE},
+    "store": PURE | {"config"},
+    **{top: PURE | {"config", "obs", "store", "lodging", "readmodel", "accounts", "extracts",
+                    "service_levels"}
+       for top in ("lodging", "readmodel", "accounts", "extracts", "service_levels")},
+}
+# Two modules of the layer above that are pure data and shared on purpose: the read
+# replica's CRL record (the store hands the same values to the extracts), and the refused
+# handshake counts' row (the store writes what obs/refusals.py counts).
+SHARED_DATA = {"repository_server.readmodel.records", "repository_server.obs.refusals"}
+
+
+def _below_its_layer(module: str, imported: str) -> bool:
+    """Whether `module` may import `imported` (True for modules the table does not cover)."""
+    top = module.split(".")[1] if "." in module else ""
+    allowed = MAY_IMPORT.get(top)
+    other = imported.split(".")[1] if "." in imported else ""
+    return (allowed is None or other in ("", top) or other in allowed
+            or any(imported == m or imported.startswith(m + ".") for m in SHARED_DATA))
+
+
+def _layer_violations() -> list[str]:
+    return [f"{_module(path)} imports {imported}" for path in sorted(PKG.rglob("*.py"))
+            for imported in sorted(_imports(path)) if not _below_its_layer(_module(path), imported)]
+
+
+def test_each_layer_imports_only_what_is_below_it() -> None:
+    assert _layer_violations() == []
+
+
+def test_the_layer_table_refuses_an_upward_import() -> None:
+    assert not _below_its_layer("repository_server.pki.der", "repository_server.store.db")
+    assert not _below_its_layer("repository_server.store.crls", "repository_server.lodging.service")
+    assert not _below_its_layer("repository_server.lodging.service",
+                                "repository_server.listeners.http.downloads")
+    assert _below_its_layer("repository_server.store.crls", "repository_server.pki.der")
+    assert _below_its_layer("repository_server.lodging.service", "repository_server.store.models")

@@ -104,3 +104,36 @@ async def test_a_lodging_reaches_its_own_process_once(server: Running) -> None:
                                         api_key_hint=None, password_hash=None, actor="test")
     await _until(lambda: "echo-user" in users)
     assert users.count("echo-user") == 1  # (the fixture's own user may come in before it)
+
+
+async def test_concurrent_lodgings_each_reach_their_own_process_once(server: Running) -> None:
+    """Twelve lodgings at once, each with its handing-over and its echo interleaved with the
+    others': every one is heard exactly once, its echo skipped."""
+    catalog = server.repo.catalog
+    assert catalog is not None
+    await _until(lambda: catalog.listening)
+    heard: list[str] = []
+    catalog.subscribe(events.DocumentLodged, heard.append)
+    names = [f"Burst-{i:02d}" for i in range(12)]
+
+    def lodge(name: str) -> int:
+        client = server.client()
+        try:
+            return client.document(name, name.encode(), "text/plain").status
+        finally:
+            client.close()
+
+    statuses = await asyncio.gather(*(asyncio.to_thread(lodge, n) for n in names))
+    assert statuses == [200] * len(names)
+    assert sorted(heard) == names  # each at its own commit, before its acknowledgement
+    # Every echo comes back and is skipped; the marker written after them proves they have
+    # (NOTIFYs arrive in commit order).
+    assert server.repo.store is not None
+    conn = await asyncpg.connect(server.repo.store.dsn)
+    try:
+        await conn.execute("SELECT pg_notify($1, $2)", events.CHANNEL,
+                           events.encode(events.DocumentLodged("Marker")))
+    finally:
+        await conn.close()
+    await _until(lambda: "Marker" in heard)
+    assert sorted(heard) == [*names, "Marker"]  # no echo delivered a second time
