@@ -30,7 +30,6 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from repository_server.access import ReadAccess
 from repository_server.accounts import Accounts
-from repository_server.accounts.keys import Credentials
 from repository_server.config import LISTENER_NAMES, Config, ConfigError, HostPort
 from repository_server.extracts.scheduler import ExtractScheduler
 from repository_server.extracts.writer import ExtractWriter
@@ -176,7 +175,6 @@ class Repository:
         self._replica_ready = asyncio.Event()
         self.lodging: LodgingService | None = None
         self.accounts: Accounts | None = None
-        self.credentials: Credentials | None = None  # the accounts' API keys
         self.levels: ServiceLevels | None = None
         self.ldap: LdapService | None = None
         self.counting: ServiceLevels | None = None  # `levels` when service_levels.enabled
@@ -381,7 +379,6 @@ class Repository:
         for kind in ("certs", "status", "crl", "doc", "serials"):
             self.catalog.subscribe(kind, self.feeder.wake)
         self.accounts = Accounts(self.store, cfg.portal)
-        self.credentials = self.accounts.credentials
         await self.accounts.load()
         self.catalog.subscribe("users", self.accounts.user_changed)
         self.catalog.subscribe("portal-session", self.accounts.session_ended)

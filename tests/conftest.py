@@ -177,9 +177,9 @@ async def add_user(repo: Repository, name: str, key: str | None, role: str = "pa
     known to the running server before this returns."""
     from repository_server.cli import admin
 
-    assert repo.store is not None and repo.credentials is not None
+    assert repo.store is not None and repo.accounts is not None
     await admin.users_add(repo.store, name, role=role, api_key=key, with_key=key is not None)
-    await repo.credentials.load()
+    await repo.accounts.load()
 
 
 @contextlib.asynccontextmanager

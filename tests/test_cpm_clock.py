@@ -154,7 +154,7 @@ async def test_a_paused_server_counts_its_late_answers(loaded: Running, tmp_path
     repo = loaded.repo
     assert repo.store is not None and repo.levels is not None
     key = "paused-client-key-0001"
-    if repo.credentials is None or repo.credentials.user_for_key(key) is None:
+    if repo.accounts is None or repo.accounts.user_for_key(key) is None:
         await add_user(repo, "paused-client", key)
     device = loaded.objects("device")[0]
     month = repo.levels.period_at(repo.levels.clock()).month

@@ -93,7 +93,7 @@ async def test_the_short_way_answers_exactly_as_the_general_way(
         assert fast.ldap is not None and fast.ldap.fast is not None
         assert slow.ldap is not None and slow.ldap.fast is None
         await add_user(fast, "tester", TEST_KEY)
-        await slow.credentials.load()  # type: ignore[union-attr]
+        await slow.accounts.load()  # type: ignore[union-attr]
         running = Running(fast, pki)
         await asyncio.to_thread(lodge_pki, running)
         await slow.catalog.synced(fast.replica.applied())  # type: ignore[union-attr]

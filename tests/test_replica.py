@@ -63,8 +63,8 @@ async def test_replica_equals_the_store_after_random_lodgings_on_two_nodes(
     node_b = await start_repository(tmp_path / "b", pki, fresh_db)
     try:
         await add_user(node_a, "tester", TEST_KEY)
-        assert node_b.credentials is not None
-        await node_b.credentials.load()
+        assert node_b.accounts is not None
+        await node_b.accounts.load()
         a, b = Running(node_a, pki), Running(node_b, pki)
         await asyncio.to_thread(lodge_pki, a)
         rng = random.Random(1306)
@@ -144,7 +144,7 @@ async def test_deleted_or_damaged_replica_is_rebuilt_with_the_same_answers(
         repo = await start_repository(tmp_path, pki, fresh_db)
         running = Running(repo, pki)
         try:
-            await repo.credentials.load()  # type: ignore[union-attr]
+            await repo.accounts.load()  # type: ignore[union-attr]
             urls = [u.replace(u.split("/")[2], f"127.0.0.1:{repo.bound['http'].port}")
                     for u in urls]
             after = [await asyncio.to_thread(_get, u) for u in urls]
@@ -323,7 +323,7 @@ async def test_a_node_fed_from_a_lagging_replica_url_says_how_far_behind(
     try:
         a = Running(node_a, pki)
         await add_user(node_a, "tester", TEST_KEY)
-        await node_b.credentials.load()  # type: ignore[union-attr]
+        await node_b.accounts.load()  # type: ignore[union-attr]
         await asyncio.to_thread(lodge_pki, a)
         await _caught_up(node_b)
         b_http = f"http://127.0.0.1:{node_b.bound['http'].port}"

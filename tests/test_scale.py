@@ -122,8 +122,8 @@ async def test_a_lodging_on_one_node_is_served_by_another_within_a_second(
     try:
         a, b = Running(node_a, pki), Running(node_b, pki)
         await add_user(node_a, "tester", TEST_KEY)
-        assert node_b.credentials is not None
-        await node_b.credentials.load()
+        assert node_b.accounts is not None
+        await node_b.accounts.load()
         await asyncio.to_thread(lodge_pki, a)
         crl_obj = a.objects("crl")[0]
         crl_url = f"{b.http}/crls/{crl_obj['issuer_key_id']}.crl"

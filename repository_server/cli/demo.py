@@ -74,7 +74,7 @@ async def _demo_users(repo: Any) -> list[str]:
         else:
             lines.append("  portal user demo-portal: a new temporary password with"
                          f" `{smki_command()} users reset demo-portal`")
-    await repo.credentials.load()
+    await repo.accounts.load()
     return lines
 
 
