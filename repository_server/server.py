@@ -39,8 +39,8 @@ from repository_server.listeners.http.extracts import ExtractFiles
 from repository_server.listeners.http.portal.app import Portal
 from repository_server.listeners.http.portal.csrf import CSRF_SECRET
 from repository_server.listeners.http.webservice import WebService
-from repository_server.listeners.ldap.codec import PAGED_RESULTS_OID, STARTTLS_OID
 from repository_server.listeners.ldap.directory import Directory
+from repository_server.listeners.ldap.protocol import PAGED_RESULTS_OID, STARTTLS_OID
 from repository_server.listeners.ldap.server import WHOAMI_OID, LdapService
 from repository_server.listeners.lodge.app import ACTOR_KEY, build_lodge_app
 from repository_server.listeners.metrics import build_metrics_app

@@ -30,7 +30,7 @@ from ldap3.protocol.convert import build_controls_list
 from ldap3.protocol.rfc4511 import LDAPMessage, MessageID, ProtocolOp
 from pyasn1.codec.ber import encoder as ber_encoder
 
-from repository_server.listeners.ldap import codec
+from repository_server.listeners.ldap import protocol, responses
 from repository_server.listeners.ldap.server import WHOAMI_OID
 from tests.conftest import TEST_KEY, run_process
 
@@ -82,8 +82,8 @@ def sample_requests(eui: str, serial: str) -> list[bytes]:
     """Valid requests of every kind the server handles (encoded by ldap3), for fuzzing:
     binds, searches with many filters and controls, extended, abandon, compare, updates, unbind."""
     user = f"uid=tester,ou=Users,{SUFFIX}"
-    paged = codec.paged_results_control(3, b"")
-    bogus = codec.paged_results_control(3, b"no such cookie")
+    paged = responses.paged_results_control(3, b"")
+    bogus = responses.paged_results_control(3, b"no such cookie")
     devices = f"ou=Devices,{SUFFIX}"
     return [
         pdu(1, "bindRequest", bind_operation(3, ldap3.SIMPLE, user, TEST_KEY)),
@@ -106,7 +106,7 @@ def sample_requests(eui: str, serial: str) -> list[bytes]:
         search(16, "", "(objectClass=*)", ["+"], scope="BASE"),
         search(17, "cn=Subschema", "(objectClass=subschema)", ["attributeTypes"], scope="BASE"),
         search(18, "smkiEui64=zz,ou=Devices,o=SMKI", "(objectClass=*)", scope="LEVEL"),
-        pdu(19, "extendedReq", extended_operation(codec.STARTTLS_OID)),
+        pdu(19, "extendedReq", extended_operation(protocol.STARTTLS_OID)),
         pdu(20, "extendedReq", extended_operation(WHOAMI_OID)),
         pdu(21, "extendedReq", extended_operation("1.2.3.4", b"value")),
         pdu(22, "abandonRequest", abandon_operation(7)),

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from repository_server.listeners.ldap import protocol
 from repository_server.pki.der import (
     TlvError,
     children,
@@ -156,7 +157,7 @@ def test_both_parsers_report_reader_errors_in_their_own_terms(inner: bytes, reas
     from repository_server.pki.pem import load_pem_or_der_certificates
 
     op = tlv(0x63, inner)
-    with pytest.raises(codec.ProtocolError) as ldap_error:
+    with pytest.raises(protocol.ProtocolError) as ldap_error:
         codec.decode_message(b"\x02\x01\x09" + op)
     assert ldap_error.value.message_id == 9 and reason in ldap_error.value.reason
 

@@ -540,7 +540,7 @@ async def test_slow_clients_are_bounded(tmp_path: Path, pki: dict[str, Any], fre
 async def test_which_errors_mean_the_store_is_unavailable() -> None:
     import asyncpg
 
-    from repository_server.store.db import unavailable
+    from repository_server.store.pool import unavailable
 
     for exc in (OSError("refused"), FileNotFoundError("no socket"), TimeoutError(),
                 asyncpg.exceptions.ConnectionDoesNotExistError("lost"),

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from ldap3.core.exceptions import LDAPException
 
-from repository_server.listeners.ldap import codec
+from repository_server.listeners.ldap import protocol, responses
 from repository_server.pki.testpki import device_builder
 from tests.conftest import TEST_KEY, Running, add_user, start_repository
 from tests.pkitools import client_cert, load_cert, load_key, write_pair
@@ -97,8 +97,8 @@ async def test_root_dse_schema_and_ldap3_get_info(loaded: Running) -> None:
     _, out = await asyncio.to_thread(ldapsearch, loaded, "-b", "", "-s", "base", "+")
     assert "namingContexts: o=SMKI" in out
     assert "supportedLDAPVersion: 3" in out
-    assert f"supportedExtension: {codec.STARTTLS_OID}" in out
-    assert f"supportedControl: {codec.PAGED_RESULTS_OID}" in out
+    assert f"supportedExtension: {protocol.STARTTLS_OID}" in out
+    assert f"supportedControl: {protocol.PAGED_RESULTS_OID}" in out
     _, out = await asyncio.to_thread(ldapsearch, loaded, "-b", "cn=Subschema", "-s", "base",
                                      "(objectClass=subschema)", "attributeTypes", "objectClasses")
     assert "NAME 'smkiEui64'" in out and "NAME 'pkiCA'" in out
@@ -456,7 +456,7 @@ async def test_protocol_errors_limits_and_slow_readers(tmp_path: Path, pki: dict
             s = _raw(port)
             s.sendall(b"\x02\x01\x00hello")
             got = _read_all(s)
-            assert codec.NOTICE_OF_DISCONNECTION_OID.encode() in got and b"LDAPMessage" in got
+            assert protocol.NOTICE_OF_DISCONNECTION_OID.encode() in got and b"LDAPMessage" in got
             # an oversized PDU is refused on its header
             s = _raw(port)
             s.sendall(b"\x30\x84\x00\x10\x00\x00")
@@ -466,14 +466,14 @@ async def test_protocol_errors_limits_and_slow_readers(tmp_path: Path, pki: dict
             s = _raw(port)
             started = time.monotonic()
             got = _read_all(s, 10)
-            assert codec.NOTICE_OF_DISCONNECTION_OID.encode() in got and b"idle" in got
+            assert protocol.NOTICE_OF_DISCONNECTION_OID.encode() in got and b"idle" in got
             assert time.monotonic() - started < 8
             # more connections than allowed: the extra one gets busy and is closed
             held = [_raw(port) for _ in range(8)]
             time.sleep(0.2)
             s = _raw(port)
             got = _read_all(s)
-            assert codec.NOTICE_OF_DISCONNECTION_OID.encode() in got and b"too many" in got
+            assert protocol.NOTICE_OF_DISCONNECTION_OID.encode() in got and b"too many" in got
             for h in held:
                 h.close()
 
@@ -487,7 +487,7 @@ async def test_protocol_errors_limits_and_slow_readers(tmp_path: Path, pki: dict
         s = await asyncio.to_thread(_raw, port)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         for i in range(2, 200):
-            s.sendall(codec.frame(i, bytes(_subtree_search())))
+            s.sendall(responses.frame(i, bytes(_subtree_search())))
         await asyncio.sleep(0.5)
         def others_served() -> None:
             other = ldap3_conn(running, user=None, password=None)
@@ -635,7 +635,7 @@ async def test_busy_abandon_and_another_suffix(tmp_path: Path, pki: dict[str, An
         assert any(str(e["object"]).startswith("smkiKeyId=") and
                    str(e["object"]).endswith(",ou=CAs,dc=smki,dc=example") for e in entries)
         # abandon: the abandoned search never answers; the next one does
-        abandon = codec.frame(5, b"\x50\x01\x04")  # AbandonRequest for message 4
+        abandon = responses.frame(5, b"\x50\x01\x04")  # AbandonRequest for message 4
         out = await asyncio.to_thread(_exchange, port, search(4, "dc=smki,dc=example", everything)
                                       + abandon + search(6, "ou=CAs,dc=smki,dc=example",
                                                          "(objectClass=pkiCA)"), {6})

@@ -11,7 +11,6 @@ import pytest
 
 from repository_server.access import ReadAccess
 from repository_server.listeners.ldap import dn
-from repository_server.listeners.ldap.codec import ResultCode
 from repository_server.listeners.ldap.directory import (
     PAGE_ROWS,
     Directory,
@@ -21,6 +20,7 @@ from repository_server.listeners.ldap.directory import (
 )
 from repository_server.listeners.ldap.entries import unit_of
 from repository_server.listeners.ldap.filters import Entry, Plan
+from repository_server.listeners.ldap.protocol import ResultCode
 from repository_server.readmodel.catalog import CertEntry, CrlEntry
 from repository_server.readmodel.records import CertRecord, CrlRecord
 

@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 from ldap3.protocol.rfc4511 import LDAPMessage
 from pyasn1.codec.ber import decoder as ber_decoder
 
-from repository_server.listeners.ldap import ber, codec
+from repository_server.listeners.ldap import ber, codec, protocol
 from repository_server.store.embedded import EmbeddedPostgres
 from tests.conftest import TEST_KEY, Running, create_database, running_repository
 from tests.ldaptools import SUFFIX, sample_requests, search, split_frames
@@ -47,7 +47,7 @@ from tests.ldaptools import SUFFIX, sample_requests, search, split_frames
 EXAMPLES = int(os.environ.get("SMKI_FUZZ_EXAMPLES", "200"))
 BOUND = 5.0  # seconds a connection may take to end after the client half-closes
 QUIET = 0.1  # a connection the client keeps open: done when the server says nothing for this long
-NOTICE = codec.NOTICE_OF_DISCONNECTION_OID
+NOTICE = protocol.NOTICE_OF_DISCONNECTION_OID
 RESPONSES = {"bindResponse", "searchResEntry", "searchResDone", "searchResRef", "modifyResponse",
              "addResponse", "delResponse", "modDNResponse", "compareResponse", "extendedResp",
              "intermediateResponse"}
@@ -252,7 +252,7 @@ async def test_valid_requests_are_answered(loaded_module: Running, errors: Error
     for data in valid_requests(loaded_module.pki):
         request = codec.Decoder().feed(data)[0]  # (pyasn1 cannot decode ldap3's own filters)
         mid, kind = request.message_id, type(request).__name__
-        silent = isinstance(request, codec.UnbindRequest | codec.AbandonRequest)
+        silent = isinstance(request, protocol.UnbindRequest | protocol.AbandonRequest)
         out = await asyncio.to_thread(exchange, port, [data], False, BOUND, QUIET, not silent)
         check(out, False)
         if silent:
@@ -281,14 +281,14 @@ async def test_oversized_and_deeply_nested(loaded_module: Running, errors: Error
     header = b"\x30\x84" + (limit + 1 - 6).to_bytes(4, "big")
     out = await asyncio.to_thread(exchange, port, [header], False, 3.0)
     check(out, False)
-    assert out.closed and out.elapsed < 1.0 and notice(out) == codec.ResultCode.PROTOCOL_ERROR
+    assert out.closed and out.elapsed < 1.0 and notice(out) == protocol.ResultCode.PROTOCOL_ERROR
     # one at the limit is read (and, being garbage, refused only when complete)
     out = await asyncio.to_thread(exchange, port, [b"\x30\x84" + (limit - 6).to_bytes(4, "big")], False)
     assert not out.closed and out.data == b""
     # a filter nested deeper than the decoder allows: protocolError
     out = await asyncio.to_thread(exchange, port, [nested_not_search(64)], False)
     check(out, False)
-    assert out.closed and notice(out) == codec.ResultCode.PROTOCOL_ERROR
+    assert out.closed and notice(out) == protocol.ResultCode.PROTOCOL_ERROR
     # a modest nesting is answered normally: (!(!(…(objectClass=*)…))), nine times, matches nothing
     out = await asyncio.to_thread(exchange, port, [nested_not_search(9)], False)
     check(out, False)
@@ -304,7 +304,7 @@ async def test_stalled_half_pdu_closed_at_idle_timeout(tmp_path: Path, pki: dict
         check(out, False)
         assert out.closed
         assert 0.9 <= out.elapsed < 3.5, out.elapsed
-        assert notice(out) == codec.ResultCode.UNAVAILABLE
+        assert notice(out) == protocol.ResultCode.UNAVAILABLE
         # and a connection that is busy talking is not closed for idleness
         port = port_of(running)
 

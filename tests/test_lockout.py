@@ -250,7 +250,7 @@ async def test_an_attempt_left_by_a_dead_process_counts_as_a_failure(loaded: Run
     """Attempts still registered STALE_ATTEMPT_SECONDS after they began belonged to a process
     that died mid-check: the next attempt counts each as a failure (and audits it), so dying
     is not a way to get free guesses; fresh ones only hold their place."""
-    from repository_server.store.db import STALE_ATTEMPT_SECONDS
+    from repository_server.store.models import STALE_ATTEMPT_SECONDS
 
     repo = loaded.repo
     assert repo.store is not None

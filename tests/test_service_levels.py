@@ -15,7 +15,8 @@ import asyncpg
 
 from repository_server.config import ServiceLevelSettings
 from repository_server.service_levels import ServiceLevels, band_of_hour, demand_report
-from repository_server.store.db import Store, UserRow
+from repository_server.store.db import Store
+from repository_server.store.models import UserRow
 from tests.conftest import (
     TEST_KEY,
     Running,

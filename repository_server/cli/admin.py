@@ -32,7 +32,8 @@ from repository_server.service_levels import (
     format_cpm_report,
     format_demand_report,
 )
-from repository_server.store.db import ConflictError, Store, UserRow
+from repository_server.store.db import Store
+from repository_server.store.models import ConflictError, UserRow
 from repository_server.store.protocols import ServiceLevelReports, UserAdmin
 
 # The web service puts the key in the URL: only characters that need no escaping there.

@@ -32,7 +32,7 @@ from repository_server.pki.certstore import INDEX_BYTES, certificate_keys, crl_k
 from repository_server.pki.ids import format_eui64, format_key_id
 from repository_server.readmodel.env import Replica, ReplicaUnavailable, RevokedEntry
 from repository_server.readmodel.records import CertRecord, CrlRecord, DocRecord
-from repository_server.store.db import NOTIFY_CHANNEL, Store
+from repository_server.store.db import Store
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class Catalog:
                         fut.set_result(None)
 
                 conn.add_termination_listener(on_lost)
-                await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+                await conn.add_listener(events.CHANNEL, self._on_notify)
                 self.missed()  # anything kept before LISTEN may be stale
                 self.listening = True
                 if self.lost_at is not None:

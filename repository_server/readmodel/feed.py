@@ -39,6 +39,7 @@ from repository_server.readmodel import records as rec
 from repository_server.readmodel.env import Replica, ReplicaUnavailable, remove
 from repository_server.readmodel.envwrite import Writer
 from repository_server.store import feed as sql
+from repository_server.store.models import crl_row
 
 if TYPE_CHECKING:
     from repository_server.config import Config
@@ -95,12 +96,6 @@ def put_certificates(w: Writer, rows: Sequence[Any], *, append: bool = False,
     entries.sort()  # one pass through the B-tree, left to right
     w.put_search(entries)
     return stored
-
-
-def crl_record(r: Any) -> rec.CrlRecord:
-    return rec.CrlRecord(r["id"], r["kind"], r["issuer_key_id"], r["issuer_name"],
-                         int(r["crl_number"]), r["this_update"], r["next_update"], r["sha256"],
-                         r["der"], r["revoked_count"], r["lodged_at"])
 
 
 def doc_record(r: Any) -> rec.DocRecord:
@@ -293,7 +288,7 @@ class Feeder:
             for name, query in sql.INDEX_QUERIES.items():
                 await self._append_index(conn, new, name, query)
             crl_rows = await sql.crls(conn)
-            crls = [(crl_record(r), await sql.revoked_entries(conn, r["id"])) for r in crl_rows]
+            crls = [(crl_row(r), await sql.revoked_entries(conn, r["id"])) for r in crl_rows]
             docs = [doc_record(r) for r in await sql.documents(conn)]
 
         def finish() -> None:
@@ -421,7 +416,7 @@ class Feeder:
                 elif ch.kind == "status":
                     batch.states[ch.seq] = await sql.certificate_states(conn, ch.ids)
                 elif ch.kind == "crl":
-                    batch.crls[ch.seq] = [(crl_record(r), await sql.revoked_entries(conn, r["id"]))
+                    batch.crls[ch.seq] = [(crl_row(r), await sql.revoked_entries(conn, r["id"]))
                                           for r in await sql.crls(conn, ch.ids)]
                 elif ch.kind == "doc":
                     batch.docs[ch.seq] = [doc_record(r) for r in await sql.documents(conn, ch.ids)]

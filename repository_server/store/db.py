@@ -15,47 +15,15 @@ from __future__ import annotations
 
 import asyncpg
 
-from repository_server.events import CHANNEL as NOTIFY_CHANNEL
 from repository_server.store.accounts import AccountStore
 from repository_server.store.audit import AuditStore
 from repository_server.store.certificates import CertificateStore
 from repository_server.store.crls import CrlStore
 from repository_server.store.documents import DocumentStore
 from repository_server.store.extracts import ExtractStore
-from repository_server.store.models import (
-    STALE_ATTEMPT_SECONDS,
-    CertRow,
-    ConflictError,
-    CpmRow,
-    CrlRow,
-    DocumentRow,
-    ExtractMarkers,
-    ExtractRow,
-    FailureRule,
-    Failures,
-    IssuerRow,
-    NewCertificate,
-    PortalSessionRow,
-    TryRule,
-    UserRow,
-)
-from repository_server.store.pool import (
-    _CHANGE_LOCK,
-    _EXTRACT_LOCK,
-    BoundedPool,
-    connection_setup,
-    reset_connection,
-    unavailable,
-)
+from repository_server.store.pool import BoundedPool, connection_setup, reset_connection
 from repository_server.store.schema import SchemaStore
 from repository_server.store.service_levels import ServiceLevelStore
-
-__all__ = [
-    "NOTIFY_CHANNEL", "STALE_ATTEMPT_SECONDS", "_CHANGE_LOCK", "_EXTRACT_LOCK", "CertRow",
-    "ConflictError", "CpmRow", "CrlRow", "DocumentRow", "ExtractMarkers", "ExtractRow",
-    "FailureRule", "Failures", "IssuerRow", "NewCertificate", "PortalSessionRow", "Store",
-    "TryRule", "UserRow", "unavailable",
-]
 
 
 class Store(SchemaStore, CertificateStore, CrlStore, DocumentStore, AccountStore,

@@ -37,7 +37,7 @@ from repository_server.obs.metrics import Metrics
 from repository_server.readmodel.catalog import Catalog
 from repository_server.service_levels import ANONYMOUS, ServiceLevels
 from repository_server.store.db import Store
-from repository_server.store.db import unavailable as store_unavailable
+from repository_server.store.pool import unavailable as store_unavailable
 
 log = logging.getLogger("repository_server.server")
 

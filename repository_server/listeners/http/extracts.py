@@ -21,7 +21,8 @@ from repository_server.extracts import format as fmt
 from repository_server.jsontime import json_time_or_none
 from repository_server.listeners.http.apikeys import authenticated, key_refusal
 from repository_server.listeners.http.downloads import Handler, error
-from repository_server.store.db import ExtractRow, Store
+from repository_server.store.db import Store
+from repository_server.store.models import ExtractRow
 
 
 class ExtractFiles:

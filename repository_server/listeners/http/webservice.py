@@ -30,7 +30,7 @@ from repository_server.obs.access import NOTE, Note
 from repository_server.pki.ids import format_eui64
 from repository_server.readmodel.catalog import Catalog, CertEntry
 from repository_server.service_levels import ANONYMOUS, ServiceLevels
-from repository_server.store.db import unavailable as store_unavailable
+from repository_server.store.pool import unavailable as store_unavailable
 
 log = logging.getLogger(__name__)
 

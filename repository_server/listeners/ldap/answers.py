@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from repository_server.listeners.ldap import codec
+from repository_server.listeners.ldap import protocol
 from repository_server.listeners.ldap.filters import Entry
 from repository_server.listeners.ldap.matching import selected_keys
 from repository_server.listeners.ldap.schema import SCHEMA, AttributeType
@@ -57,7 +57,7 @@ class Outcome:
     code: int
     message: str = ""
     matched: str = ""
-    controls: tuple[codec.Control, ...] = ()
+    controls: tuple[protocol.Control, ...] = ()
     sent: int = 0
     held: list[bytes] = field(default_factory=list)  # entry ops not written yet
     cache_until: float | None = None  # set while the answer may go into the response cache

@@ -10,9 +10,6 @@ evaluation; any malformed, oversized or too-deeply nested input raises
 :class:`ProtocolError` (and nothing else), after which the connection should be answered
 with :func:`notice_of_disconnection` and closed.
 
-The model and the encoders are re-exported here so that the server and the tests use one
-name for the whole codec (``codec.SearchRequest``, ``codec.search_result_entry``).
-
 Decoding a SearchRequest is on the server's hot path (tens of thousands a second): the
 readers are flat functions over ``(data, pos, end)`` offsets, without per-element objects.
 """
@@ -39,9 +36,6 @@ from repository_server.listeners.ldap.protocol import (
     DEFAULT_MAX_DEPTH,
     DEFAULT_MAX_PDU,
     MAX_INT,
-    NOTICE_OF_DISCONNECTION_OID,
-    PAGED_RESULTS_OID,
-    STARTTLS_OID,
     AbandonRequest,
     AddRequest,
     And,
@@ -63,73 +57,16 @@ from repository_server.listeners.ldap.protocol import (
     Present,
     ProtocolError,
     Request,
-    ResultCode,
     SearchRequest,
     Substrings,
     UnbindRequest,
 )
-from repository_server.listeners.ldap.responses import (
-    bind_response,
-    compare_response,
-    decode_paged_results,
-    entry_op,
-    extended_response,
-    frame,
-    frames,
-    ldap_result,
-    notice_of_disconnection,
-    paged_results_control,
-    result_op,
-    search_result_done,
-    search_result_entry,
-)
 from repository_server.pki.der import TlvError, read_header, read_tlv
 
 __all__ = [
-    "NOTICE_OF_DISCONNECTION_OID",
-    "PAGED_RESULTS_OID",
-    "STARTTLS_OID",
-    "AbandonRequest",
-    "AddRequest",
-    "And",
-    "ApproxMatch",
-    "BindRequest",
-    "CompareRequest",
-    "Control",
     "Decoder",
-    "DelRequest",
-    "EqualityMatch",
-    "ExtendedRequest",
-    "ExtensibleMatch",
-    "Filter",
-    "GreaterOrEqual",
-    "LessOrEqual",
-    "ModDNRequest",
-    "ModifyRequest",
-    "Not",
-    "Or",
-    "Present",
-    "ProtocolError",
-    "Request",
-    "ResultCode",
-    "SearchRequest",
-    "Substrings",
-    "UnbindRequest",
-    "bind_response",
-    "compare_response",
     "decode_message",
-    "decode_paged_results",
-    "entry_op",
-    "extended_response",
-    "frame",
-    "frames",
-    "ldap_result",
     "message_id",
-    "notice_of_disconnection",
-    "paged_results_control",
-    "result_op",
-    "search_result_done",
-    "search_result_entry",
 ]
 
 

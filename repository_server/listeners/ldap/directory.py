@@ -38,7 +38,6 @@ from typing import Protocol
 
 from repository_server.access import ReadAccess
 from repository_server.listeners.ldap import dn
-from repository_server.listeners.ldap.codec import ResultCode
 from repository_server.listeners.ldap.entries import (
     CLASSES,
     SUBSCHEMA_NDN,
@@ -49,6 +48,7 @@ from repository_server.listeners.ldap.entries import (
     unit_of,
 )
 from repository_server.listeners.ldap.filters import Entry, Plan
+from repository_server.listeners.ldap.protocol import ResultCode
 from repository_server.pki.ids import IdentifierError, parse_eui64, parse_key_id, parse_serial
 from repository_server.readmodel.catalog import CertEntry, CrlEntry, ReplicaUnavailable
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from repository_server.listeners.ldap import codec, dn
+from repository_server.listeners.ldap import dn, protocol
 from repository_server.listeners.ldap.directory import Directory
 from repository_server.listeners.ldap.entries import CERT_ATTR_KEYS
 from repository_server.listeners.ldap.filters import Entry, Predicate, compile_filter
@@ -57,10 +57,10 @@ class FastSearch:
         suffix = directory.nsuffix
         self._units = {((("ou", "devices"),), *suffix): ("devices", True),
                        ((("ou", "organisations"),), *suffix): ("organisations", False)}
-        self._rests: dict[tuple[codec.EqualityMatch | codec.Present, ...], _Shape | None] = {}
+        self._rests: dict[tuple[protocol.EqualityMatch | protocol.Present, ...], _Shape | None] = {}
         self.answered = 0  # searches answered the short way (tests, curiosity)
 
-    def _shape(self, rest: tuple[codec.EqualityMatch | codec.Present, ...]) -> _Shape | None:
+    def _shape(self, rest: tuple[protocol.EqualityMatch | protocol.Present, ...]) -> _Shape | None:
         if rest in self._rests:
             return self._rests[rest]
         shape: _Shape | None = None
@@ -71,14 +71,14 @@ class FastSearch:
                 break
             keys.add(attr.key)
         else:
-            predicate = compile_filter(codec.And(rest)) if rest else _always
+            predicate = compile_filter(protocol.And(rest)) if rest else _always
             shape = _Shape(predicate, frozenset(keys))
         if len(self._rests) >= 256:
             self._rests.clear()
         self._rests[rest] = shape
         return shape
 
-    def entries(self, req: codec.SearchRequest, base: dn.DN, private: bool,
+    def entries(self, req: protocol.SearchRequest, base: dn.DN, private: bool,
                 named: frozenset[str], everything: bool, now: float) -> list[Entry] | None:
         """The entries the search returns, in the general path's order; None when it does
         not qualify (`private`: the reader may read private entries, as
@@ -90,17 +90,17 @@ class FastSearch:
         if unit is None:
             return None
         f = req.filter
-        conjuncts: Sequence[codec.Filter] = f.filters if isinstance(f, codec.And) else (f,)
+        conjuncts: Sequence[protocol.Filter] = f.filters if isinstance(f, protocol.And) else (f,)
         eui_value: bytes | None = None
-        rest: list[codec.EqualityMatch | codec.Present] = []
+        rest: list[protocol.EqualityMatch | protocol.Present] = []
         for item in conjuncts:
-            if isinstance(item, codec.EqualityMatch) and type(item) is codec.EqualityMatch:
+            if isinstance(item, protocol.EqualityMatch) and type(item) is protocol.EqualityMatch:
                 attr = SCHEMA.attribute(item.attribute)[0]
                 if attr is _EUI and ";" not in item.attribute and eui_value is None:
                     eui_value = item.value
                     continue
                 rest.append(item)
-            elif isinstance(item, codec.Present):
+            elif isinstance(item, protocol.Present):
                 rest.append(item)
             else:
                 return None

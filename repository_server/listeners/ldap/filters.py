@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from repository_server.listeners.ldap import codec
+from repository_server.listeners.ldap import protocol
 from repository_server.listeners.ldap.dn import DN
 from repository_server.listeners.ldap.dn import parse as parse_dn
 from repository_server.listeners.ldap.matching import (
@@ -162,7 +162,7 @@ def _ordering(desc: Description | None, value: bytes, greater: bool) -> Predicat
                          else (lambda got: got <= want))
 
 
-def _substrings(f: codec.Substrings) -> Predicate:
+def _substrings(f: protocol.Substrings) -> Predicate:
     desc = describe(f.attribute)
     r = rule(desc.type.substr) if desc is not None else None
     if desc is None or r is None:
@@ -212,7 +212,7 @@ def _any_of(parts: list[Predicate]) -> Predicate:
 _HELD = tuple(a for a in SCHEMA.attributes if not a.dynamic)
 
 
-def _extensible(f: codec.ExtensibleMatch) -> Predicate:
+def _extensible(f: protocol.ExtensibleMatch) -> Predicate:
     """RFC 4511 §4.5.1.7.7: with a type, that type's values (and subtypes') by the rule
     (by default its equality rule), which must suit it; without one, every attribute the rule
     suits; with :dn:, also the DN's attribute values the same way."""
@@ -285,8 +285,8 @@ def _type_key(text: str) -> str:
     return attr.key if attr is not None else ""
 
 
-def compile_filter(f: codec.Filter) -> Predicate:
-    if isinstance(f, codec.And):
+def compile_filter(f: protocol.Filter) -> Predicate:
+    if isinstance(f, protocol.And):
         parts = [compile_filter(x) for x in f.filters]
 
         def all_of(entry: Entry) -> Tri:
@@ -300,9 +300,9 @@ def compile_filter(f: codec.Filter) -> Predicate:
             return result
 
         return all_of
-    if isinstance(f, codec.Or):
+    if isinstance(f, protocol.Or):
         return _any_of([compile_filter(x) for x in f.filters])
-    if isinstance(f, codec.Not):
+    if isinstance(f, protocol.Not):
         inner = compile_filter(f.filter)
 
         def negate(entry: Entry) -> Tri:
@@ -310,7 +310,7 @@ def compile_filter(f: codec.Filter) -> Predicate:
             return None if r is None else not r
 
         return negate
-    if isinstance(f, codec.Present):
+    if isinstance(f, protocol.Present):
         # an unrecognised description is FALSE here, not Undefined (RFC 4511 §4.5.1.7.5)
         desc = describe(f.attribute)
         if desc is None or desc.tagged:
@@ -320,13 +320,13 @@ def compile_filter(f: codec.Filter) -> Predicate:
             key = keys[0]
             return lambda entry: key in entry.attrs
         return lambda entry: any(k in entry.attrs for k in keys)
-    if isinstance(f, codec.Substrings):
+    if isinstance(f, protocol.Substrings):
         return _substrings(f)
-    if isinstance(f, codec.GreaterOrEqual):
+    if isinstance(f, protocol.GreaterOrEqual):
         return _ordering(describe(f.attribute), f.value, True)
-    if isinstance(f, codec.LessOrEqual):
+    if isinstance(f, protocol.LessOrEqual):
         return _ordering(describe(f.attribute), f.value, False)
-    if isinstance(f, codec.ExtensibleMatch):
+    if isinstance(f, protocol.ExtensibleMatch):
         return _extensible(f)
     # EqualityMatch and ApproxMatch (approximate = equality: no approximate rule is defined)
     return _equality(describe(f.attribute), f.value)
@@ -371,22 +371,22 @@ _PLANNED = frozenset({"objectclass", "smkieui64", "smkiserial", "smkikeyid", "sm
                       "smkisha256", "usercertificate", "cacertificate"})
 
 
-def conjuncts(f: codec.Filter) -> Iterable[codec.Filter]:
+def conjuncts(f: protocol.Filter) -> Iterable[protocol.Filter]:
     """The filters a filter ANDs together (itself if it is no AND), nested ANDs flattened."""
-    if isinstance(f, codec.And):
+    if isinstance(f, protocol.And):
         for x in f.filters:
             yield from conjuncts(x)
     else:
         yield f
 
 
-def asserted(item: codec.Filter) -> tuple[str, bytes] | None:
+def asserted(item: protocol.Filter) -> tuple[str, bytes] | None:
     """(attribute description, value) of an equality an index may serve: an equality
     match, or an extensible match on a type by its equality rule or certificateExactMatch,
     without :dn:. None for anything else."""
-    if isinstance(item, codec.EqualityMatch):
+    if isinstance(item, protocol.EqualityMatch):
         return item.attribute, item.value
-    if isinstance(item, codec.ExtensibleMatch) and item.type and not item.dn_attributes and (
+    if isinstance(item, protocol.ExtensibleMatch) and item.type and not item.dn_attributes and (
             item.matching_rule is None or rule(item.matching_rule) is _CERTIFICATE_EXACT):
         return item.type, item.value
     return None
@@ -421,7 +421,7 @@ def constraint(description: str, value: bytes) -> tuple[str, Any] | None:
     return None
 
 
-def plan(f: codec.Filter) -> Plan:
+def plan(f: protocol.Filter) -> Plan:
     """The equalities on indexed attributes every entry matching `f` satisfies (the last one
     of each kind wins; objectClass values accumulate)."""
     found: dict[str, Any] = {}

@@ -20,17 +20,17 @@ from collections.abc import AsyncGenerator, Callable
 from typing import Protocol, TypeVar
 
 from repository_server.config import Ldap
-from repository_server.listeners.ldap import codec, dn
+from repository_server.listeners.ldap import dn, protocol, responses
 from repository_server.listeners.ldap.answers import (
     CACHEABLE_BYTES,
     CACHEABLE_ENTRIES,
     Outcome,
     Selection,
 )
-from repository_server.listeners.ldap.codec import PAGED_RESULTS_OID, ResultCode
 from repository_server.listeners.ldap.directory import Directory, DirectoryError, Node
 from repository_server.listeners.ldap.fastpath import FastSearch
 from repository_server.listeners.ldap.filters import Entry, compile_filter, plan
+from repository_server.listeners.ldap.protocol import PAGED_RESULTS_OID, ResultCode
 
 MAX_PAGED = 8  # paged searches kept open per connection
 K = TypeVar("K")
@@ -73,7 +73,7 @@ class SearchService:
         """The node a base names, if the reader may read it (else noSuchObject)."""
         return await self.directory.resolve(base, authenticated)
 
-    async def matches(self, req: codec.SearchRequest, node: Node, base: dn.DN,
+    async def matches(self, req: protocol.SearchRequest, node: Node, base: dn.DN,
                       authenticated: bool) -> AsyncGenerator[Entry, None]:
         """The entries in scope that the filter matches and the reader may read."""
         predicate = compile_filter(req.filter)
@@ -99,7 +99,7 @@ class Searches:
             close_later(gen)
         self.paged.clear()
 
-    async def search(self, req: codec.SearchRequest, content: bytes | None) -> Outcome:
+    async def search(self, req: protocol.SearchRequest, content: bytes | None) -> Outcome:
         """Answer a search; `content` (its bytes after the message id) when the answer may
         go into the response cache."""
         service = self.service
@@ -107,7 +107,7 @@ class Searches:
         paging: tuple[int, bytes] | None = None
         for control in req.controls:
             if control.oid == PAGED_RESULTS_OID:
-                paging = codec.decode_paged_results(control.value)
+                paging = responses.decode_paged_results(control.value)
             elif control.critical:
                 return Outcome(ResultCode.UNAVAILABLE_CRITICAL_EXTENSION,
                                f"critical control {control.oid} is not supported")
@@ -133,7 +133,7 @@ class Searches:
             return await self._paged(req, base, selection, paging, deadline)
         return await self._whole(req, base, selection, size_limit, deadline, content is not None)
 
-    async def _whole(self, req: codec.SearchRequest, base: dn.DN, selection: Selection,
+    async def _whole(self, req: protocol.SearchRequest, base: dn.DN, selection: Selection,
                      size_limit: int, deadline: float, cacheable: bool) -> Outcome:
         authenticated = self.client.authenticated
         try:
@@ -158,7 +158,7 @@ class Searches:
                     out.code = ResultCode.SIZE_LIMIT_EXCEEDED
                     out.message = f"more than {size_limit} entries match"
                     break
-                op = codec.entry_op(entry.dn, selection.pick(entry, req.types_only))
+                op = responses.entry_op(entry.dn, selection.pick(entry, req.types_only))
                 out.sent += 1
                 held.append(op)
                 if out.cache_until is not None:
@@ -167,7 +167,7 @@ class Searches:
                     if len(held) <= CACHEABLE_ENTRIES and held_bytes <= CACHEABLE_BYTES:
                         continue
                     out.cache_until = None
-                client.write(codec.frames(mid, held))
+                client.write(responses.frames(mid, held))
                 held.clear()
                 if not client.writable.is_set():
                     await client.writable.wait()
@@ -175,7 +175,7 @@ class Searches:
             await matches.aclose()
         return out
 
-    async def _paged(self, req: codec.SearchRequest, base: dn.DN, selection: Selection,
+    async def _paged(self, req: protocol.SearchRequest, base: dn.DN, selection: Selection,
                      paging: tuple[int, bytes], deadline: float) -> Outcome:
         """One page. The server's size limit bounds each page; the client's bounds the whole
         search, which ends with sizeLimitExceeded after that many entries (RFC 2696 §3,
@@ -183,7 +183,7 @@ class Searches:
         page_size, cookie = paging
         settings = self.service.settings
         client = self.client
-        ended = (codec.paged_results_control(0, b""),)
+        ended = (responses.paged_results_control(0, b""),)
         sent_before = 0
         if cookie:
             found = self.paged.pop(cookie, None)
@@ -217,7 +217,7 @@ class Searches:
             except StopAsyncIteration:
                 more = False
                 break
-            client.write(codec.frame(req.message_id, codec.entry_op(
+            client.write(responses.frame(req.message_id, responses.entry_op(
                 entry.dn, selection.pick(entry, req.types_only))))
             out.sent += 1
             if not client.writable.is_set():
@@ -237,18 +237,18 @@ class Searches:
             while len(self.paged) > MAX_PAGED:
                 _, (old, _) = self.paged.popitem(last=False)
                 close_later(old)
-            out.controls = (codec.paged_results_control(0, next_cookie),)
+            out.controls = (responses.paged_results_control(0, next_cookie),)
         else:
             close_later(matches)
         return out
 
 
-def _fast_outcome(req: codec.SearchRequest, found: list[Entry], selection: Selection,
+def _fast_outcome(req: protocol.SearchRequest, found: list[Entry], selection: Selection,
                   cacheable: bool) -> Outcome:
     """The answer of ldap/fastpath.py's short way, shaped as the general path's."""
     out = Outcome(ResultCode.SUCCESS, cache_until=float("inf") if cacheable else None)
     for entry in found:
-        out.held.append(codec.entry_op(entry.dn, selection.pick(entry, req.types_only)))
+        out.held.append(responses.entry_op(entry.dn, selection.pick(entry, req.types_only)))
         if out.cache_until is not None:
             out.cache_until = min(out.cache_until, entry.valid_until)
     out.sent = len(found)

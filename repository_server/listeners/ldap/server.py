@@ -39,13 +39,13 @@ from typing import Any
 from repository_server.accounts import Accounts
 from repository_server.accounts.keys import User
 from repository_server.config import Config
-from repository_server.listeners.ldap import codec, dn
+from repository_server.listeners.ldap import codec, dn, protocol, responses
 from repository_server.listeners.ldap.answers import Outcome, ResponseCache
 from repository_server.listeners.ldap.binds import BindCredentials
-from repository_server.listeners.ldap.codec import STARTTLS_OID, ProtocolError, ResultCode
 from repository_server.listeners.ldap.directory import Directory, DirectoryError
 from repository_server.listeners.ldap.fastpath import FastSearch
 from repository_server.listeners.ldap.filters import Entry, Plan, compile_filter
+from repository_server.listeners.ldap.protocol import STARTTLS_OID, ProtocolError, ResultCode
 from repository_server.listeners.ldap.schema import SCHEMA
 from repository_server.listeners.ldap.search import Searches, SearchService
 from repository_server.obs.arrival import socket_waited
@@ -53,7 +53,7 @@ from repository_server.obs.logs import access_extra
 from repository_server.readmodel.catalog import ReplicaUnavailable
 from repository_server.service_levels import ANONYMOUS, ServiceLevels
 from repository_server.store.db import Store
-from repository_server.store.db import unavailable as store_unavailable
+from repository_server.store.pool import unavailable as store_unavailable
 
 log = logging.getLogger(__name__)
 # A search's result for CPM 8, as the HTTP status service_levels counts by: the server
@@ -124,7 +124,7 @@ class LdapConnection(asyncio.Protocol):
         self.peer = "?"
         self.conn_id = 0
         self.tasks: dict[int, asyncio.Task[None]] = {}
-        self.pending: list[codec.Request] = []  # requests waiting behind a bind/StartTLS
+        self.pending: list[protocol.Request] = []  # requests waiting behind a bind/StartTLS
         self.serial: asyncio.Task[None] | None = None
         self.writable = asyncio.Event()
         self.writable.set()
@@ -213,7 +213,7 @@ class LdapConnection(asyncio.Protocol):
             return
         self.closing = True
         with contextlib.suppress(Exception):
-            self.transport.write(codec.notice_of_disconnection(code, message))
+            self.transport.write(responses.notice_of_disconnection(code, message))
         self.transport.close()
 
     def abort(self) -> None:
@@ -263,7 +263,7 @@ class LdapConnection(asyncio.Protocol):
         levels = service.levels
         mark = levels.receive("ldap", "search", self.user.name if self.user else ANONYMOUS,
                               started=received) if levels is not None else None
-        self.write(codec.frames(mid, ops))
+        self.write(responses.frames(mid, ops))
         if mark is not None and levels is not None:
             levels.answered(mark, 200)
         if service.access_log:
@@ -275,8 +275,8 @@ class LdapConnection(asyncio.Protocol):
         log.info("ldap conn=%d %s: protocol error: %s", self.conn_id, self.peer, exc)
         self.disconnect(ResultCode.PROTOCOL_ERROR, exc.reason)
 
-    def _dispatch(self, request: codec.Request, content: bytes, received: float) -> None:
-        if isinstance(request, codec.AbandonRequest):
+    def _dispatch(self, request: protocol.Request, content: bytes, received: float) -> None:
+        if isinstance(request, protocol.AbandonRequest):
             task = self.tasks.pop(request.abandon_id, None)  # its slot is free at once
             if task is not None:
                 task.cancel()
@@ -284,27 +284,27 @@ class LdapConnection(asyncio.Protocol):
         if self.pending or self.serial is not None:
             self.pending.append(request)
             return
-        if isinstance(request, codec.SearchRequest | codec.CompareRequest):
+        if isinstance(request, protocol.SearchRequest | protocol.CompareRequest):
             self._spawn(request, content, received)
         else:
             self.serial = asyncio.get_running_loop().create_task(self._serial_op(request))
 
-    def _spawn(self, request: codec.SearchRequest | codec.CompareRequest, content: bytes | None,
+    def _spawn(self, request: protocol.SearchRequest | protocol.CompareRequest, content: bytes | None,
                received: float) -> None:
         mid = request.message_id
         if len(self.tasks) >= self.service.settings.max_outstanding or mid in self.tasks:
             why = ("message id already in use" if mid in self.tasks else
                    f"more than {self.service.settings.max_outstanding} operations outstanding")
-            tag = _SEARCH_DONE if isinstance(request, codec.SearchRequest) else 15
-            self.write(codec.ldap_result(mid, tag, ResultCode.BUSY, "", why))
+            tag = _SEARCH_DONE if isinstance(request, protocol.SearchRequest) else 15
+            self.write(responses.ldap_result(mid, tag, ResultCode.BUSY, "", why))
             return
-        coro = (self.op_search(request, content, received) if isinstance(request, codec.SearchRequest)
+        coro = (self.op_search(request, content, received) if isinstance(request, protocol.SearchRequest)
                 else self.op_compare(request))
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks[mid] = task
         task.add_done_callback(lambda t: self.tasks.pop(mid) if self.tasks.get(mid) is t else None)
 
-    async def _serial_op(self, request: codec.Request) -> None:
+    async def _serial_op(self, request: protocol.Request) -> None:
         """A bind, extended operation, unbind or update: after the searches in flight."""
         try:
             if self.tasks:
@@ -314,46 +314,46 @@ class LdapConnection(asyncio.Protocol):
             self.serial = None
         while self.pending and self.serial is None and not self.closing:
             nxt = self.pending.pop(0)
-            if isinstance(nxt, codec.SearchRequest | codec.CompareRequest):
+            if isinstance(nxt, protocol.SearchRequest | protocol.CompareRequest):
                 self._spawn(nxt, None, time.perf_counter())
             else:
                 self.serial = asyncio.get_running_loop().create_task(self._serial_op(nxt))
 
-    async def _run(self, request: codec.Request) -> None:
+    async def _run(self, request: protocol.Request) -> None:
         try:
-            if isinstance(request, codec.BindRequest):
+            if isinstance(request, protocol.BindRequest):
                 await self.op_bind(request)
-            elif isinstance(request, codec.ExtendedRequest):
+            elif isinstance(request, protocol.ExtendedRequest):
                 await self.op_extended(request)
-            elif isinstance(request, codec.UnbindRequest):
+            elif isinstance(request, protocol.UnbindRequest):
                 self.closing = True
                 if self.transport is not None:
                     self.transport.close()
-            elif isinstance(request, codec.ModifyRequest | codec.AddRequest | codec.DelRequest
-                            | codec.ModDNRequest):
-                self.write(codec.ldap_result(request.message_id, request.response_tag,
+            elif isinstance(request, protocol.ModifyRequest | protocol.AddRequest | protocol.DelRequest
+                            | protocol.ModDNRequest):
+                self.write(responses.ldap_result(request.message_id, request.response_tag,
                                              ResultCode.UNWILLING_TO_PERFORM, "", _READ_ONLY))
-            elif isinstance(request, codec.SearchRequest | codec.CompareRequest):
+            elif isinstance(request, protocol.SearchRequest | protocol.CompareRequest):
                 self._spawn(request, None, time.perf_counter())
         except Exception:
             log.exception("ldap conn=%d: internal error", self.conn_id)
             self.disconnect(ResultCode.OTHER, "internal error (logged on the server)")
 
     # -- bind ----------------------------------------------------------------------------------------
-    async def op_bind(self, req: codec.BindRequest) -> None:
+    async def op_bind(self, req: protocol.BindRequest) -> None:
         try:
             await self._bind(req)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the store is unavailable (users live there): unavailable (52)
             code, message = _failure(exc, self.conn_id)
-            self.write(codec.bind_response(req.message_id, code, "", message))
+            self.write(responses.bind_response(req.message_id, code, "", message))
 
-    async def _bind(self, req: codec.BindRequest) -> None:
+    async def _bind(self, req: protocol.BindRequest) -> None:
         mid = req.message_id
         self._set_user(None)
         if req.version != 3:
-            self.write(codec.bind_response(mid, ResultCode.PROTOCOL_ERROR, "",
+            self.write(responses.bind_response(mid, ResultCode.PROTOCOL_ERROR, "",
                                            "only LDAP version 3 is supported"))
             return
         if req.sasl_mechanism is not None:
@@ -364,11 +364,11 @@ class LdapConnection(asyncio.Protocol):
             self._bound(mid, None, "anonymous")
             return
         if not password:
-            self.write(codec.bind_response(mid, ResultCode.UNWILLING_TO_PERFORM, "",
+            self.write(responses.bind_response(mid, ResultCode.UNWILLING_TO_PERFORM, "",
                                            "unauthenticated bind (a name without a password) is not allowed"))
             return
         if not self.tls and not self.peer.startswith(("127.", "::1", "[::1]")):
-            self.write(codec.bind_response(mid, ResultCode.CONFIDENTIALITY_REQUIRED, "",
+            self.write(responses.bind_response(mid, ResultCode.CONFIDENTIALITY_REQUIRED, "",
                                            "use StartTLS or LDAPS before binding with a password"))
             return
         credentials = self.service.credentials
@@ -376,21 +376,21 @@ class LdapConnection(asyncio.Protocol):
         user = await credentials.check_secret(name, password, self.peer) if name else None
         if user is None:
             self._audit("ldap.bind", "refused", name or req.name[:100])
-            self.write(codec.bind_response(mid, ResultCode.INVALID_CREDENTIALS, "",
+            self.write(responses.bind_response(mid, ResultCode.INVALID_CREDENTIALS, "",
                                            "invalid credentials"))
             return
         self._bound(mid, user, "simple")
 
-    async def _bind_sasl(self, req: codec.BindRequest) -> None:
+    async def _bind_sasl(self, req: protocol.BindRequest) -> None:
         mid = req.message_id
         if req.sasl_mechanism != "EXTERNAL":
-            self.write(codec.bind_response(mid, ResultCode.AUTH_METHOD_NOT_SUPPORTED, "",
+            self.write(responses.bind_response(mid, ResultCode.AUTH_METHOD_NOT_SUPPORTED, "",
                                            f"SASL mechanism {req.sasl_mechanism!r} is not supported"
                                            " (EXTERNAL is, over TLS with a client certificate)"))
             return
         cert = self.transport.get_extra_info("peercert") if self.transport is not None else None
         if not self.tls or not cert:
-            self.write(codec.bind_response(mid, ResultCode.INAPPROPRIATE_AUTHENTICATION, "",
+            self.write(responses.bind_response(mid, ResultCode.INAPPROPRIATE_AUTHENTICATION, "",
                                            "SASL EXTERNAL needs TLS with a client certificate"))
             return
         cn = next((value for rdn in cert.get("subject", ()) for key, value in rdn
@@ -399,7 +399,7 @@ class LdapConnection(asyncio.Protocol):
         user = await self.service.credentials.external(cn, wanted)
         if user is None:
             self._audit("ldap.bind", "refused", f"EXTERNAL {cn}")
-            self.write(codec.bind_response(mid, ResultCode.INVALID_CREDENTIALS, "",
+            self.write(responses.bind_response(mid, ResultCode.INVALID_CREDENTIALS, "",
                                            "the client certificate names no enabled repository user"))
             return
         self._bound(mid, user, "EXTERNAL")
@@ -410,7 +410,7 @@ class LdapConnection(asyncio.Protocol):
 
     def _bound(self, mid: int, user: User | None, how: str) -> None:
         self._set_user(user)
-        self.write(codec.bind_response(mid, ResultCode.SUCCESS))
+        self.write(responses.bind_response(mid, ResultCode.SUCCESS))
         if self.service.access_log:
             access_log.info("ldap conn=%d op=%d bind %s user=%s result=0", self.conn_id, mid, how,
                             user.name if user else ANONYMOUS,
@@ -432,32 +432,32 @@ class LdapConnection(asyncio.Protocol):
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     # -- extended ------------------------------------------------------------------------------------
-    async def op_extended(self, req: codec.ExtendedRequest) -> None:
+    async def op_extended(self, req: protocol.ExtendedRequest) -> None:
         mid = req.message_id
         if req.oid == STARTTLS_OID:
             await self._start_tls(mid)
         elif req.oid == WHOAMI_OID:
             who = f"dn:uid={self.user.name},{self.service.users_dn}" if self.user else ""
-            self.write(codec.extended_response(mid, ResultCode.SUCCESS, value=who.encode()))
+            self.write(responses.extended_response(mid, ResultCode.SUCCESS, value=who.encode()))
         else:
-            self.write(codec.extended_response(mid, ResultCode.PROTOCOL_ERROR, "",
+            self.write(responses.extended_response(mid, ResultCode.PROTOCOL_ERROR, "",
                                                f"unsupported extended operation {req.oid}"))
 
     async def _start_tls(self, mid: int) -> None:
         ctx = self.service.tls
         if self.tls:
-            self.write(codec.extended_response(mid, ResultCode.OPERATIONS_ERROR, "",
+            self.write(responses.extended_response(mid, ResultCode.OPERATIONS_ERROR, "",
                                                "TLS is already in place", oid=STARTTLS_OID))
             return
         if ctx is None:
-            self.write(codec.extended_response(mid, ResultCode.UNAVAILABLE, "",
+            self.write(responses.extended_response(mid, ResultCode.UNAVAILABLE, "",
                                                "StartTLS is not configured (tls.cert)", oid=STARTTLS_OID))
             return
         if self.decoder.buffered or self.pending:
             self.disconnect(ResultCode.PROTOCOL_ERROR, "data sent after StartTLS before the TLS handshake")
             return
         assert self.transport is not None
-        self.write(codec.extended_response(mid, ResultCode.SUCCESS, oid=STARTTLS_OID))
+        self.write(responses.extended_response(mid, ResultCode.SUCCESS, oid=STARTTLS_OID))
         self._tls_upgrading = True
         try:
             new = await asyncio.get_running_loop().start_tls(
@@ -476,7 +476,7 @@ class LdapConnection(asyncio.Protocol):
         self.tls = True
 
     # -- compare -------------------------------------------------------------------------------------
-    async def op_compare(self, req: codec.CompareRequest) -> None:
+    async def op_compare(self, req: protocol.CompareRequest) -> None:
         mid = req.message_id
         try:
             entry = await self._entry(req.entry)
@@ -486,16 +486,16 @@ class LdapConnection(asyncio.Protocol):
             elif attr.key not in entry.attrs:
                 code, message = ResultCode.NO_SUCH_ATTRIBUTE, f"the entry has no {attr.name}"
             else:
-                found = compile_filter(codec.EqualityMatch(req.attribute, req.value))(entry)
+                found = compile_filter(protocol.EqualityMatch(req.attribute, req.value))(entry)
                 code = ResultCode.COMPARE_TRUE if found else ResultCode.COMPARE_FALSE
                 message = ""
-            self.write(codec.compare_response(mid, code, "", message))
+            self.write(responses.compare_response(mid, code, "", message))
         except DirectoryError as exc:
-            self.write(codec.compare_response(mid, exc.code, exc.matched, exc.message))
+            self.write(responses.compare_response(mid, exc.code, exc.matched, exc.message))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self.write(codec.compare_response(mid, *_failure(exc, self.conn_id)))
+            self.write(responses.compare_response(mid, *_failure(exc, self.conn_id)))
 
     async def _entry(self, name: str) -> Entry:
         try:
@@ -509,7 +509,7 @@ class LdapConnection(asyncio.Protocol):
         raise DirectoryError(ResultCode.NO_SUCH_OBJECT, "no such entry")
 
     # -- search --------------------------------------------------------------------------------------
-    async def op_search(self, req: codec.SearchRequest, content: bytes | None, received: float) -> None:
+    async def op_search(self, req: protocol.SearchRequest, content: bytes | None, received: float) -> None:
         mid = req.message_id
         service = self.service
         levels = service.levels
@@ -524,11 +524,11 @@ class LdapConnection(asyncio.Protocol):
             raise
         except Exception as exc:
             out = Outcome(*_failure(exc, self.conn_id))
-        done = codec.result_op(_SEARCH_DONE, out.code, out.matched, out.message)
+        done = responses.result_op(_SEARCH_DONE, out.code, out.matched, out.message)
         if out.held:  # the entries and the done in one write
-            self.write(codec.frames(mid, out.held) + codec.frame(mid, done, out.controls))
+            self.write(responses.frames(mid, out.held) + responses.frame(mid, done, out.controls))
         else:
-            self.write(codec.frame(mid, done, out.controls))
+            self.write(responses.frame(mid, done, out.controls))
         if out.cache_until is not None and out.code == ResultCode.SUCCESS and content is not None:
             ids = codec.message_id(content)
             if ids is not None:

@@ -19,7 +19,7 @@ from repository_server.lodging.service import Actor, LodgeError, LodgingService
 from repository_server.pki.certificates import parse_certificate
 from repository_server.pki.errors import ParseError
 from repository_server.pki.ids import IdentifierError, format_eui64, parse_eui64, parse_key_id, parse_serial
-from repository_server.store.db import unavailable as store_unavailable
+from repository_server.store.pool import unavailable as store_unavailable
 
 log = logging.getLogger(__name__)
 
