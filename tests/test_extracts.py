@@ -283,7 +283,7 @@ async def test_crash_mid_way_leaves_nothing_visible(server: Running) -> None:
 async def test_markers_wait_for_a_lodging_in_flight(server: Running) -> None:
     """A lodging transaction holds the change lock shared: an extract's markers are taken only
     once it has committed, so its ids cannot fall between two extracts."""
-    from repository_server.store import db
+    from repository_server.store import pool
 
     repo = server.repo
     assert repo.store is not None
@@ -291,7 +291,7 @@ async def test_markers_wait_for_a_lodging_in_flight(server: Running) -> None:
     try:
         tx = conn.transaction()
         await tx.start()
-        await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", db._CHANGE_LOCK)
+        await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", pool._CHANGE_LOCK)
         await conn.execute("INSERT INTO documents (name, version, content_type, body, size,"
                            " sha256, lodged_by) VALUES ('In-Flight', 1, 'text/plain', 'x', 1,"
                            " '\\x00', 'test')")

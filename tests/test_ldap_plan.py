@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from repository_server.listeners.ldap import codec as c
 from repository_server.listeners.ldap import dn
+from repository_server.listeners.ldap import protocol as c
 from repository_server.listeners.ldap.directory import unit_in_reach, wanted, with_base
 from repository_server.listeners.ldap.filters import Plan, asserted, conjuncts, constraint, plan
 
