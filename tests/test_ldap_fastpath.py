@@ -30,8 +30,15 @@ def _answer(port: int, bind: bytes | None, request: bytes) -> tuple[bytes, int]:
     from pyasn1.codec.ber import decoder as ber_decoder
 
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall((bind or b"") + request)
         buf = b""
+        if bind is not None:  # bound first: a search sent behind a bind waits for it
+            s.sendall(bind)
+            while not split_frames(buf)[0]:
+                chunk = s.recv(65536)
+                assert chunk, "connection closed before the bind was answered"
+                buf += chunk
+            buf = split_frames(buf)[1]
+        s.sendall(request)
         out = b""
         entries = 0
         while True:
@@ -105,15 +112,29 @@ async def test_the_short_way_answers_exactly_as_the_general_way(
         bind = pdu(1, "bindRequest", bind_operation(3, ldap3.SIMPLE, "uid=tester,ou=Users,o=SMKI",
                                                     TEST_KEY))
         fast_port, slow_port = fast.bound["ldap"].port, slow.bound["ldap"].port
-        with_entries = 0
+        # Each request again with another device's or organisation's EUI-64 spelt the same
+        # way: the same shape (ldap/fastpath.py `Shapes`), answered from its compiled form.
+        # (each right after its original: the shapes kept are bounded)
+        swapped = []
+        corpus = []
         for request in requests:
+            corpus.append(request)
+            for eui, other in zip(euis, [*euis[1:], euis[0]], strict=True):
+                for spell in (lambda e: e, str.lower, lambda e: e.replace("-", ""),
+                              lambda e: e.replace("-", "").lower(), lambda e: e.replace("-", ":")):
+                    if spell(eui).encode() in request:
+                        swapped.append(request.replace(spell(eui).encode(), spell(other).encode()))
+                        corpus.append(swapped[-1])
+        with_entries = 0
+        for request in corpus:
             for b in (bind, None):
                 got = await asyncio.to_thread(_answer, fast_port, b, request)
                 want = await asyncio.to_thread(_answer, slow_port, b, request)
                 assert got == want, (request.hex(), b is not None)
                 with_entries += got[1] > 0
-        assert len(requests) >= 200 and with_entries > 50
+        assert len(requests) >= 200 and len(swapped) >= 150 and with_entries > 100
         assert fast.ldap.fast.answered > 60  # the short way answered many of them
+        assert fast.ldap.shapes is not None and fast.ldap.shapes.matched > 60  # and from shapes
     finally:
         await slow.stop()
         await fast.stop()

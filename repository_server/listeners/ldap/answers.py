@@ -39,7 +39,7 @@ class Selection:
     def pick(self, entry: Entry, types_only: bool) -> list[tuple[str, list[bytes]]]:
         out = []
         for key, values in entry.attrs.items():
-            attr = _BY_KEY.get(key)
+            attr = SELECTABLE.get(key)
             if attr is None:
                 continue
             if key in self.named or (self.all_operational if attr.operational else self.all_user):
@@ -47,7 +47,8 @@ class Selection:
         return out
 
 
-_BY_KEY: dict[str, AttributeType] = {a.key: a for a in SCHEMA.attributes}
+# the schema's attribute types by canonical key (what an entry's attributes are keyed by)
+SELECTABLE: dict[str, AttributeType] = {a.key: a for a in SCHEMA.attributes}
 
 
 @dataclass(slots=True)

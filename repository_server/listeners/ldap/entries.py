@@ -60,10 +60,10 @@ def _opt(value: str | None) -> list[bytes] | None:
     return [value.encode()] if value else None
 
 
-_CertAttr = Callable[[CertEntry, str, str], list[bytes] | None]
+CertAttr = Callable[[CertEntry, str, str], list[bytes] | None]
 # A certificate entry's attributes, in the order its entry lists them (key, build(cert, status,
 # entry DN) -> values, or None when the certificate has no such value).
-_CERT_ATTRS: tuple[tuple[str, _CertAttr], ...] = (
+_CERT_ATTRS: tuple[tuple[str, CertAttr], ...] = (
     ("objectclass", lambda c, s, d: [b"top", b"smkiCertificate", b"pkiUser"]),
     ("smkiserial", lambda c, s, d: [c.serial.encode()]),
     ("smkikind", lambda c, s, d: [c.kind.encode()]),
@@ -90,6 +90,7 @@ _CERT_ATTRS: tuple[tuple[str, _CertAttr], ...] = (
     ("subschemasubentry", lambda c, s, d: [SUBSCHEMA_DN.encode()]),
 )
 CERT_ATTR_KEYS = frozenset(key for key, _ in _CERT_ATTRS)
+CERT_ATTRS = _CERT_ATTRS  # (ldap/fastpath.py encodes a certificate entry from these directly)
 
 
 def unit_of(c: CertEntry) -> str:
@@ -203,18 +204,22 @@ class Entries:
         return Entry(entry_dn, ((("smkieui64", eui_text),), (("ou", unit),), *self.nsuffix),
                      attrs, public=False)
 
+    def certificate_dn(self, c: CertEntry, unit: str) -> str:
+        """The DN of a certificate's entry in organisational unit `unit` (`unit_of`)."""
+        if unit == "other":
+            return f"smkiSerial={c.serial},ou=Other,{self.suffix}"
+        return f"smkiSerial={c.serial},smkiEui64={c.eui_text},ou={UNITS[unit][0]},{self.suffix}"
+
     def certificate_entry(self, c: CertEntry, status: str,
                           keys: frozenset[str] | None = None) -> Entry:
         """A certificate's entry; with `keys`, only those attributes (the same values in the
         same order as the whole entry: what a search needs to evaluate its filter and
         answer, see ldap/fastpath.py)."""
         unit = unit_of(c)
-        name, _ = UNITS[unit]
+        entry_dn = self.certificate_dn(c, unit)
         if unit == "other":
-            entry_dn = f"smkiSerial={c.serial},ou=Other,{self.suffix}"
             ndn: dn.DN = ((("smkiserial", c.serial),), (("ou", "other"),), *self.nsuffix)
         else:
-            entry_dn = f"smkiSerial={c.serial},smkiEui64={c.eui_text},ou={name},{self.suffix}"
             ndn = ((("smkiserial", c.serial),), (("smkieui64", c.eui_text),), (("ou", unit),),
                    *self.nsuffix)
         attrs: dict[str, list[bytes]] = {}

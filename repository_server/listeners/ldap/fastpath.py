@@ -15,6 +15,17 @@ filter tests and the client asked for, in the same order and with the same value
 entry. Anything else returns None and takes the general path. `tests/test_ldap_fastpath.py`
 checks that both paths answer byte for byte the same over a corpus of such searches (and
 `tests/test_ldap_slapd.py` compares both with slapd).
+
+**Shapes: from bytes in to bytes out.** Clients ask the same search over and over with only
+the EUI-64 changed. Once a request has qualified, its bytes after the message id are learnt as
+a *shape*: the bytes before the EUI-64's value, the bytes after it, and the compiled search
+(`Query`). A later request of the same length that starts and ends with the same bytes is the
+same search with another EUI-64 (the bytes before it fix every tag and length, the value's
+own included), so `Shapes.match` answers it without decoding the request into objects, without
+a task, and with the answer's entries encoded from the replica's values (`FastSearch.encode`).
+A request that matches no shape, or whose answer would not be the short way's (an invalid
+EUI-64, more entries than the size limit, the replica unavailable), takes the ordinary road,
+which decodes it and says what is wrong.
 """
 
 from __future__ import annotations
@@ -22,20 +33,28 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from repository_server.listeners.ldap import dn, protocol
+from repository_server.listeners.ldap import dn, protocol, responses
+from repository_server.listeners.ldap.answers import SELECTABLE, Selection
 from repository_server.listeners.ldap.directory import Directory
-from repository_server.listeners.ldap.entries import CERT_ATTR_KEYS
+from repository_server.listeners.ldap.entries import CERT_ATTR_KEYS, CERT_ATTRS, CertAttr, unit_of
 from repository_server.listeners.ldap.filters import Entry, Predicate, compile_filter
 from repository_server.listeners.ldap.matching import equality
 from repository_server.listeners.ldap.schema import SCHEMA
 
 _PLAIN = frozenset({"objectclass", "smkikind", "smkikeyusage", "smkistatus", "smkiserial",
                     "smkirole", "smkimanufacturingflag", "smkieui64", "smkisha256"})
+# the attributes of a subject entry (`Entries.subject_entry`): a rest of the filter that tests
+# none of them is never true of it (each conjunct is an equality or a presence)
+_SUBJECT_KEYS = frozenset({"objectclass", "smkieui64", "smkikind", "structuralobjectclass",
+                           "hassubordinates", "entrydn", "subschemasubentry"})
 _EUI = SCHEMA.attribute("smkiEui64")[0]
 assert _EUI is not None
 _EUI_EQUALITY = equality(_EUI)
 assert _EUI_EQUALITY is not None
 _EUI_NORM = _EUI_EQUALITY[1]
+_BY_KEY = SELECTABLE
+_FOREVER = float("inf")
+MAX_SHAPES = 64  # learnt shapes kept (clients ask a handful); beyond, the memo starts again
 
 
 def _always(_entry: Entry) -> bool:
@@ -48,6 +67,26 @@ class _Shape:
 
     rest: Predicate
     keys: frozenset[str]  # the attributes the rest of the filter reads
+    subject: bool | None  # the rest is always (True) or never (False) true of a subject entry
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """A qualifying search compiled, all but its EUI-64."""
+
+    unit: str  # "devices" or "organisations"
+    device: bool
+    subtree: bool  # scope subtree (the certificates too), else one level (the subject only)
+    shape: _Shape
+    keys: frozenset[str] | None  # the certificate attributes to build; None: all
+    selection: Selection
+    size_limit: int  # 0: none
+    base: str  # as the client spelt it (the access log)
+    scope: int
+    # a certificate entry, straight from the read model's values: the attributes the rest of
+    # the filter tests (key, build), and those sent (wire name, build), in the entry's order
+    tested: tuple[tuple[str, CertAttr], ...]
+    sent: tuple[tuple[str, CertAttr], ...]
 
 
 class FastSearch:
@@ -58,6 +97,9 @@ class FastSearch:
         self._units = {((("ou", "devices"),), *suffix): ("devices", True),
                        ((("ou", "organisations"),), *suffix): ("organisations", False)}
         self._rests: dict[tuple[protocol.EqualityMatch | protocol.Present, ...], _Shape | None] = {}
+        self._encoder_memo: dict[tuple[frozenset[str], Selection], tuple[
+            tuple[tuple[str, CertAttr], ...], tuple[tuple[str, CertAttr], ...]]] = {}
+        self.shapes = Shapes()
         self.answered = 0  # searches answered the short way (tests, curiosity)
 
     def _shape(self, rest: tuple[protocol.EqualityMatch | protocol.Present, ...]) -> _Shape | None:
@@ -72,18 +114,19 @@ class FastSearch:
             keys.add(attr.key)
         else:
             predicate = compile_filter(protocol.And(rest)) if rest else _always
-            shape = _Shape(predicate, frozenset(keys))
+            subject = True if not rest else (False if not keys & _SUBJECT_KEYS else None)
+            shape = _Shape(predicate, frozenset(keys), subject)
         if len(self._rests) >= 256:
             self._rests.clear()
         self._rests[rest] = shape
         return shape
 
-    def entries(self, req: protocol.SearchRequest, base: dn.DN, private: bool,
-                named: frozenset[str], everything: bool, now: float) -> list[Entry] | None:
-        """The entries the search returns, in the general path's order; None when it does
-        not qualify (`private`: the reader may read private entries, as
-        `access.ReadAccess.may_read_private` says, else it never does; `named`: the attribute
-        keys asked for; `everything`: "*" or "+")."""
+    def compile(self, req: protocol.SearchRequest, base: dn.DN, private: bool,
+                selection: Selection, size_limit: int) -> tuple[Query, bytes] | None:
+        """The search compiled and its EUI-64 as the client sent it; None when it does not
+        qualify (`private`: the reader may read private entries, as
+        `access.ReadAccess.may_read_private` says, else it never does; `size_limit`: the
+        lower of the client's and the server's, 0 for none)."""
         if req.controls or req.types_only or req.scope not in (1, 2) or not private:
             return None
         unit = self._units.get(base)
@@ -106,28 +149,107 @@ class FastSearch:
                 return None
         if eui_value is None:
             return None
-        eui = _EUI_NORM(eui_value)
-        if not isinstance(eui, bytes) or len(eui) != 8:
-            return None
         shape = self._shape(tuple(rest))
         if shape is None:
             return None
-        keys = None if everything else shape.keys | named
+        everything = selection.all_user or selection.all_operational
+        keys = None if everything else shape.keys | selection.named
         if keys is not None and not keys <= CERT_ATTR_KEYS:
             return None
         unit_name, device = unit
-        certs, statuses = self.catalog.subject_now(eui, device, now)
-        out: list[Entry] = []
+        tested, sent = self._encoders(shape.keys, selection)
+        return Query(unit_name, device, req.scope == 2, shape, keys, selection, size_limit,
+                     req.base, req.scope, tested, sent), eui_value
+
+    def _encoders(self, tested_keys: frozenset[str], selection: Selection
+                  ) -> tuple[tuple[tuple[str, CertAttr], ...], tuple[tuple[str, CertAttr], ...]]:
+        """Which of a certificate entry's attributes the filter tests and which are sent
+        (`Selection.pick`'s rule, in `CERT_ATTRS` order); memoised per distinct pair."""
+        found = self._encoder_memo.get((tested_keys, selection))
+        if found is None:
+            tested = tuple((key, build) for key, build in CERT_ATTRS if key in tested_keys)
+            sent = []
+            for key, build in CERT_ATTRS:
+                attr = _BY_KEY[key]
+                if key in selection.named or (selection.all_operational if attr.operational
+                                              else selection.all_user):
+                    sent.append((attr.wire_name, build))
+            found = tested, tuple(sent)
+            if len(self._encoder_memo) >= 256:
+                self._encoder_memo.clear()
+            self._encoder_memo[tested_keys, selection] = found
+        return found
+
+    def answer(self, query: Query, eui_value: bytes, now: float) -> tuple[list[bytes], float] | None:
+        """The SearchResultEntry protocolOps the search returns, in the general path's order,
+        and until when the answer holds (a status turns E at notAfter); None when the EUI-64
+        is not one (the general path says so)."""
+        eui = _EUI_NORM(eui_value)
+        if not isinstance(eui, bytes) or len(eui) != 8:
+            return None
+        certs, statuses = self.catalog.subject_now(eui, query.device, now)
         self.answered += 1
+        ops: list[bytes] = []
+        until = _FOREVER
         if not certs:
-            return out
+            return ops, until
+        shape = query.shape
         entries = self.directory.entries
-        subject = entries.subject_entry(unit_name, certs[0].eui_text)
-        if shape.rest(subject) is True:
-            out.append(subject)
-        if req.scope == 2:
+        rest = shape.rest
+        if shape.subject is not False:
+            subject = entries.subject_entry(query.unit, certs[0].eui_text)
+            if shape.subject or rest(subject) is True:
+                ops.append(responses.entry_op(subject.dn, query.selection.pick(subject, False)))
+        if query.subtree:
+            tested, sent = query.tested, query.sent
             for c, status in zip(certs, statuses, strict=True):
-                entry = entries.certificate_entry(c, status, keys)
-                if shape.rest(entry) is True:
-                    out.append(entry)
-        return out
+                # the filter sees the attributes it tests (no DN: it tests none that holds one)
+                if tested and rest(Entry("", (), {key: values for key, build in tested
+                                                  if (values := build(c, status, "")) is not None}
+                                         )) is not True:
+                    continue
+                entry_dn = entries.certificate_dn(c, unit_of(c))
+                ops.append(responses.entry_op(entry_dn, [
+                    (name, values) for name, build in sent
+                    if (values := build(c, status, entry_dn)) is not None]))
+                if status not in ("E", "R"):
+                    until = min(until, c.not_after_ts)
+        return ops, until
+
+
+class Shapes:
+    """Learnt request shapes: request bytes after the message id -> (Query, EUI-64 value).
+    Bounded (MAX_SHAPES); shared by every connection of a process."""
+
+    def __init__(self) -> None:
+        self._by_length: dict[int, list[tuple[bytes, bytes, Query]]] = {}
+        self.count = 0
+        self.matched = 0  # requests answered from a learnt shape (tests, curiosity)
+
+    def learn(self, key: bytes, eui_value: bytes, query: Query) -> None:
+        """Remember the shape of `key`, a request that compiled to `query` with `eui_value`
+        (learnt only when the value occurs exactly once in it)."""
+        at = key.find(eui_value)
+        if not eui_value or at < 2 or key.rfind(eui_value) != at:
+            return
+        prefix, suffix = key[:at], key[at + len(eui_value):]
+        bucket = self._by_length.setdefault(len(key), [])
+        for known_prefix, known_suffix, _ in bucket:
+            if known_prefix == prefix and known_suffix == suffix:
+                return
+        if self.count >= MAX_SHAPES:
+            self._by_length.clear()
+            self.count = 0
+            bucket = self._by_length.setdefault(len(key), [])
+        bucket.append((prefix, suffix, query))
+        self.count += 1
+
+    def match(self, key: bytes) -> tuple[Query, bytes] | None:
+        """The compiled search and EUI-64 value of a request of a learnt shape, else None."""
+        bucket = self._by_length.get(len(key))
+        if bucket is None:
+            return None
+        for prefix, suffix, query in bucket:
+            if key.startswith(prefix) and key.endswith(suffix):
+                return query, key[len(prefix):len(key) - len(suffix)]
+        return None

@@ -20,7 +20,7 @@ from collections.abc import AsyncGenerator, Callable
 from typing import Protocol, TypeVar
 
 from repository_server.config import Ldap
-from repository_server.listeners.ldap import dn, protocol, responses
+from repository_server.listeners.ldap import codec, dn, protocol, responses
 from repository_server.listeners.ldap.answers import (
     CACHEABLE_BYTES,
     CACHEABLE_ENTRIES,
@@ -120,13 +120,19 @@ class Searches:
         selection = service.selection(req.attributes)
         limits = [x for x in (req.size_limit, settings.size_limit) if x > 0]
         size_limit = min(limits) if limits else 0
-        if paging is None and service.fast is not None:
+        fast = service.fast
+        if paging is None and fast is not None:
             private = service.access.may_read_private(authenticated=self.client.authenticated)
-            found = service.fast.entries(
-                req, base, private, selection.named,
-                selection.all_user or selection.all_operational, service.directory.clock())
-            if found is not None and (not size_limit or len(found) <= size_limit):
-                return _fast_outcome(req, found, selection, content is not None)
+            compiled = fast.compile(req, base, private, selection, size_limit)
+            if compiled is not None:
+                query, eui_value = compiled
+                found = fast.answer(query, eui_value, service.directory.clock())
+                if found is not None and (not size_limit or len(found[0]) <= size_limit):
+                    if content is not None:  # later requests of this shape skip the decoding
+                        ids = codec.message_id(content)
+                        if ids is not None:
+                            fast.shapes.learn(content[ids[1]:], eui_value, query)
+                    return _fast_outcome(*found, content is not None)
         times = [x for x in (req.time_limit, settings.time_limit_seconds) if x > 0]
         deadline = time.monotonic() + min(times) if times else float("inf")
         if paging is not None:
@@ -243,16 +249,11 @@ class Searches:
         return out
 
 
-def _fast_outcome(req: protocol.SearchRequest, found: list[Entry], selection: Selection,
-                  cacheable: bool) -> Outcome:
+def _fast_outcome(ops: list[bytes], until: float, cacheable: bool) -> Outcome:
     """The answer of ldap/fastpath.py's short way, shaped as the general path's."""
-    out = Outcome(ResultCode.SUCCESS, cache_until=float("inf") if cacheable else None)
-    for entry in found:
-        out.held.append(responses.entry_op(entry.dn, selection.pick(entry, req.types_only)))
-        if out.cache_until is not None:
-            out.cache_until = min(out.cache_until, entry.valid_until)
-    out.sent = len(found)
-    if len(found) > CACHEABLE_ENTRIES or sum(map(len, out.held)) > CACHEABLE_BYTES:
+    out = Outcome(ResultCode.SUCCESS, cache_until=until if cacheable else None, sent=len(ops))
+    out.held.extend(ops)
+    if len(ops) > CACHEABLE_ENTRIES or sum(map(len, ops)) > CACHEABLE_BYTES:
         out.cache_until = None
     return out
 

@@ -43,7 +43,7 @@ from repository_server.listeners.ldap import codec, dn, protocol, responses
 from repository_server.listeners.ldap.answers import Outcome, ResponseCache
 from repository_server.listeners.ldap.binds import BindCredentials
 from repository_server.listeners.ldap.directory import Directory, DirectoryError
-from repository_server.listeners.ldap.fastpath import FastSearch
+from repository_server.listeners.ldap.fastpath import FastSearch, Query, Shapes
 from repository_server.listeners.ldap.filters import Entry, Plan, compile_filter
 from repository_server.listeners.ldap.protocol import STARTTLS_OID, ProtocolError, ResultCode
 from repository_server.listeners.ldap.schema import SCHEMA
@@ -70,6 +70,7 @@ access_log = logging.getLogger("repository_server.access")
 
 WHOAMI_OID = "1.3.6.1.4.1.4203.1.11.3"
 _SEARCH_DONE = 5
+_SUCCESS_DONE = responses.result_op(_SEARCH_DONE, ResultCode.SUCCESS)
 _READ_ONLY = ("the repository is read-only over LDAP: the DCC lodges through the mutual-TLS"
               " lodging API")
 
@@ -95,6 +96,8 @@ class LdapService:
         self.credentials = BindCredentials(accounts, directory.suffix)
         self.users_dn = self.credentials.users_dn
         self.search = SearchService(self.settings, directory)
+        # learnt shapes of the short way's searches (ldap/fastpath.py), None when it is off
+        self.shapes: Shapes | None = self.search.fast.shapes if self.search.fast else None
         # told of each connection refused for ldap.max_connections (a metric): (listener)
         self.on_over_cap: Callable[[str], None] | None = None
 
@@ -237,19 +240,35 @@ class LdapConnection(asyncio.Protocol):
             return
         if not frames:
             return
-        self.service.directory.check_version()  # a change applied: older answers go
         received = now - socket_waited(self.sock)  # CPM 8: when the bytes reached this host
+        directory = self.service.directory
+        # A change applied: older answers go (the response cache, CA entries). Checked before
+        # either is used; a learnt shape's answer is read from the replica itself.
+        checked = False
         cache = self.service.cache.maps[self.private]
+        # learnt request shapes (ldap/fastpath.py): only for readers of device entries
+        shapes = self.service.shapes if self.private else None
         for content in frames:
-            if cache and not self.pending and self.serial is None:
+            if (cache or shapes) and not self.pending and self.serial is None:
                 ids = codec.message_id(content)
                 if ids is not None:
                     key = content[ids[1]:]
-                    hit = cache.get(key)
-                    if hit is not None and hit[1] > time.time():
-                        cache.move_to_end(key)
-                        self._answer_cached(ids[0], hit[0], received)
-                        continue
+                    if cache and not checked:
+                        directory.check_version()
+                        checked = True
+                    if cache:
+                        hit = cache.get(key)
+                        if hit is not None and hit[1] > time.time():
+                            cache.move_to_end(key)
+                            self._answer_cached(ids[0], hit[0], received)
+                            continue
+                    if shapes is not None:
+                        shaped = shapes.match(key)
+                        if shaped is not None and self._answer_shaped(ids[0], *shaped, received):
+                            continue
+            if not checked:
+                directory.check_version()
+                checked = True
             try:
                 request = codec.decode_message(content, self.decoder.max_depth)
             except ProtocolError as exc:
@@ -270,6 +289,34 @@ class LdapConnection(asyncio.Protocol):
             access_log.info("ldap conn=%d op=%d search (cached) result=0 entries=%d", self.conn_id,
                             mid, len(ops) - 1, extra=self._access(
                                 "search", 0, received, entries=len(ops) - 1, cached=True))
+
+    def _answer_shaped(self, mid: int, query: Query, eui_value: bytes, received: float) -> bool:
+        """A search of a learnt shape, answered from its compiled form (no decoding, no task);
+        False when the short way does not give its answer (the general path then does)."""
+        service = self.service
+        fast = service.fast
+        assert fast is not None
+        try:
+            found = fast.answer(query, eui_value, service.directory.clock())
+        except Exception:  # the replica unavailable, say: the general path says why
+            return False
+        if found is None or (query.size_limit and len(found[0]) > query.size_limit):
+            return False
+        ops = found[0]
+        fast.shapes.matched += 1
+        levels = service.levels
+        user = self.user.name if self.user else ANONYMOUS
+        mark = levels.receive("ldap", "search", user, started=received) if levels else None
+        ops.append(_SUCCESS_DONE)
+        self.write(responses.frames(mid, ops))
+        if mark is not None and levels is not None:
+            levels.answered(mark, 200)
+        if service.access_log:
+            access_log.info("ldap conn=%d op=%d search base=%r scope=%d user=%s result=0 entries=%d",
+                            self.conn_id, mid, query.base[:200], query.scope, user, len(ops) - 1,
+                            extra=self._access("search", 0, received, entries=len(ops) - 1,
+                                               base=query.base[:200], scope=query.scope))
+        return True
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         log.info("ldap conn=%d %s: protocol error: %s", self.conn_id, self.peer, exc)
