@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 
 _PAGE = 20_000  # certificates per page of a build (and per LMDB write transaction)
 _CHANGES = 100  # change-log rows read per snapshot while catching up
+# A lodging of this node waits this long for the streaming replica to replay its change
+# before reading it from the primary (read-your-writes; replay usually takes milliseconds).
+_STANDBY_WAIT = 1.0
 _SEARCH_PAGE = 5_000  # certificates per write transaction of fill_search (a lodging's
 # catch-up waits for at most one of them: ~50 ms)
 Progress = Callable[[int, int], None]  # (done, total)
@@ -139,6 +142,8 @@ class Feeder:
         self._wake = asyncio.Event()
         self._conn: asyncpg.Connection | None = None  # the feed: rows and changes
         self._beat: asyncpg.Connection | None = None  # the heartbeat: the primary's head
+        # a lodging's own changes not yet on the streaming replica (`catch_up`)
+        self._primary: asyncpg.Connection | None = None
         self._feeder_lock: int | None = None  # fd holding <path>.feeder.lock
         self.is_feeder = False
         self.source = ""  # the repository's identity, once read
@@ -165,12 +170,20 @@ class Feeder:
             self._conn = conn
         return conn
 
+    async def _primary_connection(self) -> asyncpg.Connection:
+        conn = self._primary
+        if conn is None or conn.is_closed():
+            conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout,
+                                         command_timeout=self.command_timeout)
+            self._primary = conn
+        return conn
+
     async def close(self) -> None:
-        for conn in (self._conn, self._beat):
+        for conn in (self._conn, self._beat, self._primary):
             if conn is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(conn.close(), 2)
-        self._conn = self._beat = None
+        self._conn = self._beat = self._primary = None
         if self._feeder_lock is not None:
             os.close(self._feeder_lock)
             self._feeder_lock = None
@@ -221,13 +234,29 @@ class Feeder:
         self.source = await sql.identity(conn)
         why = await asyncio.to_thread(self.usable, self.source)
         if not why:
-            head = await sql.head(conn)
-            if self.replica.applied() > head:
+            head = await self._store_head(conn)
+            if head is not None and self.replica.applied() > head:
                 why = (f"replica is ahead of the store (change {self.replica.applied()} >"
                        f" {head}): the store was restored")
         if why:
             log.warning("read replica: %s: building it from PostgreSQL", why)
             await self.build(progress)
+
+    async def _store_head(self, feed: asyncpg.Connection) -> int | None:
+        """The change log's head on the primary, for the "store was restored" check. Not the
+        streaming replica's: this node may have applied its own lodgings from the primary
+        (`catch_up`) before its standby replayed them, and a lagging standby is no restore.
+        None (no check) when the primary cannot be reached."""
+        if not self.through_standby:
+            return await sql.head(feed)
+        try:
+            conn = await self._primary_connection()
+            return await sql.head(conn)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.info("read replica: the primary's change log head unknown (%s: %s)",
+                     type(exc).__name__, exc)
+            self._forget(primary=True)
+            return None
 
     async def build(self, progress: Progress | None = None) -> int:
         """A new replica from the whole store; returns the certificates written."""
@@ -382,22 +411,64 @@ class Feeder:
 
     async def catch_up(self, upto: int | None = None) -> int:
         """Apply every change committed so far (or at least up to `upto`); returns the
-        replica's applied sequence number."""
-        async with self._lock:
-            try:
-                return await self._catch_up(upto)
-            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError):
-                # a connection that died since its last use: once more on a new one
-                if self._conn is not None:
-                    self._conn.terminate()
-                    self._conn = None
-                return await self._catch_up(upto)
+        replica's applied sequence number.
 
-    async def _catch_up(self, upto: int | None) -> int:
+        Through a streaming replica (`feed_dsn` is not the primary) a change just committed
+        on the primary may not have been replayed there yet. A caller that names `upto` (a
+        lodging of this node, before its acknowledgement) gets it all the same: the standby
+        is given `_STANDBY_WAIT` seconds to replay it, then what is still missing is read
+        from the primary. The change log is the same on both, so changes applied that way
+        are skipped when the standby shows them."""
+        async with self._lock:
+            if upto is None or not self.through_standby:
+                return await self._retrying(upto, primary=False)
+            try:
+                applied = await self._retrying(upto, primary=False)
+                deadline = time.monotonic() + _STANDBY_WAIT
+                while applied < upto and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+                    applied = await self._catch_up(upto, primary=False)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.info("read replica: the streaming replica did not give change %d (%s: %s);"
+                         " reading it from the primary", upto, type(exc).__name__, exc)
+                self._forget(primary=False)
+                applied = self.replica.applied()
+            if applied < upto:
+                applied = await self._retrying(upto, primary=True)
+            return applied
+
+    @property
+    def through_standby(self) -> bool:
+        """Whether the feed reads a streaming replica rather than the primary."""
+        return self.feed_dsn != self.dsn
+
+    async def _retrying(self, upto: int | None, *, primary: bool) -> int:
+        had = (self._primary if primary else self._conn) is not None
+        try:
+            return await self._catch_up(upto, primary=primary)
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError):
+            # a connection that died since its last use: once more on a new one (a new
+            # one that failed is not tried again at once: a server that is down would cost
+            # two connect timeouts)
+            self._forget(primary=primary)
+            if not had:
+                raise
+            return await self._catch_up(upto, primary=primary)
+
+    def _forget(self, *, primary: bool) -> None:
+        conn = self._primary if primary else self._conn
+        if conn is not None:
+            conn.terminate()
+        if primary:
+            self._primary = None
+        else:
+            self._conn = None
+
+    async def _catch_up(self, upto: int | None, *, primary: bool = False) -> int:
         applied = self.replica.applied()
         if upto is not None and applied >= upto:
             return applied
-        conn = await self._connection()
+        conn = await (self._primary_connection() if primary else self._connection())
         while True:
             batch = await self._read_batch(conn, applied)
             if not batch.changes:
