@@ -305,7 +305,8 @@ async def test_a_node_fed_from_a_lagging_replica_url_says_how_far_behind(
     """`database.replica_url`: node B reads its feed through a TCP proxy (standing in for a
     streaming replica), node A lodges on the primary. While the proxy stalls, B keeps serving
     what it has, /readyz reports the lag in changes and seconds and turns 503 past
-    replica.max_lag_seconds; when the feed flows again B catches up by itself."""
+    replica.max_lag_seconds; when the feed flows again B catches up by itself. (A real
+    streaming standby, paused, stopped and with its primary gone: tests/test_standby.py.)"""
     from urllib.parse import urlsplit
 
     from tests.conftest import create_database
