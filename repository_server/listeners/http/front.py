@@ -42,6 +42,7 @@ aiohttp, as before.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -55,7 +56,7 @@ from aiohttp.tcp_helpers import tcp_keepalive
 
 from repository_server.listeners.http.app import ReadParts
 from repository_server.obs.access import NOTE, Note
-from repository_server.obs.arrival import waited
+from repository_server.obs.arrival import socket_waited
 from repository_server.service_levels import ANONYMOUS
 
 ROUTE = "/certificates/{serial}"
@@ -65,7 +66,9 @@ _HEAD = b"HEAD /certificates/"
 _NOT_HOT = frozenset({b"if-none-match", b"if-modified-since", b"expect", b"upgrade",
                       b"transfer-encoding", b"content-length"})
 _PEM = b"application/x-pem-file"
-_KEY_UNSAFE = (b"&", b"%", b"+", b"#")  # what `request_key` leaves to the query parser
+# `?apikey=KEY` as `request_key` reads it from the raw target: a key with nothing to unescape
+# (no &, %, + or #), ASCII here
+_KEY_QUERY = re.compile(rb"apikey=([^&%+#\x80-\xff]+)")
 
 
 class _Date:
@@ -193,6 +196,7 @@ class FrontProtocol(asyncio.Protocol):
     def __init__(self, front: Front) -> None:
         self.front = front
         self.transport: asyncio.Transport | None = None
+        self.socket: Any = None  # the transport's, for the request's arrival time
         self.parser = httptools.HttpRequestParser(self)
         self.pending = b""  # received, not answered yet (an incomplete head)
         self.url = b""
@@ -219,6 +223,7 @@ class FrontProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         tcp = cast(asyncio.Transport, transport)
         self.transport = tcp
+        self.socket = tcp.get_extra_info("socket")
         tcp_keepalive(tcp)  # as aiohttp's RequestHandler does
         # one of the listener's connections: counted by its caps, closed by its cleanup
         cast(Any, self.front.server).connection_made(self, tcp)
@@ -305,7 +310,7 @@ class FrontProtocol(asyncio.Protocol):
                 break
             serial, key, head_only, close, agent = request
             if arrived < 0:  # when the bytes of this read reached the host
-                arrived = time.perf_counter() - waited(transport)
+                arrived = time.perf_counter() - socket_waited(self.socket)
             response = hot.answer(serial, key, head_only, close, arrived, transport, agent)
             if response is None:
                 break
@@ -326,7 +331,8 @@ class FrontProtocol(asyncio.Protocol):
         if self.write_paused and out:  # the rest when the client reads again
             self.pending = rest
             return
-        if (b"\r\n\r\n" in rest or len(rest) > front.max_head_bytes or b"\n\n" in rest
+        if (b"\r\n\r\n" in rest or len(rest) > front.max_head_bytes
+                or rest.count(b"\n") != rest.count(b"\r\n")  # a bare LF: llhttp may end there
                 or not (_GET.startswith(rest[:len(_GET)]) or _HEAD.startswith(rest[:len(_HEAD)]))):
             self._hand_over(rest)  # not hot, or cannot become hot
         else:
@@ -335,14 +341,16 @@ class FrontProtocol(asyncio.Protocol):
     def _parse(self, head: bytes) -> tuple[str, str | None, bool, bool, str | None] | None:
         """(serial, API key, HEAD, Connection: close, User-Agent) of a hot request head;
         None when it is aiohttp's."""
+        if head.count(b"\n") != head.count(b"\r\n"):  # a bare LF: where the head ends is
+            return None                                  # llhttp's to say, so aiohttp's
         self.url = b""
         self.headers = []
         self.complete = False
         parser = self.parser
         try:
             parser.feed_data(head)
-        except httptools.HttpParserError:
-            return None
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            return None  # aiohttp's: its 400, or an upgrade it refuses
         if not self.complete or parser.get_http_version() != "1.1":
             return None
         headers = self.headers
@@ -383,10 +391,10 @@ class FrontProtocol(asyncio.Protocol):
             return None
         if query_at >= 0:
             query = url[query_at + 1:]
-            if not query.startswith(b"apikey=") or len(query) == 7 or not query.isascii() or any(
-                    c in query for c in _KEY_UNSAFE):
+            given = _KEY_QUERY.fullmatch(query)
+            if given is None:
                 return None
-            key = query[7:].decode()  # the query's key comes first (`request_key`)
+            key = given[1].decode()  # the query's key comes first (`request_key`)
         return serial.decode(), key, head_only, close, agent
 
     def _hand_over(self, rest: bytes) -> None:
