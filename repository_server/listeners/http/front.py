@@ -324,7 +324,10 @@ class FrontProtocol(asyncio.Protocol):
             serial, key, head_only, close, agent = request
             if arrived < 0:  # when the bytes of this read reached the host
                 arrived = time.perf_counter() - socket_waited(self.socket)
-            response = hot.answer(serial, key, head_only, close, arrived, transport, agent)
+            try:
+                response = hot.answer(serial, key, head_only, close, arrived, transport, agent)
+            except Exception:  # the replica unreadable, say: aiohttp's path says what it says
+                response = None
             if response is None:
                 break
             out.append(response)
