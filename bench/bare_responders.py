@@ -1,21 +1,28 @@
 #!/usr/bin/env python3
 """What Python itself can do on this machine today: the ceiling under our read path.
 
-Two bare responders, each one process pinned to CPU 0 like the server in the harness, the
+Bare responders, each one process pinned to CPU 0 like the server in the harness, the
 load generators pinned to CPU 1 (the harness's own wrk and C LDAP engine):
 
-  http  aiohttp + uvloop, one route returning a fixed 505-byte body with the headers a
-        certificate download carries (what `GET /certificates/{serial}` costs without any
-        lookup, CPM bookkeeping or access check);
+  http       aiohttp + uvloop, one route returning a fixed 505-byte body with the headers a
+             certificate download carries (what `GET /certificates/{serial}` costs without any
+             lookup, CPM bookkeeping or access check);
+  httptools  the same answer (same body, same headers, Date and Server included) from an
+             asyncio.Protocol that parses with httptools (llhttp, what uvicorn uses) on uvloop:
+             what the HTTP library itself costs, against aiohttp's (the listeners' fast front,
+             listeners/http/front.py, is built on this);
   ldap  asyncio + uvloop protocol that answers every LDAPMessage with one fixed entry and a
         SearchResultDone, echoing the message id (what an LDAP search costs without decoding
         the request, a lookup or encoding the entry).
 
   bench/bare_responders.py --duration 10 --conns 1,64      # prints a Markdown table and JSON
+  bench/bare_responders.py --kinds http,httptools --port-base 18090 --rounds 3   # HTTP only
 
-Needs the shared harness installed (../shared/bench/run_anchors.sh once: wrk, the C LDAP
-load generator in $BENCH_WORK/bin, /tmp/benchvenv) and a dataset for the LDAP requests
-($BENCH_WORK/data from a harness run).
+Needs wrk and the shared harness's wrk script (../shared/bench/wrk); the LDAP responder also
+needs the harness installed (../shared/bench/run_anchors.sh once: the C LDAP load generator in
+$BENCH_WORK/bin, /tmp/benchvenv) and a dataset for the LDAP requests ($BENCH_WORK/data from a
+harness run). With --rounds N each cell is run N times, the responders alternating, and the
+median is reported (the machine is shared: compare side by side only).
 """
 
 from __future__ import annotations
@@ -23,30 +30,84 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 HARNESS = HERE.parent.parent / "shared" / "bench"
 BODY = os.urandom(505)
-HTTP_PORT, LDAP_PORT = 8099, 3899
+PORTS = {"http": 8099, "httptools": 8098, "ldap": 3899}
+HEADERS = {"Content-Type": "application/pkix-cert", "Cache-Control": "public, max-age=1",
+           "ETag": '"' + "ab" * 32 + '"', "Last-Modified": "Sat, 05 Dec 2026 05:00:00 GMT"}
 
 
-def serve_http() -> None:
+def serve_http(port: int) -> None:
     import uvloop
     from aiohttp import web
 
-    headers = {"Content-Type": "application/pkix-cert", "Cache-Control": "public, max-age=1",
-               "ETag": '"' + "ab" * 32 + '"', "Last-Modified": "Sat, 05 Dec 2026 05:00:00 GMT"}
-
     async def handler(_request: web.Request) -> web.Response:
-        return web.Response(body=BODY, headers=headers)
+        return web.Response(body=BODY, headers=HEADERS)
 
     app = web.Application()
     app.router.add_get("/certificates/{serial}", handler)
     uvloop.install()
-    web.run_app(app, host="127.0.0.1", port=HTTP_PORT, access_log=None, print=None)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+def serve_httptools(port: int) -> None:
+    """The same answer as `serve_http`, byte for byte but for the Date, from httptools."""
+    import asyncio
+    import time
+    from email.utils import formatdate
+
+    import httptools
+    import uvloop
+    from aiohttp.http import SERVER_SOFTWARE
+
+    head = ("HTTP/1.1 200 OK\r\n" + "".join(f"{k}: {v}\r\n" for k, v in HEADERS.items())
+            + f"Content-Length: {len(BODY)}\r\n").encode()
+    tail = f"Server: {SERVER_SOFTWARE}\r\n\r\n".encode()
+    date = [0, b""]
+
+    def date_line() -> bytes:
+        now = int(time.time())
+        if now != date[0]:
+            date[0], date[1] = now, f"Date: {formatdate(now, usegmt=True)}\r\n".encode()
+        return date[1]  # type: ignore[return-value]
+
+    class Proto(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.t = transport
+            self.p = httptools.HttpRequestParser(self)
+            self.url = b""
+
+        def on_url(self, url: bytes) -> None:
+            self.url = url
+
+        def on_message_complete(self) -> None:
+            if not self.url.startswith(b"/certificates/"):
+                self.t.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")  # type: ignore[attr-defined]
+                return
+            self.t.write(head + date_line() + tail + BODY)  # type: ignore[attr-defined]
+            if not self.p.should_keep_alive():
+                self.t.close()
+
+        def data_received(self, data: bytes) -> None:
+            try:
+                self.p.feed_data(data)
+            except httptools.HttpParserError:
+                self.t.close()
+
+    uvloop.install()
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(Proto, "127.0.0.1", port)
+        await server.serve_forever()
+
+    asyncio.run(main())
 
 
 def _len(n: int) -> bytes:
@@ -56,7 +117,7 @@ def _len(n: int) -> bytes:
     return bytes([0x80 | len(b)]) + b
 
 
-def serve_ldap() -> None:
+def serve_ldap(port: int) -> None:
     import asyncio
 
     import uvloop
@@ -113,10 +174,27 @@ def serve_ldap() -> None:
     uvloop.install()
 
     async def main() -> None:
-        server = await asyncio.get_running_loop().create_server(Proto, "127.0.0.1", LDAP_PORT)
+        server = await asyncio.get_running_loop().create_server(Proto, "127.0.0.1", port)
         await server.serve_forever()
 
     asyncio.run(main())
+
+
+def wrk_http(port: int, conns: int, duration: float, paths: Path) -> tuple[int, float]:
+    """(requests/s, p99 µs) of one wrk run pinned to CPU 1."""
+    out = subprocess.run(
+        ["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{int(duration)}s", "-s",
+         str(HARNESS / "wrk" / "paths.lua"), f"http://127.0.0.1:{port}", "--", str(paths)],
+        capture_output=True, text=True).stdout
+    line = next((ln for ln in out.splitlines() if ln.startswith("JSON ")), None)
+    if line is None:
+        raise SystemExit(f"wrk gave no result:\n{out}")
+    res = json.loads(line[5:])
+    return round(res["requests"] / (res["duration_us"] / 1e6)), res["lat_us"]["p99"]
+
+
+NAMES = {"http": "bare aiohttp+uvloop GET", "httptools": "bare httptools+uvloop GET",
+         "ldap": "bare asyncio+uvloop LDAP (fixed entry)"}
 
 
 def run(argv: list[str]) -> int:
@@ -124,52 +202,61 @@ def run(argv: list[str]) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=10)
     ap.add_argument("--conns", default="1,64")
-    ap.add_argument("--serve", choices=("http", "ldap"), help=argparse.SUPPRESS)
+    ap.add_argument("--kinds", default="http,httptools,ldap",
+                    help="responders to measure (http: aiohttp, httptools, ldap)")
+    ap.add_argument("--port-base", type=int, default=0,
+                    help="listen on PORT_BASE, +1, +2 (http, httptools, ldap) instead of the"
+                         " defaults 8099, 8098, 3899")
+    ap.add_argument("--rounds", type=int, default=1, help="runs per cell; the median is shown")
+    ap.add_argument("--serve", choices=tuple(PORTS), help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    if a.serve == "http":
-        serve_http()
+    if a.serve:
+        {"http": serve_http, "httptools": serve_httptools, "ldap": serve_ldap}[a.serve](a.port)
         return 0
-    if a.serve == "ldap":
-        serve_ldap()
-        return 0
+    kinds = [k for k in a.kinds.split(",") if k]
+    ports = ({k: a.port_base + i for i, k in enumerate(PORTS)} if a.port_base else PORTS)
     work = Path(os.environ.get("BENCH_WORK", "/tmp/smki-bench"))
     py = os.environ.get("BENCH_PY", "/tmp/benchvenv/bin/python")
-    procs = [subprocess.Popen(["taskset", "-c", "0", sys.executable, __file__, "--serve", kind],
+    procs = [subprocess.Popen(["taskset", "-c", "0", sys.executable, __file__, "--serve", kind,
+                               "--port", str(ports[kind])],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for kind in ("http", "ldap")]
+             for kind in kinds]
     rows = []
     try:
-        for port in (HTTP_PORT, LDAP_PORT):  # until both listen
-            subprocess.run([str(HARNESS / "wait_port.sh"), str(port)], check=True)
-        paths = work / "bare.paths"
+        subprocess.run([str(HARNESS / "wait_port.sh"), *(str(ports[k]) for k in kinds)],
+                       check=True)
+        tmp = Path(tempfile.mkdtemp(prefix="bare-"))
+        paths = tmp / "bare.paths"
         paths.write_text("".join(f"/certificates/{i:032X}\n" for i in range(1000)))
         for c in [int(x) for x in a.conns.split(",")]:
-            out = subprocess.run(
-                ["taskset", "-c", "1", "wrk", "-t1", f"-c{c}", f"-d{int(a.duration)}s", "-s",
-                 str(HARNESS / "wrk" / "paths.lua"), f"http://127.0.0.1:{HTTP_PORT}", "--",
-                 str(paths)], capture_output=True, text=True).stdout
-            line = next((ln for ln in out.splitlines() if ln.startswith("JSON ")), None)
-            if line is None:
-                raise SystemExit(f"wrk gave no result:\n{out}")
-            res = json.loads(line[5:])
-            rows.append({"what": "bare aiohttp+uvloop GET", "conns": c,
-                         "ops_per_s": round(res["requests"] / (res["duration_us"] / 1e6)),
-                         "p99_us": res["lat_us"]["p99"]})
-            out = subprocess.run(
-                [py, str(HARNESS / "ldapload.py"), "--data", str(work / "data"), "--port",
-                 str(LDAP_PORT), "--workload", "device", "--cpu", "1", "-c", str(c), "-t",
-                 str(a.duration)], capture_output=True, text=True, cwd=HARNESS,
-                env={**os.environ, "BENCH_WORK": str(work)}).stdout
-            res = json.loads(out.strip().splitlines()[-1])
-            rows.append({"what": "bare asyncio+uvloop LDAP (fixed entry)", "conns": c,
-                         "ops_per_s": round(res["ops_per_s"]), "p99_us": res["lat_us"]["p99"]})
+            runs: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
+            for _ in range(a.rounds):  # alternating, so that a busy moment hits all of them
+                for kind in kinds:
+                    if kind == "ldap":
+                        out = subprocess.run(
+                            [py, str(HARNESS / "ldapload.py"), "--data", str(work / "data"),
+                             "--port", str(ports["ldap"]), "--workload", "device", "--cpu", "1",
+                             "-c", str(c), "-t", str(a.duration)], capture_output=True,
+                            text=True, cwd=HARNESS, env={**os.environ, "BENCH_WORK": str(work)}
+                        ).stdout
+                        res = json.loads(out.strip().splitlines()[-1])
+                        runs[kind].append((res["ops_per_s"], res["lat_us"]["p99"]))
+                    else:
+                        runs[kind].append(wrk_http(ports[kind], c, a.duration, paths))
+            for kind in kinds:
+                ops = statistics.median(r[0] for r in runs[kind])
+                p99 = statistics.median(r[1] for r in runs[kind])
+                rows.append({"what": NAMES[kind], "conns": c, "ops_per_s": round(ops),
+                             "p99_us": p99, "runs": [round(r[0]) for r in runs[kind]]})
     finally:
         for p in procs:
             p.terminate()
             p.wait(10)
-    print("| responder | conns | ops/s | p99 µs |\n|---|---|---|---|")
+    print("| responder | conns | ops/s (median) | p99 µs | runs |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['what']} | {r['conns']} | {r['ops_per_s']:,} | {r['p99_us']:,.0f} |")
+        print(f"| {r['what']} | {r['conns']} | {r['ops_per_s']:,} | {r['p99_us']:,.0f} |"
+              f" {', '.join(f'{x:,}' for x in r['runs'])} |")
     print(json.dumps(rows))
     return 0
 

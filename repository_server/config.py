@@ -128,6 +128,10 @@ class Web:
     body_timeout_seconds: float = 30.0  # a request body (web service, portal forms) this long
     max_header_bytes: int = 8190  # the request line and each header line
     max_headers: int = 100  # header lines per request
+    # the hot download (GET/HEAD /certificates/{serial}) answered by the httptools front of the
+    # http and https listeners (listeners/http/front.py), the rest handed to aiohttp; false:
+    # aiohttp for everything
+    fast_front: bool = True
 
 
 @dataclass(frozen=True)

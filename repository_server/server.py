@@ -36,6 +36,7 @@ from repository_server.extracts.writer import ExtractWriter
 from repository_server.listeners.http.app import ReadParts, build_read_app
 from repository_server.listeners.http.downloads import Downloads
 from repository_server.listeners.http.extracts import ExtractFiles
+from repository_server.listeners.http.front import Front, build_front
 from repository_server.listeners.http.portal.app import Portal
 from repository_server.listeners.http.portal.csrf import CSRF_SECRET
 from repository_server.listeners.http.webservice import WebService
@@ -180,6 +181,7 @@ class Repository:
         self.counting: ServiceLevels | None = None  # `levels` when service_levels.enabled
         self.downloads: Downloads | None = None
         self.webservices: list[WebService] = []  # one per read listener
+        self.fronts: dict[str, Front] = {}  # the read listeners' fast fronts (web.fast_front)
         self.portal: Portal | None = None  # its `auth.clock` is what tests move
         self.extract_files: ExtractFiles | None = None
         self.extract_scheduler: ExtractScheduler | None = None
@@ -424,6 +426,11 @@ class Repository:
             handlers = runner.server
             assert handlers is not None
             factory: Callable[[], asyncio.Protocol]
+            protocol: Callable[[], asyncio.Protocol] = handlers
+            if cfg.web.fast_front:  # the hot download outside aiohttp, the rest handed to it
+                access = access_logger_class(self.counting, True)(
+                    log.getChild("access"), "") if cfg.log.access_log else None
+                protocol = self.fronts[name] = build_front(name, read_parts, handlers, access)
             if ctx is None:
                 busy = self.metrics.http.route(name, "(too many connections)")
                 over = self._over_cap(name)
@@ -432,10 +439,10 @@ class Repository:
                     busy.record(503, 0.0)
                     over()
 
-                factory = capped(handlers, cfg.web.max_connections, on_over_cap)
+                factory = capped(handlers, cfg.web.max_connections, on_over_cap, protocol)
             else:
                 factory = self._tls_listener(
-                    name, ctx, handlers, cfg.web.max_connections,
+                    name, ctx, protocol, cfg.web.max_connections,
                     functools.partial(open_connections, handlers)).protocol
             await self._listen(name, addr, factory)
         addr = cfg.listeners.address("lodge")

@@ -375,14 +375,18 @@ def open_connections(handlers: web.Server) -> int:
 
 
 def capped(handlers: web.Server, limit: int, on_over_cap: Callable[[], None],
-            ) -> Callable[[], asyncio.Protocol]:
+           protocol: Callable[[], asyncio.Protocol] | None = None,
+           ) -> Callable[[], asyncio.Protocol]:
     """aiohttp has no connection limit: this protocol factory is one, for plain HTTP (TLS
-    listeners are capped by their `TlsListener`, handshakes included)."""
+    listeners are capped by their `TlsListener`, handshakes included). `protocol` makes a
+    connection's protocol (default: `handlers`, aiohttp's; the HTTP fast front registers its
+    connections with `handlers` too, so they count)."""
+    make = protocol or handlers
 
     def factory() -> asyncio.Protocol:
         if len(handlers.connections) >= limit:
             on_over_cap()
             return _Busy()
-        return handlers()
+        return make()
 
     return factory

@@ -185,15 +185,29 @@ class Downloads:
         if ("If-None-Match" in headers or "If-Modified-Since" in headers
                 or PEM in headers.get("Accept", "")):
             return None
-        found = self.catalog.download(request.match_info["serial"])
+        answer = self.certificate_answer(request.match_info["serial"], user is not None)
+        if answer is None:
+            return None
+        der, tag, last_modified, static = answer
+        return web.Response(body=der, headers={**static, "ETag": tag,
+                                               "Last-Modified": last_modified})
+
+    def certificate_answer(self, serial: str, reader: bool
+                           ) -> tuple[bytes, str, str, dict[str, str]] | None:
+        """The common download by serial, once the request is known to want DER
+        unconditionally: (DER, ETag, Last-Modified, the read rule's static headers: Content-Type,
+        Cache-Control, Vary), `reader` saying whether the request has an authenticated reader.
+        None when `certificate` must answer (not exactly one certificate, or refused). The
+        static headers are one of two dicts that live as long as this object (the HTTP fast
+        front keys its pre-encoded heads on them)."""
+        found = self.catalog.download(serial)
         if found is None:
             return None
         der, sha_hex, last_modified, public = found
-        static = self._cert_answer[public, user is not None]
+        static = self._cert_answer[public, reader]
         if static is None:
             return None
-        return web.Response(body=der, headers={**static, "ETag": etag(sha_hex),
-                                               "Last-Modified": last_modified})
+        return der, etag(sha_hex), last_modified, static
 
     async def certificate(self, request: web.Request) -> web.StreamResponse:
         raw = request.match_info["serial"]
