@@ -349,8 +349,11 @@ class FrontProtocol(asyncio.Protocol):
             return
         if (b"\r\n\r\n" in rest or len(rest) > front.max_head_bytes
                 or rest.count(b"\n") != rest.count(b"\r\n")  # a bare LF: llhttp may end there
+                or rest.count(b"\r") != rest.count(b"\r\n")  # a bare CR: llhttp's 400 at once
                 or not (_GET.startswith(rest[:len(_GET)]) or _HEAD.startswith(rest[:len(_HEAD)]))):
             self._hand_over(rest)  # not hot, or cannot become hot
+        elif _refused_so_far(rest):
+            self._hand_over(rest)  # llhttp refuses it already: aiohttp's 400 now, not later
         else:
             self.pending = rest  # the start of what may be a hot request
 
@@ -441,6 +444,23 @@ class FrontProtocol(asyncio.Protocol):
             self.read_paused = False
             transport.resume_reading()
         handler.data_received(rest)
+
+
+class _Ignore:
+    """Callbacks for a parser that only checks bytes."""
+
+
+def _refused_so_far(partial: bytes) -> bool:
+    """Whether llhttp (aiohttp's parser too) already refuses the start of a head: aiohttp
+    answers such bytes 400 at once, so the front must not wait for the rest. Only for a head
+    split across reads (rare): a parser of its own."""
+    try:
+        httptools.HttpRequestParser(_Ignore()).feed_data(partial)
+    except httptools.HttpParserError:
+        return True
+    except httptools.HttpParserUpgrade:
+        return False
+    return False
 
 
 def _own_socket(transport: asyncio.BaseTransport) -> Any:
