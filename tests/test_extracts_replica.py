@@ -222,3 +222,27 @@ async def test_extract_list_and_downloads_with_postgresql_stopped(tmp_path: Path
                     await asyncio.to_thread(pg.acquire)
     finally:
         await asyncio.to_thread(pg.release)
+
+
+async def test_scheduler_check_writes_a_missing_or_stale_listing(server: Running) -> None:
+    """An installation upgraded with extracts already published, or a crash between
+    publication and listing: the scheduler's next check writes the listing."""
+    from repository_server.extracts.scheduler import ExtractScheduler
+
+    repo = server.repo
+    assert repo.store is not None and repo.extract_files is not None
+    directory = repo.config.path(repo.config.extracts.dir)
+    from_store, _ = writers(server, datetime.now(UTC))
+    async with repo.store.extract_lock(wait=True):
+        done = await from_store.produce("full")
+    listing = directory / fmt.LISTING
+    expected = listing.read_bytes()
+    listing.unlink()
+    # no listing: the store is read (as before this listing existed)
+    assert [r.name for r in await repo.extract_files.published()] == [done.name]
+    listing.write_bytes(b"{not json")  # damaged: the store is read
+    assert [r.name for r in await repo.extract_files.published()] == [done.name]
+    scheduler = ExtractScheduler(repo.store, from_store, repo.config.extracts)
+    assert await scheduler.tick() == []  # nothing due (a full was just made) ...
+    assert listing.read_bytes() == expected  # ... but the listing is written again
+    assert await repo.extract_files.published() == await repo.store.extracts()
