@@ -31,6 +31,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from repository_server.access import ReadAccess
 from repository_server.accounts import Accounts
 from repository_server.config import LISTENER_NAMES, Config, ConfigError, HostPort
+from repository_server.extracts.replica import ReplicaPages
 from repository_server.extracts.scheduler import ExtractScheduler
 from repository_server.extracts.writer import ExtractWriter
 from repository_server.listeners.http.app import ReadParts, build_read_app
@@ -397,9 +398,12 @@ class Repository:
         extracts_dir = cfg.path(cfg.extracts.dir)
         self.extract_files = ExtractFiles(self.store, extracts_dir, web_access)
         if cfg.extracts.schedule:
+            catalog = self.catalog
             writer = ExtractWriter(self.store, extracts_dir, compression=cfg.extracts.compression,
                                    page_size=cfg.extracts.page_size,
-                                   retain_full=cfg.extracts.retain_full)
+                                   retain_full=cfg.extracts.retain_full,
+                                   replica=ReplicaPages(self.replica, self.feeder.catch_up,
+                                                        lambda: catalog.ready))
             self.extract_scheduler = ExtractScheduler(self.store, writer, cfg.extracts)
         if cfg.portal.enabled:
             self.portal = Portal(self.catalog, self.accounts, self.downloads, self.counting,

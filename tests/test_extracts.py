@@ -101,6 +101,12 @@ async def store_state(dsn: str) -> dict[str, dict[str, Any]]:
             "documents": {(r["name"], r["version"]): r["body"] for r in docs}}
 
 
+def files_in(directory: Path) -> list[str]:
+    """The names in an extracts directory, but the listing of published ones (`fmt.LISTING`,
+    written beside them at every publication)."""
+    return sorted(p.name for p in directory.iterdir() if p.name != fmt.LISTING)
+
+
 def writer_for(running: Running, **kw: Any) -> ExtractWriter:
     repo = running.repo
     assert repo.store is not None
@@ -124,6 +130,7 @@ async def test_full_then_delta_round_trip(loaded: Running) -> None:
                                        repo.config.data_dir, timeout=120, env=env)
     assert code == 0, err.decode()
     produced = json.loads(out)
+    assert produced["read_from"] == "replica"  # the node's, caught up to the markers
     full_path = Path(produced["path"])
     assert full_path.parent == repo.config.path("extracts") and full_path.name.endswith(".tar.gz")
     full = read_extract(full_path)
@@ -276,7 +283,7 @@ async def test_crash_mid_way_leaves_nothing_visible(server: Running) -> None:
     assert status == 404
     async with repo.store.extract_lock(wait=True):
         done = await writer.produce("full")
-    assert sorted(p.name for p in directory.iterdir()) == [done.name]
+    assert files_in(directory) == [done.name]
     assert read_extract(done.path)["manifest"]["counts"]["certificates"] == 0
 
 
@@ -318,7 +325,9 @@ async def test_retention_removes_files_and_listing(server: Running) -> None:
     for kind in ("full", "delta", "full", "delta", "full"):
         names.append((await produce(server, kind, retain_full=2)).name)
     directory = server.repo.config.path("extracts")
-    assert sorted(p.name for p in directory.iterdir()) == sorted(names[2:])
+    assert files_in(directory) == sorted(names[2:])
+    listed = fmt.parse_listing((directory / fmt.LISTING).read_bytes())
+    assert listed == await server.repo.store.extracts()  # type: ignore[union-attr]
     files = server.repo.extract_files
     assert files is not None
     assert [r.name for r in await files.published()] == list(reversed(names[2:]))

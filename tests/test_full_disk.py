@@ -114,7 +114,8 @@ async def test_extract_onto_a_full_disk_publishes_nothing(tmp_path: Path, pki: d
             assert code == 0, err.decode()
             produced = json.loads(out)
             path = Path(produced["path"])
-            assert sorted(extracts.iterdir()) == [path] and path.parent == extracts
+            assert sorted(p for p in extracts.iterdir() if p.name != fmt.LISTING) == [path]
+            assert path.parent == extracts and (extracts / fmt.LISTING).is_file()
             assert not path.name.startswith(fmt.PARTIAL_PREFIX)
             status, _, body = await get(f"{running.http}/extracts")
             assert status == 200 and [e["name"] for e in json.loads(body)] == [path.name]

@@ -307,21 +307,43 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from repository_server.extracts.writer import ExtractWriter
 
     async def work(store: Any, config: Config) -> str:
+        from repository_server.extracts.replica import ReplicaPages
+        from repository_server.readmodel.feed import Feeder
+        from repository_server.store import feed as feed_sql
+
         ex = config.extracts
+        # This node's read replica, if it has a usable one: the extract is read from it
+        # (caught up to the markers first), not from PostgreSQL. None is built here.
+        feeder = Feeder.for_node(config, store.dsn)
+        pages = None
+        if feeder.replica.exists():
+            async with store.pool.acquire() as conn:
+                source = await feed_sql.identity(conn)
+            why = await asyncio.to_thread(feeder.usable, source)
+            if why:
+                print(f"extract: not reading the read replica ({why}): reading PostgreSQL",
+                      file=sys.stderr)
+            else:
+                pages = ReplicaPages(feeder.replica, feeder.catch_up)
         writer = ExtractWriter(store, config.path(ex.dir), compression=ex.compression,
                                page_size=ex.page_size, retain_full=ex.retain_full,
-                               progress=progress_bar())
-        async with store.extract_lock(wait=True):
-            try:
-                done = await writer.produce(args.kind)
-            except OSError as exc:  # a full disk, above all: one line, not a traceback
-                raise AdminError(f"extract failed, nothing was published: {exc}"
-                                 f" (extracts.dir {writer.directory})") from exc
+                               progress=progress_bar(), replica=pages)
+        try:
+            async with store.extract_lock(wait=True):
+                try:
+                    done = await writer.produce(args.kind)
+                except OSError as exc:  # a full disk, above all: one line, not a traceback
+                    raise AdminError(f"extract failed, nothing was published: {exc}"
+                                     f" (extracts.dir {writer.directory})") from exc
+        finally:
+            await feeder.close()
+            feeder.replica.close()
         if args.json:
             return json.dumps({"name": done.name, "kind": done.kind, "path": str(done.path),
                                "size": done.size, "sha256": done.sha256, "counts": done.counts,
-                               "removed": done.removed}, indent=2)
-        lines = [f"{done.path}", f"  {done.kind}, {done.size} bytes, sha256 {done.sha256}",
+                               "removed": done.removed, "read_from": done.source}, indent=2)
+        lines = [f"{done.path}", f"  {done.kind}, {done.size} bytes, sha256 {done.sha256},"
+                                 f" read from {done.source}",
                  "  " + ", ".join(f"{k} {v}" for k, v in done.counts.items())]
         lines += [f"  retention removed {name}" for name in done.removed]
         return "\n".join(lines)

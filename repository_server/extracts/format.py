@@ -11,6 +11,10 @@ An extract is one tar file (`.tar`, or `.tar.gz` with gzip), members in this ord
   documents.jsonl    one per document version (`document_record`)
   manifest.json      last: format, kind, markers, counts, SHA-256 of the three indexes
 
+Beside the extracts, `.published.json` (LISTING) lists the published ones as the store's
+`extracts` table does (`listing_body`): what `GET /extracts`, the portal and a restarted
+node answer from, without PostgreSQL. Its name is not an extract's, so it is never served.
+
 Every member is covered by a SHA-256: the DER members by the `sha256` of their index line
 (which is the SHA-256 of the object itself), the indexes by the manifest. A full extract
 holds everything up to its markers; a delta everything lodged after the previous extract's
@@ -22,6 +26,7 @@ latest full, then every delta after it) always ends at the current state.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -29,13 +34,21 @@ from datetime import UTC, datetime
 from typing import Any
 
 from repository_server.pki.ids import format_eui64, format_key_id
-from repository_server.store.models import CertRow, CrlRow, DocumentRow, ExtractMarkers
+from repository_server.store.models import (
+    CertRow,
+    CrlRow,
+    DocumentRow,
+    ExtractMarkers,
+    ExtractRow,
+)
 
 FORMAT = "smki-extract"
 VERSION = 1
 MANIFEST = "manifest.json"
 INDEXES = ("index.jsonl", "crls.jsonl", "documents.jsonl")
 PARTIAL_PREFIX = ".partial-"
+LISTING = ".published.json"
+LISTING_FORMAT = "smki-extract-listing"
 NAME_RE = re.compile(r"^smki-extract-(\d{8}T\d{6}Z)-(full|delta)-(\d{6,})\.tar(\.gz)?$")
 
 
@@ -145,3 +158,45 @@ def to_remove(published: Sequence[tuple[int, str]], retain_full: int) -> list[in
         return []
     oldest_kept = fulls[retain_full - 1]
     return sorted(i for i, _kind in ordered if i < oldest_kept)
+
+
+# -- the listing of published extracts (beside the files) -----------------------------------
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None  # microseconds and offset kept
+
+
+def _from_iso(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value is not None else None
+
+
+def listing_body(rows: Sequence[ExtractRow]) -> bytes:
+    """The published extracts (newest first, as `Store.extracts()` gives them), every field
+    kept exactly, so that reading it back gives the same rows."""
+    items = [{"id": r.id, "name": r.name, "kind": r.kind, "slot": r.slot, "state": r.state,
+              "started_at": _iso(r.started_at), "published_at": _iso(r.published_at),
+              "previous_id": r.previous_id, "upto": asdict(r.upto), "size": r.size,
+              "sha256": r.sha256.hex() if r.sha256 is not None else None, "counts": r.counts}
+             for r in rows]
+    return json.dumps({"format": LISTING_FORMAT, "version": 1, "extracts": items},
+                      indent=1).encode() + b"\n"
+
+
+def parse_listing(body: bytes) -> list[ExtractRow]:
+    """The rows of `listing_body`; ValueError if it is not one."""
+    try:
+        doc = json.loads(body)
+        if doc.get("format") != LISTING_FORMAT or doc.get("version") != 1:
+            raise ValueError("not an extract listing of version 1")
+        out = []
+        for i in doc["extracts"]:
+            started = _from_iso(i["started_at"])
+            if started is None:
+                raise ValueError("an extract without started_at")
+            out.append(ExtractRow(
+                int(i["id"]), i["name"], i["kind"], i["slot"], i["state"], started,
+                _from_iso(i["published_at"]), i["previous_id"], ExtractMarkers(**i["upto"]),
+                i["size"], bytes.fromhex(i["sha256"]) if i["sha256"] is not None else None,
+                i["counts"]))
+        return out
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"extract listing: {exc}") from exc

@@ -63,6 +63,9 @@ class ExtractScheduler:
         async with self.store.extract_lock(wait=False) as got:
             if not got:
                 return produced
+            # the readers' listing: written if missing (an upgraded installation, a crash
+            # between publication and listing) or stale
+            await self.writer.refresh_listing()
             for kind, slot, at in latest_ticks(self.clock(), self.settings):
                 latest = await self.store.extract_latest()
                 if latest is not None and latest.started_at >= at:

@@ -5,6 +5,12 @@ page of rows at a time; the index lines go to anonymous spool files on the same 
 are appended as members at the end. The caller holds the cluster's extract lock
 (`Store.extract_lock`), so nothing else is producing: leftovers of a crashed run
 (`.partial-*` files, rows still 'producing') are cleared first.
+
+Where the rows come from: the markers, the bookkeeping and a delta's status changes are
+PostgreSQL's; the certificates, CRLs and documents come from the node's read replica when
+one is given and has caught up to the markers (`extracts.replica`), else from PostgreSQL.
+Both give the same rows, so the same bytes. After every publication and retention the
+listing of published extracts is written beside them (`format.LISTING`), for the readers.
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from repository_server.extracts import format as fmt
+from repository_server.extracts.replica import ReplicaPages
 from repository_server.store.models import CertRow, CrlRow, DocumentRow, ExtractMarkers
-from repository_server.store.protocols import ExtractStorer
+from repository_server.store.protocols import ExtractPages, ExtractStorer
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +98,7 @@ class Produced:
     sha256: str
     counts: dict[str, int]
     removed: list[str]
+    source: str = "postgresql"  # where the certificates, CRLs and documents were read: or "replica"
 
 
 class _Tar:
@@ -169,8 +177,10 @@ class ExtractWriter:
     def __init__(self, store: ExtractStorer, directory: Path, *, compression: str = "gzip",
                  page_size: int = 5000, retain_full: int | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 progress: Callable[[str, int, int], None] | None = None) -> None:
+                 progress: Callable[[str, int, int], None] | None = None,
+                 replica: ReplicaPages | None = None) -> None:
         self.store = store
+        self.replica = replica  # the node's read replica: the bulk is read there, not here
         # (stage, done, total): certificates by id position in the extract's id range
         self.progress = progress or (lambda _stage, _done, _total: None)
         self.directory = directory
@@ -200,6 +210,13 @@ class ExtractWriter:
         previous = await self.store.extract_latest()
         since = previous.upto if kind == "delta" and previous is not None else ExtractMarkers()
         upto = await self.store.extract_markers()
+        # Read after the markers: every row at or below them was committed before, so its
+        # change is at or below this head, and a replica that has applied it holds them all.
+        pages: ExtractPages = self.store
+        source = "postgresql"
+        if self.replica is not None and await self.replica.ready(
+                await self.store.extract_change_head()):
+            pages, source = self.replica, "replica"
         created = self.clock()
         extract_id = await self.store.extract_next_id()
         name = fmt.extract_name(extract_id, kind, created, self.compress)
@@ -211,7 +228,7 @@ class ExtractWriter:
         try:
             tar = await asyncio.to_thread(_Tar, partial, self.compress)
             spools = [_Spool(self.directory) for _ in fmt.INDEXES]
-            counts = await self._stream(tar, spools, kind, since, upto)
+            counts = await self._stream(tar, spools, kind, since, upto, pages)
             indexes = {member: spool.summary() for member, spool in zip(fmt.INDEXES, spools,
                                                                          strict=True)}
             manifest = fmt.manifest(
@@ -236,9 +253,47 @@ class ExtractWriter:
                 with contextlib.suppress(OSError):  # (a full disk fails the flush: no matter)
                     spool.file.close()
         await self.store.extract_published(extract_id, size, bytes.fromhex(digest), counts)
-        log.info("published extract %s (%s bytes, %s)", name, size, counts)
+        log.info("published extract %s (%s bytes, %s, read from %s)", name, size, counts,
+                 "the read replica" if source == "replica" else "PostgreSQL")
+        await self.refresh_listing()
         removed = await self.apply_retention()
-        return Produced(extract_id, name, kind, final, size, digest, counts, removed)
+        return Produced(extract_id, name, kind, final, size, digest, counts, removed, source)
+
+    async def refresh_listing(self) -> bool:
+        """Write the listing of published extracts (`format.LISTING`) if it is missing or
+        differs from the store's; whether it was written. Beside its final name, then
+        renamed, like an extract. A failure (a full disk) is logged, not raised: the
+        extracts are published all the same, and the next extract or scheduler check
+        (`ExtractScheduler.tick`) writes it again."""
+        body = fmt.listing_body(await self.store.extracts())
+        path = self.directory / fmt.LISTING
+        try:
+            if path.read_bytes() == body:
+                return False
+        except OSError:
+            pass
+
+        def write() -> None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp = self.directory / (fmt.PARTIAL_PREFIX + fmt.LISTING.lstrip("."))
+            try:
+                with open(tmp, "wb") as fh:
+                    fh.write(body)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            _fsync_dir(self.directory)
+
+        try:
+            await asyncio.to_thread(write)
+        except OSError as exc:
+            log.warning("the listing of published extracts could not be written (%s);"
+                        " written again at the next check", exc)
+            return False
+        return True
 
     async def apply_retention(self) -> list[str]:
         if self.retain_full is None:
@@ -248,13 +303,14 @@ class ExtractWriter:
         names = [r.name for r in published if r.id in doomed]
         if doomed:
             await self.store.extract_removed(sorted(doomed))  # unlisted first, then deleted
+            await self.refresh_listing()
             for name in names:
                 (self.directory / name).unlink(missing_ok=True)
                 log.info("retention: removed extract %s", name)
         return names
 
     async def _stream(self, tar: _Tar, spools: list[_Spool], kind: str, since: ExtractMarkers,
-                      upto: ExtractMarkers) -> dict[str, int]:
+                      upto: ExtractMarkers, pages: ExtractPages) -> dict[str, int]:
         certs, crls, docs = spools
         store, size = self.store, self.page_size
         counts = {"certificates": 0, "certificates_new": 0, "certificates_changed": 0,
@@ -278,7 +334,7 @@ class ExtractWriter:
 
         span = max(0, upto.cert_id - since.cert_id)
         self.progress("extract certificates (by id)", 0, span)
-        async for cert_rows in _pages(lambda after: store.extract_certificates_page(
+        async for cert_rows in _pages(lambda after: pages.extract_certificates_page(
                 after, upto.cert_id, size), lambda row: row.id, since.cert_id):
             await asyncio.to_thread(put_certs, cert_rows, "new")
             counts["certificates_new"] += len(cert_rows)
@@ -291,11 +347,11 @@ class ExtractWriter:
                 await asyncio.to_thread(put_certs, [row for _seq, row in changed], "status")
                 counts["certificates_changed"] += len(changed)
         counts["certificates"] = counts["certificates_new"] + counts["certificates_changed"]
-        async for crl_rows in _pages(lambda after: store.extract_crls_page(
+        async for crl_rows in _pages(lambda after: pages.extract_crls_page(
                 after, upto.crl_id, 50), lambda row: row.id, since.crl_id):
             await asyncio.to_thread(put_crls, crl_rows)
             counts["crls"] += len(crl_rows)
-        async for doc_rows in _pages(lambda after: store.extract_documents_page(
+        async for doc_rows in _pages(lambda after: pages.extract_documents_page(
                 after, upto.document_id, 20), lambda item: item[0], since.document_id):
             await asyncio.to_thread(put_docs, doc_rows)
             counts["documents"] += len(doc_rows)

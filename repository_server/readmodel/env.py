@@ -253,6 +253,20 @@ class Replica:
                         break
         return out
 
+    def certificates_between(self, after_id: int, upto_id: int,
+                             limit: int) -> list[CertRecord]:
+        """Certificates with after_id < id <= upto_id in id order, at most `limit`, in one
+        read transaction (an extract's keyset page: the same rows as its SQL page)."""
+        out: list[CertRecord] = []
+        upto = rec.id_key(upto_id)
+        with self._read() as txn, txn.cursor(db=self._db["certs"]) as cur:
+            if cur.set_range(rec.id_key(after_id + 1)):
+                for key, value in cur:
+                    if key > upto or len(out) >= limit:
+                        break
+                    out.append(rec.unpack_cert(rec.key_id(key), value))
+        return out
+
     def search(self, key: bytes, limit: int) -> tuple[list[CertRecord], int]:
         """The certificates under this RFC 4387 index key (oldest first, at most `limit`)
         and how many there are in all (a count LMDB keeps: no walk). The caller checks
@@ -461,6 +475,23 @@ class Replica:
                    in self._prefixed(txn, "crls", rec.crl_prefix(issuer_key_id))]
         return out[::-1]
 
+    def crls_between(self, after_id: int, upto_id: int, limit: int) -> list[CrlRecord]:
+        """CRL/ARL versions with after_id < id <= upto_id in id order, at most `limit`, in
+        one read transaction (an extract's page)."""
+        out: list[CrlRecord] = []
+        upto = rec.id_key(upto_id)
+        with self._read() as txn, txn.cursor(db=self._db["crlid"]) as cur:
+            if cur.set_range(rec.id_key(after_id + 1)):
+                for id_bytes, key in cur:
+                    if id_bytes > upto or len(out) >= limit:
+                        break
+                    value = txn.get(key, db=self._db["crls"])
+                    if value is None:
+                        raise ReplicaUnavailable(f"replica damaged: CRL {rec.key_id(id_bytes)}"
+                                                 " missing (rebuild it)")
+                    out.append(rec.unpack_crl(key, value))
+        return out
+
     def current_crls(self) -> list[CrlRecord]:
         """The current CRL/ARL of every issuer, by issuer key id."""
         out = []
@@ -507,6 +538,21 @@ class Replica:
         for d in self._docs():
             latest[d.name] = d
         return list(latest.values())
+
+    def documents_between(self, after_id: int, upto_id: int, limit: int) -> list[DocRecord]:
+        """Document versions with after_id < id <= upto_id in id order, at most `limit`, in
+        one read transaction (an extract's page; documents are few, and keyed by name, so
+        the index is walked for their ids)."""
+        with self._read() as txn:
+            chosen = sorted((i, key) for key, value in self._prefixed(txn, "docs", b"")
+                            if after_id < (i := rec.key_id(value[:8])) <= upto_id)[:limit]
+            out = []
+            for _i, key in chosen:
+                value = txn.get(key, db=self._db["docs"])
+                if value is None:  # (the same transaction: it cannot have gone)
+                    raise ReplicaUnavailable("replica damaged: a document vanished")
+                out.append(rec.unpack_doc(key, value))
+        return out
 
     def document_versions(self, name: str) -> list[DocRecord]:
         return self._docs(name.encode() + b"\x00")[::-1]

@@ -52,6 +52,11 @@ class ExtractStore(StoreBase):
                 " (SELECT coalesce(max(id), 0) FROM documents)")
         return ExtractMarkers(int(r[0]), int(r[1]), int(r[2]), int(r[3]))
 
+    async def extract_change_head(self) -> int:
+        """The newest change-log number (read after `extract_markers`: a read replica that has
+        applied it holds everything at or below the markers)."""
+        return int(await self.pool.fetchval("SELECT coalesce(max(seq), 0) FROM changes"))
+
     async def extract_certificates_page(self, after_id: int, upto_id: int,
                                         limit: int) -> list[CertRow]:
         rows = await self.pool.fetch(

@@ -154,22 +154,29 @@ class ExtractSchedule(ExtractLock, Protocol):
     async def extract_slot_taken(self, slot: str) -> bool: ...
 
 
-class ExtractStorer(ExtractLock, Protocol):
-    """What an extract producer reads (keyset pages) and records."""
-
-    async def extract_markers(self) -> ExtractMarkers: ...
+class ExtractPages(Protocol):
+    """The keyset pages an extract is written from: the store, or the node's read replica
+    (`extracts.replica.ReplicaPages`), which give the same rows."""
 
     async def extract_certificates_page(self, after_id: int, upto_id: int,
                                         limit: int) -> list[CertRow]: ...
-
-    async def extract_changed_page(self, after_change: int, upto_change: int, id_upto: int,
-                                   limit: int) -> list[tuple[int, CertRow]]: ...
 
     async def extract_crls_page(self, after_id: int, upto_id: int,
                                 limit: int) -> list[CrlRow]: ...
 
     async def extract_documents_page(self, after_id: int, upto_id: int,
                                      limit: int) -> list[tuple[int, DocumentRow]]: ...
+
+
+class ExtractStorer(ExtractLock, ExtractPages, Protocol):
+    """What an extract producer reads (keyset pages) and records."""
+
+    async def extract_markers(self) -> ExtractMarkers: ...
+
+    async def extract_change_head(self) -> int: ...
+
+    async def extract_changed_page(self, after_change: int, upto_change: int, id_upto: int,
+                                   limit: int) -> list[tuple[int, CertRow]]: ...
 
     async def extract_next_id(self) -> int: ...
 

@@ -7,10 +7,16 @@ Like organisation and device certificates, they need an API key (or a portal ses
 the portal's download route) unless `web.open_reads`. Only names of published extracts are
 served: a `.partial-` file, or any other name, is a 404. Answers that need a key are
 `private`: no shared cache may hand them to a client without one.
+
+The list is read from the listing the producer writes beside the files at every publication
+(`extracts.format.LISTING`), not from PostgreSQL: it is answered, like the files, with the
+store down. Only where no listing has been written yet (an installation that has not made an
+extract since it was upgraded) is the store's `extracts` table read.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +30,8 @@ from repository_server.listeners.http.downloads import Handler, error
 from repository_server.store.db import Store
 from repository_server.store.models import ExtractRow
 
+log = logging.getLogger(__name__)
+
 
 class ExtractFiles:
     def __init__(self, store: Store, directory: Path, access: ReadAccess) -> None:
@@ -32,6 +40,7 @@ class ExtractFiles:
         self.access = access  # the read rule of the HTTP interface: extracts are private
         self._file_cache = f"{access.cache_scope(public=False)}, max-age=86400, immutable"
         self._list_cache = "no-cache" if access.shared(public=False) else "private, no-cache"
+        self._listing: tuple[tuple[int, int, int], list[ExtractRow]] | None = None
 
     def routes(self) -> list[tuple[str, str, str, Handler]]:
         return [("GET", "/extracts", "extract-list", self.listing),
@@ -39,7 +48,28 @@ class ExtractFiles:
 
     async def published(self) -> list[ExtractRow]:
         """Published extracts whose file is here, newest first."""
-        return [r for r in await self.store.extracts() if (self.directory / r.name).is_file()]
+        rows = self._read_listing()
+        if rows is None:
+            rows = await self.store.extracts()
+        return [r for r in rows if (self.directory / r.name).is_file()]
+
+    def _read_listing(self) -> list[ExtractRow] | None:
+        """The producer's listing (re-read only when the file changes); None if there is
+        none, or it cannot be read."""
+        path = self.directory / fmt.LISTING
+        try:
+            st = path.stat()
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if self._listing is not None and self._listing[0] == stamp:
+                return self._listing[1]
+            rows = fmt.parse_listing(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("%s cannot be read (%s): listing extracts from the store", path, exc)
+            return None
+        self._listing = (stamp, rows)
+        return rows
 
     @staticmethod
     def describe(row: ExtractRow, url: str) -> dict[str, Any]:
