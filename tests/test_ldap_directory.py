@@ -91,6 +91,9 @@ class FakeReads:
         found = tuple(c for c in self._subject(device) if c.eui64 == eui64)
         return found, [c.lodged_status for c in found]
 
+    def subject(self, eui64: bytes, device: bool) -> tuple[CertEntry, ...]:
+        return self.subject_now(eui64, device, 0)[0]
+
     async def certificates(self, serial: str) -> tuple[CertEntry, ...]:
         return tuple(c for c in self.certs if c.serial == serial)
 

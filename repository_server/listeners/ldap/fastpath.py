@@ -87,6 +87,7 @@ class Query:
     # the filter tests (key, build), and those sent (wire name, build), in the entry's order
     tested: tuple[tuple[str, CertAttr], ...]
     sent: tuple[tuple[str, CertAttr], ...]
+    statuses: bool  # whether the search tests or sends smkiStatus (else it is not worked out)
 
 
 class FastSearch:
@@ -158,8 +159,9 @@ class FastSearch:
             return None
         unit_name, device = unit
         tested, sent = self._encoders(shape.keys, selection)
+        statuses = "smkistatus" in shape.keys or "smkistatus" in (keys or CERT_ATTR_KEYS)
         return Query(unit_name, device, req.scope == 2, shape, keys, selection, size_limit,
-                     req.base, req.scope, tested, sent), eui_value
+                     req.base, req.scope, tested, sent, statuses), eui_value
 
     def _encoders(self, tested_keys: frozenset[str], selection: Selection
                   ) -> tuple[tuple[tuple[str, CertAttr], ...], tuple[tuple[str, CertAttr], ...]]:
@@ -187,7 +189,11 @@ class FastSearch:
         eui = _EUI_NORM(eui_value)
         if not isinstance(eui, bytes) or len(eui) != 8:
             return None
-        certs, statuses = self.catalog.subject_now(eui, query.device, now)
+        if query.statuses:
+            certs, statuses = self.catalog.subject_now(eui, query.device, now)
+        else:  # nothing reads a status (R from the CRL, E from notAfter): not worked out
+            certs = self.catalog.subject(eui, query.device)
+            statuses = [""] * len(certs)
         self.answered += 1
         ops: list[bytes] = []
         until = _FOREVER
@@ -212,7 +218,7 @@ class FastSearch:
                 ops.append(responses.entry_op(entry_dn, [
                     (name, values) for name, build in sent
                     if (values := build(c, status, entry_dn)) is not None]))
-                if status not in ("E", "R"):
+                if status not in ("E", "R"):  # (unknown: as if it were not, the earlier)
                     until = min(until, c.not_after_ts)
         return ops, until
 
