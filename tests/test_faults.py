@@ -605,25 +605,29 @@ async def test_batch_refused_half_way_by_a_full_disk_stores_nothing(server: Runn
 
 
 async def test_pool_serves_waiters_first_come_first_served(fresh_db: str) -> None:
-    """Eight clients, each asking three times in a row, on two connections: every client
-    has its first turn before any client has its second (README, Faults and limits). With
-    asyncpg's own hand-over a client that releases and asks again at once takes the
-    connection back ahead of the woken waiters (p99 683 ms at 64 clients on 10)."""
+    """Eight clients, each asking three times in a row, on two connections: each is served in
+    the order it asked (README, Faults and limits), give or take the two turns in progress (two
+    connections being handed out at once may finish in either order). With asyncpg's own
+    hand-over a client that releases and asks again at once takes the connection back ahead of
+    the woken waiters (p99 683 ms at 64 clients on 10). (Order of asking, not "everyone's first
+    turn before anyone's second": a release slowed by a busy machine makes a client ask late.)"""
     from repository_server.store.db import Store
 
     store = await Store.connect(fresh_db, min_size=2, max_size=2)
-    turns: list[int] = []
+    asked: list[tuple[int, int]] = []
+    served: list[tuple[int, int]] = []
 
     async def client(i: int) -> None:
-        for _turn in range(3):
+        for turn in range(3):
+            asked.append((i, turn))  # (no await between this and the turn being queued)
             async with store.pool.acquire() as conn:
-                turns.append(i)
+                served.append((i, turn))
                 await conn.fetchval("SELECT 1")
 
     try:
         await asyncio.gather(*(client(i) for i in range(8)))
     finally:
         await store.close()
-    assert len(turns) == 24
-    assert sorted(turns[:8]) == list(range(8)), turns
-    assert sorted(turns[8:16]) == list(range(8)), turns
+    assert len(served) == 24 and sorted(served) == sorted(asked)
+    late = {t: served.index(t) - asked.index(t) for t in asked}
+    assert max(late.values()) <= 2, (asked, served)
