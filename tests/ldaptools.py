@@ -32,6 +32,7 @@ from pyasn1.codec.ber import encoder as ber_encoder
 
 from repository_server.listeners.ldap import protocol, responses
 from repository_server.listeners.ldap.server import WHOAMI_OID
+from tests import ports
 from tests.conftest import TEST_KEY, run_process
 
 SLAPD = Path("/usr/sbin/slapd")
@@ -123,10 +124,7 @@ def sample_requests(eui: str, serial: str) -> list[bytes]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    return ports.free_port()
 
 
 class Slapd:

@@ -15,7 +15,6 @@ import concurrent.futures
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -29,14 +28,13 @@ from repository_server.config import ServiceLevelSettings
 from repository_server.service_levels import ServiceLevels, cpm_report, format_cpm_report
 from repository_server.store.db import Store
 from tests.conftest import Running, add_user, cli_env, smki_cli
+from tests.ports import free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port()
 
 
 async def _rows(store: Store, month: str, interface: str, user: str) -> dict[str, int]:

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,15 +22,9 @@ import pytest
 from repository_server.cli.lodge_client import LodgeClient
 from repository_server.pki.testpki import TestPkiParams, generate, load_manifest
 from tests.conftest import cli_env, smki_cli
+from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_http(url: str, timeout: float = 90) -> bytes:
