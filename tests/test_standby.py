@@ -247,6 +247,10 @@ async def test_a_paused_standby_the_node_says_how_far_behind_and_catches_up(
         status, body = await readyz(b)
         assert body["replica"]["built"] == built, body
         assert await serves(b, mine[0]) and await serves(b, before[0])
+        # `replica verify` while the standby lags behind a lodging on A: caught up to the
+        # primary's head (what the standby lacks read from the primary), then equal
+        await lodge_devices(cluster, a, 1)
+        await verify_b(cluster)
     finally:
         await asyncio.to_thread(cluster.pair.resume_replay)
     took = await eventually(lambda: caught_up(b), 10, "B catches up once replay resumes")

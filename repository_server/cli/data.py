@@ -198,6 +198,7 @@ def cmd_replica(args: argparse.Namespace) -> int:
     from repository_server.readmodel.check import lag, verify
     from repository_server.readmodel.env import ReplicaUnavailable
     from repository_server.readmodel.feed import Feeder
+    from repository_server.store import feed as feed_sql
     from repository_server.store import opened_store
 
     config = load_config(args)
@@ -239,7 +240,11 @@ def cmd_replica(args: argparse.Namespace) -> int:
                     print(json.dumps(state, indent=2))
                     return 0
                 if not args.no_catch_up:
-                    await feeder.catch_up()
+                    # up to the primary's head: a feed from a lagging streaming replica
+                    # (database.replica_url) takes what it lacks from the primary
+                    async with store.pool.acquire() as conn:
+                        head = await feed_sql.head(conn)
+                    await feeder.catch_up(head)
                 async with store.pool.acquire() as conn:
                     report = await verify(replica, conn)
                 if report.ok:
