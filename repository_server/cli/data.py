@@ -69,6 +69,9 @@ def _import_profile(report: Any) -> str:
     us = {k: v * 1e6 / n for k, v in report.worker_seconds.items()}
     workers = ", ".join(f"{k} {us[k]:.0f}" for k in ("read", "parse", "verify", "rows")
                         if k in us)
+    wall = report.worker_seconds.get("wall", 0.0)
+    if wall:  # below 100 %: the workers waited for a core (other processes, PostgreSQL)
+        workers += f" (CPU {100 * report.worker_seconds.get('cpu', 0.0) / wall:.0f} % of wall)"
     text = (f"per certificate, µs: workers (CPU, summed) {workers or 'none'};"
             f" store: COPY {report.copy_seconds * 1e6 / n:.0f}")
     if report.indexes_deferred:

@@ -80,8 +80,8 @@ async def finish_interrupted(pool: BoundedPool, note: Note = log.warning) -> int
         if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM deferred_indexes)"):
             return 0
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _BULK_LOCK):
-            note("an import into an empty store is running: it builds the certificates"
-                 " table's indexes when it ends")
+            note("the certificates table has indexes still to build: the import loading"
+                 " the store (or another process opening it) builds them")
             return 0
         try:
             note("an import into an empty store was interrupted: building the certificates"
