@@ -23,6 +23,7 @@ is kept and why, and how a killed import is made whole at the next start).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import time
@@ -360,7 +361,8 @@ async def import_directory(service: LodgingService, root: Path, actor: Actor, *,
         if bulk is not None:  # the next open of the store builds them
             note("import failed: the certificates table's indexes are built at the next"
                  " start")
-            await bulk.close()
+            with contextlib.suppress(Exception):  # the store gone too: its error is not ours
+                await bulk.close()
         raise
     if bulk is not None:
         t0 = time.perf_counter()
