@@ -73,19 +73,19 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-async def finish_interrupted(pool: BoundedPool, note: Note = log.warning) -> int:
+async def finish_interrupted(pool: BoundedPool, note: Note = log.info) -> int:
     """Build the indexes an interrupted bulk load left unbuilt (none: nothing to do), unless
     an import is loading right now (it builds them when it ends). Returns how many."""
     async with pool.acquire() as conn:
         if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM deferred_indexes)"):
             return 0
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _BULK_LOCK):
-            note("the certificates table has indexes still to build: the import loading"
-                 " the store (or another process opening it) builds them")
+            log.warning("the certificates table has indexes still to build: the import"
+                        " loading the store (or another process opening it) builds them")
             return 0
         try:
-            note("an import into an empty store was interrupted: building the certificates"
-                 " table's indexes it had dropped")
+            log.warning("an import into an empty store was interrupted: building the"
+                        " certificates table's indexes it had dropped")
             return await _build(conn, note)
         finally:
             await unlock(conn, _BULK_LOCK)
