@@ -326,3 +326,234 @@ async def test_import_of_bundles_holds_back_little(server: Running, tmp_path: Pa
     assert report.stored == 4000 + 5 + 2  # devices, CAs, organisations (the manifest's)
     assert report.held_back_peak < 1000, report.held_back_peak  # not the 4,000 devices
     assert [d for d, _ in seen] == sorted(d for d, _ in seen) and seen[-1][0] == seen[-1][1]
+
+
+# -- import into an empty store: indexes built after the COPYs (issue 13) --------------------
+async def _import(running: Running, root: Path, notes: list[str] | None = None,
+                  **kw: Any) -> Any:
+    from repository_server.lodging.service import LodgingService
+
+    assert running.repo.store is not None
+    service = LodgingService(running.repo.store, after_commit=running.repo.catalog.synced)
+    try:
+        return await import_directory(service, root, Actor("operator:test"),
+                                      note=(notes if notes is not None else []).append, **kw)
+    finally:
+        service.close()
+
+
+async def _indexes(dsn: str) -> dict[str, str]:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM deferred_indexes") == 0
+        return {r["indexname"]: r["indexdef"] for r in await conn.fetch(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'certificates'")}
+    finally:
+        await conn.close()
+
+
+async def _schema_indexes(embedded: Any) -> dict[str, str]:
+    """The certificates table's indexes as the migrations make them."""
+    from repository_server.store.db import Store
+    from tests.conftest import create_database
+
+    dsn = await create_database(embedded)
+    store = await Store.connect(dsn)
+    await store.close()
+    return await _indexes(dsn)
+
+
+async def _rows(running: Running) -> list[tuple[Any, ...]]:
+    assert running.repo.store is not None
+    return [tuple(r) for r in await running.repo.store.pool.fetch(
+        "SELECT sha256, serial, issuer_dn, issuer_key_id, kind, eui64, status, lint::text,"
+        " issuer_verified, trust_anchor, der FROM certificates ORDER BY sha256")]
+
+
+async def _answers(running: Running, rows: list[tuple[Any, ...]]) -> list[Any]:
+    """Every certificate over HTTP, and the whole directory over LDAP."""
+    from tests.test_ldap import BIND, ldapsearch
+
+    out: list[Any] = []
+    for r in rows:
+        query = f"?issuer={r[3].hex()}" if r[3] else ""
+        status, _h, body = await aget(f"{running.http}/certificates/{r[1]}{query}")
+        out.append((r[1], status, body))
+    _code, text = await asyncio.to_thread(ldapsearch, running, *BIND, "-b", "o=SMKI", "-s",
+                                          "sub", "(objectClass=*)")
+    out.append(sorted(text.split("\n\n")))
+    return out
+
+
+async def _replica_verify(data_dir: Path, dsn: str) -> None:
+    from tests.conftest import cli_env, run_process, smki_cli
+
+    code, out, err = await run_process(*smki_cli(), "replica", "verify", "--data-dir",
+                                       str(data_dir), timeout=120,
+                                       env={**cli_env(), "SMKI_DATABASE__URL": dsn})
+    assert code == 0 and b"equals the store" in out, (out, err)
+
+
+async def test_import_into_an_empty_store_builds_indexes_after_and_answers_the_same(
+        tmp_path: Path, pki: dict[str, Any], embedded: Any) -> None:
+    """Into an empty store the non-unique indexes are dropped and built after the COPYs
+    (with progress notes); the store then has exactly the schema's indexes, and HTTP, LDAP
+    and `replica verify` answer as after an import into a store that already held a
+    certificate (the ordinary path, every index kept)."""
+    from tests.conftest import create_database, running_repository
+
+    root: Path = pki["dir"]
+    first = next(o for o in pki["objects"] if o["kind"] == "root")
+    only_root = tmp_path / "root"
+    only_root.mkdir()
+    shutil.copy(root / first["path"], only_root / "root.der")
+    dsn_a, dsn_b = await create_database(embedded), await create_database(embedded)
+    answers, rows = [], []
+    for dsn, where in ((dsn_a, tmp_path / "a"), (dsn_b, tmp_path / "b")):
+        async with running_repository(where, pki, dsn) as running:
+            notes: list[str] = []
+            if dsn == dsn_b:  # not empty: one certificate stored before
+                await _import(running, only_root)
+            report = await _import(running, root, notes)
+            assert not report.refused
+            if dsn == dsn_a:
+                assert report.indexes_deferred == 9 and report.stored == len(
+                    [o for o in pki["objects"] if o["kind"] in ("root", "ca", "organisation",
+                                                                "device")])
+                assert any("9 non-unique indexes are dropped" in n for n in notes), notes
+                assert "building indexes: 1 of 9 (certificates_ca) ..." in notes, notes
+                assert any(n.startswith("building indexes: 9 built in") for n in notes)
+            else:
+                assert report.indexes_deferred == 0 and report.identical == 1
+                assert not any("building indexes" in n for n in notes), notes
+            rows.append(await _rows(running))
+            answers.append(await _answers(running, rows[-1]))
+        await _replica_verify(where, dsn)
+    assert rows[0] == rows[1] and len(rows[0]) == 49  # 5 CAs, 24 organisations, 20 devices
+    assert answers[0] == answers[1]
+    assert all(status == 200 for _s, status, _b in answers[0][:-1])
+    assert len(answers[0][-1]) > 49  # LDAP entries
+    schema = await _schema_indexes(embedded)
+    assert len(schema) == 12
+    assert await _indexes(dsn_a) == schema == await _indexes(dsn_b)
+
+
+def _conflicting(running: Running, der: bytes) -> bytes:
+    """A different certificate with this one's issuer and serial (signed by the issuer)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    cert = x509.load_der_x509_certificate(der)
+    ca, key = running.ca("issuing-oca")
+    builder = (x509.CertificateBuilder().subject_name(cert.subject).issuer_name(cert.issuer)
+               .public_key(cert.public_key()).serial_number(cert.serial_number)
+               .not_valid_before(cert.not_valid_before_utc)
+               .not_valid_after(cert.not_valid_after_utc.replace(year=cert.not_valid_after_utc.year - 1)))
+    for ext in cert.extensions:
+        builder = builder.add_extension(ext.value, ext.critical)
+    assert cert.issuer == ca.subject
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+async def test_import_into_an_empty_store_finds_duplicates_as_before(
+        tmp_path: Path, pki: dict[str, Any], embedded: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same certificate twice is stored once (identical), a different certificate with
+    the same issuer and serial refuses its chunk: the same report, to the line, whether the
+    store was empty (indexes deferred) or not."""
+    import repository_server.lodging.bulk as bulk
+    from tests.conftest import create_database, running_repository
+
+    monkeypatch.setattr(bulk, "CHUNK", 8)
+    root: Path = pki["dir"]
+    src = tmp_path / "src"
+    src.mkdir()
+    kept = [o for o in pki["objects"] if o["kind"] in ("root", "ca", "organisation")]
+    for o in kept:
+        shutil.copy(root / o["path"], src / Path(o["path"]).name)
+    orgs = [o for o in kept if o["kind"] == "organisation"]
+    (src / "00-copy.der").write_bytes((root / orgs[0]["path"]).read_bytes())
+    device = next(o for o in pki["objects"] if o["kind"] == "device")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "device.der").write_bytes(  # a device not in src (no CA: the same issuers known)
+        load_pem_or_der_certificates((root / device["path"]).read_bytes())[device["index"]])
+    reports = []
+    for n, where in enumerate((tmp_path / "a", tmp_path / "b")):
+        async with running_repository(where, pki, await create_database(embedded)) as running:
+            if n == 0:
+                (src / "zz-conflict.der").write_bytes(
+                    _conflicting(running, (root / orgs[1]["path"]).read_bytes()))
+            else:  # not empty: the ordinary path
+                assert (await _import(running, other, allow_unverified_issuer=True)).stored == 1
+            report = await _import(running, src)
+            assert report.indexes_deferred == (9 if n == 0 else 0)
+            reports.append((report.stored, report.identical, sorted(report.refused)))
+    assert reports[0] == reports[1], reports
+    stored, identical, refused = reports[0]
+    assert identical == 1 and any("same issuer and serial" in r for r in refused), refused
+    assert any("a chunk of" in r and "not stored because of the conflict" in r
+               for r in refused), refused
+    assert 0 < stored < len(kept)
+
+
+async def test_import_killed_midway_is_consistent_and_built_at_the_next_start(
+        tmp_path: Path, pki: dict[str, Any], fresh_db: str) -> None:
+    """kill -9 of `import` (and its workers) while it loads an empty store: what it
+    committed is stored; the next start builds the dropped indexes; everything stored is
+    readable, lodging works, and a second import takes the ordinary path and completes
+    the first."""
+    import os
+    import signal
+
+    import asyncpg
+
+    from repository_server.pki.testpki import TestPkiParams, generate
+    from repository_server.store.bulkload import _BULK_LOCK
+    from tests.conftest import cli_env, lodge_pki, running_repository, smki_cli
+
+    big = tmp_path / "big"
+    generate(big, TestPkiParams(devices=25_000, organisations=2, workers=2, seed=43))
+    proc = await asyncio.create_subprocess_exec(
+        *smki_cli(), "import", str(big), "--data-dir", str(tmp_path / "cli"),
+        env={**cli_env(), "SMKI_DATABASE__URL": fresh_db}, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        for _ in range(1200):
+            await asyncio.sleep(0.1)
+            if await conn.fetchval("SELECT to_regclass('deferred_indexes') IS NOT NULL") and \
+                    await conn.fetchval("SELECT count(*) FROM deferred_indexes") and \
+                    await conn.fetchval("SELECT count(*) FROM certificates") >= 10_000:
+                break
+        else:
+            raise AssertionError("the import did not get going")
+        os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        for _ in range(100):  # its server process ends when it sees the client gone
+            if not await conn.fetchval("SELECT count(*) FROM pg_locks WHERE locktype ="
+                                       " 'advisory' AND objid = $1", _BULK_LOCK):
+                break
+            await asyncio.sleep(0.1)
+        stored = await conn.fetchval("SELECT count(*) FROM certificates")
+        assert 10_000 <= stored < 50_007
+        assert await conn.fetchval("SELECT count(*) FROM deferred_indexes") == 9
+    finally:
+        await conn.close()
+    async with running_repository(tmp_path / "srv", pki, fresh_db) as running:
+        indexes = await _indexes(fresh_db)  # built at the start
+        assert len(indexes) == 12 and "certificates_eui64" in indexes
+        assert running.repo.store is not None
+        rows = await running.repo.store.pool.fetch(
+            "SELECT serial, issuer_key_id, der FROM certificates ORDER BY random() LIMIT 50")
+        for r in rows:
+            status, _h, body = await aget(
+                f"{running.http}/certificates/{r['serial']}?issuer={r['issuer_key_id'].hex()}")
+            assert status == 200 and body == r["der"]
+        await asyncio.to_thread(lodge_pki, running)  # lodging works
+        report = await _import(running, big)
+        assert report.indexes_deferred == 0 and not report.refused
+        assert report.identical == stored and report.stored == 50_007 - stored
+    await _replica_verify(tmp_path / "srv", fresh_db)

@@ -53,11 +53,31 @@ async def _import(config: Config, root: Path, allow_unverified: bool,
           f" {report.unverified:,} with unverified issuer), {report.crls} CRL/ARL, in"
           f" {report.seconds:.1f} s ({report.rate:,.0f} certificates/s);"
           f" {len(report.skipped)} files skipped, {len(report.refused)} refused")
+    print(_import_profile(report))
     for line in report.refused[:50]:
         print(f"  refused: {line}", file=sys.stderr)
     if len(report.refused) > 50:
         print(f"  ... and {len(report.refused) - 50} more", file=sys.stderr)
     return 1 if report.refused else 0
+
+
+def _import_profile(report: Any) -> str:
+    """Where each certificate's time went: the workers' CPU by stage (summed over the
+    workers, so stages add up to more than the wall time on several cores) and this
+    process's waits on the store (COPY transactions, the index build)."""
+    n = max(1, report.stored + report.identical)
+    us = {k: v * 1e6 / n for k, v in report.worker_seconds.items()}
+    workers = ", ".join(f"{k} {us[k]:.0f}" for k in ("read", "parse", "verify", "rows")
+                        if k in us)
+    wall = report.worker_seconds.get("wall", 0.0)
+    if wall:  # below 100 %: the workers waited for a core (other processes, PostgreSQL)
+        workers += f" (CPU {100 * report.worker_seconds.get('cpu', 0.0) / wall:.0f} % of wall)"
+    text = (f"per certificate, µs: workers (CPU, summed) {workers or 'none'};"
+            f" store: COPY {report.copy_seconds * 1e6 / n:.0f}")
+    if report.indexes_deferred:
+        text += (f", index build {report.index_seconds * 1e6 / n:.0f} ({report.indexes_deferred}"
+                 f" indexes built after the load into an empty store, {report.index_seconds:.1f} s)")
+    return text
 
 
 def cmd_import(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ import asyncpg
 
 from repository_server.store.accounts import AccountStore
 from repository_server.store.audit import AuditStore
+from repository_server.store.bulkload import BulkLoadStore
 from repository_server.store.certificates import CertificateStore
 from repository_server.store.crls import CrlStore
 from repository_server.store.documents import DocumentStore
@@ -27,7 +28,7 @@ from repository_server.store.service_levels import ServiceLevelStore
 
 
 class Store(SchemaStore, CertificateStore, CrlStore, DocumentStore, AccountStore,
-            ServiceLevelStore, ExtractStore, AuditStore):
+            ServiceLevelStore, ExtractStore, AuditStore, BulkLoadStore):
     def __init__(self, pool: asyncpg.Pool, dsn: str, *, connect_timeout: float = 10.0,
                  command_timeout: float = 30.0, backend_pids: set[int] | None = None) -> None:
         self.pool = BoundedPool(pool, connect_timeout)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from datetime import date, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from repository_server import events
 from repository_server.pki.model import CrlInfo
@@ -28,6 +28,9 @@ from repository_server.store.models import (
     TryRule,
     UserRow,
 )
+
+if TYPE_CHECKING:
+    from repository_server.store.bulkload import BulkLoad
 
 
 # -- audit -------------------------------------------------------------------------------
@@ -60,6 +63,13 @@ class DocumentWrites(Protocol):
     async def insert_document(self, name: str, content_type: str, body: bytes, sha256: bytes,
                               *, lodged_by: str, audit: dict[str, Any]
                               ) -> tuple[str, int, int, list[events.Event]]: ...
+
+
+@runtime_checkable
+class BulkLoads(Protocol):
+    """`import` into an empty store: secondary indexes dropped, built after the COPYs."""
+
+    async def begin_bulk_load(self) -> BulkLoad | None: ...
 
 
 class LodgingStore(CertificateWrites, CrlWrites, DocumentWrites, AuditLog, Protocol):

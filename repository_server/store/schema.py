@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from importlib import resources
 
+from repository_server.store.bulkload import finish_interrupted
 from repository_server.store.pool import _MIGRATION_LOCK, StoreBase, unlock
 
 log = logging.getLogger(__name__)
@@ -12,7 +13,8 @@ log = logging.getLogger(__name__)
 
 class SchemaStore(StoreBase):
     async def migrate(self) -> list[str]:
-        """Apply pending migrations (files `NNNN_name.sql`) once, under an advisory lock."""
+        """Apply pending migrations (files `NNNN_name.sql`) once, under an advisory lock; then
+        build any indexes an interrupted bulk load left unbuilt (`bulkload`)."""
         scripts = sorted(
             (p.name, p.read_text())
             for p in resources.files("repository_server.store").joinpath("migrations").iterdir()
@@ -37,6 +39,8 @@ class SchemaStore(StoreBase):
                     applied.append(name)
             finally:
                 await unlock(conn, _MIGRATION_LOCK)
+        # an import into an empty store killed before it built the indexes it had dropped
+        await finish_interrupted(self.pool)
         return applied
 
     async def has_schema(self) -> bool:
