@@ -257,14 +257,22 @@ class Replica:
                              limit: int) -> list[CertRecord]:
         """Certificates with after_id < id <= upto_id in id order, at most `limit`, in one
         read transaction (an extract's keyset page: the same rows as its SQL page)."""
-        out: list[CertRecord] = []
+        with self._read() as txn:
+            return [rec.unpack_cert(rec.key_id(key), value) for key, value
+                    in self._id_range(txn, "certs", after_id, upto_id, limit)]
+
+    def _id_range(self, txn: Any, db: str, after_id: int, upto_id: int,
+                  limit: int) -> list[tuple[bytes, bytes]]:
+        """(key, value) of database `db`, keyed by 8-byte ids, with after_id < id <= upto_id,
+        in id order, at most `limit`."""
+        out: list[tuple[bytes, bytes]] = []
         upto = rec.id_key(upto_id)
-        with self._read() as txn, txn.cursor(db=self._db["certs"]) as cur:
+        with txn.cursor(db=self._db[db]) as cur:
             if cur.set_range(rec.id_key(after_id + 1)):
                 for key, value in cur:
                     if key > upto or len(out) >= limit:
                         break
-                    out.append(rec.unpack_cert(rec.key_id(key), value))
+                    out.append((key, value))
         return out
 
     def search(self, key: bytes, limit: int) -> tuple[list[CertRecord], int]:
@@ -479,17 +487,13 @@ class Replica:
         """CRL/ARL versions with after_id < id <= upto_id in id order, at most `limit`, in
         one read transaction (an extract's page)."""
         out: list[CrlRecord] = []
-        upto = rec.id_key(upto_id)
-        with self._read() as txn, txn.cursor(db=self._db["crlid"]) as cur:
-            if cur.set_range(rec.id_key(after_id + 1)):
-                for id_bytes, key in cur:
-                    if id_bytes > upto or len(out) >= limit:
-                        break
-                    value = txn.get(key, db=self._db["crls"])
-                    if value is None:
-                        raise ReplicaUnavailable(f"replica damaged: CRL {rec.key_id(id_bytes)}"
-                                                 " missing (rebuild it)")
-                    out.append(rec.unpack_crl(key, value))
+        with self._read() as txn:
+            for id_bytes, key in self._id_range(txn, "crlid", after_id, upto_id, limit):
+                value = txn.get(key, db=self._db["crls"])
+                if value is None:
+                    raise ReplicaUnavailable(f"replica damaged: CRL {rec.key_id(id_bytes)}"
+                                             " missing (rebuild it)")
+                out.append(rec.unpack_crl(key, value))
         return out
 
     def current_crls(self) -> list[CrlRecord]:

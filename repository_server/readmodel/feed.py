@@ -162,20 +162,18 @@ class Feeder:
                    poll_seconds=config.replica.poll_seconds)
 
     # -- connections -----------------------------------------------------------------------
-    async def _connection(self) -> asyncpg.Connection:
-        conn = self._conn
+    async def _connection(self, *, primary: bool = False) -> asyncpg.Connection:
+        """The feed's connection (`feed_dsn`), or with `primary` its own one to the primary
+        (a lodging's changes a lagging streaming replica has not replayed yet)."""
+        conn = self._primary if primary else self._conn
         if conn is None or conn.is_closed():
-            conn = await asyncpg.connect(self.feed_dsn, timeout=self.connect_timeout,
+            conn = await asyncpg.connect(self.dsn if primary else self.feed_dsn,
+                                         timeout=self.connect_timeout,
                                          command_timeout=self.command_timeout)
-            self._conn = conn
-        return conn
-
-    async def _primary_connection(self) -> asyncpg.Connection:
-        conn = self._primary
-        if conn is None or conn.is_closed():
-            conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout,
-                                         command_timeout=self.command_timeout)
-            self._primary = conn
+            if primary:
+                self._primary = conn
+            else:
+                self._conn = conn
         return conn
 
     async def close(self) -> None:
@@ -250,7 +248,7 @@ class Feeder:
         if not self.through_standby:
             return await sql.head(feed)
         try:
-            conn = await self._primary_connection()
+            conn = await self._connection(primary=True)
             return await sql.head(conn)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.info("read replica: the primary's change log head unknown (%s: %s)",
@@ -468,7 +466,7 @@ class Feeder:
         applied = self.replica.applied()
         if upto is not None and applied >= upto:
             return applied
-        conn = await (self._primary_connection() if primary else self._connection())
+        conn = await self._connection(primary=primary)
         while True:
             batch = await self._read_batch(conn, applied)
             if not batch.changes:

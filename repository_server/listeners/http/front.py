@@ -1,7 +1,8 @@
 """The fast front of the read listeners (http, https): the hot request without aiohttp.
 
 Measured first (bench/bare_responders.py, and our server serving a 20,000-device test PKI
-(40,029 certificates) with `GET /certificates/{serial}?apikey=KEY` over every device
+(40,029 certificates, which fit in the page cache; at 1,000,000 devices beside nginx see
+BENCHMARKS.md, *The read path, second pass*) with `GET /certificates/{serial}?apikey=KEY` over every device
 certificate; wrk -t1 pinned to CPU 1, each server pinned to CPU 0, 10 s, the four run in turn
 and medians of 3 rounds, 2026-12-05 on the shared 2-core VM with other benchmarks running
 (load average 4-6: compare within a column only); req/s, p99 in ms):

@@ -78,7 +78,6 @@ class Query:
     device: bool
     subtree: bool  # scope subtree (the certificates too), else one level (the subject only)
     shape: _Shape
-    keys: frozenset[str] | None  # the certificate attributes to build; None: all
     selection: Selection
     size_limit: int  # 0: none
     base: str  # as the client spelt it (the access log)
@@ -159,8 +158,8 @@ class FastSearch:
             return None
         unit_name, device = unit
         tested, sent = self._encoders(shape.keys, selection)
-        statuses = "smkistatus" in shape.keys or "smkistatus" in (keys or CERT_ATTR_KEYS)
-        return Query(unit_name, device, req.scope == 2, shape, keys, selection, size_limit,
+        statuses = keys is None or "smkistatus" in keys  # (keys holds what the filter tests)
+        return Query(unit_name, device, req.scope == 2, shape, selection, size_limit,
                      req.base, req.scope, tested, sent, statuses), eui_value
 
     def _encoders(self, tested_keys: frozenset[str], selection: Selection
