@@ -267,6 +267,12 @@ class Catalog:
         self._check_ready()
         return self.replica.by_eui(eui64, device)
 
+    def subject_records(self, eui64: bytes, device: bool) -> list[bytes]:
+        """`subject`'s certificates as stored records, undecoded (the LDAP short way reads
+        their heads first: `records.CERT_HEAD`)."""
+        self._check_ready()
+        return self.replica.subject_records(eui64, device)
+
     def by_sha256(self, sha256: bytes) -> list[CertEntry]:
         """The certificate with this SHA-256 (none or one)."""
         self._check_ready()

@@ -231,6 +231,20 @@ class Replica:
         with self._read() as txn:
             return self._ids(txn, txn.get(rec.subject_key(device, eui64), db=self._db["subject"]))
 
+    def subject_records(self, eui64: bytes, device: bool) -> list[bytes]:
+        """`by_eui`'s certificates as their stored records, undecoded (see
+        `records.CERT_HEAD`)."""
+        with self._read() as txn:
+            ids = txn.get(rec.subject_key(device, eui64), db=self._db["subject"])
+            if not ids:
+                return []
+            certs = self._db["certs"]
+            out = [txn.get(ids[i:i + 8], db=certs) for i in range(0, len(ids), 8)]
+        if None in out:
+            raise ReplicaUnavailable("replica damaged: the subject index names a certificate"
+                                     " that is not there (rebuild it)")
+        return out
+
     def by_sha256(self, sha256: bytes) -> list[CertRecord]:
         with self._read() as txn:
             found = txn.get(sha256, db=self._db["sha256"])

@@ -10,6 +10,7 @@ DER, the hex SHA-256 (ETag and LDAP), the HTTP Last-Modified date and the writte
 from __future__ import annotations
 
 import struct
+import typing
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -200,6 +201,26 @@ def unpack_cert(cert_id: int, value: bytes) -> CertRecord:
                           bool(flag), nb, na, sk or None, sn, isn)
     except (struct.error, IndexError, UnicodeDecodeError, OverflowError) as exc:
         raise RecordError(f"certificate record {cert_id}: {exc}") from exc
+
+
+# The head alone, for a reader that needs a few fields of many records (the LDAP short way,
+# which tests a device's certificates on their kind and usage before it decodes any):
+# `CERT_HEAD.unpack_from(value)[HEAD_...]`, then `cert_serial_der`.
+CERT_HEAD = _CERT
+HEAD_NOT_AFTER, HEAD_SHA, HEAD_KIND, HEAD_FLAG, HEAD_ROLE, HEAD_USAGE = 2, 3, 4, 6, 7, 8
+_HEAD_SERIAL_LEN, _HEAD_DER_LEN = 9, 15
+
+
+def cert_serial_der(value: bytes, head: tuple[typing.Any, ...]) -> tuple[str, bytes]:
+    """The serial and DER of a certificate record whose head is `head`."""
+    end = _CERT.size + head[_HEAD_SERIAL_LEN]
+    der = value[len(value) - head[_HEAD_DER_LEN]:]
+    if len(der) != head[_HEAD_DER_LEN] or end > len(value) - len(der):
+        raise RecordError("certificate record: wrong length")
+    try:
+        return value[_CERT.size:end].decode(), der
+    except UnicodeDecodeError as exc:
+        raise RecordError(f"certificate record: {exc}") from exc
 
 
 _KIND_PUBLIC = tuple(k in ("root", "ca") for k in KINDS)

@@ -208,7 +208,12 @@ class Entries:
         """The DN of a certificate's entry in organisational unit `unit` (`unit_of`)."""
         if unit == "other":
             return f"smkiSerial={c.serial},ou=Other,{self.suffix}"
-        return f"smkiSerial={c.serial},smkiEui64={c.eui_text},ou={UNITS[unit][0]},{self.suffix}"
+        return f"smkiSerial={c.serial}{self.subject_dn_tail(unit, c.eui_text)}"
+
+    def subject_dn_tail(self, unit: str, eui_text: str) -> str:
+        """What follows `smkiSerial=<serial>` in the DN of a device's or organisation's
+        certificate (`unit` "devices" or "organisations")."""
+        return f",smkiEui64={eui_text},ou={UNITS[unit][0]},{self.suffix}"
 
     def certificate_entry(self, c: CertEntry, status: str,
                           keys: frozenset[str] | None = None) -> Entry:

@@ -26,10 +26,21 @@ a task, and with the answer's entries encoded from the replica's values (`FastSe
 A request that matches no shape, or whose answer would not be the short way's (an invalid
 EUI-64, more entries than the size limit, the replica unavailable), takes the ordinary road,
 which decodes it and says what is wrong.
+
+**Records read undecoded.** When the rest of the filter tests only what a certificate
+record's head holds (its kind, usage, role, manufacturing flag, object classes) and the
+search sends none of the attributes that need more than its serial, DER, SHA-256 and head
+(no status, dates, names or key ids), the device's records are read as stored
+(`Catalog.subject_records`): each is tested on its head, its verdict memoised per distinct
+(kind, flag, role, usage), and only the certificates that pass are sliced for their serial and
+DER (`_Raw`). A device's certificate for the other key usage is never decoded. The attributes
+are built by the same `CERT_ATTRS` functions as the whole entry's, from a `_Brief` holding
+just the fields those read.
 """
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,6 +51,8 @@ from repository_server.listeners.ldap.entries import CERT_ATTR_KEYS, CERT_ATTRS,
 from repository_server.listeners.ldap.filters import Entry, Predicate, compile_filter
 from repository_server.listeners.ldap.matching import equality
 from repository_server.listeners.ldap.schema import SCHEMA
+from repository_server.readmodel import records
+from repository_server.readmodel.catalog import CertEntry
 
 _PLAIN = frozenset({"objectclass", "smkikind", "smkikeyusage", "smkistatus", "smkiserial",
                     "smkirole", "smkimanufacturingflag", "smkieui64", "smkisha256"})
@@ -55,10 +68,35 @@ _EUI_NORM = _EUI_EQUALITY[1]
 _BY_KEY = SELECTABLE
 _FOREVER = float("inf")
 MAX_SHAPES = 64  # learnt shapes kept (clients ask a handful); beyond, the memo starts again
+# what a certificate record's head decides (`_Raw.accepts`), and what `_Brief` can build
+_HEAD_TESTED = frozenset({"objectclass", "smkikind", "smkimanufacturingflag", "smkikeyusage",
+                          "smkirole"})
+_BRIEF_SENT = _HEAD_TESTED | {"smkiserial", "smkisha256", "usercertificate", "smkieui64",
+                              "structuralobjectclass", "hassubordinates", "entrydn",
+                              "subschemasubentry"}
+_KIND_INDEX = {kind: i for i, kind in enumerate(records.KINDS)}
+_UNHEAD = records.CERT_HEAD.unpack_from
+_H_NOT_AFTER, _H_KIND, _H_FLAG, _H_ROLE, _H_USAGE = (
+    records.HEAD_NOT_AFTER, records.HEAD_KIND, records.HEAD_FLAG, records.HEAD_ROLE,
+    records.HEAD_USAGE)
 
 
 def _always(_entry: Entry) -> bool:
     return True
+
+
+def _eui64(value: bytes) -> bytes | None:
+    """The 8 octets of an assertion value of smkiEui64's equality rule, None when it is not an
+    EUI-64. The written form (`00-DB-12-...`, either case) without the general normaliser."""
+    if len(value) == 23 and value[2::3] == b"-------":
+        try:  # 8 octets only from 16 hex digits: any other character refused or one short
+            octets = bytes.fromhex(value.decode("ascii").replace("-", ""))
+        except ValueError:  # (UnicodeDecodeError among them)
+            octets = b""
+        if len(octets) == 8:
+            return octets
+    eui = _EUI_NORM(value)
+    return eui if isinstance(eui, bytes) and len(eui) == 8 else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +106,38 @@ class _Shape:
     rest: Predicate
     keys: frozenset[str]  # the attributes the rest of the filter reads
     subject: bool | None  # the rest is always (True) or never (False) true of a subject entry
+
+
+class _Brief:
+    """The fields of a certificate record that the builds of `_BRIEF_SENT`'s attributes read
+    (`CERT_ATTRS`'s functions take it where they take a `CertRecord`)."""
+
+    __slots__ = ("_sha", "der", "eui_text", "kind", "manufacturing_flag", "role", "serial",
+                 "usage")
+
+    def __init__(self, head: tuple[typing.Any, ...], serial: str, der: bytes, eui_text: str
+                 ) -> None:
+        self.serial = serial
+        self.der = der
+        self.eui_text = eui_text
+        self.kind = records.KINDS[head[_H_KIND]]
+        self.manufacturing_flag = bool(head[_H_FLAG])
+        role = head[_H_ROLE]
+        self.role = None if role < 0 else role
+        self.usage = records.USAGES[head[_H_USAGE]]
+        self._sha: bytes = head[records.HEAD_SHA]
+
+    @property
+    def sha_hex(self) -> str:
+        return self._sha.hex()
+
+
+@dataclass(slots=True)
+class _Raw:
+    """How a qualifying search reads a device's records undecoded (module docstring)."""
+
+    kind: int  # the records' kind (KINDS index): device or organisation
+    accepts: dict[tuple[int, int, int, int], bool]  # (kind, flag, role, usage) -> rest true
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +157,7 @@ class Query:
     tested: tuple[tuple[str, CertAttr], ...]
     sent: tuple[tuple[str, CertAttr], ...]
     statuses: bool  # whether the search tests or sends smkiStatus (else it is not worked out)
+    raw: _Raw | None  # its records are read undecoded, tested on their heads
 
 
 class FastSearch:
@@ -98,9 +169,11 @@ class FastSearch:
                        ((("ou", "organisations"),), *suffix): ("organisations", False)}
         self._rests: dict[tuple[protocol.EqualityMatch | protocol.Present, ...], _Shape | None] = {}
         self._encoder_memo: dict[tuple[frozenset[str], Selection], tuple[
-            tuple[tuple[str, CertAttr], ...], tuple[tuple[str, CertAttr], ...]]] = {}
+            tuple[tuple[str, CertAttr], ...], tuple[tuple[str, CertAttr], ...],
+            frozenset[str]]] = {}
         self.shapes = Shapes()
         self.answered = 0  # searches answered the short way (tests, curiosity)
+        self.answered_raw = 0  # of which from records read undecoded
 
     def _shape(self, rest: tuple[protocol.EqualityMatch | protocol.Present, ...]) -> _Shape | None:
         if rest in self._rests:
@@ -157,25 +230,32 @@ class FastSearch:
         if keys is not None and not keys <= CERT_ATTR_KEYS:
             return None
         unit_name, device = unit
-        tested, sent = self._encoders(shape.keys, selection)
+        tested, sent, sent_keys = self._encoders(shape.keys, selection)
         statuses = keys is None or "smkistatus" in keys  # (keys holds what the filter tests)
+        raw = None
+        if shape.keys <= _HEAD_TESTED and sent_keys <= _BRIEF_SENT and req.scope == 2:
+            raw = _Raw(_KIND_INDEX["device" if device else "organisation"], {})
         return Query(unit_name, device, req.scope == 2, shape, selection, size_limit,
-                     req.base, req.scope, tested, sent, statuses), eui_value
+                     req.base, req.scope, tested, sent, statuses, raw), eui_value
 
     def _encoders(self, tested_keys: frozenset[str], selection: Selection
-                  ) -> tuple[tuple[tuple[str, CertAttr], ...], tuple[tuple[str, CertAttr], ...]]:
+                  ) -> tuple[tuple[tuple[str, CertAttr], ...], tuple[tuple[str, CertAttr], ...],
+                             frozenset[str]]:
         """Which of a certificate entry's attributes the filter tests and which are sent
-        (`Selection.pick`'s rule, in `CERT_ATTRS` order); memoised per distinct pair."""
+        (`Selection.pick`'s rule, in `CERT_ATTRS` order; the keys of those sent);
+        memoised per distinct pair."""
         found = self._encoder_memo.get((tested_keys, selection))
         if found is None:
             tested = tuple((key, build) for key, build in CERT_ATTRS if key in tested_keys)
             sent = []
+            sent_keys = set()
             for key, build in CERT_ATTRS:
                 attr = _BY_KEY[key]
                 if key in selection.named or (selection.all_operational if attr.operational
                                               else selection.all_user):
                     sent.append((attr.wire_name, build))
-            found = tested, tuple(sent)
+                    sent_keys.add(key)
+            found = tested, tuple(sent), frozenset(sent_keys)
             if len(self._encoder_memo) >= 256:
                 self._encoder_memo.clear()
             self._encoder_memo[tested_keys, selection] = found
@@ -185,9 +265,11 @@ class FastSearch:
         """The SearchResultEntry protocolOps the search returns, in the general path's order,
         and until when the answer holds (a status turns E at notAfter); None when the EUI-64
         is not one (the general path says so)."""
-        eui = _EUI_NORM(eui_value)
-        if not isinstance(eui, bytes) or len(eui) != 8:
+        eui = _eui64(eui_value)
+        if eui is None:
             return None
+        if query.raw is not None:
+            return self._answer_raw(query, query.raw, eui)
         if query.statuses:
             certs, statuses = self.catalog.subject_now(eui, query.device, now)
         else:  # nothing reads a status (R from the CRL, E from notAfter): not worked out
@@ -219,6 +301,57 @@ class FastSearch:
                     if (values := build(c, status, entry_dn)) is not None]))
                 if status not in ("E", "R"):  # (unknown: as if it were not, the earlier)
                     until = min(until, c.not_after_ts)
+        return ops, until
+
+
+    def _answer_raw(self, query: Query, raw: _Raw, eui: bytes
+                    ) -> tuple[list[bytes], float] | None:
+        """`answer` from the device's records undecoded (module docstring); None when a
+        record is not of the query's kind (the general path says what it is)."""
+        found = self.catalog.subject_records(eui, query.device)
+        self.answered += 1
+        self.answered_raw += 1
+        ops: list[bytes] = []
+        until = _FOREVER
+        if not found:
+            return ops, until
+        shape = query.shape
+        entries = self.directory.entries
+        rest = shape.rest
+        eui_text = eui.hex("-").upper()
+        if shape.subject is not False:
+            subject = entries.subject_entry(query.unit, eui_text)
+            if shape.subject or rest(subject) is True:
+                ops.append(responses.entry_op(subject.dn, query.selection.pick(subject, False)))
+        tail = entries.subject_dn_tail(query.unit, eui_text)
+        accepts = raw.accepts
+        tested, sent = query.tested, query.sent
+        for value in found:
+            head = _UNHEAD(value)
+            if head[_H_KIND] != raw.kind:
+                return None
+            if tested:
+                key = (head[_H_KIND], head[_H_FLAG], head[_H_ROLE], head[_H_USAGE])
+                verdict = accepts.get(key)
+                if verdict is None:
+                    brief = _Brief(head, "", b"", eui_text)
+                    verdict = rest(Entry("", (), {
+                        k: values for k, build in tested
+                        if (values := build(typing.cast(CertEntry, brief), "", "")) is not None
+                    })) is True
+                    if len(accepts) >= 4096:
+                        accepts.clear()
+                    accepts[key] = verdict
+                if not verdict:
+                    continue
+            serial, der = records.cert_serial_der(value, head)
+            brief = _Brief(head, serial, der, eui_text)
+            entry_dn = f"smkiSerial={serial}{tail}"
+            cert = typing.cast(CertEntry, brief)
+            ops.append(responses.entry_op(entry_dn, [
+                (name, values) for name, build in sent
+                if (values := build(cert, "", entry_dn)) is not None]))
+            until = min(until, head[_H_NOT_AFTER] / 1e6)
         return ops, until
 
 
