@@ -276,17 +276,13 @@ class FastSearch:
             certs = self.catalog.subject(eui, query.device)
             statuses = [""] * len(certs)
         self.answered += 1
-        ops: list[bytes] = []
         until = _FOREVER
         if not certs:
-            return ops, until
+            return [], until
         shape = query.shape
         entries = self.directory.entries
         rest = shape.rest
-        if shape.subject is not False:
-            subject = entries.subject_entry(query.unit, certs[0].eui_text)
-            if shape.subject or rest(subject) is True:
-                ops.append(responses.entry_op(subject.dn, query.selection.pick(subject, False)))
+        ops = self._subject_ops(query, certs[0].eui_text)
         if query.subtree:
             tested, sent = query.tested, query.sent
             for c, status in zip(certs, statuses, strict=True):
@@ -304,6 +300,16 @@ class FastSearch:
         return ops, until
 
 
+    def _subject_ops(self, query: Query, eui_text: str) -> list[bytes]:
+        """The subject entry's SearchResultEntry when the search returns it, else nothing."""
+        shape = query.shape
+        if shape.subject is False:
+            return []
+        subject = self.directory.entries.subject_entry(query.unit, eui_text)
+        if shape.subject or shape.rest(subject) is True:
+            return [responses.entry_op(subject.dn, query.selection.pick(subject, False))]
+        return []
+
     def _answer_raw(self, query: Query, raw: _Raw, eui: bytes
                     ) -> tuple[list[bytes], float] | None:
         """`answer` from the device's records undecoded (module docstring); None when a
@@ -311,18 +317,13 @@ class FastSearch:
         found = self.catalog.subject_records(eui, query.device)
         self.answered += 1
         self.answered_raw += 1
-        ops: list[bytes] = []
         until = _FOREVER
         if not found:
-            return ops, until
-        shape = query.shape
-        entries = self.directory.entries
-        rest = shape.rest
+            return [], until
+        rest = query.shape.rest
         eui_text = eui.hex("-").upper()
-        if shape.subject is not False:
-            subject = entries.subject_entry(query.unit, eui_text)
-            if shape.subject or rest(subject) is True:
-                ops.append(responses.entry_op(subject.dn, query.selection.pick(subject, False)))
+        ops = self._subject_ops(query, eui_text)
+        entries = self.directory.entries
         tail = entries.subject_dn_tail(query.unit, eui_text)
         accepts = raw.accepts
         tested, sent = query.tested, query.sent
