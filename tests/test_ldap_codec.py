@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import random
 import sys
 import time
 from pathlib import Path
@@ -339,3 +340,20 @@ def test_sample_requests_decode() -> None:
     assert kinds == {"BindRequest", "SearchRequest", "ExtendedRequest", "CompareRequest",
                      "AbandonRequest", "ModifyRequest", "AddRequest", "DelRequest", "ModDNRequest",
                      "UnbindRequest"}
+
+
+def test_entry_op_named_writes_the_octets_entry_op_writes() -> None:
+    """The short way's encoder (pre-encoded names, DN as bytes) against the general one,
+    over values and DNs whose lengths take each length form (short, 0x81, 0x82, 0x83)."""
+    rng = random.Random(11)
+    for _ in range(400):
+        dn_text = "smkiSerial=" + "é" * rng.choice((0, 5, 60, 200)) + ",o=SMKI"
+        attrs = []
+        for i in range(rng.randint(0, 4)):
+            values = [bytes(rng.randrange(256) for _ in range(rng.choice((0, 1, 100, 127, 128, 300))))
+                      * rng.choice((1, 1, 300)) for _ in range(rng.randint(0, 3))]
+            attrs.append((f"attr{i};binary" * rng.randint(1, 20), values))
+        want = responses.entry_op(dn_text, attrs)
+        got = responses.entry_op_named(dn_text.encode(), [
+            (responses.attribute_name(name), values) for name, values in attrs])
+        assert got == want

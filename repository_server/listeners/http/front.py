@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -69,7 +68,7 @@ from aiohttp.tcp_helpers import tcp_keepalive
 
 from repository_server.listeners.http.app import ReadParts
 from repository_server.obs.access import NOTE, Note
-from repository_server.obs.arrival import socket_waited
+from repository_server.obs.arrival import drop_socket, own_socket, socket_waited
 from repository_server.service_levels import ANONYMOUS
 
 ROUTE = "/certificates/{serial}"
@@ -236,7 +235,7 @@ class FrontProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         tcp = cast(asyncio.Transport, transport)
         self.transport = tcp
-        self.socket = _own_socket(tcp)
+        self.socket = own_socket(tcp)
         tcp_keepalive(tcp)  # as aiohttp's RequestHandler does
         # one of the listener's connections: counted by its caps, closed by its cleanup
         cast(Any, self.front.server).connection_made(self, tcp)
@@ -419,8 +418,7 @@ class FrontProtocol(asyncio.Protocol):
 
     def _drop_socket(self) -> None:
         sock, self.socket = self.socket, None
-        if isinstance(sock, socket.socket):
-            sock.detach()  # the descriptor is the transport's: never closed here
+        drop_socket(sock)
 
     def _hand_over(self, rest: bytes) -> None:
         """aiohttp's from now on: a RequestHandler of the listener takes the transport and
@@ -462,18 +460,6 @@ def _refused_so_far(partial: bytes) -> bool:
     except httptools.HttpParserUpgrade:
         return False
     return False
-
-
-def _own_socket(transport: asyncio.BaseTransport) -> Any:
-    """A socket object on the connection's descriptor for `socket_waited` (TCP_INFO): the
-    loop's stand-in (uvloop's PseudoSocket) makes one on every getsockopt, 0.9 µs a request.
-    Detached, never closed, when the front lets the connection go (`_drop_socket`). The
-    loop's stand-in where that fails."""
-    pseudo = transport.get_extra_info("socket")
-    try:
-        return socket.socket(fileno=pseudo.fileno())
-    except (OSError, AttributeError, ValueError):
-        return pseudo
 
 
 def _keep_deadline(handler: Any, close_at: float) -> None:

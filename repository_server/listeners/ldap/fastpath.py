@@ -138,6 +138,7 @@ class _Raw:
 
     kind: int  # the records' kind (KINDS index): device or organisation
     accepts: dict[tuple[int, int, int, int], bool]  # (kind, flag, role, usage) -> rest true
+    sent: tuple[tuple[bytes, CertAttr], ...]  # Query.sent, each name an element already
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +235,8 @@ class FastSearch:
         statuses = keys is None or "smkistatus" in keys  # (keys holds what the filter tests)
         raw = None
         if shape.keys <= _HEAD_TESTED and sent_keys <= _BRIEF_SENT and req.scope == 2:
-            raw = _Raw(_KIND_INDEX["device" if device else "organisation"], {})
+            raw = _Raw(_KIND_INDEX["device" if device else "organisation"], {},
+                       tuple((responses.attribute_name(name), build) for name, build in sent))
         return Query(unit_name, device, req.scope == 2, shape, selection, size_limit,
                      req.base, req.scope, tested, sent, statuses, raw), eui_value
 
@@ -326,7 +328,7 @@ class FastSearch:
         entries = self.directory.entries
         tail = entries.subject_dn_tail(query.unit, eui_text)
         accepts = raw.accepts
-        tested, sent = query.tested, query.sent
+        tested, sent = query.tested, raw.sent
         for value in found:
             head = _UNHEAD(value)
             if head[_H_KIND] != raw.kind:
@@ -349,7 +351,7 @@ class FastSearch:
             brief = _Brief(head, serial, der, eui_text)
             entry_dn = f"smkiSerial={serial}{tail}"
             cert = typing.cast(CertEntry, brief)
-            ops.append(responses.entry_op(entry_dn, [
+            ops.append(responses.entry_op_named(entry_dn.encode(), [
                 (name, values) for name, build in sent
                 if (values := build(cert, "", entry_dn)) is not None]))
             until = min(until, head[_H_NOT_AFTER] / 1e6)

@@ -35,10 +35,12 @@ from repository_server.listeners.ldap.protocol import (
 from repository_server.pki.der import TlvError
 
 __all__ = [
+    "attribute_name",
     "bind_response",
     "compare_response",
     "decode_paged_results",
     "entry_op",
+    "entry_op_named",
     "extended_response",
     "frame",
     "frames",
@@ -121,6 +123,41 @@ def entry_op(dn: str, attributes: Sequence[tuple[str, Sequence[bytes]]]) -> byte
         attrs.append(enc_tlv(SEQUENCE, b"".join((enc_str(OCTET_STRING, name), enc_tlv(SET, vals)))))
     body = b"".join((enc_str(OCTET_STRING, dn), enc_tlv(SEQUENCE, b"".join(attrs))))
     return enc_tlv(0x64, body)
+
+
+_NAMES: dict[str, bytes] = {}
+
+
+def attribute_name(name: str) -> bytes:
+    """An attribute description as its OCTET STRING element (memoised: a server names a
+    few dozen)."""
+    found = _NAMES.get(name)
+    if found is None:
+        found = enc_str(OCTET_STRING, name)
+        if len(_NAMES) < 1024:
+            _NAMES[name] = found
+    return found
+
+
+def entry_op_named(dn: bytes, attributes: Sequence[tuple[bytes, Sequence[bytes]]]) -> bytes:
+    """`entry_op` with the DN already UTF-8 and each name already an element
+    (`attribute_name`): the same octets for a third less work (the LDAP short way's)."""
+    length = encode_length
+    attrs = []
+    for name, values in attributes:
+        if len(values) == 1:
+            value = values[0]
+            vals = b"".join((b"\x04", length(len(value)), value))
+        else:
+            vals = b"".join([b"".join((b"\x04", length(len(v)), v)) for v in values])
+        set_length = length(len(vals))
+        attrs.append(b"".join((b"\x30", length(len(name) + 1 + len(set_length) + len(vals)),
+                               name, b"\x31", set_length, vals)))
+    body = b"".join(attrs)
+    dn_length = length(len(dn))
+    body_length = length(len(body))
+    return b"".join((b"\x64", length(2 + len(dn_length) + len(dn) + len(body_length) + len(body)),
+                     b"\x04", dn_length, dn, b"\x30", body_length, body))
 
 
 def search_result_entry(message_id: int, dn: str, attributes: Sequence[tuple[str, Sequence[bytes]]],

@@ -48,7 +48,7 @@ from repository_server.listeners.ldap.filters import Entry, Plan, compile_filter
 from repository_server.listeners.ldap.protocol import STARTTLS_OID, ProtocolError, ResultCode
 from repository_server.listeners.ldap.schema import SCHEMA
 from repository_server.listeners.ldap.search import Searches, SearchService
-from repository_server.obs.arrival import socket_waited
+from repository_server.obs.arrival import drop_socket, own_socket, socket_waited
 from repository_server.obs.logs import access_extra
 from repository_server.readmodel.catalog import ReplicaUnavailable
 from repository_server.service_levels import ANONYMOUS, ServiceLevels
@@ -145,7 +145,7 @@ class LdapConnection(asyncio.Protocol):
             self.transport = transport  # type: ignore[assignment]
             return
         self.transport = transport  # type: ignore[assignment]
-        self.sock = transport.get_extra_info("socket")
+        self.sock = own_socket(transport)  # given back when the connection is lost
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
         self.conn_id = next(self.service.ids)
@@ -163,6 +163,8 @@ class LdapConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
+        sock, self.sock = self.sock, None
+        drop_socket(sock)
         self.service.connections.discard(self)
         for handle in (self._idle, self._stall):
             if handle is not None:
