@@ -96,6 +96,9 @@ async def test_the_short_way_answers_exactly_as_the_general_way(
         tmp_path: Path, pki: dict[str, Any], fresh_db: str) -> None:
     fast = await start_repository(tmp_path / "fast", pki, fresh_db)
     slow = await start_repository(tmp_path / "slow", pki, fresh_db, ldap={"fast_path": False})
+    # no response cache: a search of a learnt shape is read without the decoder
+    uncached = await start_repository(tmp_path / "uncached", pki, fresh_db,
+                                      ldap={"response_cache_mb": 0})
     try:
         assert fast.ldap is not None and fast.ldap.fast is not None
         assert slow.ldap is not None and slow.ldap.fast is None
@@ -104,6 +107,7 @@ async def test_the_short_way_answers_exactly_as_the_general_way(
         running = Running(fast, pki)
         await asyncio.to_thread(lodge_pki, running)
         await slow.catalog.synced(fast.replica.applied())  # type: ignore[union-attr]
+        await uncached.catalog.synced(fast.replica.applied())  # type: ignore[union-attr]
         devices = running.objects("device")
         orgs = running.objects("organisation")
         euis = sorted({d["eui64"] for d in devices[:3]} | {o["eui64"] for o in orgs[:2]
@@ -112,6 +116,7 @@ async def test_the_short_way_answers_exactly_as_the_general_way(
         bind = pdu(1, "bindRequest", bind_operation(3, ldap3.SIMPLE, "uid=tester,ou=Users,o=SMKI",
                                                     TEST_KEY))
         fast_port, slow_port = fast.bound["ldap"].port, slow.bound["ldap"].port
+        uncached_port = uncached.bound["ldap"].port
         # Each request again with another device's or organisation's EUI-64 spelt the same
         # way: the same shape (ldap/fastpath.py `Shapes`), answered from its compiled form.
         # (each right after its original: the shapes kept are bounded)
@@ -131,12 +136,17 @@ async def test_the_short_way_answers_exactly_as_the_general_way(
                 got = await asyncio.to_thread(_answer, fast_port, b, request)
                 want = await asyncio.to_thread(_answer, slow_port, b, request)
                 assert got == want, (request.hex(), b is not None)
+                got = await asyncio.to_thread(_answer, uncached_port, b, request)
+                assert got == want, (request.hex(), b is not None, "uncached")
                 with_entries += got[1] > 0
         assert len(requests) >= 200 and len(swapped) >= 150 and with_entries > 100
         assert fast.ldap.fast.answered > 60  # the short way answered many of them
         # many from records read undecoded (tested on their heads), many not
         assert 30 < fast.ldap.fast.answered_raw < fast.ldap.fast.answered - 30
         assert fast.ldap.shapes is not None and fast.ldap.shapes.matched > 60  # and from shapes
+        assert uncached.ldap is not None and uncached.ldap.shapes is not None
+        assert uncached.ldap.shapes.whole > 60  # read without the decoder
     finally:
+        await uncached.stop()
         await slow.stop()
         await fast.stop()

@@ -234,12 +234,24 @@ class Replica:
     def subject_records(self, eui64: bytes, device: bool) -> list[bytes]:
         """`by_eui`'s certificates as their stored records, undecoded (see
         `records.CERT_HEAD`)."""
-        with self._read() as txn:
-            ids = txn.get(rec.subject_key(device, eui64), db=self._db["subject"])
-            if not ids:
-                return []
-            certs = self._db["certs"]
-            out = [txn.get(ids[i:i + 8], db=certs) for i in range(0, len(ids), 8)]
+        env = self.env  # (no context manager: this is the LDAP short way's every search)
+        if env is None:
+            raise ReplicaUnavailable("the read replica is not open")
+        try:
+            txn = env.begin(buffers=False)
+            try:
+                ids = txn.get(rec.subject_key(device, eui64), db=self._db["subject"])
+                if not ids:
+                    return []
+                certs = self._db["certs"]
+                if len(ids) == 16:  # a device's two certificates (digital signature, key agreement)
+                    out = [txn.get(ids[:8], db=certs), txn.get(ids[8:], db=certs)]
+                else:
+                    out = [txn.get(ids[i:i + 8], db=certs) for i in range(0, len(ids), 8)]
+            finally:
+                txn.abort()
+        except lmdb.Error as exc:
+            raise ReplicaUnavailable(f"the read replica cannot be read: {exc}") from exc
         if None in out:
             raise ReplicaUnavailable("replica damaged: the subject index names a certificate"
                                      " that is not there (rebuild it)")

@@ -209,18 +209,20 @@ def unpack_cert(cert_id: int, value: bytes) -> CertRecord:
 CERT_HEAD = _CERT
 HEAD_NOT_AFTER, HEAD_SHA, HEAD_KIND, HEAD_FLAG, HEAD_ROLE, HEAD_USAGE = 2, 3, 4, 6, 7, 8
 _HEAD_SERIAL_LEN, _HEAD_DER_LEN = 9, 15
+# where kind, status, flag, role and usage lie in a record, in that order: `value[TRAITS]` is a
+# key for what a filter on them decides, read without unpacking the head (`value[KIND_AT]` the
+# kind's index)
+KIND_AT = struct.calcsize(">qqq32s")
+TRAITS = slice(KIND_AT, struct.calcsize(">qqq32sBcBhB"))
 
 
-def cert_serial_der(value: bytes, head: tuple[typing.Any, ...]) -> tuple[str, bytes]:
-    """The serial and DER of a certificate record whose head is `head`."""
+def cert_serial_der(value: bytes, head: tuple[typing.Any, ...]) -> tuple[bytes, bytes]:
+    """The serial (ASCII) and DER of a certificate record whose head is `head`."""
     end = _CERT.size + head[_HEAD_SERIAL_LEN]
     der = value[len(value) - head[_HEAD_DER_LEN]:]
     if len(der) != head[_HEAD_DER_LEN] or end > len(value) - len(der):
         raise RecordError("certificate record: wrong length")
-    try:
-        return value[_CERT.size:end].decode(), der
-    except UnicodeDecodeError as exc:
-        raise RecordError(f"certificate record: {exc}") from exc
+    return value[_CERT.size:end], der
 
 
 _KIND_PUBLIC = tuple(k in ("root", "ca") for k in KINDS)

@@ -32,7 +32,7 @@ record's head holds (its kind, usage, role, manufacturing flag, object classes) 
 search sends none of the attributes that need more than its serial, DER, SHA-256 and head
 (no status, dates, names or key ids), the device's records are read as stored
 (`Catalog.subject_records`): each is tested on its head, its verdict memoised per distinct
-(kind, flag, role, usage), and only the certificates that pass are sliced for their serial and
+(kind, status, flag, role, usage), and only the certificates that pass are sliced for their serial and
 DER (`_Raw`). A device's certificate for the other key usage is never decoded. The attributes
 are built by the same `CERT_ATTRS` functions as the whole entry's, from a `_Brief` holding
 just the fields those read.
@@ -40,6 +40,7 @@ just the fields those read.
 
 from __future__ import annotations
 
+import struct
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,6 +77,7 @@ _BRIEF_SENT = _HEAD_TESTED | {"smkiserial", "smkisha256", "usercertificate", "sm
                               "subschemasubentry"}
 _KIND_INDEX = {kind: i for i, kind in enumerate(records.KINDS)}
 _UNHEAD = records.CERT_HEAD.unpack_from
+_KIND_AT, _TRAITS = records.KIND_AT, records.TRAITS
 _H_NOT_AFTER, _H_KIND, _H_FLAG, _H_ROLE, _H_USAGE = (
     records.HEAD_NOT_AFTER, records.HEAD_KIND, records.HEAD_FLAG, records.HEAD_ROLE,
     records.HEAD_USAGE)
@@ -137,8 +139,9 @@ class _Raw:
     """How a qualifying search reads a device's records undecoded (module docstring)."""
 
     kind: int  # the records' kind (KINDS index): device or organisation
-    accepts: dict[tuple[int, int, int, int], bool]  # (kind, flag, role, usage) -> rest true
+    accepts: dict[bytes, bool]  # record's value[TRAITS] -> the rest of the filter is true
     sent: tuple[tuple[bytes, CertAttr], ...]  # Query.sent, each name an element already
+    der_only: bytes | None  # the name element when userCertificate is all that is sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,8 +238,9 @@ class FastSearch:
         statuses = keys is None or "smkistatus" in keys  # (keys holds what the filter tests)
         raw = None
         if shape.keys <= _HEAD_TESTED and sent_keys <= _BRIEF_SENT and req.scope == 2:
-            raw = _Raw(_KIND_INDEX["device" if device else "organisation"], {},
-                       tuple((responses.attribute_name(name), build) for name, build in sent))
+            named = tuple((responses.attribute_name(name), build) for name, build in sent)
+            raw = _Raw(_KIND_INDEX["device" if device else "organisation"], {}, named,
+                       named[0][0] if sent_keys == {"usercertificate"} else None)
         return Query(unit_name, device, req.scope == 2, shape, selection, size_limit,
                      req.base, req.scope, tested, sent, statuses, raw), eui_value
 
@@ -319,43 +323,53 @@ class FastSearch:
         found = self.catalog.subject_records(eui, query.device)
         self.answered += 1
         self.answered_raw += 1
-        until = _FOREVER
         if not found:
-            return [], until
-        rest = query.shape.rest
+            return [], _FOREVER
         eui_text = eui.hex("-").upper()
         ops = self._subject_ops(query, eui_text)
-        entries = self.directory.entries
-        tail = entries.subject_dn_tail(query.unit, eui_text)
-        accepts = raw.accepts
-        tested, sent = query.tested, raw.sent
-        for value in found:
-            head = _UNHEAD(value)
-            if head[_H_KIND] != raw.kind:
-                return None
-            if tested:
-                key = (head[_H_KIND], head[_H_FLAG], head[_H_ROLE], head[_H_USAGE])
-                verdict = accepts.get(key)
-                if verdict is None:
-                    brief = _Brief(head, "", b"", eui_text)
-                    verdict = rest(Entry("", (), {
-                        k: values for k, build in tested
-                        if (values := build(typing.cast(CertEntry, brief), "", "")) is not None
-                    })) is True
-                    if len(accepts) >= 4096:
-                        accepts.clear()
-                    accepts[key] = verdict
-                if not verdict:
-                    continue
-            serial, der = records.cert_serial_der(value, head)
-            brief = _Brief(head, serial, der, eui_text)
-            entry_dn = f"smkiSerial={serial}{tail}"
-            cert = typing.cast(CertEntry, brief)
-            ops.append(responses.entry_op_named(entry_dn.encode(), [
-                (name, values) for name, build in sent
-                if (values := build(cert, "", entry_dn)) is not None]))
-            until = min(until, head[_H_NOT_AFTER] / 1e6)
-        return ops, until
+        tail = self.directory.entries.subject_dn_tail(query.unit, eui_text).encode()
+        accepts, kind, der_only = raw.accepts, raw.kind, raw.der_only
+        tested = query.tested
+        until_us = _FOREVER
+        try:
+            for value in found:
+                if value[_KIND_AT] != kind:
+                    return None
+                if tested:  # decided by kind, status, flag, role and usage: memoised on them
+                    traits = value[_TRAITS]
+                    verdict = accepts.get(traits)
+                    if verdict is None:
+                        verdict = self._verdict(query, value, eui_text)
+                        if len(accepts) >= 4096:
+                            accepts.clear()
+                        accepts[traits] = verdict
+                    if not verdict:
+                        continue
+                head = _UNHEAD(value)
+                serial, der = records.cert_serial_der(value, head)
+                entry_dn = b"smkiSerial=" + serial + tail
+                if der_only is not None:  # (the commonest: userCertificate alone)
+                    ops.append(responses.entry_op_named(entry_dn, ((der_only, (der,)),)))
+                else:
+                    text = entry_dn.decode()
+                    cert = typing.cast(CertEntry, _Brief(head, serial.decode(), der, eui_text))
+                    ops.append(responses.entry_op_named(entry_dn, [
+                        (name, values) for name, build in raw.sent
+                        if (values := build(cert, "", text)) is not None]))
+                if head[_H_NOT_AFTER] < until_us:
+                    until_us = head[_H_NOT_AFTER]
+        except (IndexError, struct.error, UnicodeDecodeError) as exc:
+            raise records.RecordError(f"certificate record: {exc}") from exc
+        return ops, (_FOREVER if until_us == _FOREVER else until_us / 1e6)
+
+    @staticmethod
+    def _verdict(query: Query, value: bytes, eui_text: str) -> bool:
+        """Whether the rest of the filter is true of the certificate whose record is
+        `value` (it tests only what the head holds)."""
+        cert = typing.cast(CertEntry, _Brief(_UNHEAD(value), "", b"", eui_text))
+        return query.shape.rest(Entry("", (), {
+            key: values for key, build in query.tested
+            if (values := build(cert, "", "")) is not None})) is True
 
 
 class Shapes:
@@ -366,6 +380,7 @@ class Shapes:
         self._by_length: dict[int, list[tuple[bytes, bytes, Query]]] = {}
         self.count = 0
         self.matched = 0  # requests answered from a learnt shape (tests, curiosity)
+        self.whole = 0  # of which read without the decoder (`LdapConnection._answer_whole`)
 
     def learn(self, key: bytes, eui_value: bytes, query: Query) -> None:
         """Remember the shape of `key`, a request that compiled to `query` with `eui_value`
