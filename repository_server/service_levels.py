@@ -153,6 +153,9 @@ class ServiceLevels:
         a `perf` reading taken when it was received)."""
         if started is None:
             started = self.perf()
+        return self._received(interface, operation, user, started), started
+
+    def _received(self, interface: str, operation: str, user: str, started: float) -> Counts:
         if started >= self._ends_perf:
             self._current()
         hot = self._hot.get((interface, operation, user))
@@ -161,7 +164,7 @@ class ServiceLevels:
         counts, cell = hot
         counts.received += 1
         cell[0] += 1
-        return counts, started
+        return counts
 
     def _hot_slot(self, interface: str, operation: str, user: str) -> tuple[Counts, list[int]]:
         """This period's counters for one (interface, operation, user), found once per period
@@ -191,11 +194,21 @@ class ServiceLevels:
             counts.received -= 1
             counts.refused += 1
             return
+        self._answered(counts, elapsed)
+
+    def _answered(self, counts: Counts, elapsed: float) -> None:
         counts.answered += 1
         if elapsed <= self.trt:
             counts.within += 1
         counts.seconds += elapsed
         counts.buckets[bisect.bisect_left(LATENCY_BOUNDS, elapsed)] += 1
+
+    def served(self, interface: str, operation: str, user: str, started: float) -> None:
+        """`receive` then `answered(..., 200)` in one call, for a request answered
+        synchronously, once its response has been written (the LDAP short way; `started`
+        as for `receive`)."""
+        counts = self._received(interface, operation, user, started)
+        self._answered(counts, self.perf() - started)
 
     # -- flushing -------------------------------------------------------------------------
     def start(self) -> None:

@@ -45,8 +45,8 @@ async def _rows(store: Store, month: str, interface: str, user: str) -> dict[str
 
 
 @contextlib.asynccontextmanager
-async def _serve(loaded: Running, tmp_path: Path) -> AsyncIterator[tuple[subprocess.Popen[str],
-                                                                            dict[str, int]]]:
+async def _serve(loaded: Running, tmp_path: Path, ldap_cache_mb: int = 64
+                 ) -> AsyncIterator[tuple[subprocess.Popen[str], dict[str, int]]]:
     """A `serve` process on the test's store (http and ldap listeners), TRT 0.25 s, counts
     flushed every 0.5 s; stopped (and continued first, if stopped) at the end."""
     ports = {"http": _free_port(), "ldap": _free_port()}
@@ -62,6 +62,8 @@ lodge = ""
 ldap = "127.0.0.1:{ports['ldap']}"
 ldaps = ""
 sftp = ""
+[ldap]
+response_cache_mb = {ldap_cache_mb}
 [service_levels]
 trt_seconds = 0.25
 flush_seconds = 0.5
@@ -141,14 +143,18 @@ def _ldap_searcher(port: int, key: str, eui: str, n: int) -> Callable[[int], Awa
     return one
 
 
-@pytest.mark.parametrize("interface", ["download", "ldap"])
+@pytest.mark.parametrize("interface", ["download", "ldap", "ldap-uncached"])
 async def test_a_paused_server_counts_its_late_answers(loaded: Running, tmp_path: Path,
                                                        interface: str) -> None:
     """A `serve` process stopped (SIGSTOP) for 0.4 s in every second, TRT 0.25 s, asked 25
     times a second at a steady rate (open loop: requests go out on time whatever the answers
     do), over HTTP (a certificate by serial) or LDAP (a device's entries by EUI-64, bound with
     an API key): about one request in seven waits longer than the TRT. The client sees it;
-    so must the server's own count. (A clock started by the handler counted none of them.)"""
+    so must the server's own count. (A clock started by the handler counted none of them.)
+    "ldap-uncached": no LDAP response cache, so each search after the first is answered from
+    its learnt shape (ldap/fastpath.py), read without the decoder."""
+    uncached = interface == "ldap-uncached"
+    interface = "ldap" if uncached else interface
     repo = loaded.repo
     assert repo.store is not None and repo.levels is not None
     key = "paused-client-key-0001"
@@ -156,7 +162,8 @@ async def test_a_paused_server_counts_its_late_answers(loaded: Running, tmp_path
         await add_user(repo, "paused-client", key)
     device = loaded.objects("device")[0]
     month = repo.levels.period_at(repo.levels.clock()).month
-    async with _serve(loaded, tmp_path) as (proc, ports), aiohttp.ClientSession() as http:
+    async with _serve(loaded, tmp_path, 0 if uncached else 64) as (proc, ports), \
+            aiohttp.ClientSession() as http:
         url = f"http://127.0.0.1:{ports['http']}/certificates/{device['serial']}"
 
         async def download(_i: int) -> float:

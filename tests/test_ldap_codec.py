@@ -343,10 +343,12 @@ def test_sample_requests_decode() -> None:
 
 
 def test_entry_op_named_writes_the_octets_entry_op_writes() -> None:
-    """The short way's encoder (pre-encoded names, DN as bytes) against the general one,
+    """The short way's encoders (pre-encoded names, DN as bytes; one attribute with one
+    value) against the general one,
     over values and DNs whose lengths take each length form (short, 0x81, 0x82, 0x83)."""
     rng = random.Random(11)
-    for _ in range(400):
+    singles = 0
+    for _ in range(1000):
         dn_text = "smkiSerial=" + "é" * rng.choice((0, 5, 60, 200)) + ",o=SMKI"
         attrs = []
         for i in range(rng.randint(0, 4)):
@@ -357,3 +359,9 @@ def test_entry_op_named_writes_the_octets_entry_op_writes() -> None:
         got = responses.entry_op_named(dn_text.encode(), [
             (responses.attribute_name(name), values) for name, values in attrs])
         assert got == want
+        if len(attrs) == 1 and len(attrs[0][1]) == 1:
+            name, (value,) = attrs[0]
+            assert responses.single_value_op(dn_text.encode(), responses.attribute_name(name),
+                                             value) == want
+            singles += 1
+    assert singles > 30

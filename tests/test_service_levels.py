@@ -259,6 +259,15 @@ def test_cpm_counting_and_verdicts() -> None:
     levels.receive("ws", "search", "u")  # received, never answered (client went away)
     (counts,) = levels.counts.values()
     assert (counts.received, counts.answered, counts.within, counts.failed) == (5, 3, 2, 1)
+    # answered at once (the LDAP short way): counted as receive + answered(200) would
+    for elapsed in (0.01, 3.5):
+        started = perf[0]
+        perf[0] += elapsed
+        levels.served("ldap", "search", "u", started)
+    served = levels.counts[(*next(iter(levels.counts))[:1], "ldap", "search", "u")]
+    assert (served.received, served.answered, served.within) == (2, 2, 1)
+    assert abs(served.seconds - 3.51) < 1e-9
+    assert sum(served.buckets) == 2
     from repository_server.service_levels import verdict
 
     assert verdict(99.0, 99, 96) == "meets target"

@@ -142,6 +142,8 @@ class _Raw:
     accepts: dict[bytes, bool]  # record's value[TRAITS] -> the rest of the filter is true
     sent: tuple[tuple[bytes, CertAttr], ...]  # Query.sent, each name an element already
     der_only: bytes | None  # the name element when userCertificate is all that is sent
+    subject: bool  # the search may return the subject entry (`_Shape.subject` not False)
+    dn_parts: tuple[bytes, bytes]  # a certificate's DN after its serial: before, after EUI-64
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,8 +241,11 @@ class FastSearch:
         raw = None
         if shape.keys <= _HEAD_TESTED and sent_keys <= _BRIEF_SENT and req.scope == 2:
             named = tuple((responses.attribute_name(name), build) for name, build in sent)
+            before, _, after = self.directory.entries.subject_dn_tail(unit_name, "\0"
+                                                                      ).partition("\0")
             raw = _Raw(_KIND_INDEX["device" if device else "organisation"], {}, named,
-                       named[0][0] if sent_keys == {"usercertificate"} else None)
+                       named[0][0] if sent_keys == {"usercertificate"} else None,
+                       shape.subject is not False, (before.encode(), after.encode()))
         return Query(unit_name, device, req.scope == 2, shape, selection, size_limit,
                      req.base, req.scope, tested, sent, statuses, raw), eui_value
 
@@ -326,8 +331,8 @@ class FastSearch:
         if not found:
             return [], _FOREVER
         eui_text = eui.hex("-").upper()
-        ops = self._subject_ops(query, eui_text)
-        tail = self.directory.entries.subject_dn_tail(query.unit, eui_text).encode()
+        ops = self._subject_ops(query, eui_text) if raw.subject else []
+        tail = eui_text.encode().join(raw.dn_parts)
         accepts, kind, der_only = raw.accepts, raw.kind, raw.der_only
         tested = query.tested
         until_us = _FOREVER
@@ -349,7 +354,7 @@ class FastSearch:
                 serial, der = records.cert_serial_der(value, head)
                 entry_dn = b"smkiSerial=" + serial + tail
                 if der_only is not None:  # (the commonest: userCertificate alone)
-                    ops.append(responses.entry_op_named(entry_dn, ((der_only, (der,)),)))
+                    ops.append(responses.single_value_op(entry_dn, der_only, der))
                 else:
                     text = entry_dn.decode()
                     cert = typing.cast(CertEntry, _Brief(head, serial.decode(), der, eui_text))

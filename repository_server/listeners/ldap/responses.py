@@ -50,6 +50,7 @@ __all__ = [
     "result_op",
     "search_result_done",
     "search_result_entry",
+    "single_value_op",
 ]
 
 
@@ -158,6 +159,23 @@ def entry_op_named(dn: bytes, attributes: Sequence[tuple[bytes, Sequence[bytes]]
     body_length = length(len(body))
     return b"".join((b"\x64", length(2 + len(dn_length) + len(dn) + len(body_length) + len(body)),
                      b"\x04", dn_length, dn, b"\x30", body_length, body))
+
+
+def single_value_op(dn: bytes, name: bytes, value: bytes) -> bytes:
+    """`entry_op_named` of one attribute with one value (a device's certificate), in one
+    join: each octet written once."""
+    length = encode_length
+    value_length = length(len(value))
+    set_size = 1 + len(value_length) + len(value)
+    set_length = length(set_size)
+    attr_size = len(name) + 1 + len(set_length) + set_size
+    attr_length = length(attr_size)
+    attrs_size = 1 + len(attr_length) + attr_size
+    attrs_length = length(attrs_size)
+    dn_length = length(len(dn))
+    return b"".join((b"\x64", length(2 + len(dn_length) + len(dn) + len(attrs_length) + attrs_size),
+                     b"\x04", dn_length, dn, b"\x30", attrs_length, b"\x30", attr_length, name,
+                     b"\x31", set_length, b"\x04", value_length, value))
 
 
 def search_result_entry(message_id: int, dn: str, attributes: Sequence[tuple[str, Sequence[bytes]]],

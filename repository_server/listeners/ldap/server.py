@@ -342,13 +342,11 @@ class LdapConnection(asyncio.Protocol):
             return False
         ops = found[0]
         fast.shapes.matched += 1
-        levels = service.levels
         user = self.user.name if self.user else ANONYMOUS
-        mark = levels.receive("ldap", "search", user, started=received) if levels else None
         ops.append(_SUCCESS_DONE)
         self.write(responses.frames(mid, ops))
-        if mark is not None and levels is not None:
-            levels.answered(mark, 200)
+        if service.levels is not None:
+            service.levels.served("ldap", "search", user, received)
         if service.access_log:
             access_log.info("ldap conn=%d op=%d search base=%r scope=%d user=%s result=0 entries=%d",
                             self.conn_id, mid, query.base[:200], query.scope, user, len(ops) - 1,
