@@ -358,6 +358,20 @@ def measure(server: Server, name: str, res: dict[str, Any],
 
 
 # -- lookups --------------------------------------------------------------------------------
+def prewarm(folder: Path) -> None:
+    """Read every file of `folder` (the node's read replica) into the page cache, as the
+    shared harness's PREWARM does for each target: a store just imported leaves PostgreSQL's
+    and the test PKI's files in the cache instead, and the first lookups then wait on the
+    disk (at 5M: 3,700 major faults a second, 5,800 LDAP searches/s, p99 70 ms)."""
+    started = time.perf_counter()
+    total = 0
+    for path in sorted(folder.glob("*")):
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                total += len(chunk)
+    log(f"prewarm: {total / 1e9:.1f} GB of {folder} read in {time.perf_counter() - started:.1f} s")
+
+
 def cmd_lookups(a: argparse.Namespace) -> int:
     work = Path(a.work)
     sizes = [int(s) for s in a.sizes.split(",")]
@@ -371,6 +385,8 @@ def cmd_lookups(a: argparse.Namespace) -> int:
             for size in (sizes if rep % 2 else sizes[::-1]):  # alternate which size goes first
                 view = view_dir(work, size)
                 server = Server(work / f"data-{size}", work, mode=mode)
+                if a.prewarm:
+                    prewarm(work / f"data-{size}" / "replica")
                 measure(server, "lookups", res, cells, a, view, (mode, size), rep,
                         {"mode": mode, "size": size})
                 res["memory"][-1]["ready_s"] = server.ready_s
@@ -469,6 +485,8 @@ def main() -> int:
         if name == "lookups":
             s.add_argument("--sizes", default="100000,5000000")
             s.add_argument("--modes", default="configured,store")
+            s.add_argument("--no-prewarm", dest="prewarm", action="store_false",
+                           help="do not read the replica into the page cache before each size")
         else:
             s.add_argument("--size", type=int, default=100_000)
         s.add_argument("--scenarios", default="ldap-device,http-device")
