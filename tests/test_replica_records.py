@@ -4,6 +4,7 @@ damaged value (any bytes at all) is a RecordError, never another exception."""
 from __future__ import annotations
 
 import contextlib
+import struct
 from datetime import UTC, datetime
 
 from hypothesis import given, settings
@@ -79,3 +80,22 @@ def test_truncated_certificate_records_are_record_errors(cut: int, extra: int) -
         except rec.RecordError:
             continue
         raise AssertionError("a damaged record decoded")
+
+
+def test_traits_are_the_head_bytes_of_kind_status_flag_role_and_usage() -> None:
+    """`rec.TRAITS`/`KIND_AT` (the LDAP short way's test on a stored record) lie where
+    `pack_cert` writes kind, status, flag, role and usage, for every kind and usage."""
+    for kind_index, kind in enumerate(rec.KINDS):
+        for usage_index, usage in enumerate(rec.USAGES):
+            for role, flag, status in ((None, False, "I"), (7, True, "R")):
+                value = rec.pack_cert(
+                    serial="0A1B", issuer_key_id=b"k" * 20, der=b"\x30\x03\x02\x01\x01",
+                    sha256=b"s" * 32, lodged_us=1_700_000_000_000_000, kind=kind,
+                    eui64=b"\x00\xdb\x12\x34\x56\x78\x90\xa4", role=role, usage=usage,
+                    status=status, manufacturing_flag=flag, not_before_us=0,
+                    not_after_us=2_000_000_000_000_000, subject_key_id=None, subject_name="",
+                    issuer_name="CN=x")
+                assert value[rec.KIND_AT] == kind_index
+                assert value[rec.TRAITS] == struct.pack(
+                    ">BcBhB", kind_index, status.encode(), int(flag),
+                    -1 if role is None else role, usage_index)

@@ -244,10 +244,7 @@ class Replica:
                 if not ids:
                     return []
                 certs = self._db["certs"]
-                if len(ids) == 16:  # a device's two certificates (digital signature, key agreement)
-                    out = [txn.get(ids[:8], db=certs), txn.get(ids[8:], db=certs)]
-                else:
-                    out = [txn.get(ids[i:i + 8], db=certs) for i in range(0, len(ids), 8)]
+                out = [txn.get(ids[i:i + 8], db=certs) for i in range(0, len(ids), 8)]
             finally:
                 txn.abort()
         except lmdb.Error as exc:

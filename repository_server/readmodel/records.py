@@ -130,7 +130,8 @@ class CertRecord:
 
 # lodged_us, not_before_us, not_after_us, sha256, kind, status, flag, role (-1 none), usage,
 # lengths: serial, issuer key id, subject key id, eui, subject name, issuer name, der
-_CERT = struct.Struct(">qqq32sBcBhBBBBBHHI")
+_BEFORE_TRAITS, _TRAITS_FORMAT = ">qqq32s", "BcBhB"  # (kind, status, flag, role, usage)
+_CERT = struct.Struct(_BEFORE_TRAITS + _TRAITS_FORMAT + "BBBBHHI")
 _LAST_MODIFIED_LEN = 29  # "Sun, 06 Nov 1994 08:49:37 GMT"
 
 
@@ -212,8 +213,8 @@ _HEAD_SERIAL_LEN, _HEAD_DER_LEN = 9, 15
 # where kind, status, flag, role and usage lie in a record, in that order: `value[TRAITS]` is a
 # key for what a filter on them decides, read without unpacking the head (`value[KIND_AT]` the
 # kind's index)
-KIND_AT = struct.calcsize(">qqq32s")
-TRAITS = slice(KIND_AT, struct.calcsize(">qqq32sBcBhB"))
+KIND_AT = struct.calcsize(_BEFORE_TRAITS)
+TRAITS = slice(KIND_AT, struct.calcsize(_BEFORE_TRAITS + _TRAITS_FORMAT))
 
 
 def cert_serial_der(value: bytes, head: tuple[typing.Any, ...]) -> tuple[bytes, bytes]:

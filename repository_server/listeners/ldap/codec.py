@@ -292,6 +292,20 @@ def decode_message(d: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> Request:
         raise ProtocolError(mid, f"malformed message: {exc.__class__.__name__}: {exc}") from None
 
 
+def whole_message(data: bytes, max_pdu_size: int) -> bytes | None:
+    """The content octets of the LDAPMessage when `data` is exactly one whole PDU within the
+    size limit, else None (then `Decoder` frames it, and reports a malformed header)."""
+    if len(data) < 2 or data[0] != SEQUENCE:
+        return None
+    try:
+        header = read_header(data, 0, len(data))
+    except TlvError:
+        return None
+    if header is not None and header[0] + header[1] == len(data) <= max_pdu_size:
+        return data[header[0]:]
+    return None
+
+
 class Decoder:
     """Incremental LDAPMessage decoder for one connection.
 
@@ -332,15 +346,10 @@ class Decoder:
         if self._error is not None:
             raise self._error
         buf = self._buf
-        if not buf and len(data) >= 2 and data[0] == SEQUENCE:
-            # The usual case: the chunk is exactly one whole PDU (no copy into the buffer).
-            # A malformed header is left to the loop below, which reports it.
-            try:
-                header = read_header(data, 0, len(data))
-            except TlvError:
-                header = None
-            if header is not None and header[0] + header[1] == len(data) <= self.max_pdu_size:
-                return [data[header[0]:]]
+        if not buf:  # the usual case: the chunk is exactly one whole PDU (no copy)
+            content = whole_message(data, self.max_pdu_size)
+            if content is not None:
+                return [content]
         buf += data
         out: list[bytes] = []
         pos = 0

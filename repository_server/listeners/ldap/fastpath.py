@@ -38,9 +38,10 @@ so a device's certificate for the other key usage is never decoded. An entry tha
 userCertificate alone is encoded in one join (`responses.single_value_op`); other attributes
 are built by the same `CERT_ATTRS` functions as the whole entry's, from a `_Brief` holding
 just the fields those read. `LdapConnection._answer_whole` takes a request that arrives as one
-whole PDU to its shape without the frame decoder. In all, at 100k devices, 64 connections,
-one pinned core: the answer 14.4 µs in-server before the undecoded read, 10.8 µs after it; the
-search 0.45× slapd before this pass, 0.8–1.0× after (BENCHMARKS.md, *third pass*).
+whole PDU to its shape without the frame decoder's buffering. Measured (BENCHMARKS.md, *third
+pass*): at 100k devices, a store that fits in the page cache, 64 connections, one pinned core,
+the answer took 14.4 µs in-server before the undecoded read and 10.8 µs after it; in the
+shared harness the search went from 0.42× to 0.85× slapd at 1,000,000 devices (0.81× at 100k).
 """
 
 from __future__ import annotations
@@ -147,7 +148,6 @@ class _Raw:
     accepts: dict[bytes, bool]  # record's value[TRAITS] -> the rest of the filter is true
     sent: tuple[tuple[bytes, CertAttr], ...]  # Query.sent, each name an element already
     der_only: bytes | None  # the name element when userCertificate is all that is sent
-    subject: bool  # the search may return the subject entry (`_Shape.subject` not False)
     dn_parts: tuple[bytes, bytes]  # a certificate's DN after its serial: before, after EUI-64
 
 
@@ -250,7 +250,7 @@ class FastSearch:
                                                                       ).partition("\0")
             raw = _Raw(_KIND_INDEX["device" if device else "organisation"], {}, named,
                        named[0][0] if sent_keys == {"usercertificate"} else None,
-                       shape.subject is not False, (before.encode(), after.encode()))
+                       (before.encode(), after.encode()))
         return Query(unit_name, device, req.scope == 2, shape, selection, size_limit,
                      req.base, req.scope, tested, sent, statuses, raw), eui_value
 
@@ -336,7 +336,7 @@ class FastSearch:
         if not found:
             return [], _FOREVER
         eui_text = eui.hex("-").upper()
-        ops = self._subject_ops(query, eui_text) if raw.subject else []
+        ops = self._subject_ops(query, eui_text)
         tail = eui_text.encode().join(raw.dn_parts)
         accepts, kind, der_only = raw.accepts, raw.kind, raw.der_only
         tested = query.tested

@@ -237,7 +237,7 @@ class LdapConnection(asyncio.Protocol):
         self.last_activity = now = time.perf_counter()
         if (self.private and self.service.shapes is not None and not self.decoder.buffered
                 and not self.pending and self.serial is None
-                and not self.service.cache.maps[True] and self._answer_whole(data, now)):
+                and not self.service.cache.maps[self.private] and self._answer_whole(data, now)):
             return
         try:
             frames = self.decoder.frames(data)
@@ -283,33 +283,21 @@ class LdapConnection(asyncio.Protocol):
             self._dispatch(request, content, received)
 
     def _answer_whole(self, data: bytes, now: float) -> bool:
-        """The commonest case the short way, read without the decoder: `data` is one whole
-        LDAPMessage (length in the short or one-octet long form) with a short message id,
-        and the rest of it a learnt shape (`Shapes`). False, having done nothing, otherwise
-        (the decoder then reads it as any other)."""
-        size = len(data)
-        if size < 5 or data[0] != 0x30 or size > self.decoder.max_pdu_size:
-            return False
-        length = data[1]
-        if length < 0x80:
-            start = 2
-        elif length == 0x81 and data[2] >= 0x80:
-            start, length = 3, data[2]
-        else:
-            return False
-        if start + length != size or data[start] != 0x02:
-            return False
-        n = data[start + 1]
-        if not 1 <= n <= 4 or size < start + 3 + n or data[start + 2] & 0x80:
+        """The commonest case the short way, without the decoder's buffering: `data` is one
+        whole LDAPMessage (`codec.whole_message`) with a short message id, and the rest of it
+        a learnt shape (`Shapes`). False, having done nothing, otherwise (the decoder then
+        reads it as any other)."""
+        content = codec.whole_message(data, self.decoder.max_pdu_size)
+        ids = codec.message_id(content) if content is not None else None
+        if content is None or ids is None:
             return False
         shapes = self.service.shapes
         assert shapes is not None
-        shaped = shapes.match(data[start + 2 + n:])
+        shaped = shapes.match(content[ids[1]:])
         if shaped is None:
             return False
         received = now - socket_waited(self.sock)  # CPM 8: when the bytes reached this host
-        if not self._answer_shaped(int.from_bytes(data[start + 2:start + 2 + n], "big"),
-                                   *shaped, received):
+        if not self._answer_shaped(ids[0], *shaped, received):
             return False
         shapes.whole += 1
         return True
