@@ -434,7 +434,8 @@ class Repository:
             if cfg.web.fast_front:  # the hot download outside aiohttp, the rest handed to it
                 access = access_logger_class(self.counting, True)(
                     log.getChild("access"), "") if cfg.log.access_log else None
-                protocol = self.fronts[name] = build_front(name, read_parts, handlers, access)
+                protocol = self.fronts[name] = build_front(name, read_parts, handlers, access,
+                                                              webservice)
             if ctx is None:
                 busy = self.metrics.http.route(name, "(too many connections)")
                 over = self._over_cap(name)

@@ -29,6 +29,7 @@ from repository_server.service_levels import ServiceLevels, cpm_report, format_c
 from repository_server.store.db import Store
 from tests.conftest import Running, add_user, cli_env, smki_cli
 from tests.ports import free_port
+from tests.test_webservice import SEARCH, search_body
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -143,7 +144,7 @@ def _ldap_searcher(port: int, key: str, eui: str, n: int) -> Callable[[int], Awa
     return one
 
 
-@pytest.mark.parametrize("interface", ["download", "ldap", "ldap-uncached"])
+@pytest.mark.parametrize("interface", ["download", "ws", "ldap", "ldap-uncached"])
 async def test_a_paused_server_counts_its_late_answers(loaded: Running, tmp_path: Path,
                                                        interface: str) -> None:
     """A `serve` process stopped (SIGSTOP) for 0.4 s in every second, TRT 0.25 s, asked 25
@@ -152,7 +153,8 @@ async def test_a_paused_server_counts_its_late_answers(loaded: Running, tmp_path
     an API key): about one request in seven waits longer than the TRT. The client sees it;
     so must the server's own count. (A clock started by the handler counted none of them.)
     "ldap-uncached": no LDAP response cache, so each search after the first is answered from
-    its learnt shape (ldap/fastpath.py), read without the decoder."""
+    its learnt shape (ldap/fastpath.py), read without the decoder. "ws": a web service
+    certificate search (answered in the HTTP fast front, listeners/http/front.py)."""
     uncached = interface == "ldap-uncached"
     interface = "ldap" if uncached else interface
     repo = loaded.repo
@@ -173,7 +175,17 @@ async def test_a_paused_server_counts_its_late_answers(loaded: Running, tmp_path
                 assert r.status == 200
             return time.perf_counter() - t0
 
-        one = download if interface == "download" else await asyncio.to_thread(
+        search_url = (f"http://127.0.0.1:{ports['http']}/services/certificatesearch"
+                      f"?apikey={key}")
+
+        async def ws(_i: int) -> float:
+            t0 = time.perf_counter()
+            async with http.post(search_url, data=search_body(device["eui64"])) as r:
+                await r.read()
+                assert r.status == 200
+            return time.perf_counter() - t0
+
+        one = {"download": download, "ws": ws}.get(interface) or await asyncio.to_thread(
             _ldap_searcher, ports["ldap"], key, device["eui64"], 40)
         await one(0)  # warm, and the key works
         await asyncio.sleep(1.5)  # flushed (every 0.5 s) before the count starts
@@ -222,7 +234,7 @@ async def test_refused_requests_leave_the_percentage_alone(loaded: Running) -> N
         statuses = await asyncio.gather(*[get(f"/certificates/{serial}", f"wrong-key-{i}")
                                           for i in range(300)])
         assert set(statuses) == {403}
-        from tests.test_webservice import SEARCH, search_body
+
 
         async def ws(body: str, key: str) -> int:
             async with http.post(f"{loaded.http}{SEARCH}?apikey={key}", data=body.encode(),

@@ -243,8 +243,7 @@ class Catalog:
         self._check_ready()
         return self.replica.by_eui(eui64, device)
 
-    async def certificates_now(self, serial: str, now: float
-                               ) -> tuple[tuple[CertEntry, ...], list[str]]:
+    def serial_now(self, serial: str, now: float) -> tuple[tuple[CertEntry, ...], list[str]]:
         """The certificates with this serial and their statuses now (one replica read)."""
         self._check_ready()
         return self.replica.certificates_now(serial, now)

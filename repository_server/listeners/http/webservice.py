@@ -21,6 +21,7 @@ from aiohttp import web
 
 from repository_server.access import ReadAccess
 from repository_server.accounts import Accounts
+from repository_server.accounts.keys import User
 from repository_server.config import Config
 from repository_server.listeners.http import ws_xml
 from repository_server.listeners.http.apikeys import UNKNOWN_KEY, request_key
@@ -48,7 +49,7 @@ class WebService:
         self.max_body = config.web.ws_max_body_bytes
         self.body_timeout = config.web.body_timeout_seconds
         self.refs = ws_xml.AuditReferences()
-        self._headers = {"Content-Type": ws_xml.CONTENT_TYPE, "Cache-Control": "no-store"}
+        self.headers = {"Content-Type": ws_xml.CONTENT_TYPE, "Cache-Control": "no-store"}
 
     def routes(self) -> list[tuple[str, str, str, Handler]]:
         """(method, path, operation, handler)."""
@@ -56,22 +57,47 @@ class WebService:
                 ("*", "/services/retrievecertificate", "retrieve", self.retrieve)]
 
     # -- shared request handling ------------------------------------------------------------
-    def _answer(self, note: Note | None, status: int,
-                body: Callable[[str], bytes]) -> web.Response:
-        """The answer, with a fresh audit reference in its body and on the request's note."""
+    def _reply(self, note: Note | None, status: int,
+               body: Callable[[str], bytes]) -> tuple[int, bytes]:
+        """(status, XML): the answer, with a fresh audit reference in its body and on the
+        request's note."""
         ref = self.refs.next()
         if note is not None:
             note.audit_ref = ref
             note.outcome = str(status)
-        return web.Response(body=body(ref), status=status, headers=self._headers)
+        return status, body(ref)
+
+    def _failed(self, note: Note | None, root: str, status: int,
+                message: str) -> tuple[int, bytes]:
+        return self._reply(note, status,
+                           lambda ref: ws_xml.error_response(root, status, message, ref))
 
     def _error(self, note: Note | None, root: str, status: int, message: str) -> web.Response:
-        return self._answer(note, status,
-                            lambda ref: ws_xml.error_response(root, status, message, ref))
+        return self._response(self._failed(note, root, status, message))
 
-    async def _accept(self, request: web.Request,
-                      root: str) -> tuple[Note | None, bytes | web.Response]:
-        """Receive the body and check the key: (note, body) or (note, an error answer)."""
+    def _response(self, reply: tuple[int, bytes]) -> web.Response:
+        return web.Response(body=reply[1], status=reply[0], headers=self.headers)
+
+    def reply(self, operation: str, body: bytes, key: str | None, user: User | None,
+              note: Note | None) -> tuple[int, bytes]:
+        """(status, XML) for a whole request body of `operation` ("search" or "retrieve")
+        from a reader who gave API key `key` (`user`: its enabled user, else None). No I/O
+        but the replica's read, no await: aiohttp's handlers and the fast front
+        (listeners/http/front.py) both answer with it. A store error raises (`_unavailable`)."""
+        search = operation == "search"
+        root = ws_xml.SEARCH_RESPONSE if search else ws_xml.DATA_RESPONSE
+        if len(body) > self.max_body:
+            return self._failed(note, root, 401, "request body exceeds the limit of"
+                                f" {self.max_body} bytes")
+        if not self.access.may_read_private(authenticated=user is not None):
+            reason = (UNKNOWN_KEY if key else
+                      "an API key is required: add ?apikey=KEY to the URL")
+            return self._failed(note, root, 403, reason)
+        return self._search(body, note, root) if search else self._retrieve(body, note, root)
+
+    async def _accept(self, request: web.Request, root: str
+                      ) -> tuple[Note | None, bytes | web.Response]:
+        """Receive the body and count its receipt: (note, body) or (note, an error answer)."""
         note: Note | None = request.get(NOTE)
         if request.method != "POST":
             refused = self._error(note, root, 405, "use POST with an XML body")
@@ -95,21 +121,6 @@ class WebService:
                                      f" {self.body_timeout:g} seconds")
                 answer.force_close()
                 return note, answer
-        if len(body) > self.max_body:
-            return note, self._error(note, root, 401, "request body exceeds the limit of"
-                                     f" {self.max_body} bytes")
-        key = request_key(request)
-        user = self.accounts.user_for_key(key) if key else None
-        if note is not None:  # the request is in: CPM 8 receipt
-            note.user = user.name if user else ANONYMOUS
-            note.principal = user
-            if self.levels is not None:
-                note.mark = self.levels.receive(note.interface, note.operation, note.user,
-                                                 started=note.started)
-        if not self.access.may_read_private(authenticated=user is not None):
-            reason = (UNKNOWN_KEY if key else
-                      "an API key is required: add ?apikey=KEY to the URL")
-            return note, self._error(note, root, 403, reason)
         return note, body
 
     @staticmethod
@@ -130,46 +141,51 @@ class WebService:
 
     # -- handlers -------------------------------------------------------------------------
     async def search(self, request: web.Request) -> web.StreamResponse:
-        return await self._guarded(request, ws_xml.SEARCH_RESPONSE, self._search)
+        return await self._handle(request, "search", ws_xml.SEARCH_RESPONSE)
 
     async def retrieve(self, request: web.Request) -> web.StreamResponse:
-        return await self._guarded(request, ws_xml.DATA_RESPONSE, self._retrieve)
+        return await self._handle(request, "retrieve", ws_xml.DATA_RESPONSE)
 
-    async def _guarded(self, request: web.Request, root: str, handler: Callable[
-            [web.Request, str], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        """A handler whose store errors become the service's own 503 (see `_unavailable`)."""
+    async def _handle(self, request: web.Request, operation: str,
+                      root: str) -> web.StreamResponse:
+        """aiohttp's way: the body in, the receipt counted (CPM 8), then `reply`; store
+        errors become the service's own 503 (see `_unavailable`)."""
         try:
-            return await handler(request, root)
+            note, body = await self._accept(request, root)
+            if isinstance(body, web.Response):
+                return body
+            key = request_key(request)
+            user = self.accounts.user_for_key(key) if key else None
+            if note is not None:  # the request is in: CPM 8 receipt
+                note.user = user.name if user else ANONYMOUS
+                note.principal = user
+                if self.levels is not None:
+                    note.mark = self.levels.receive(note.interface, note.operation, note.user,
+                                                     started=note.started)
+            return self._response(self.reply(operation, body, key, user, note))
         except Exception as exc:
             return self._unavailable(request.get(NOTE), root, exc)
 
-    async def _search(self, request: web.Request, root: str) -> web.StreamResponse:
-        note, body = await self._accept(request, root)
-        if isinstance(body, web.Response):
-            return body
+    def _search(self, body: bytes, note: Note | None, root: str) -> tuple[int, bytes]:
         try:
             wanted = ws_xml.parse_search(body)
         except WsError as exc:
-            return self._error(note, root, exc.status, exc.message)
-        entries, statuses = await self.catalog.by_eui_now(wanted.eui64, wanted.device,
-                                                          time.time())
+            return self._failed(note, root, exc.status, exc.message)
+        entries, statuses = self.catalog.subject_now(wanted.eui64, wanted.device, time.time())
         if not entries:
-            return self._error(note, root, 402, f"no certificates found for {wanted.field}"
-                               f" {format_eui64(wanted.eui64)}")
+            return self._failed(note, root, 402, f"no certificates found for {wanted.field}"
+                                f" {format_eui64(wanted.eui64)}")
         results = [self._fields(e, s) for e, s in zip(entries, statuses, strict=True)]
-        return self._answer(note, 200, lambda ref: ws_xml.search_response(ref, results))
+        return self._reply(note, 200, lambda ref: ws_xml.search_response(ref, results))
 
-    async def _retrieve(self, request: web.Request, root: str) -> web.StreamResponse:
-        note, body = await self._accept(request, root)
-        if isinstance(body, web.Response):
-            return body
+    def _retrieve(self, body: bytes, note: Note | None, root: str) -> tuple[int, bytes]:
         try:
             serial = ws_xml.parse_retrieve(body)
         except WsError as exc:
-            return self._error(note, root, exc.status, exc.message)
-        entries, statuses = await self.catalog.certificates_now(serial, time.time())
+            return self._failed(note, root, exc.status, exc.message)
+        entries, statuses = self.catalog.serial_now(serial, time.time())
         if not entries:
-            return self._error(note, root, 402, f"no certificate with serial {serial}")
+            return self._failed(note, root, 402, f"no certificate with serial {serial}")
         # The service describes device and organisation certificates (its answer has no
         # shape for a CA certificate: DCC Boxed's client fails on one); CA certificates are
         # downloads. Serials are unique in the GB SMKI (16 random octets); should two issuers
@@ -177,10 +193,10 @@ class WebService:
         described = [(e, s) for e, s in zip(entries, statuses, strict=True)
                      if e.kind in ("device", "organisation")]
         if not described:
-            return self._error(note, root, 402, f"serial {serial} is a {entries[0].kind}"
-                               " certificate, not a device or organisation certificate: download"
-                               f" it from /certificates/{serial}")
+            return self._failed(note, root, 402, f"serial {serial} is a {entries[0].kind}"
+                                " certificate, not a device or organisation certificate:"
+                                f" download it from /certificates/{serial}")
         entry, status = described[0]
         fields = self._fields(entry, status)
-        return self._answer(note, 200,
-                            lambda ref: ws_xml.retrieve_response(ref, fields, entry.der))
+        return self._reply(note, 200,
+                           lambda ref: ws_xml.retrieve_response(ref, fields, entry.der))
