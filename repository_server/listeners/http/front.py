@@ -511,20 +511,14 @@ class FrontProtocol(asyncio.Protocol):
         if read is None:
             return None
         key, agent, close, _length = read
-        url = self.url
-        head_only = self.parser.get_method() == b"HEAD"  # complete: the same parser
-        serial_at = len("/certificates/")
-        if not url.startswith(b"/certificates/"):
+        target = _target(self.url, key)
+        if target is None or not target[0].startswith(b"/certificates/"):
             return None
-        query_at = url.find(b"?")
-        serial = url[serial_at:query_at] if query_at >= 0 else url[serial_at:]
+        path, key = target
+        serial = path[len(b"/certificates/"):]
         if not serial.isalnum():  # ASCII letters and digits: nothing to decode or normalise
             return None
-        if query_at >= 0:
-            given = _KEY_QUERY.fullmatch(url[query_at + 1:])
-            if given is None:
-                return None
-            key = given[1].decode()  # the query's key comes first (`request_key`)
+        head_only = self.parser.get_method() == b"HEAD"  # complete: the same parser
         return serial.decode(), key, head_only, close, agent
 
     def _parse_post(self, head: bytes, max_body: int) -> _Post | None:
@@ -539,17 +533,11 @@ class FrontProtocol(asyncio.Protocol):
         if read is None:
             return None
         key, agent, close, length = read
-        url = self.url
-        query_at = url.find(b"?")
-        operation = _WS_PATHS.get(url[:query_at] if query_at >= 0 else url)
-        if operation is None:
+        target = _target(self.url, key)
+        operation = _WS_PATHS.get(target[0]) if target is not None else None
+        if operation is None or target is None:
             return None
-        if query_at >= 0:
-            given = _KEY_QUERY.fullmatch(url[query_at + 1:])
-            if given is None:
-                return None
-            key = given[1].decode()
-        return operation, key, length, close, agent
+        return operation, target[1], length, close, agent
 
     def _cancel_timers(self) -> None:
         for timer in (self.timer, self.body_timer):
@@ -582,6 +570,16 @@ class FrontProtocol(asyncio.Protocol):
             self.read_paused = False
             transport.resume_reading()
         handler.data_received(rest)
+
+
+def _target(url: bytes, header_key: str | None) -> tuple[bytes, str | None] | None:
+    """(path, API key) of a hot request's target: no query, or `?apikey=KEY` alone, whose key
+    comes before the header's (as `request_key` reads them); None when aiohttp's."""
+    query_at = url.find(b"?")
+    if query_at < 0:
+        return url, header_key
+    given = _KEY_QUERY.fullmatch(url, query_at + 1)
+    return None if given is None else (url[:query_at], given[1].decode())
 
 
 def _hot_headers(headers: list[tuple[bytes, bytes]], max_body: int | None
