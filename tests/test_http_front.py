@@ -451,13 +451,16 @@ async def test_https_listener_with_the_front(pair: tuple[Running, Running]) -> N
     device = _serial(front, "device")
     requests = [_get(f"/certificates/{device}?apikey={TEST_KEY}"),
                 _get(f"/certificates/{device}", f"X-API-Key: {TEST_KEY}", method="HEAD"),
-                _get("/healthz"), _get(f"/certificates/{device}?apikey={TEST_KEY}")]
+                _get("/healthz"), _get(f"/certificates/{device}?apikey={TEST_KEY}"),
+                _post(f"{RETRIEVE}?apikey={TEST_KEY}", _retrieve(device))]
     got = await _exchange(_port(front, "https"), requests, tls=tls)
     want = await _exchange(_port(plain, "https"), requests, tls=tls)
     assert [_same(r) for r in got] == [_same(r) for r in want]
     assert got[0].startswith(b"HTTP/1.1 200 OK") and got[1].startswith(b"HTTP/1.1 200 OK")
+    assert got[4].startswith(b"HTTP/1.1 200 OK") and b"<CertificateBody>" in got[4]
     https = front.repo.metrics.http.route("https", ROUTE).statuses.get(200, 0)
     assert https >= 3
+    assert front.repo.metrics.http.route("https", RETRIEVE).statuses.get(200, 0) >= 1
 
 
 async def test_back_pressure_many_answers_unread(pair: tuple[Running, Running]) -> None:
