@@ -38,10 +38,11 @@ web.ws_max_body_bytes, no Expect or Transfer-Encoding, a query of `?apikey=KEY` 
 front waits up to _BODY_WAIT (1 s) for a body that comes after its head, then hands it over.
 The answer is `WebService.reply`'s, the function aiohttp's handlers answer with, so the XML,
 the audit reference (one counter per listener) and the status are the same; the head is what
-aiohttp writes for that `web.Response`. Before the refactor the web service, about 56 % of its
-server time aiohttp's (py-spy, 1,000,000 devices), did 10,000 requests/s beside nginx's 67,000
-(BENCHMARKS.md, *The read path, third pass*); a store error (the replica not ready) leaves the
-request to aiohttp, which answers its 503.
+aiohttp writes for that `web.Response`. With aiohttp (about 56 % of a web-service request's
+server time, py-spy, 1,000,000 devices) the web service did 9,993 requests/s beside nginx's
+67,052 (0.15×); in the front, 13,122 beside 61,339 on a slower evening (0.205×), and 1.95× the
+code before at 100,000 devices (BENCHMARKS.md, *The read path, fourth pass*). A store error
+(the replica not ready) leaves the request to aiohttp, which answers its 503.
 
 Everything else goes to aiohttp: the first request that is not hot (another path or method, a
 query, a conditional or PEM request, a GET with a body, Expect, Upgrade, Connection other than keep-alive
