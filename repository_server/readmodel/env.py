@@ -259,6 +259,11 @@ class Replica:
             found = txn.get(sha256, db=self._db["sha256"])
             return [self._cert(txn, found)] if found else []
 
+    def search_filled(self) -> int:
+        """The id of the last certificate `Feeder.fill_search` indexed (0: none yet)."""
+        with self._read() as txn:
+            return u64(txn.get(b"search_filled", db=self._db["meta"]))
+
     def search_ready(self) -> bool:
         """Whether the RFC 4387 index holds every certificate (`Feeder.fill_search`)."""
         with self._read() as txn:
