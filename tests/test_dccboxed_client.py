@@ -425,9 +425,16 @@ async def test_dccboxed_keystore_client(dccboxed_node: str, boxed: Running, sche
     else:
         url, env = boxed.https + "/", {"NODE_EXTRA_CA_CERTS": boxed.tls_ca}
     assert url.startswith(f"{scheme}://")
+    front = boxed.repo.fronts[scheme]
+    search = boxed.repo.metrics.http.route(scheme, "/services/certificatesearch")
+    handed, searched = front.handed_over, search.statuses.get(200, 0)
     lines = await drive(dccboxed_node, url, plan.ops, env)
     problems = check(lines, plan, scheme)
     assert not problems, f"{len(problems)} problem(s):\n" + "\n".join(problems)
+    # every request of the client was answered in the fast front (listeners/http/front.py):
+    # it sends head and body in one write, and no connection went to aiohttp
+    assert search.statuses.get(200, 0) > searched
+    assert front.handed_over == handed, front.handed_over - handed
     if scheme == "https":  # the client really checks the server: without our CA it refuses
         op = next(op for op in plan.ops if op["op"] == "query")
         line, = await drive(dccboxed_node, url, [op], {})

@@ -87,9 +87,7 @@ from repository_server.service_levels import ANONYMOUS
 ROUTE = "/certificates/{serial}"
 _GET = b"GET /certificates/"
 _HEAD = b"HEAD /certificates/"
-_POST = b"POST /services/"
-# the web service's two routes (listeners/http/webservice.py): path -> operation
-_WS_PATHS = {b"/services/certificatesearch": "search", b"/services/retrievecertificate": "retrieve"}
+_POST = b"POST /services/"  # the web service's routes (`WebService.routes`) start so
 # how long the front waits for the rest of a web service body sent after its head (a client
 # that writes head and body apart: Python's http.client) before aiohttp takes the connection
 # (and its own web.body_timeout_seconds with it)
@@ -194,21 +192,33 @@ class HotDownloads:
         if not head_only:
             out += der
         name = user.name if user else ANONYMOUS
+        note = (Note("download", self.operation, name, None, user, arrived)
+                if self.access_logger is not None else None)
+        self.account(self.stats, "download", self.operation, name, arrived, started, note, 200,
+                     len(out), ("HEAD" if head_only else "GET", "/certificates/" + serial),
+                     transport, agent)
+        return out
+
+    def account(self, stats: Any, interface: str, operation: str, user: str, arrived: float,
+                started: float, note: Note | None, status: int, size: int,
+                request: tuple[str, str], transport: asyncio.BaseTransport,
+                agent: str | None) -> None:
+        """What aiohttp's path does after an answer, for one the front gave: the CPM 8 receipt
+        (from the request's arrival) and end, the route's metrics (`stats`), and the access
+        log line (`note`, given when the access log is on) for `request` (method, path)."""
         levels = self.levels
-        mark = levels.receive("download", self.operation, name, started=arrived) if levels else None
-        self.stats.record(200, time.perf_counter() - started)
+        mark = levels.receive(interface, operation, user, started=arrived) if levels else None
+        stats.record(status, time.perf_counter() - started)
         logger = self.access_logger
-        if logger is not None:
+        if logger is not None and note is not None:
+            note.mark = mark
             peer = transport.get_extra_info("peername")
-            note = Note("download", self.operation, name, mark)
-            logger.log(cast(Any, _LoggedRequest("HEAD" if head_only else "GET",
-                                                "/certificates/" + serial,
+            logger.log(cast(Any, _LoggedRequest(*request,
                                                 str(peer[0]) if isinstance(peer, tuple) else None,
                                                 self.secure, agent, note)),
-                       cast(Any, _LoggedResponse(200, len(out))), time.perf_counter() - started)
+                       cast(Any, _LoggedResponse(status, size)), time.perf_counter() - started)
         elif mark is not None and levels is not None:
-            levels.answered(mark, 200)
-        return out
+            levels.answered(mark, status)
 
 
 class HotWebService:
@@ -219,13 +229,13 @@ class HotWebService:
     def __init__(self, listener: str, parts: ReadParts, webservice: WebService,
                  hot: HotDownloads) -> None:
         self.webservice = webservice
-        self.user_for_key = parts.accounts.user_for_key
-        self.levels = parts.counting
         self.max_body = min(parts.config.web.ws_max_body_bytes,
                             parts.config.web.client_max_size_kb * 1024)
-        self.stats = {operation: parts.metrics.http.route(listener, path.decode())
-                      for path, operation in _WS_PATHS.items()}
-        self.hot = hot  # its Date and Server lines and access logger
+        self.paths = {operation: path for _m, path, operation, _h in webservice.routes()}
+        self.operations = {path.encode(): operation for operation, path in self.paths.items()}
+        self.stats = {operation: parts.metrics.http.route(listener, path)
+                      for operation, path in self.paths.items()}
+        self.hot = hot  # its API keys, Date and Server lines, accounting and access log
         self._heads: dict[int, bytes] = {}  # status -> status line and static headers
         self._content = "".join(f"{k}: {v}\r\n" for k, v in webservice.headers.items())
 
@@ -241,29 +251,18 @@ class HotWebService:
         """The whole response, counted and logged. A store error raises before anything is
         counted (aiohttp's path then answers, with its 503)."""
         started = time.perf_counter()
-        user = self.user_for_key(key) if key else None
-        name = user.name if user else ANONYMOUS
         hot = self.hot
-        logger = hot.access_logger
-        note = Note("ws", operation, name, None, user, arrived) if logger is not None else None
+        user = hot.user_for_key(key) if key else None
+        name = user.name if user else ANONYMOUS
+        note = (Note("ws", operation, name, None, user, arrived)
+                if hot.access_logger is not None else None)  # the reply puts its audit ref there
         status, xml = self.webservice.reply(operation, body, key, user, note)
         out = b"".join((self._head(status), b"Content-Length: ", str(len(xml)).encode(),
                         b"\r\n", hot.date(), hot.server,
                         b"Connection: close\r\n\r\n" if close else b"\r\n", xml))
-        levels = self.levels
-        mark = levels.receive("ws", operation, name, started=arrived) if levels else None
-        self.stats[operation].record(status, time.perf_counter() - started)
-        if note is not None and logger is not None:
-            note.mark = mark
-            peer = transport.get_extra_info("peername")
-            path = "/services/certificatesearch" if operation == "search" else \
-                "/services/retrievecertificate"
-            logger.log(cast(Any, _LoggedRequest("POST", path,
-                                                str(peer[0]) if isinstance(peer, tuple) else None,
-                                                hot.secure, agent, note)),
-                       cast(Any, _LoggedResponse(status, len(out))), time.perf_counter() - started)
-        elif mark is not None and levels is not None:
-            levels.answered(mark, status)
+        hot.account(self.stats[operation], "ws", operation, name, arrived, started, note, status,
+                    len(out), ("POST", self.paths[operation]),
+                    transport, agent)
         return out
 
 
@@ -386,9 +385,6 @@ class FrontProtocol(asyncio.Protocol):
         if self.pending:
             data = self.pending + data
             self.pending = b""
-        if self.body_timer is not None:
-            self.body_timer.cancel()
-            self.body_timer = None
         front = self.front
         ws = front.ws
         # first the requests this read holds whole and the front may answer (parsed only)
@@ -411,7 +407,7 @@ class FrontProtocol(asyncio.Protocol):
                 found.append((pos, end, request, None))
                 pos = end
             elif ws is not None and data.startswith(_POST, pos):
-                posted = self._parse_post(data[pos:end], ws.max_body)
+                posted = self._parse_post(data[pos:end], ws)
                 if posted is None:
                     break
                 if len(data) - end < posted[2]:  # the body is still on its way
@@ -449,6 +445,9 @@ class FrontProtocol(asyncio.Protocol):
                 close = awaiting_body = False
                 break
             out.append(response)
+        if out and self.body_timer is not None:  # the body it waited for came
+            self.body_timer.cancel()
+            self.body_timer = None
         if out:
             transport.write(out[0] if len(out) == 1 else b"".join(out))
             self.last = asyncio.get_running_loop().time()
@@ -462,9 +461,11 @@ class FrontProtocol(asyncio.Protocol):
         if self.write_paused and out:  # the rest when the client reads again
             self.pending = rest
             return
-        if awaiting_body:  # a web service request whose body comes in a later read
-            self.pending = rest
-            self.body_timer = asyncio.get_running_loop().call_later(_BODY_WAIT, self._body_late)
+        if awaiting_body:  # a web service request whose body comes in a later read: waited
+            self.pending = rest  # for _BODY_WAIT from the read that brought its head, however
+            if self.body_timer is None:  # the rest dribbles in
+                self.body_timer = asyncio.get_running_loop().call_later(_BODY_WAIT,
+                                                                        self._body_late)
         elif (b"\r\n\r\n" in rest or len(rest) > front.max_head_bytes
                 or rest.count(b"\n") != rest.count(b"\r\n")  # a bare LF: llhttp may end there
                 or rest.count(b"\r") != rest.count(b"\r\n")  # a bare CR: llhttp's 400 at once
@@ -522,20 +523,20 @@ class FrontProtocol(asyncio.Protocol):
         head_only = self.parser.get_method() == b"HEAD"  # complete: the same parser
         return serial.decode(), key, head_only, close, agent
 
-    def _parse_post(self, head: bytes, max_body: int) -> _Post | None:
+    def _parse_post(self, head: bytes, ws: HotWebService) -> _Post | None:
         """(operation, API key, Content-Length, Connection: close, User-Agent) of a web
-        service POST whose body the front may read (a Content-Length of at most `max_body`,
+        service POST whose body the front may read (a Content-Length of at most `ws.max_body`,
         no Expect or Transfer-Encoding); None when it is aiohttp's."""
         parser = self.parser
         headers = self._head(head)
         if headers is None or parser.get_method() != b"POST":
             return None
-        read = _hot_headers(headers, max_body)
+        read = _hot_headers(headers, ws.max_body)
         if read is None:
             return None
         key, agent, close, length = read
         target = _target(self.url, key)
-        operation = _WS_PATHS.get(target[0]) if target is not None else None
+        operation = ws.operations.get(target[0]) if target is not None else None
         if operation is None or target is None:
             return None
         return operation, target[1], length, close, agent

@@ -34,6 +34,7 @@ from repository_server.service_levels import ANONYMOUS, ServiceLevels
 from repository_server.store.pool import unavailable as store_unavailable
 
 log = logging.getLogger(__name__)
+_ROOTS = {"search": ws_xml.SEARCH_RESPONSE, "retrieve": ws_xml.DATA_RESPONSE}  # answers' roots
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -84,8 +85,7 @@ class WebService:
         from a reader who gave API key `key` (`user`: its enabled user, else None). No I/O
         but the replica's read, no await: aiohttp's handlers and the fast front
         (listeners/http/front.py) both answer with it. A store error raises (`_unavailable`)."""
-        search = operation == "search"
-        root = ws_xml.SEARCH_RESPONSE if search else ws_xml.DATA_RESPONSE
+        root = _ROOTS[operation]
         if len(body) > self.max_body:
             return self._failed(note, root, 401, "request body exceeds the limit of"
                                 f" {self.max_body} bytes")
@@ -93,11 +93,12 @@ class WebService:
             reason = (UNKNOWN_KEY if key else
                       "an API key is required: add ?apikey=KEY to the URL")
             return self._failed(note, root, 403, reason)
-        return self._search(body, note, root) if search else self._retrieve(body, note, root)
+        return (self._search if operation == "search" else self._retrieve)(body, note, root)
 
     async def _accept(self, request: web.Request, root: str
                       ) -> tuple[Note | None, bytes | web.Response]:
-        """Receive the body and count its receipt: (note, body) or (note, an error answer)."""
+        """Receive the body: (note, body), or (note, an error answer) for a method other than
+        POST, a declared size over the limit or a body not received in time."""
         note: Note | None = request.get(NOTE)
         if request.method != "POST":
             refused = self._error(note, root, 405, "use POST with an XML body")
@@ -141,15 +142,15 @@ class WebService:
 
     # -- handlers -------------------------------------------------------------------------
     async def search(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle(request, "search", ws_xml.SEARCH_RESPONSE)
+        return await self._handle(request, "search")
 
     async def retrieve(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle(request, "retrieve", ws_xml.DATA_RESPONSE)
+        return await self._handle(request, "retrieve")
 
-    async def _handle(self, request: web.Request, operation: str,
-                      root: str) -> web.StreamResponse:
+    async def _handle(self, request: web.Request, operation: str) -> web.StreamResponse:
         """aiohttp's way: the body in, the receipt counted (CPM 8), then `reply`; store
         errors become the service's own 503 (see `_unavailable`)."""
+        root = _ROOTS[operation]
         try:
             note, body = await self._accept(request, root)
             if isinstance(body, web.Response):
