@@ -27,7 +27,15 @@ WORKDIR /opt/smki-repository
 COPY pyproject.toml setup.py MANIFEST.in README.md ./
 COPY repository_server ./repository_server
 COPY conf ./conf
-RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install . && smki-repository --version
+# gcc only while installing: it builds the LDAP short way's C loop (ldap/_hot.c), which the
+# build then insists on; Python's headers from Debian when the base image has none
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && { python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+         || apt-get install -y --no-install-recommends python3-dev; } \
+    && python3 -m venv /opt/venv && /opt/venv/bin/pip install . \
+    && /opt/venv/bin/python -c 'import repository_server.listeners.ldap._hot' \
+    && apt-get purge -y --auto-remove gcc libc6-dev python3-dev >/dev/null \
+    && rm -rf /var/lib/apt/lists/* && smki-repository --version
 
 USER smki
 # The data directory (embedded PostgreSQL, replica, demo PKI, extracts): keep it in a volume.

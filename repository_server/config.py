@@ -151,6 +151,8 @@ class Ldap:
     response_cache_mb: int = 64  # pre-encoded answers to repeated searches, per process
     # searches by EUI-64 answered the short way (ldap/fastpath.py); false: all the general way
     fast_path: bool = True
+    # the short way's innermost loops in C (ldap/_hot.c) when it was built; false: in Python
+    compiled: bool = True
 
 
 @dataclass(frozen=True)

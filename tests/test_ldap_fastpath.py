@@ -17,6 +17,7 @@ import pytest
 from ldap3.operation.bind import bind_operation
 from ldap3.operation.search import search_operation
 
+from repository_server.listeners.ldap.fastpath import HOT
 from tests.conftest import TEST_KEY, Running, add_user, lodge_pki, start_repository
 from tests.ldaptools import pdu, split_frames
 
@@ -89,6 +90,16 @@ def _requests(euis: list[str], serial: str) -> list[bytes]:
         req = search_operation(base, flt, scope, ldap3.DEREF_NEVER, attrs, size, 0, types_only,
                                True, True)
         out.append(pdu(2, "searchRequest", req))
+    # the commonest search's neighbours (ldap/_hot.c encodes these): each EUI-64 spelling,
+    # filters on what a record's head holds, userCertificate alone, a size limit of 0 or 1
+    for eui, more, base, size in itertools.product(
+            spellings, ["(smkiKeyUsage=KA)", "(smkiKeyUsage=DS)", "(smkiKeyUsage=XX)",
+                        "(objectClass=smkiCertificate)", "(smkiKind=organisation)"],
+            bases[:2], (0, 1)):
+        req = search_operation(base, f"(&(smkiEui64={eui}){more})", ldap3.SUBTREE,
+                               ldap3.DEREF_NEVER, ["userCertificate;binary"], size, 0, False,
+                               True, True)
+        out.append(pdu(2, "searchRequest", req))
     return out
 
 
@@ -99,6 +110,9 @@ async def test_the_short_way_answers_exactly_as_the_general_way(
     # no response cache: a search of a learnt shape is read without the decoder
     uncached = await start_repository(tmp_path / "uncached", pki, fresh_db,
                                       ldap={"response_cache_mb": 0})
+    # and the same in Python only, without ldap/_hot.c
+    python = await start_repository(tmp_path / "python", pki, fresh_db,
+                                    ldap={"response_cache_mb": 0, "compiled": False})
     try:
         assert fast.ldap is not None and fast.ldap.fast is not None
         assert slow.ldap is not None and slow.ldap.fast is None
@@ -108,6 +122,7 @@ async def test_the_short_way_answers_exactly_as_the_general_way(
         await asyncio.to_thread(lodge_pki, running)
         await slow.catalog.synced(fast.replica.applied())  # type: ignore[union-attr]
         await uncached.catalog.synced(fast.replica.applied())  # type: ignore[union-attr]
+        await python.catalog.synced(fast.replica.applied())  # type: ignore[union-attr]
         devices = running.objects("device")
         orgs = running.objects("organisation")
         euis = sorted({d["eui64"] for d in devices[:3]} | {o["eui64"] for o in orgs[:2]
@@ -117,6 +132,7 @@ async def test_the_short_way_answers_exactly_as_the_general_way(
                                                     TEST_KEY))
         fast_port, slow_port = fast.bound["ldap"].port, slow.bound["ldap"].port
         uncached_port = uncached.bound["ldap"].port
+        python_port = python.bound["ldap"].port
         # Each request again with another device's or organisation's EUI-64 spelt the same
         # way: the same shape (ldap/fastpath.py `Shapes`), answered from its compiled form.
         # (each right after its original: the shapes kept are bounded)
@@ -138,6 +154,8 @@ async def test_the_short_way_answers_exactly_as_the_general_way(
                 assert got == want, (request.hex(), b is not None)
                 got = await asyncio.to_thread(_answer, uncached_port, b, request)
                 assert got == want, (request.hex(), b is not None, "uncached")
+                got = await asyncio.to_thread(_answer, python_port, b, request)
+                assert got == want, (request.hex(), b is not None, "python")
                 with_entries += got[1] > 0
         assert len(requests) >= 200 and len(swapped) >= 150 and with_entries > 100
         assert fast.ldap.fast.answered > 60  # the short way answered many of them
@@ -146,7 +164,14 @@ async def test_the_short_way_answers_exactly_as_the_general_way(
         assert fast.ldap.shapes is not None and fast.ldap.shapes.matched > 60  # and from shapes
         assert uncached.ldap is not None and uncached.ldap.shapes is not None
         assert uncached.ldap.shapes.whole > 60  # read without the decoder
+        # ... and many encoded by ldap/_hot.c (when built; test_ldap_hot.py wants it in CI)
+        assert uncached.ldap.fast is not None and python.ldap is not None
+        assert python.ldap.fast is not None and python.ldap.fast.answered_hot == 0
+        assert python.ldap.shapes is not None and python.ldap.shapes.whole > 60
+        if HOT is not None:
+            assert uncached.ldap.fast.hot is HOT and uncached.ldap.fast.answered_hot > 30
     finally:
+        await python.stop()
         await uncached.stop()
         await slow.stop()
         await fast.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import logging
 import os
 import signal
@@ -135,7 +136,9 @@ def parser() -> argparse.ArgumentParser:
                "2 usage or configuration error, or a server that cannot be reached.\n\n"
                "Examples:\n  smki-repository demo\n  smki-repository lodge --help\n"
                "  source <(smki-repository completion bash)")
-    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    hot = importlib.util.find_spec("repository_server.listeners.ldap._hot") is not None
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__} (LDAP short"
+                    f" way: {'compiled, ldap/_hot.c' if hot else 'Python, no C compiler at install'})")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND",
                             help="what to do (each has its own --help)")
 

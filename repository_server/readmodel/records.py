@@ -9,6 +9,7 @@ DER, the hex SHA-256 (ETag and LDAP), the HTTP Last-Modified date and the writte
 
 from __future__ import annotations
 
+import re
 import struct
 import typing
 from dataclasses import dataclass
@@ -215,6 +216,18 @@ _HEAD_SERIAL_LEN, _HEAD_DER_LEN = 9, 15
 # kind's index)
 KIND_AT = struct.calcsize(_BEFORE_TRAITS)
 TRAITS = slice(KIND_AT, struct.calcsize(_BEFORE_TRAITS + _TRAITS_FORMAT))
+
+
+def _offset(index: int) -> int:
+    """Where field `index` of CERT_HEAD starts in a record."""
+    fields = re.findall(r"\d*[a-zA-Z]", _CERT.format)  # ("q", ..., "32s", "B", ...)
+    return struct.calcsize(">" + "".join(fields[:index]))
+
+
+# The same places as offsets, for the LDAP short way's C loop (ldap/_hot.c `layout`): kind,
+# traits start and end, head size, notAfter (int64), serial length (uint8), DER length (uint32)
+HEAD_LAYOUT = (KIND_AT, TRAITS.start, TRAITS.stop, _CERT.size, _offset(HEAD_NOT_AFTER),
+               _offset(_HEAD_SERIAL_LEN), _offset(_HEAD_DER_LEN))
 
 
 def cert_serial_der(value: bytes, head: tuple[typing.Any, ...]) -> tuple[bytes, bytes]:

@@ -47,6 +47,7 @@ shared harness the search went from 0.42× to 0.85× slapd at 1,000,000 devices 
 from __future__ import annotations
 
 import struct
+import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,6 +61,14 @@ from repository_server.listeners.ldap.matching import equality
 from repository_server.listeners.ldap.schema import SCHEMA
 from repository_server.readmodel import records
 from repository_server.readmodel.catalog import CertEntry
+
+try:  # the innermost loops in C (setup.py builds it when it can; ldap/_hot.c says why)
+    from repository_server.listeners.ldap import _hot as _compiled  # type: ignore[attr-defined]
+except ImportError:  # built without a C compiler: the same work in Python
+    HOT: types.ModuleType | None = None
+else:
+    HOT = _compiled
+    HOT.layout(*records.HEAD_LAYOUT)
 
 _PLAIN = frozenset({"objectclass", "smkikind", "smkikeyusage", "smkistatus", "smkiserial",
                     "smkirole", "smkimanufacturingflag", "smkieui64", "smkisha256"})
@@ -87,6 +96,9 @@ _KIND_AT, _TRAITS = records.KIND_AT, records.TRAITS
 _H_NOT_AFTER, _H_KIND, _H_FLAG, _H_ROLE, _H_USAGE = (
     records.HEAD_NOT_AFTER, records.HEAD_KIND, records.HEAD_FLAG, records.HEAD_ROLE,
     records.HEAD_USAGE)
+# a successful SearchResultDone (protocolOp), the last frame of every answer
+SUCCESS_DONE = responses.result_op(5, protocol.ResultCode.SUCCESS)
+_DN_START = b"smkiSerial="
 
 
 def _always(_entry: Entry) -> bool:
@@ -172,8 +184,10 @@ class Query:
 
 
 class FastSearch:
-    def __init__(self, directory: Directory) -> None:
+    def __init__(self, directory: Directory, compiled: bool = True) -> None:
         self.directory = directory
+        # ldap/_hot.c when it was built and `ldap.compiled` is on, else None (Python)
+        self.hot = HOT if compiled else None
         self.catalog = directory.catalog
         suffix = directory.nsuffix
         self._units = {((("ou", "devices"),), *suffix): ("devices", True),
@@ -185,6 +199,7 @@ class FastSearch:
         self.shapes = Shapes()
         self.answered = 0  # searches answered the short way (tests, curiosity)
         self.answered_raw = 0  # of which from records read undecoded
+        self.answered_hot = 0  # of which answered by ldap/_hot.c
 
     def _shape(self, rest: tuple[protocol.EqualityMatch | protocol.Present, ...]) -> _Shape | None:
         if rest in self._rests:
@@ -316,6 +331,44 @@ class FastSearch:
         return ops, until
 
 
+    def framed(self, mid: int, query: Query, eui_value: bytes, now: float
+               ) -> tuple[bytes, int] | None:
+        """The whole answer to a search of a learnt shape with message id `mid`: its
+        LDAPMessages (the entries, then a successful done) and how many entries; None when the
+        short way does not give the answer (`answer` says when; or more entries than the size
+        limit), and the general path then answers it. A search that sends userCertificate
+        alone and never returns the subject entry (the commonest) is encoded by ldap/_hot.c
+        when it is there, else as `answer` and `responses.frames` do."""
+        raw, hot = query.raw, self.hot
+        if hot is not None and raw is not None and raw.der_only is not None \
+                and query.shape.subject is False:
+            eui = hot.dashed_eui64(eui_value) or _eui64(eui_value)
+            if eui is None:
+                return None
+            found = self.catalog.subject_records(eui, query.device)
+            tail = eui.hex("-").upper().encode().join(raw.dn_parts)
+            out = hot.frames(mid, found, raw.kind, raw.accepts if query.tested else None,
+                             raw.der_only, _DN_START, tail, SUCCESS_DONE)
+            if out is not None:
+                self.answered += 1
+                self.answered_raw += 1
+                self.answered_hot += 1
+                data, entries, _ = out
+                if query.size_limit and entries > query.size_limit:
+                    return None
+                return data, entries
+            # a record of another kind, a verdict not yet memoised, a damaged record: Python
+            answered = self._answer_raw(query, raw, eui, found)
+        else:
+            answered = self.answer(query, eui_value, now)
+        if answered is None:
+            return None
+        ops = answered[0]
+        if query.size_limit and len(ops) > query.size_limit:
+            return None
+        ops.append(SUCCESS_DONE)
+        return responses.frames(mid, ops), len(ops) - 1
+
     def _subject_ops(self, query: Query, eui_text: str) -> list[bytes]:
         """The subject entry's SearchResultEntry when the search returns it, else nothing."""
         shape = query.shape
@@ -326,11 +379,13 @@ class FastSearch:
             return [responses.entry_op(subject.dn, query.selection.pick(subject, False))]
         return []
 
-    def _answer_raw(self, query: Query, raw: _Raw, eui: bytes
+    def _answer_raw(self, query: Query, raw: _Raw, eui: bytes, found: list[bytes] | None = None
                     ) -> tuple[list[bytes], float] | None:
-        """`answer` from the device's records undecoded (module docstring); None when a
-        record is not of the query's kind (the general path says what it is)."""
-        found = self.catalog.subject_records(eui, query.device)
+        """`answer` from the device's records undecoded (module docstring), read now unless
+        `found` holds them; None when a record is not of the query's kind (the general path
+        says what it is)."""
+        if found is None:
+            found = self.catalog.subject_records(eui, query.device)
         self.answered += 1
         self.answered_raw += 1
         if not found:
@@ -387,7 +442,9 @@ class Shapes:
     Bounded (MAX_SHAPES); shared by every connection of a process."""
 
     def __init__(self) -> None:
-        self._by_length: dict[int, list[tuple[bytes, bytes, Query]]] = {}
+        # length of the request's bytes after its message id -> (prefix, suffix, query):
+        # read by ldap/_hot.c `match` too, so its form is fixed (a list of 3-tuples)
+        self.by_length: dict[int, list[tuple[bytes, bytes, Query]]] = {}
         self.count = 0
         self.matched = 0  # requests answered from a learnt shape (tests, curiosity)
         self.whole = 0  # of which read without the decoder (`LdapConnection._answer_whole`)
@@ -399,20 +456,20 @@ class Shapes:
         if not eui_value or at < 2 or key.rfind(eui_value) != at:
             return
         prefix, suffix = key[:at], key[at + len(eui_value):]
-        bucket = self._by_length.setdefault(len(key), [])
+        bucket = self.by_length.setdefault(len(key), [])
         for known_prefix, known_suffix, _ in bucket:
             if known_prefix == prefix and known_suffix == suffix:
                 return
         if self.count >= MAX_SHAPES:
-            self._by_length.clear()
+            self.by_length.clear()
             self.count = 0
-            bucket = self._by_length.setdefault(len(key), [])
+            bucket = self.by_length.setdefault(len(key), [])
         bucket.append((prefix, suffix, query))
         self.count += 1
 
     def match(self, key: bytes) -> tuple[Query, bytes] | None:
         """The compiled search and EUI-64 value of a request of a learnt shape, else None."""
-        bucket = self._by_length.get(len(key))
+        bucket = self.by_length.get(len(key))
         if bucket is None:
             return None
         for prefix, suffix, query in bucket:

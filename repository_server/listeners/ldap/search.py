@@ -57,7 +57,7 @@ class SearchService:
         self.directory = directory
         self.access = directory.access
         # the short way for searches by EUI-64 (ldap/fastpath.py); off: everything the long way
-        self.fast = FastSearch(directory) if settings.fast_path else None
+        self.fast = FastSearch(directory, settings.compiled) if settings.fast_path else None
         self._bases: dict[str, dn.DN] = {}
         self._selections: dict[tuple[str, ...], Selection] = {}
 

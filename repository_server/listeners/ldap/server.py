@@ -70,7 +70,6 @@ access_log = logging.getLogger("repository_server.access")
 
 WHOAMI_OID = "1.3.6.1.4.1.4203.1.11.3"
 _SEARCH_DONE = 5
-_SUCCESS_DONE = responses.result_op(_SEARCH_DONE, ResultCode.SUCCESS)
 _READ_ONLY = ("the repository is read-only over LDAP: the DCC lodges through the mutual-TLS"
               " lodging API")
 
@@ -98,6 +97,11 @@ class LdapService:
         self.search = SearchService(self.settings, directory)
         # learnt shapes of the short way's searches (ldap/fastpath.py), None when it is off
         self.shapes: Shapes | None = self.search.fast.shapes if self.search.fast else None
+        # ldap/_hot.c when it was built and ldap.compiled is on (the short way's first steps)
+        self.hot = self.search.fast.hot if self.search.fast else None
+        if self.search.fast is not None and self.settings.compiled and self.hot is None:
+            log.warning("ldap: the short way runs in Python (ldap/_hot.c was not built: no C"
+                        " compiler when installed); searches by EUI-64 are slower")
         # told of each connection refused for ldap.max_connections (a metric): (listener)
         self.on_over_cap: Callable[[str], None] | None = None
 
@@ -287,17 +291,25 @@ class LdapConnection(asyncio.Protocol):
         whole LDAPMessage (`codec.whole_message`) with a short message id, and the rest of it
         a learnt shape (`Shapes`). False, having done nothing, otherwise (the decoder then
         reads it as any other)."""
-        content = codec.whole_message(data, self.decoder.max_pdu_size)
-        ids = codec.message_id(content) if content is not None else None
-        if content is None or ids is None:
-            return False
         shapes = self.service.shapes
         assert shapes is not None
-        shaped = shapes.match(content[ids[1]:])
-        if shaped is None:
-            return False
+        hot = self.service.hot
+        if hot is not None:  # (ldap/_hot.c: the same three steps in one call)
+            matched = hot.match(data, self.decoder.max_pdu_size, shapes.by_length)
+            if matched is None:
+                return False
+            mid, query, eui_value = matched
+        else:
+            content = codec.whole_message(data, self.decoder.max_pdu_size)
+            ids = codec.message_id(content) if content is not None else None
+            if content is None or ids is None:
+                return False
+            shaped = shapes.match(content[ids[1]:])
+            if shaped is None:
+                return False
+            mid, (query, eui_value) = ids[0], shaped
         received = now - socket_waited(self.sock)  # CPM 8: when the bytes reached this host
-        if not self._answer_shaped(ids[0], *shaped, received):
+        if not self._answer_shaped(mid, query, eui_value, received):
             return False
         shapes.whole += 1
         return True
@@ -323,22 +335,21 @@ class LdapConnection(asyncio.Protocol):
         fast = service.fast
         assert fast is not None
         try:
-            found = fast.answer(query, eui_value, service.directory.clock())
+            framed = fast.framed(mid, query, eui_value, service.directory.clock())
         except Exception:  # the replica unavailable, say: the general path says why
             return False
-        if found is None or (query.size_limit and len(found[0]) > query.size_limit):
+        if framed is None:
             return False
-        ops = found[0]
+        data, entries = framed
         fast.shapes.matched += 1
         user = self.user.name if self.user else ANONYMOUS
-        ops.append(_SUCCESS_DONE)
-        self.write(responses.frames(mid, ops))
+        self.write(data)
         if service.levels is not None:
             service.levels.served("ldap", "search", user, received)
         if service.access_log:
             access_log.info("ldap conn=%d op=%d search base=%r scope=%d user=%s result=0 entries=%d",
-                            self.conn_id, mid, query.base[:200], query.scope, user, len(ops) - 1,
-                            extra=self._access("search", 0, received, entries=len(ops) - 1,
+                            self.conn_id, mid, query.base[:200], query.scope, user, entries,
+                            extra=self._access("search", 0, received, entries=entries,
                                                base=query.base[:200], scope=query.scope))
         return True
 
