@@ -162,8 +162,17 @@ class Accounts:
                 return None
         found.last_seen = max(found.last_seen, now)
         if now - found.stored_last_seen >= _TOUCH:
+            # Stored before the page is answered (one write per session per _TOUCH at most).
+            # Written in the background, a copy dropped meanwhile (forget_sessions on a users
+            # NOTIFY, the cache's limit) was read again with the older last use, and a session
+            # in use was ended as idle.
+            stored = found.stored_last_seen
             found.stored_last_seen = now
-            self._spawn(self.store.portal_touch_session(digest, now))
+            try:
+                await self.store.portal_touch_session(digest, now)
+            except Exception as exc:  # the next use writes it again
+                found.stored_last_seen = stored
+                log.warning("portal: recording a session's use failed: %s", exc)
         return found
 
     async def _load(self, token: str, digest: bytes) -> Session | None:
