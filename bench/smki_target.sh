@@ -1,5 +1,5 @@
 #!/bin/bash
-# smki_target.sh load|start [nocpm]|stop [nocpm] — smki-repository as a candidate of the shared benchmark
+# smki_target.sh load|start [nocpm|python]|stop [nocpm|python] — smki-repository as a candidate of the shared benchmark
 # harness (../../shared/bench); called by bench/smki-target.json. Serves HTTP and LDAP.
 #
 # The harness runs this with its bench folder as working directory and sets BENCH, BENCH_WORK,
@@ -103,6 +103,8 @@ case "${1:-}" in
     rm -f "$PIDFILE"
     # `start nocpm`: the same server with CPM 8 / demand counting off (its cost, side by side)
     if [ "$VARIANT" = nocpm ]; then export SMKI_SERVICE_LEVELS__ENABLED=false; fi
+    # `start python` (bench/hot-target.json): the LDAP short way's inner loops in Python
+    if [ "$VARIANT" = python ]; then export SMKI_LDAP__COMPILED=false; fi
     # pinned: the embedded PostgreSQL started by the server inherits the pinning
     (taskset -c "$SERVER_CPU" "$BIN" serve --config "$CONFIG" --data-dir "$DATA_DIR" \
        --http "127.0.0.1:$HTTP_PORT" --https '' --lodge '' --ldap "127.0.0.1:$LDAP_PORT" --ldaps '' \

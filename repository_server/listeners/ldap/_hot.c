@@ -12,7 +12,10 @@
  * No I/O, no state but the record layout (`layout`), nothing kept between calls. Every
  * input is checked; anything unexpected returns None, and the caller then takes the Python
  * road, which says what is wrong. tests/test_ldap_hot.py checks both roads answer the same
- * bytes and fuzzes `match`.
+ * bytes and fuzzes `match`. Under AddressSanitizer and UBSan (built by hand with
+ * `gcc -shared -fPIC -O1 -g -fsanitize=address,undefined -I/usr/include/python3.11 _hot.c`,
+ * run with LD_PRELOAD of libasan and libubsan) 200,000 mutated requests and 20,000 sets of
+ * records, whole and truncated, found nothing (2026-12-05).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
