@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from repository_server import __version__
+from repository_server.listeners.ldap.fastpath import HOT
 from tests.conftest import ROOT, cli_env, http_get, smki_cli
 
 JSON_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z$")
@@ -334,7 +335,7 @@ def test_wheel_and_sdist_ship_the_configuration_files(tmp_path: Path) -> None:
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
         ".venv", ".git", "*.egg-info", "__pycache__", "var", "build", "dist", ".mypy_cache",
-        ".ruff_cache", "node_modules"))
+        ".ruff_cache", "node_modules", "*.so"))
     out = tmp_path / "dist"
     res = subprocess.run([sys.executable, "-m", "build", "--sdist", "--wheel", "--outdir",
                           str(out), str(src)], capture_output=True, text=True, timeout=600)
@@ -349,8 +350,13 @@ def test_wheel_and_sdist_ship_the_configuration_files(tmp_path: Path) -> None:
 
     with tarfile.open(sdist) as tar:
         members = tar.getnames()
-    for name in ("conf/repository.toml", "conf/loadtest/day.toml"):
+    for name in ("conf/repository.toml", "conf/loadtest/day.toml",
+                 "repository_server/listeners/ldap/_hot.c"):
         assert any(m.endswith("/" + name) for m in members), members
+    # the LDAP short way's C loop, compiled from that source by the build (CI has a compiler)
+    if HOT is not None or os.environ.get("CI"):
+        assert any(n.startswith("repository_server/listeners/ldap/_hot.") and n.endswith(".so")
+                   for n in names), names
     # installed from the wheel, away from the source tree, `config show --defaults` works
     target = tmp_path / "site"
     res = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target",

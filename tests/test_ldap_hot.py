@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import struct
+import subprocess
 
 import ldap3
 import pytest
@@ -20,6 +21,7 @@ from repository_server.config import Ldap
 from repository_server.listeners.ldap import codec, responses
 from repository_server.listeners.ldap.fastpath import HOT, SUCCESS_DONE, Shapes, _eui64
 from repository_server.readmodel import records
+from tests.conftest import cli_env, smki_cli
 from tests.ldaptools import pdu
 
 # CI builds it (setup.py, with the compiler .ci/run has): there it must be there, or the
@@ -34,6 +36,9 @@ FAST = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCh
 def test_the_extension_is_built_and_used_by_default() -> None:
     assert HOT is not None, "ldap/_hot.c was not built: is a C compiler installed?"
     assert Ldap().compiled  # used unless ldap.compiled = false
+    version = subprocess.run([*smki_cli(), "--version"], capture_output=True, text=True,
+                             timeout=60, env=cli_env())
+    assert "(LDAP short way: compiled, ldap/_hot.c)" in version.stdout, version
 
 
 # -- match: whole_message + message_id + Shapes.match ------------------------------------------
@@ -138,12 +143,12 @@ def test_match_keeps_the_size_limit_and_refuses_odd_arguments() -> None:
 def test_dashed_eui64_agrees_with_the_general_normaliser(value: bytes) -> None:
     assert HOT is not None
     got = HOT.dashed_eui64(value)
-    if got is not None:  # it takes only the dashed form, and reads it as the general way does
-        assert len(value) == 23 and value[2::3] == b"-------"
+    # it takes exactly the dashed form (anything else goes to `_eui64`) and reads it as that does
+    dashed = len(value) == 23 and value[2::3] == b"-------" and all(
+        chr(c) in "0123456789abcdefABCDEF" for i, c in enumerate(value) if i % 3 != 2)
+    assert (got is not None) == dashed
+    if got is not None:
         assert got == _eui64(value)
-    elif len(value) == 23 and value[2::3] == b"-------":
-        assert _eui64(value) is None or not all(
-            chr(c) in "0123456789abcdefABCDEF" for i, c in enumerate(value) if i % 3 != 2)
 
 
 # -- frames: FastSearch._answer_raw + responses.frames -----------------------------------------
@@ -164,10 +169,9 @@ def _record(rng: random.Random, kind: str, usage: str, der_size: int, serial_siz
 
 
 def _python_frames(mid: int, found: list[bytes], kind: int, accepts: dict[bytes, bool] | None,
-                   tail: bytes) -> tuple[bytes, int, int | None] | None:
+                   tail: bytes) -> tuple[bytes, int] | None:
     """What FastSearch._answer_raw and then responses.frames make of the same records."""
     ops = []
-    until: int | None = None
     for value in found:
         if value[records.KIND_AT] != kind:
             return None
@@ -180,9 +184,7 @@ def _python_frames(mid: int, found: list[bytes], kind: int, accepts: dict[bytes,
         head = HEAD.unpack_from(value)
         serial, der = records.cert_serial_der(value, head)
         ops.append(responses.single_value_op(b"smkiSerial=" + serial + tail, NAME, der))
-        not_after = head[records.HEAD_NOT_AFTER]
-        until = not_after if until is None else min(until, not_after)
-    return responses.frames(mid, [*ops, SUCCESS_DONE]), len(ops), until
+    return responses.frames(mid, [*ops, SUCCESS_DONE]), len(ops)
 
 
 @FAST
@@ -228,7 +230,7 @@ def test_frames_refuse_damaged_records_and_odd_arguments() -> None:
         refused += got is None
     assert refused > 300  # (a record cut inside its DER still has its lengths right)
     longer = bytearray(good)
-    longer[records.HEAD_LAYOUT[6]:records.HEAD_LAYOUT[6] + 4] = (2**32 - 1).to_bytes(4, "big")
+    longer[records.HEAD_LAYOUT[5]:records.HEAD_LAYOUT[5] + 4] = (2**32 - 1).to_bytes(4, "big")
     assert HOT.frames(5, [bytes(longer)], device, None, NAME, b"s=", tail, SUCCESS_DONE) is None
     assert HOT.frames(2**31, [good], device, None, NAME, b"s=", tail, SUCCESS_DONE) is None
     assert HOT.frames(-1, [good], device, None, NAME, b"s=", tail, SUCCESS_DONE) is None
@@ -238,5 +240,5 @@ def test_frames_refuse_damaged_records_and_odd_arguments() -> None:
     with pytest.raises(TypeError):
         HOT.frames(5, [good], device, [], NAME, b"s=", tail, SUCCESS_DONE)
     with pytest.raises(ValueError):
-        HOT.layout(0, 0, 0, 10, 9, 1, 2)  # notAfter's 8 octets would run past the head
+        HOT.layout(0, 0, 0, 10, 1, 8)  # the DER length's 4 octets would run past the head
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
+import importlib
 import logging
 import os
 import signal
@@ -128,6 +128,16 @@ def _json_arg(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--json", action="store_true", help=f"print {what} as JSON")
 
 
+def _short_way() -> str:
+    """How the LDAP short way's inner loops run here (`--version`): the C module when it was
+    built and loads, else Python."""
+    try:
+        importlib.import_module("repository_server.listeners.ldap._hot")
+    except ImportError:
+        return "Python, no C compiler at install"
+    return "compiled, ldap/_hot.c"
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="smki-repository", formatter_class=_Help,
@@ -136,9 +146,8 @@ def parser() -> argparse.ArgumentParser:
                "2 usage or configuration error, or a server that cannot be reached.\n\n"
                "Examples:\n  smki-repository demo\n  smki-repository lodge --help\n"
                "  source <(smki-repository completion bash)")
-    hot = importlib.util.find_spec("repository_server.listeners.ldap._hot") is not None
-    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__} (LDAP short"
-                    f" way: {'compiled, ldap/_hot.c' if hot else 'Python, no C compiler at install'})")
+    ap.add_argument("--version", action="version",
+                    version=f"%(prog)s {__version__} (LDAP short way: {_short_way()})")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND",
                             help="what to do (each has its own --help)")
 

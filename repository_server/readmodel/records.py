@@ -225,9 +225,9 @@ def _offset(index: int) -> int:
 
 
 # The same places as offsets, for the LDAP short way's C loop (ldap/_hot.c `layout`): kind,
-# traits start and end, head size, notAfter (int64), serial length (uint8), DER length (uint32)
-HEAD_LAYOUT = (KIND_AT, TRAITS.start, TRAITS.stop, _CERT.size, _offset(HEAD_NOT_AFTER),
-               _offset(_HEAD_SERIAL_LEN), _offset(_HEAD_DER_LEN))
+# traits start and end, head size, serial length (uint8), DER length (uint32)
+HEAD_LAYOUT = (KIND_AT, TRAITS.start, TRAITS.stop, _CERT.size, _offset(_HEAD_SERIAL_LEN),
+               _offset(_HEAD_DER_LEN))
 
 
 def cert_serial_der(value: bytes, head: tuple[typing.Any, ...]) -> tuple[bytes, bytes]:

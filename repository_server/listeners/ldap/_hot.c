@@ -23,8 +23,8 @@
 #include <string.h>
 
 /* where a certificate record's fields lie (readmodel/records.py CERT_HEAD), set by `layout` */
-static Py_ssize_t L_KIND_AT = -1, L_TRAITS_START, L_TRAITS_END, L_HEAD_SIZE, L_NOT_AFTER_AT,
-    L_SERIAL_LEN_AT, L_DER_LEN_AT;
+static Py_ssize_t L_KIND_AT = -1, L_TRAITS_START, L_TRAITS_END, L_HEAD_SIZE, L_SERIAL_LEN_AT,
+    L_DER_LEN_AT;
 
 #define MAX_LENGTH_OCTETS 4 /* as pki/der.py */
 #define SEQUENCE 0x30
@@ -58,20 +58,19 @@ static unsigned char *put_length(unsigned char *p, Py_ssize_t n)
     return p;
 }
 
-/* layout(kind_at, traits_start, traits_end, head_size, not_after_at, serial_len_at,
- *        der_len_at) -> None */
+/* layout(kind_at, traits_start, traits_end, head_size, serial_len_at, der_len_at) -> None */
 static PyObject *hot_layout(PyObject *self, PyObject *args)
 {
-    Py_ssize_t v[7];
-    if (!PyArg_ParseTuple(args, "nnnnnnn", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6]))
+    Py_ssize_t v[6];
+    if (!PyArg_ParseTuple(args, "nnnnnn", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5]))
         return NULL;
-    if (v[0] < 0 || v[1] < 0 || v[2] < v[1] || v[3] < v[2] || v[4] + 8 > v[3] || v[5] >= v[3]
-        || v[6] + 4 > v[3] || v[0] >= v[3]) {
+    if (v[0] < 0 || v[1] < 0 || v[2] < v[1] || v[3] < v[2] || v[4] >= v[3] || v[5] + 4 > v[3]
+        || v[0] >= v[3]) {
         PyErr_SetString(PyExc_ValueError, "layout: offsets outside the head");
         return NULL;
     }
     L_KIND_AT = v[0]; L_TRAITS_START = v[1]; L_TRAITS_END = v[2]; L_HEAD_SIZE = v[3];
-    L_NOT_AFTER_AT = v[4]; L_SERIAL_LEN_AT = v[5]; L_DER_LEN_AT = v[6];
+    L_SERIAL_LEN_AT = v[4]; L_DER_LEN_AT = v[5];
     Py_RETURN_NONE;
 }
 
@@ -173,7 +172,7 @@ typedef struct {
 #define STACK_PIECES 8
 
 /* frames(mid, found, kind, accepts, name, dn_start, tail, done) ->
- *     (bytes, entries, until_us | None) | None
+ *     (bytes, entries) | None
  *
  * fastpath.FastSearch._answer_raw for a search that sends userCertificate alone and never
  * returns the subject entry, framed as responses.frames does, the SearchResultDone `done`
@@ -229,7 +228,6 @@ static PyObject *hot_frames(PyObject *self, PyObject *const *args, Py_ssize_t na
     }
     PyObject *result = NULL;
     Py_ssize_t kept = 0, total = 0;
-    int64_t until = INT64_MAX;
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *value = PyList_GET_ITEM(found, i);
         if (!PyBytes_CheckExact(value)) goto fallback;
@@ -255,10 +253,6 @@ static PyObject *hot_frames(PyObject *self, PyObject *const *args, Py_ssize_t na
         Py_ssize_t der_len = (Py_ssize_t)((uint32_t)dl[0] << 24 | (uint32_t)dl[1] << 16
                                           | (uint32_t)dl[2] << 8 | dl[3]);
         if (der_len > vlen || L_HEAD_SIZE + serial_len > vlen - der_len) goto fallback;
-        const unsigned char *na = v + L_NOT_AFTER_AT;
-        uint64_t raw = 0;
-        for (int b = 0; b < 8; b++) raw = raw << 8 | na[b];
-        int64_t not_after = (int64_t)raw;
         Piece *p = &pieces[kept++];
         p->serial = v + L_HEAD_SIZE;
         p->serial_len = serial_len;
@@ -273,7 +267,6 @@ static PyObject *hot_frames(PyObject *self, PyObject *const *args, Py_ssize_t na
                         + attrs_size;
         p->op_size = 1 + length_size(p->op_content) + p->op_content;
         total += 1 + length_size(mid_len + p->op_size) + mid_len + p->op_size;
-        if (not_after < until) until = not_after;
     }
     total += 1 + length_size(mid_len + done_len) + mid_len + done_len;
     PyObject *out = PyBytes_FromStringAndSize(NULL, total);
@@ -314,10 +307,7 @@ static PyObject *hot_frames(PyObject *self, PyObject *const *args, Py_ssize_t na
         PyErr_SetString(PyExc_SystemError, "frames: size mismatch");
         goto error;
     }
-    if (kept == 0)
-        result = Py_BuildValue("(NnO)", out, kept, Py_None);
-    else
-        result = Py_BuildValue("(NnL)", out, kept, (long long)until);
+    result = Py_BuildValue("(Nn)", out, kept);
     goto end;
 fallback:
     result = Py_NewRef(Py_None);

@@ -342,6 +342,7 @@ class FastSearch:
         raw, hot = query.raw, self.hot
         if hot is not None and raw is not None and raw.der_only is not None \
                 and query.shape.subject is False:
+            # (the dashed form in C: 62 ns against `_eui64`'s 702, timeit, 3 % of a search)
             eui = hot.dashed_eui64(eui_value) or _eui64(eui_value)
             if eui is None:
                 return None
@@ -353,7 +354,7 @@ class FastSearch:
                 self.answered += 1
                 self.answered_raw += 1
                 self.answered_hot += 1
-                data, entries, _ = out
+                data, entries = out
                 if query.size_limit and entries > query.size_limit:
                     return None
                 return data, entries
@@ -412,7 +413,7 @@ class FastSearch:
                         continue
                 head = _UNHEAD(value)
                 serial, der = records.cert_serial_der(value, head)
-                entry_dn = b"smkiSerial=" + serial + tail
+                entry_dn = _DN_START + serial + tail
                 if der_only is not None:  # (the commonest: userCertificate alone)
                     ops.append(responses.single_value_op(entry_dn, der_only, der))
                 else:
